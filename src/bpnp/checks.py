@@ -1,0 +1,123 @@
+"""Declarative input checks: every public entry point validates before any arithmetic."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class PnPInputError(ValueError):
+    """Bad input to a bpnp function: the message names the argument, its shape and the rule."""
+
+
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise PnPInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise PnPInputError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise PnPInputError(f"{name}: contains NaN or inf (shape {_shape(t)})")
+
+
+def check_same_device_dtype(named: Sequence[tuple[str, Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise PnPInputError(
+                f"{name}: on device {t.device}, but {first_name} is on {first.device}; "
+                "move all inputs to one device"
+            )
+        if t.dtype != first.dtype:
+            raise PnPInputError(
+                f"{name}: dtype {t.dtype}, but {first_name} has {first.dtype}; "
+                "use one floating dtype for all inputs"
+            )
+
+
+def check_camera_matrix(K: Tensor) -> None:
+    lower = torch.stack([K[..., 1, 0], K[..., 2, 0], K[..., 2, 1]], -1)
+    if bool((lower != 0).any()):
+        raise PnPInputError(
+            f"K: expected upper-triangular camera matrices (K[1,0] = K[2,0] = K[2,1] = 0), "
+            f"shape {_shape(K)}"
+        )
+    if bool((K[..., 0, 0] <= 0).any()) or bool((K[..., 1, 1] <= 0).any()):
+        raise PnPInputError(f"K: focal lengths K[0,0] and K[1,1] must be positive, shape {_shape(K)}")
+    if bool((K[..., 2, 2] <= 0).any()):
+        raise PnPInputError(f"K: K[2,2] must be positive (usually 1), shape {_shape(K)}")
+
+
+def canonical_pnp_inputs(
+    x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None, init_pose: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, bool]:
+    """Check PnP inputs and bring them to batched form.
+
+    Returns ``x2d (B,n,2), x3d (B|1,n,3), K (B|1,3,3), weights (B|1,n) or None,
+    init_pose (B,6) or None, unbatched``. Only differentiable reshapes are used.
+    """
+    x2d = check_tensor("x2d", x2d)
+    x3d = check_tensor("x3d", x3d)
+    K = check_tensor("K", K)
+    named = [("x2d", x2d), ("x3d", x3d), ("K", K)]
+    if weights is not None:
+        named.append(("weights", check_tensor("weights", weights)))
+    if init_pose is not None:
+        named.append(("init_pose", check_tensor("init_pose", init_pose)))
+    check_same_device_dtype(named)
+
+    if x2d.dim() not in (2, 3) or x2d.shape[-1] != 2:
+        raise PnPInputError(f"x2d: expected shape (B, n, 2) or (n, 2), got {_shape(x2d)}")
+    unbatched = x2d.dim() == 2
+    if unbatched:
+        x2d = x2d[None]
+    B, n, _ = x2d.shape
+    if n < 4:
+        raise PnPInputError(f"x2d: PnP needs at least 4 points, got n = {n} (shape {_shape(x2d)})")
+    if x3d.dim() not in (2, 3) or x3d.shape[-1] != 3:
+        raise PnPInputError(f"x3d: expected shape (n, 3) or (B, n, 3), got {_shape(x3d)}")
+    if x3d.dim() == 3 and unbatched:
+        raise PnPInputError(f"x3d: expected shape ({n}, 3) for unbatched x2d, got {_shape(x3d)}")
+    x3d_b = x3d if x3d.dim() == 3 else x3d[None]
+    if x3d_b.shape[1] != n or x3d_b.shape[0] not in (1, B) or (x3d.dim() == 3 and x3d.shape[0] != B):
+        raise PnPInputError(
+            f"x3d: expected shape ({n}, 3) or ({B}, {n}, 3) to match x2d {_shape(x2d)}, "
+            f"got {_shape(x3d)}"
+        )
+    if K.dim() not in (2, 3) or K.shape[-2:] != (3, 3):
+        raise PnPInputError(f"K: expected shape (3, 3) or (B, 3, 3), got {_shape(K)}")
+    if K.dim() == 3 and (K.shape[0] != B or unbatched):
+        raise PnPInputError(f"K: expected shape (3, 3) or ({B}, 3, 3), got {_shape(K)}")
+    K_b = K if K.dim() == 3 else K[None]
+    w_b = None
+    if weights is not None:
+        if weights.dim() == 1 and weights.shape[0] == n:
+            w_b = weights[None]
+        elif weights.dim() == 2 and weights.shape == (B, n) and not unbatched:
+            w_b = weights
+        else:
+            raise PnPInputError(f"weights: expected shape ({n},) or ({B}, {n}), got {_shape(weights)}")
+    pose_b = None
+    if init_pose is not None:
+        expected = (6,) if unbatched else (B, 6)
+        if tuple(init_pose.shape) != expected:
+            raise PnPInputError(f"init_pose: expected shape {expected}, got {_shape(init_pose)}")
+        pose_b = init_pose[None] if unbatched else init_pose
+
+    for name, t in named:
+        check_finite(name, t)
+    check_camera_matrix(K_b.detach())
+    if w_b is not None:
+        if bool((w_b < 0).any()):
+            raise PnPInputError(f"weights: must be non-negative, got a minimum of {float(w_b.min()):.3g}")
+        if bool(((w_b > 0).sum(-1) < 4).any()):
+            raise PnPInputError("weights: every problem needs at least 4 points with positive weight")
+    return x2d, x3d_b, K_b, w_b, pose_b, unbatched

@@ -1,0 +1,190 @@
+"""Rotations, rigid transforms and the pinhole projection.
+
+Conventions (OpenCV): a pose is ``[rvec, t]`` of shape ``(..., 6)``; a point ``X`` of the
+object maps to the camera frame as ``R(rvec) @ X + t``; ``K`` is an upper-triangular camera
+matrix and a camera-frame point ``P`` projects to ``(K P)[:2] / (K P)[2]``.
+
+All functions accept arbitrary leading batch dimensions and are differentiable.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "skew",
+    "rvec_to_rotmat",
+    "rotmat_to_rvec",
+    "rotmat_to_quaternion",
+    "transform_points",
+    "project_points",
+    "project",
+    "pose_to_Rt",
+    "Rt_to_pose",
+]
+
+
+def skew(v: Tensor) -> Tensor:
+    """Cross-product matrix.
+
+    Args:
+        v: ``(..., 3)`` vectors.
+    Returns:
+        ``(..., 3, 3)`` matrices ``[v]_x`` with ``[v]_x @ u == cross(v, u)``.
+    """
+    zero = torch.zeros_like(v[..., 0])
+    x, y, z = v.unbind(-1)
+    return torch.stack(
+        [
+            torch.stack([zero, -z, y], -1),
+            torch.stack([z, zero, -x], -1),
+            torch.stack([-y, x, zero], -1),
+        ],
+        -2,
+    )
+
+
+def rvec_to_rotmat(rvec: Tensor) -> Tensor:
+    """Rodrigues' formula: rotation vector to rotation matrix.
+
+    Stable at and near ``rvec = 0`` including its first and second derivatives: below
+    ``|rvec| = 1e-4`` the coefficients use their Taylor series in ``|rvec|^2``, which is smooth,
+    so autograd (and the exact Hessian built on it) stays exact at the identity.
+
+    Args:
+        rvec: ``(..., 3)`` axis * angle (radians).
+    Returns:
+        ``(..., 3, 3)`` rotation matrices.
+    """
+    theta2 = (rvec * rvec).sum(-1)
+    small = theta2 < 1e-8
+    # The where-trick: the unused branch must see a harmless value, or its NaN gradient leaks.
+    theta2_safe = torch.where(small, torch.ones_like(theta2), theta2)
+    theta = theta2_safe.sqrt()
+    half = 0.5 * theta
+    # sin(t)/t and (1-cos t)/t^2 = 2 sin^2(t/2)/t^2 (no cancellation for small t).
+    a_big = torch.sin(theta) / theta
+    b_big = 2.0 * (torch.sin(half) / theta) ** 2
+    a_small = 1.0 - theta2 / 6.0 + theta2 * theta2 / 120.0
+    b_small = 0.5 - theta2 / 24.0 + theta2 * theta2 / 720.0
+    a = torch.where(small, a_small, a_big)[..., None, None]
+    b = torch.where(small, b_small, b_big)[..., None, None]
+    k = skew(rvec)
+    eye = torch.eye(3, dtype=rvec.dtype, device=rvec.device).expand(k.shape)
+    return eye + a * k + b * (k @ k)
+
+
+def rotmat_to_quaternion(R: Tensor) -> Tensor:
+    """Rotation matrix to unit quaternion ``(w, x, y, z)`` with ``w >= 0``.
+
+    Shepperd's method: of the four algebraically equal formulas the one with the largest
+    pivot is used per item, so the result is accurate for every rotation, 180 degrees included.
+
+    Args:
+        R: ``(..., 3, 3)`` rotation matrices.
+    Returns:
+        ``(..., 4)`` quaternions.
+    """
+    m00, m01, m02 = R[..., 0, 0], R[..., 0, 1], R[..., 0, 2]
+    m10, m11, m12 = R[..., 1, 0], R[..., 1, 1], R[..., 1, 2]
+    m20, m21, m22 = R[..., 2, 0], R[..., 2, 1], R[..., 2, 2]
+    trace = m00 + m11 + m22
+    pivots = torch.stack([trace, m00, m11, m22], -1)
+    # Each candidate is 4 * q * q_pivot; normalising divides the common factor away.
+    cand = torch.stack(
+        [
+            torch.stack([1 + trace, m21 - m12, m02 - m20, m10 - m01], -1),
+            torch.stack([m21 - m12, 1 + m00 - m11 - m22, m01 + m10, m02 + m20], -1),
+            torch.stack([m02 - m20, m01 + m10, 1 - m00 + m11 - m22, m12 + m21], -1),
+            torch.stack([m10 - m01, m02 + m20, m12 + m21, 1 - m00 - m11 + m22], -1),
+        ],
+        -2,
+    )  # ...x4x4
+    idx = pivots.argmax(-1)
+    q = torch.gather(cand, -2, idx[..., None, None].expand(*idx.shape, 1, 4)).squeeze(-2)
+    q = q / q.norm(dim=-1, keepdim=True)
+    return torch.where(q[..., :1] < 0, -q, q)
+
+
+def rotmat_to_rvec(R: Tensor) -> Tensor:
+    """Rotation matrix to rotation vector with angle in ``[0, pi]`` (OpenCV's ``Rodrigues``).
+
+    Args:
+        R: ``(..., 3, 3)`` rotation matrices.
+    Returns:
+        ``(..., 3)`` rotation vectors.
+    """
+    q = rotmat_to_quaternion(R)
+    w, v = q[..., 0], q[..., 1:]
+    n = v.norm(dim=-1)
+    small = n < 1e-6
+    n_safe = torch.where(small, torch.ones_like(n), n)
+    scale_big = 2.0 * torch.atan2(n_safe, w) / n_safe
+    # 2 atan(n/w)/n = (2/w)(1 - n^2/(3 w^2) + ...), with w ~ 1 here.
+    scale_small = (2.0 / w) * (1.0 - n * n / (3.0 * w * w))
+    return torch.where(small, scale_small, scale_big)[..., None] * v
+
+
+def transform_points(x3d: Tensor, R: Tensor, t: Tensor) -> Tensor:
+    """Object points to the camera frame.
+
+    Args:
+        x3d: ``(..., n, 3)`` points.
+        R: ``(..., 3, 3)`` rotations.
+        t: ``(..., 3)`` translations.
+    Returns:
+        ``(..., n, 3)`` points ``R @ X + t``.
+    """
+    return x3d @ R.transpose(-1, -2) + t[..., None, :]
+
+
+def project_points(xcam: Tensor, K: Tensor) -> Tensor:
+    """Pinhole projection of camera-frame points.
+
+    Args:
+        xcam: ``(..., n, 3)`` camera-frame points.
+        K: ``(..., 3, 3)`` upper-triangular camera matrices.
+    Returns:
+        ``(..., n, 2)`` pixel coordinates ``(K P)[:2] / (K P)[2]``.
+    """
+    a = xcam[..., 0] / xcam[..., 2]
+    b = xcam[..., 1] / xcam[..., 2]
+    k = K[..., None, :, :]  # ...x1x3x3, broadcast over points
+    k22 = k[..., 2, 2]
+    u = (k[..., 0, 0] * a + k[..., 0, 1] * b + k[..., 0, 2]) / k22
+    v = (k[..., 1, 1] * b + k[..., 1, 2]) / k22
+    return torch.stack([u, v], -1)
+
+
+def pose_to_Rt(pose: Tensor) -> tuple[Tensor, Tensor]:
+    """Split a pose ``(..., 6)`` into ``R (..., 3, 3)`` and ``t (..., 3)``."""
+    return rvec_to_rotmat(pose[..., :3]), pose[..., 3:]
+
+
+def Rt_to_pose(R: Tensor, t: Tensor) -> Tensor:
+    """Join ``R (..., 3, 3)`` and ``t (..., 3)`` into a pose ``(..., 6)``."""
+    return torch.cat([rotmat_to_rvec(R), t], -1)
+
+
+def project(x3d: Tensor, pose: Tensor, K: Tensor) -> Tensor:
+    """Project object points with a pose and camera matrix; differentiable in all inputs.
+
+    Args:
+        x3d: ``(n, 3)`` shared or ``(B, n, 3)`` object points.
+        pose: ``(6,)`` or ``(B, 6)`` poses ``[rvec, t]``.
+        K: ``(3, 3)`` or ``(B, 3, 3)`` camera matrices.
+    Returns:
+        ``(B, n, 2)`` pixels, or ``(n, 2)`` when ``pose`` is unbatched.
+    """
+    if pose.dim() not in (1, 2) or pose.shape[-1] != 6:
+        raise ValueError(f"pose: expected shape (6,) or (B, 6), got {tuple(pose.shape)}")
+    if x3d.dim() not in (2, 3) or x3d.shape[-1] != 3:
+        raise ValueError(f"x3d: expected shape (n, 3) or (B, n, 3), got {tuple(x3d.shape)}")
+    if K.shape[-2:] != (3, 3) or K.dim() not in (2, 3):
+        raise ValueError(f"K: expected shape (3, 3) or (B, 3, 3), got {tuple(K.shape)}")
+    unbatched = pose.dim() == 1
+    p = pose[None] if unbatched else pose
+    R, t = pose_to_Rt(p)
+    xcam = transform_points(x3d, R, t)
+    out = project_points(xcam, K if K.dim() == 3 else K[None])
+    return out[0] if unbatched else out
