@@ -103,55 +103,67 @@ def cost_terms(
     Returns:
         :class:`CostTerms`.
     """
-    rotated, xcam = _camera_points(R, t, x3d)
-    depth = xcam[..., 2]
-    visible = weights > 0
+    # Structure of arrays: every per-point quantity is a contiguous (B, n) tensor, which keeps
+    # the elementwise work on fast paths; the sums over points are batched matmuls.
+    P = R @ x3d.transpose(-1, -2)  # Bx3xN, R X without t
+    P0, P1, P2 = P.unbind(-2)
+    X0 = P0 + t[:, 0:1]
+    X1 = P1 + t[:, 1:2]
+    depth = P2 + t[:, 2:3]
+    w = weights.expand(depth.shape)
     big = torch.finfo(depth.dtype).max
-    seen_depth = torch.where(visible, depth, torch.full_like(depth, big)).amin(-1)
-    if not (isinstance(min_depth, float) and min_depth == 0.0):
-        xcam = torch.cat([xcam[..., :2], torch.maximum(depth, min_depth)[..., None]], -1)
-    uv, gu, gv, inv_z, ab = _projection_and_jacobian(xcam, K)
-    res = uv - x2d  # BxNx2
-    w = weights.expand(res.shape[:-1])
-    cost = (w * (res * res).sum(-1)).sum(-1)
-    s = res[..., :1] * gu + res[..., 1:] * gv  # BxNx3, (dpix/dX)^T r
-    ws = w[..., None] * s
-    grad = 2.0 * torch.cat([torch.linalg.cross(rotated, ws, dim=-1).sum(-2), ws.sum(-2)], -1)
-    if not hessian:
-        return CostTerms(cost, grad, None, seen_depth)
-
-    # Per point, d2f/dX2 / 2 = G^T G + sum_c r_c d2pix_c/dX2, with G = dpix/dX (2x3).
-    m00, m01, m11, _, _ = _camera_coefficients(K)
-    q0 = m00 * res[..., 0]  # (M^T r), M = K[:2,:2]/k22
-    q1 = m01 * res[..., 0] + m11 * res[..., 1]
-    iz2 = inv_z * inv_z
-    c02 = -q0 * iz2
-    c12 = -q1 * iz2
-    c22 = 2.0 * (q0 * ab[..., 0] + q1 * ab[..., 1]) * iz2
-    S = gu[..., :, None] * gu[..., None, :] + gv[..., :, None] * gv[..., None, :]  # BxNx3x3
-    curv = torch.stack(
+    seen_depth = torch.where(w > 0, depth, torch.full_like(depth, big)).amin(-1)
+    X2 = depth if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(depth, min_depth)
+    m00, m01, m11, c0, c1 = _camera_coefficients(K)
+    iz = 1.0 / X2
+    a = X0 * iz
+    b = X1 * iz
+    ma = m00 * a + m01 * b
+    ru = ma + c0 - x2d[..., 0]
+    rv = m11 * b + c1 - x2d[..., 1]
+    wru = w * ru
+    wrv = w * rv
+    cost = (wru * ru + wrv * rv).sum(-1)
+    # d pixel / d X rows (gu, gv), and d pixel / d xi = [P x g, g].
+    gu0, gu1, gu2 = m00 * iz, m01 * iz, -ma * iz
+    gv1, gv2 = m11 * iz, -(m11 * b) * iz
+    zero = torch.zeros_like(iz)
+    J = torch.stack(
         [
-            torch.stack([torch.zeros_like(c02), torch.zeros_like(c02), c02], -1),
-            torch.stack([torch.zeros_like(c02), torch.zeros_like(c02), c12], -1),
-            torch.stack([c02, c12, c22], -1),
+            P1 * gu2 - P2 * gu1, P2 * gu0 - P0 * gu2, P0 * gu1 - P1 * gu0, gu0, gu1, gu2,
+            P1 * gv2 - P2 * gv1, -P0 * gv2, P0 * gv1, zero, gv1, gv2,
         ],
         -2,
+    )  # Bx12xN
+    Jt = J.reshape(J.shape[0], 2, 6, -1).transpose(1, 2).reshape(J.shape[0], 6, -1)  # Bx6x2N
+    wr = torch.cat([wru, wrv], -1)  # Bx2N
+    grad = 2.0 * (Jt @ wr[..., None])[..., 0]
+    if not hessian:
+        return CostTerms(cost, grad, None, seen_depth)
+    hess = (Jt * torch.cat([w, w], -1)[:, None, :]) @ Jt.transpose(-1, -2)  # Gauss-Newton / 2
+
+    # Residual curvature. Of d2 pixel/dX2 (weighted by the residuals) only three entries are
+    # non-zero: c02, c12, c22; with j_k = dX_k/dxi = [P x e_k, e_k] its pull-back is
+    # sum (j2 b^T + b j2^T), b = c02 j0 + c12 j1 + c22/2 j2: one batched matmul.
+    q0 = m00 * wru  # (M^T r) times the weight, M = K[:2,:2]/k22
+    q1 = m01 * wru + m11 * wrv
+    iz2 = iz * iz
+    c02 = -q0 * iz2
+    c12 = -q1 * iz2
+    c22h = (q0 * a + q1 * b) * iz2  # c22 / 2
+    j2 = torch.stack([P1, -P0, zero, zero, zero, torch.ones_like(iz)], -2)  # Bx6xN
+    bvec = torch.stack(
+        [-c12 * P2 + c22h * P1, c02 * P2 - c22h * P0, -c02 * P1 + c12 * P0, c02, c12, c22h], -2
     )
-    S = (S + curv) * w[..., None, None]
-    # Chain through X = exp([omega]) P + t + tau: dX/dxi = [-[P]_x, I].
-    P = rotated
-    N = torch.linalg.cross(P[..., :, None].expand_as(S), S, dim=-2)  # [P]_x S, column-wise
-    hww = torch.linalg.cross(P[..., None, :].expand_as(N), N, dim=-1)  # [P]_x S [P]_x^T
-    # Second derivative of exp at 0 gives sym(s P^T) - (s.P) I for the rotation block.
-    sp = ws[..., :, None] * P[..., None, :]
+    curv = j2 @ bvec.transpose(-1, -2)  # Bx6x6
+    # Rotation curvature: sym(s P^T) - (s.P) I in the rotation block, s = w (dpix/dX)^T r.
+    s = torch.stack([wru * gu0, wru * gu1 + wrv * gv1, wru * gu2 + wrv * gv2], -2)  # Bx3xN
+    sP = s @ P.transpose(-1, -2)  # Bx3x3
     eye = torch.eye(3, dtype=R.dtype, device=R.device)
-    rot_curv = 0.5 * (sp + sp.transpose(-1, -2)) - (ws * P).sum(-1)[..., None, None] * eye
-    h_ww = (hww + rot_curv).sum(-3)
-    h_wt = N.sum(-3)
-    h_tt = S.sum(-3)
-    hess = 2.0 * torch.cat(
-        [torch.cat([h_ww, h_wt], -1), torch.cat([h_wt.transpose(-1, -2), h_tt], -1)], -2
-    )
+    rot = 0.5 * (sP + sP.transpose(-1, -2)) - sP.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye
+    hess = hess + curv + curv.transpose(-1, -2)
+    hess = torch.cat([torch.cat([hess[..., :3, :3] + rot, hess[..., :3, 3:]], -1), hess[..., 3:, :]], -2)
+    hess = 2.0 * hess
     return CostTerms(cost, grad, hess, seen_depth)
 
 

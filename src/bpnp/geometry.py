@@ -16,6 +16,7 @@ __all__ = [
     "rvec_to_rotmat",
     "rotmat_to_rvec",
     "rotmat_to_quaternion",
+    "quaternion_to_rotmat",
     "transform_points",
     "project_points",
     "project",
@@ -104,6 +105,23 @@ def rotmat_to_quaternion(R: Tensor) -> Tensor:
     q = torch.gather(cand, -2, idx[..., None, None].expand(*idx.shape, 1, 4)).squeeze(-2)
     q = q / q.norm(dim=-1, keepdim=True)
     return torch.where(q[..., :1] < 0, -q, q)
+
+
+def quaternion_to_rotmat(q: Tensor) -> Tensor:
+    """Unit quaternion ``(w, x, y, z)`` ``(..., 4)`` to rotation matrix ``(..., 3, 3)``.
+
+    The quaternion is normalised first, so any non-zero 4-vector gives a rotation.
+    """
+    q = q / q.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    return torch.stack(
+        [
+            torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+            torch.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+            torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        -2,
+    )
 
 
 def rotmat_to_rvec(R: Tensor) -> Tensor:

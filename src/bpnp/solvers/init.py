@@ -10,30 +10,29 @@ best distinct, cheirally valid minima to the reprojection refinement.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
-from ..geometry import rvec_to_rotmat, skew
-from .lm import levenberg_marquardt
+from ..geometry import quaternion_to_rotmat, rotmat_to_quaternion, rvec_to_rotmat, skew
 
 
 
-def _cube_group(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The 24 rotations of the cube: well-spread fixed starts on SO(3)."""
+def _rotation_group(dtype: torch.dtype, device: torch.device, order: int = 24) -> Tensor:
+    """Fixed, well-spread starts on SO(3): the rotations of the cube (order 24) or of the
+    tetrahedron (order 12, the even permutations among them)."""
     mats = []
     eye = torch.eye(3, dtype=torch.float64)
-    import itertools
-
     for perm in itertools.permutations(range(3)):
+        even = sum(perm[i] > perm[j] for i in range(3) for j in range(i + 1, 3)) % 2 == 0
+        if order == 12 and not even:
+            continue
         for signs in itertools.product((1.0, -1.0), repeat=3):
             M = eye[list(perm)] * torch.tensor(signs, dtype=torch.float64)[:, None]
             if torch.linalg.det(M) > 0:
                 mats.append(M)
     return torch.stack(mats).to(dtype=dtype, device=device)
-
-
-def _basis_skews(dtype: torch.dtype, device: torch.device) -> Tensor:
-    return skew(torch.eye(3, dtype=dtype, device=device))  # 3x3x3, [e_a]_x
 
 
 def normalised_rays(x2d: Tensor, K: Tensor) -> Tensor:
@@ -68,47 +67,85 @@ def omega_matrix(rays: Tensor, x3d: Tensor, weights: Tensor) -> tuple[Tensor, Te
     return omega, T
 
 
-def nearest_rotation(M: Tensor) -> Tensor:
-    """Closest rotation in Frobenius norm: ``(..., 3, 3) -> (..., 3, 3)``."""
-    U, _, Vh = torch.linalg.svd(M)
-    det = torch.linalg.det(U @ Vh)
-    D = torch.ones_like(U[..., 0])
-    D = torch.cat([D[..., :2], det[..., None]], -1)
-    return (U * D[..., None, :]) @ Vh
-
-
-def minimise_on_so3(omega: Tensor, R0: Tensor, max_iter: int = 30) -> tuple[Tensor, Tensor]:
-    """Local minima of ``vec(R)^T Omega vec(R)`` from starts ``R0``.
+def orthonormalise(M: Tensor) -> Tensor:
+    """A rotation near ``M`` (exact for a rotation, valid for any matrix): ``M`` read as a
+    quaternion by Shepperd's formulas, normalised, and turned back into a matrix.
 
     Args:
-        omega: ``(M, 9, 9)``; R0: ``(M, 3, 3)``.
+        M: ``(..., 3, 3)``.
     Returns:
-        ``R (M, 3, 3)`` and the cost ``(M,)``.
+        ``(..., 3, 3)`` rotation matrices, orthonormal to float precision.
     """
-    E = _basis_skews(omega.dtype, omega.device)
-    eye = torch.eye(3, dtype=omega.dtype, device=omega.device)
+    return quaternion_to_rotmat(rotmat_to_quaternion(M))
 
-    def evaluate(state):
-        (R,) = state
-        r = R.reshape(-1, 9)
-        o_r = (omega @ r[..., None])[..., 0]
-        cost = (r * o_r).sum(-1)
-        J = (E[None] @ R[:, None]).reshape(-1, 3, 9)  # rows vec([e_a]_x R)
-        grad = 2.0 * (J @ o_r[..., None])[..., 0]
-        N = R @ o_r.reshape(-1, 3, 3).transpose(-1, -2)
-        sym = 0.5 * (N + N.transpose(-1, -2))
-        trace = N.diagonal(dim1=-2, dim2=-1).sum(-1)
-        hess = 2.0 * (J @ omega @ J.transpose(-1, -2) + sym - trace[:, None, None] * eye)
-        return cost, grad, hess
 
-    def retract(state, step):
-        (R,) = state
-        return (rvec_to_rotmat(step) @ R,)
+def _solve3_spd(A: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve ``A x = g`` for symmetric 3x3 ``A`` in closed form; also whether A is PD."""
+    a, b, c = A[..., 0, 0], A[..., 0, 1], A[..., 0, 2]
+    d, e, f = A[..., 1, 1], A[..., 1, 2], A[..., 2, 2]
+    c00 = d * f - e * e
+    c01 = c * e - b * f
+    c02 = b * e - c * d
+    c11 = a * f - c * c
+    c12 = b * c - a * e
+    c22 = a * d - b * b
+    det = a * c00 + b * c01 + c * c02
+    pd = (a > 0) & (c22 > 0) & (det > 0)
+    det = torch.where(pd, det, torch.ones_like(det))
+    g0, g1, g2 = g.unbind(-1)
+    x = torch.stack([c00 * g0 + c01 * g1 + c02 * g2, c01 * g0 + c11 * g1 + c12 * g2,
+                     c02 * g0 + c12 * g1 + c22 * g2], -1) / det[..., None]
+    return torch.where(pd[..., None], x, torch.zeros_like(x)), pd
 
-    scale = omega.diagonal(dim1=-2, dim2=-1).sum(-1)
-    out = levenberg_marquardt((R0,), evaluate, retract, max_iter=max_iter, rtol=1e-12,
-                              atol=1e-20 * scale)
-    return out.state[0], out.cost
+
+def minimise_on_so3(omega: Tensor, R: Tensor, iters: int = 12, lam0: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Local minima of ``vec(R)^T Omega vec(R)`` from many starts per item.
+
+    Damped Newton with the exact Hessian on the chart ``R <- exp([d]_x) R``, a fixed number of
+    iterations, all in closed-form tensor ops (3x3 solves by cofactors): the starts of one
+    item share their ``Omega``, so the 9x9 products are one matmul per item.
+
+    Args:
+        omega: ``(B, 9, 9)``; R: ``(B, S, 3, 3)`` starts.
+    Returns:
+        ``R (B, S, 3, 3)`` and the cost ``(B, S)``.
+    """
+    B, S = R.shape[:2]
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    scale = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None].clamp_min(1e-300)
+
+    def value(R):
+        r = R.reshape(B, S, 9)
+        o_r = r @ omega  # BxSx9 (omega symmetric)
+        return (r * o_r).sum(-1), o_r
+
+    h, o_r = value(R)
+    lam = torch.full((B, S), lam0, dtype=R.dtype, device=R.device)
+    for _ in range(iters):
+        r0, r1, r2 = R[..., 0, :], R[..., 1, :], R[..., 2, :]
+        z = torch.zeros_like(r0)
+        # Rows of d vec(R)/d d_a = vec([e_a]_x R).
+        J = torch.stack([torch.cat([z, -r2, r1], -1), torch.cat([r2, z, -r0], -1),
+                         torch.cat([-r1, r0, z], -1)], -2)  # BxSx3x9
+        grad = 2.0 * (J * o_r[..., None, :]).sum(-1)
+        JO = (J.reshape(B, S * 3, 9) @ omega).reshape(B, S, 3, 9)
+        N = R @ o_r.reshape(B, S, 3, 3).transpose(-1, -2)
+        H_gn = 2.0 * (JO @ J.transpose(-1, -2))
+        H = H_gn + (N + N.transpose(-1, -2)) - 2.0 * N.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye
+        damp = torch.diag_embed(lam[..., None] * H_gn.diagonal(dim1=-2, dim2=-1).clamp_min(1e-12 * scale[..., None]))
+        step, pd = _solve3_spd(H + damp, -grad)
+        # Far from a minimum the exact Hessian can be indefinite: take the Gauss-Newton step.
+        step_gn, pd_gn = _solve3_spd(H_gn + damp, -grad)
+        step = torch.where(pd[..., None], step, step_gn)
+        pd = pd | pd_gn
+        R_new = rvec_to_rotmat(step) @ R
+        h_new, o_new = value(R_new)
+        ok = pd & (h_new <= h)
+        R = torch.where(ok[..., None, None], R_new, R)
+        h = torch.where(ok, h_new, h)
+        o_r = torch.where(ok[..., None], o_new, o_r)
+        lam = torch.where(ok, lam * 0.1, lam * 10.0).clamp(1e-12, 1e12)
+    return orthonormalise(R), h
 
 
 def initial_poses(
@@ -118,7 +155,9 @@ def initial_poses(
     weights: Tensor,
     num_candidates: int = 4,
     num_eigvecs: int = 4,
-    fixed_starts: bool = True,
+    fixed_starts: int = 12,
+    so3_iters: int = 8,
+    dedupe: float = 0.1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Candidate poses for every item, best first.
 
@@ -126,8 +165,12 @@ def initial_poses(
         x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``.
         num_candidates: how many candidates per item to return.
         num_eigvecs: eigenvectors of Omega used as starts (each with both signs).
-        fixed_starts: also start from the 24 rotations of the cube group (planar points leave
-            a 3-dimensional null space in Omega, where eigenvectors alone are poor starts).
+        fixed_starts: also start from the 24 rotations of the cube group or the 12 of the
+            tetrahedron, or 0 for none (planar points leave a 3-dimensional null space in
+            Omega, where eigenvectors alone are poor starts).
+        so3_iters: damped Newton iterations on SO(3) from every start.
+        dedupe: candidates closer than this (Frobenius norm of the rotation difference) to a
+            better one count as the same basin.
     Returns:
         ``R (B, k, 3, 3)``, ``t (B, k, 3)`` and ``rank_key (B, k)`` (object-space cost, plus a
         large penalty for candidates with points behind the camera or duplicates).
@@ -142,14 +185,12 @@ def initial_poses(
     _, vecs = torch.linalg.eigh(omega)
     m = min(num_eigvecs, 9)
     e = vecs[..., :m].transpose(-1, -2).reshape(B, m, 3, 3) * 3.0**0.5
-    starts = nearest_rotation(torch.cat([e, -e], 1))  # Bx2mx3x3
+    starts = orthonormalise(torch.cat([e, -e], 1))  # Bx2mx3x3
     if fixed_starts:
-        cube = _cube_group(x2d.dtype, x2d.device)
+        cube = _rotation_group(x2d.dtype, x2d.device, fixed_starts)
         starts = torch.cat([starts, cube.expand(B, *cube.shape)], 1)
     S = starts.shape[1]
-    R, h = minimise_on_so3(omega.repeat_interleave(S, 0), starts.reshape(-1, 3, 3))
-    R = R.reshape(B, S, 3, 3)
-    h = h.reshape(B, S)
+    R, h = minimise_on_so3(omega, starts, iters=so3_iters)
     t_c = (T[:, None] @ R.reshape(B, S, 9, 1))[..., 0]  # BxSx3
     t = t_c - (R @ centre[:, None, :, None])[..., 0]
     # Cheirality: points (with weight) in front of the camera along their rays.
@@ -165,7 +206,7 @@ def initial_poses(
     key = torch.gather(key, 1, order)
     diff = (R[:, :, None] - R[:, None, :]).flatten(-2).norm(dim=-1)  # BxSxS
     earlier = torch.ones(S, S, dtype=torch.bool, device=R.device).tril(-1)
-    dup = ((diff < 1e-5) & earlier).any(-1)
+    dup = ((diff < dedupe) & earlier).any(-1)
     key = key + 100.0 * dup.to(key.dtype)
     order = key.argsort(-1)[:, :num_candidates]
     k = order.shape[1]

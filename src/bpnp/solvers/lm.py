@@ -1,19 +1,22 @@
 """Batched Levenberg-Marquardt with the exact Hessian, on a manifold chart.
 
-The loop is generic: ``evaluate(state)`` returns the cost, the chart gradient and Hessian of
-every batch item, ``retract(state, step)`` moves along the chart. Every item carries its own
-damping and stops on its own (masked updates, no Python loop over the batch); the loop ends
-when all items have stopped or ``max_iter`` is reached. With the exact Hessian the final
-iterations are Newton steps, which converge quadratically to float64 precision.
+The loop is generic: ``evaluate(state, idx)`` returns the cost, the chart gradient and Hessian
+of the items ``idx`` of the batch (``None``: all), ``retract(state, step)`` moves along the
+chart. Every item carries its own damping and stops on its own (masked updates, no Python loop
+over the batch). Items that have stopped are dropped from the working set once they are the
+majority, so stragglers do not cost a full batch per iteration. With the exact Hessian the
+final iterations are Newton steps, and undamped Newton polish steps finish the job, so the
+answer is stationary to float64 precision.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 State = Sequence[Tensor]
+Evaluate = Callable[[State, Optional[Tensor]], "tuple[Tensor, Tensor, Tensor]"]
 
 
 class LMResult(NamedTuple):
@@ -25,17 +28,23 @@ class LMResult(NamedTuple):
     iterations: int
 
 
-def _where_state(mask: Tensor, new: State, old: State) -> tuple[Tensor, ...]:
-    out = []
-    for a, b in zip(new, old):
-        m = mask.reshape(mask.shape + (1,) * (a.dim() - 1))
-        out.append(torch.where(m, a, b))
-    return tuple(out)
+def _select(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    return torch.where(mask.reshape(mask.shape + (1,) * (new.dim() - 1)), new, old)
+
+
+def _damped_step(hess: Tensor, grad: Tensor, damp: Tensor | None) -> tuple[Tensor, Tensor]:
+    A = hess if damp is None else hess + torch.diag_embed(damp)
+    L, info = torch.linalg.cholesky_ex(A)
+    pd = info == 0
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    L = torch.where(pd[:, None, None], L, eye)
+    step = -torch.cholesky_solve(grad[..., None], L)[..., 0]
+    return torch.where(pd[:, None], step, torch.zeros_like(step)), pd
 
 
 def levenberg_marquardt(
     state: State,
-    evaluate: Callable[[State], tuple[Tensor, Tensor, Tensor]],
+    evaluate: Evaluate,
     retract: Callable[[State, Tensor], tuple[Tensor, ...]],
     max_iter: int = 100,
     rtol: float = 1e-15,
@@ -43,84 +52,108 @@ def levenberg_marquardt(
     lam0: float = 1e-4,
     check_every: int = 1,
     polish_steps: int = 2,
+    compact: bool = True,
 ) -> LMResult:
     """Minimise a batch of smooth costs from ``state``.
 
-    An item has converged when the Newton decrement ``-g.step`` of an accepted undamped-ish step
-    falls below ``rtol * cost + atol``; it then stays frozen.
+    An item has converged when the decrement ``-g.step`` of an accepted step falls below
+    ``rtol * cost + atol``; it then stays frozen.
 
     Args:
         state: tensors with leading batch dimension B.
-        evaluate: ``state -> (cost (B,), grad (B,d), hess (B,d,d))``.
-        retract: ``(state, step (B,d)) -> state``.
+        evaluate: ``(state, idx) -> (cost (b,), grad (b,d), hess (b,d,d))`` for the items
+            ``idx`` (a LongTensor into the full batch, or None for all) given their state.
+        retract: ``(state, step (b,d)) -> state``.
         max_iter: iteration cap.
         rtol, atol: convergence tolerances on the decrement (``atol`` scalar or ``(B,)``).
         lam0: initial Marquardt damping (relative to the Hessian diagonal).
-        check_every: how often the host looks whether all items are done (a GPU sync).
+        check_every: how often the host looks whether items are done (a GPU sync).
         polish_steps: undamped Newton steps after the loop, for converged items.
+        compact: drop stopped items from the working set.
     Returns:
         :class:`LMResult`.
     """
-    state = tuple(state)
-    cost, grad, hess = evaluate(state)
+    full_state = tuple(state)
+    cost, grad, hess = evaluate(full_state, None)
     B, d = grad.shape
     dtype, device = grad.dtype, grad.device
-    lam = torch.full((B,), lam0, dtype=dtype, device=device)
-    nu = torch.full((B,), 2.0, dtype=dtype, device=device)
-    done = ~torch.isfinite(cost)
-    converged = torch.zeros(B, dtype=torch.bool, device=device)
-    eye = torch.eye(d, dtype=dtype, device=device)
+    atol_full = atol if isinstance(atol, Tensor) else torch.full((B,), float(atol), dtype=dtype, device=device)
+    full = {"cost": cost, "grad": grad, "hess": hess}
+    full_done = ~torch.isfinite(cost)
+    full_conv = torch.zeros(B, dtype=torch.bool, device=device)
+    lam_full = torch.full((B,), lam0, dtype=dtype, device=device)
+    nu_full = torch.full((B,), 2.0, dtype=dtype, device=device)
+
+    idx: Tensor | None = None  # working set; None = everything
+    st, done, conv, lam, nu, at = full_state, full_done, full_conv, lam_full, nu_full, atol_full
+
+    def scatter_back():
+        nonlocal full_state, full_done, full_conv, lam_full, nu_full
+        if idx is None:
+            full_state, full_done, full_conv, lam_full, nu_full = st, done, conv, lam, nu
+            full.update(cost=cost, grad=grad, hess=hess)
+            return
+        full_state = tuple(f.index_copy(0, idx, s) for f, s in zip(full_state, st))
+        full_done = full_done.index_copy(0, idx, done)
+        full_conv = full_conv.index_copy(0, idx, conv)
+        lam_full = lam_full.index_copy(0, idx, lam)
+        nu_full = nu_full.index_copy(0, idx, nu)
+        for key, val in (("cost", cost), ("grad", grad), ("hess", hess)):
+            full[key] = full[key].index_copy(0, idx, val)
+
     it = 0
     for it in range(1, max_iter + 1):
         diag = torch.diagonal(hess, dim1=-2, dim2=-1).abs()
         floor = 1e-12 * diag.amax(-1, keepdim=True) + torch.finfo(dtype).tiny
-        damp = lam[:, None] * torch.maximum(diag, floor)
-        A = hess + torch.diag_embed(damp)
-        L, info = torch.linalg.cholesky_ex(A)
-        pd = info == 0
-        L = torch.where(pd[:, None, None], L, eye)
-        step = -torch.cholesky_solve(grad[..., None], L)[..., 0]
-        step = torch.where(pd[:, None], step, torch.zeros_like(step))
-        trial = retract(state, step)
-        t_cost, t_grad, t_hess = evaluate(trial)
+        step, pd = _damped_step(hess, grad, lam[:, None] * torch.maximum(diag, floor))
+        trial = retract(st, step)
+        t_cost, t_grad, t_hess = evaluate(trial, idx)
         g_step = (grad * step).sum(-1)
         predicted = -(g_step + 0.5 * (step[:, None, :] @ hess @ step[:, :, None])[:, 0, 0])
-        actual = cost - t_cost
         ok = pd & torch.isfinite(t_cost) & (t_cost <= cost) & ~done
-        rho = actual / torch.where(predicted.abs() > 0, predicted, torch.ones_like(predicted))
-        # Nielsen's damping update.
+        rho = (cost - t_cost) / torch.where(predicted.abs() > 0, predicted, torch.ones_like(predicted))
+        # Nielsen's damping update (with a faster shrink, so we reach Newton steps sooner).
         shrink = torch.clamp(1.0 - (2.0 * rho - 1.0) ** 3, min=0.1)
-        lam = torch.where(ok, lam * shrink, torch.where(done, lam, lam * nu))
+        lam = torch.where(ok, lam * shrink, torch.where(done, lam, lam * nu)).clamp(1e-15, 1e30)
         nu = torch.where(ok, torch.full_like(nu, 2.0), torch.where(done, nu, nu * 2.0))
-        lam = lam.clamp(1e-15, 1e30)
-        decrement = -g_step
-        newly = ok & (decrement <= rtol * cost + atol)
-        # A pd, undamped-looking step that cannot lower the cost any more: at the floor of
-        # float precision; also stop items whose damping exploded (a stall).
-        stalled = (~ok & ~done & pd & (decrement <= 1e3 * (rtol * cost + atol))) | (lam >= 1e20)
-        state = _where_state(ok, trial, state)
+        tol = rtol * cost + at
+        newly = ok & (-g_step <= tol)
+        # A step that cannot lower the cost any more is at the floor of float precision; an item
+        # whose damping exploded has stalled.
+        at_floor = ~ok & ~done & pd & (-g_step <= 1e3 * tol)
+        blown = lam >= 1e20
+        st = tuple(_select(ok, a, b) for a, b in zip(trial, st))
         cost = torch.where(ok, t_cost, cost)
-        grad = torch.where(ok[:, None], t_grad, grad)
-        hess = torch.where(ok[:, None, None], t_hess, hess)
-        converged = converged | newly | (stalled & ~(lam >= 1e20))
-        done = done | newly | stalled
-        if it % check_every == 0 and bool(done.all()):
-            break
-    # Newton polish: a damped last step only shrinks the error by the damping factor, so finish
-    # with undamped Newton steps. Near the optimum the cost change is rounding noise, so a
-    # step is taken when the cost does not rise beyond that noise.
+        grad = _select(ok, t_grad, grad)
+        hess = _select(ok, t_hess, hess)
+        conv = conv | newly | (at_floor & ~blown)
+        done = done | newly | at_floor | blown
+        if it % check_every == 0:
+            active = int((~done).sum())
+            if active == 0:
+                break
+            if compact and active <= done.numel() // 2:
+                scatter_back()
+                keep = (~done).nonzero()[:, 0]
+                idx = keep if idx is None else idx[keep]
+                st = tuple(f[idx] for f in full_state)
+                cost, grad, hess = full["cost"][idx], full["grad"][idx], full["hess"][idx]
+                done, conv = full_done[idx], full_conv[idx]
+                lam, nu, at = lam_full[idx], nu_full[idx], atol_full[idx]
+    scatter_back()
+    state, cost, grad, hess, conv = full_state, full["cost"], full["grad"], full["hess"], full_conv
+
+    # Newton polish: a damped last step only shrinks the error by the damping factor. Near the
+    # optimum the cost change is rounding noise, so a step is taken unless the cost rises
+    # beyond that noise.
     for _ in range(polish_steps):
-        L, info = torch.linalg.cholesky_ex(hess)
-        pd = (info == 0) & converged
-        L = torch.where(pd[:, None, None], L, eye)
-        step = -torch.cholesky_solve(grad[..., None], L)[..., 0]
-        step = torch.where(pd[:, None], step, torch.zeros_like(step))
+        step, pd = _damped_step(hess, grad, None)
+        pd = pd & conv
         trial = retract(state, step)
-        t_cost, t_grad, t_hess = evaluate(trial)
-        noise = 1e-12 * cost.abs() + 1e3 * (atol if isinstance(atol, Tensor) else torch.full_like(cost, atol))
-        ok = pd & torch.isfinite(t_cost) & (t_cost <= cost + noise)
-        state = _where_state(ok, trial, state)
+        t_cost, t_grad, t_hess = evaluate(trial, None)
+        ok = pd & torch.isfinite(t_cost) & (t_cost <= cost + 1e-12 * cost.abs() + 1e3 * atol_full)
+        state = tuple(_select(ok, a, b) for a, b in zip(trial, state))
         cost = torch.where(ok, t_cost, cost)
-        grad = torch.where(ok[:, None], t_grad, grad)
-        hess = torch.where(ok[:, None, None], t_hess, hess)
-    return LMResult(state, cost, grad, hess, converged, it)
+        grad = _select(ok, t_grad, grad)
+        hess = _select(ok, t_hess, hess)
+    return LMResult(state, cost, grad, hess, conv, it)

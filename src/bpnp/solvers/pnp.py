@@ -32,6 +32,7 @@ def refine(
     weights: Tensor,
     max_iter: int = 100,
     check_every: int = 1,
+    polish_steps: int = 2,
 ):
     """Exact-Hessian Levenberg-Marquardt on the reprojection cost from ``(R, t)``.
 
@@ -48,10 +49,12 @@ def refine(
     atol = 1e-28 * wsum * pix_scale
     depth_floor = 1e-9 * (t.norm(dim=-1, keepdim=True) + 1e-300)
 
-    def evaluate(state):
-        ct = cost_terms(state[0], state[1], x3d, x2d, K, weights, hessian=True,
-                        min_depth=depth_floor)
-        bad = ct.min_depth <= depth_floor[:, 0]
+    def evaluate(state, idx):
+        data = (x3d, x2d, K, weights, depth_floor)
+        if idx is not None:
+            data = tuple(x if x.shape[0] == 1 else x[idx] for x in data)
+        ct = cost_terms(state[0], state[1], *data[:4], hessian=True, min_depth=data[4])
+        bad = ct.min_depth <= data[4][:, 0]
         # A pose that puts weighted points behind the camera is not a valid trial point.
         cost = torch.where(bad, torch.full_like(ct.cost, float("inf")), ct.cost)
         return cost, ct.grad, ct.hess
@@ -60,12 +63,7 @@ def refine(
         return rvec_to_rotmat(step[:, :3]) @ state[0], state[1] + step[:, 3:]
 
     return levenberg_marquardt((R, t), evaluate, retract, max_iter=max_iter, rtol=1e-15,
-                               atol=atol, check_every=check_every)
-
-
-def _take(x: Tensor, B: int, k: int) -> Tensor:
-    """Repeat a ``(B|1, ...)`` tensor for ``k`` candidates per item."""
-    return x if x.shape[0] == 1 else x.repeat_interleave(k, 0)
+                               atol=atol, check_every=check_every, polish_steps=polish_steps)
 
 
 def solve_pnp_forward(
@@ -78,6 +76,8 @@ def solve_pnp_forward(
     num_candidates: int = 4,
     max_iter: int = 100,
     check_every: int = 1,
+    screen_iter: int = 4,
+    screen_ratio: float = 2.0,
 ) -> PnPSolution:
     """Globally optimal weighted PnP for a batch (forward only, float64 in and out).
 
@@ -87,31 +87,58 @@ def solve_pnp_forward(
         num_candidates: global candidates refined per item.
         max_iter: LM iteration cap.
         check_every: LM's host check interval.
+        screen_iter, screen_ratio: candidates get ``screen_iter`` LM iterations, then only
+            those with cost <= ``screen_ratio`` x the item's best go on to convergence.
     Returns:
         :class:`PnPSolution`.
     """
     B, n, _ = x2d.shape
-    R0, t0, _ = initial_poses(x2d, x3d, K, weights, num_candidates=num_candidates)
+    R0, t0, key = initial_poses(x2d, x3d, K, weights, num_candidates=num_candidates)
+    # Refine only candidates worth it: distinct basins with (nearly) all points in front of
+    # the camera; the best-ranked one is always refined.
+    worth = key < 10.5
+    worth[:, 0] = True
     if init_R is not None:
         R0 = torch.cat([init_R[:, None], R0], 1)
         t0 = torch.cat([init_t[:, None], t0], 1)
+        worth = torch.cat([torch.ones_like(worth[:, :1]), worth], 1)
     k = R0.shape[1]
-    out = refine(
-        R0.reshape(-1, 3, 3), t0.reshape(-1, 3), _take(x3d, B, k), x2d.repeat_interleave(k, 0),
-        _take(K, B, k), _take(weights, B, k), max_iter=max_iter, check_every=check_every,
-    )
-    R, t = out.state
-    depth = cost_terms(R, t, _take(x3d, B, k), x2d.repeat_interleave(k, 0), _take(K, B, k),
-                       _take(weights, B, k), hessian=False).min_depth
-    cost = out.cost.reshape(B, k)
-    valid = (depth > 0).reshape(B, k) & torch.isfinite(cost)
-    key = torch.where(valid, cost, torch.full_like(cost, float("inf")))
-    none_valid = ~valid.any(-1, keepdim=True)
-    key = torch.where(none_valid, torch.nan_to_num(cost, nan=float("inf")), key)
-    best = key.argmin(-1)
-    idx = torch.arange(B, device=x2d.device) * k + best
-    R, t, cost, hess = R[idx], t[idx], out.cost[idx], out.hess[idx]
-    ok = out.converged[idx] & ~none_valid[:, 0]
+    flat = worth.reshape(-1).nonzero()[:, 0]  # indices into the B*k candidates
+    item = flat // k
+
+    def take(x: Tensor) -> Tensor:
+        return x if x.shape[0] == 1 else x[item]
+
+    Rf, tf = R0.reshape(-1, 3, 3)[flat], t0.reshape(-1, 3)[flat]
+    if screen_iter > 0 and flat.numel() > B:
+        # Screening: a few iterations for every candidate, then only those within a factor of
+        # the item's best cost go on (the others sit in basins that cannot win).
+        pre = refine(Rf, tf, take(x3d), x2d[item], take(K), take(weights), max_iter=screen_iter,
+                     check_every=check_every, polish_steps=0)
+        c = torch.nan_to_num(pre.cost, nan=float("inf"))
+        item_best = torch.full((B,), float("inf"), dtype=c.dtype, device=c.device)
+        item_best = item_best.scatter_reduce(0, item, c, reduce="amin")
+        keep = c <= screen_ratio * item_best[item] + 1e-12
+        flat, item = flat[keep], item[keep]
+        Rf, tf = pre.state[0][keep], pre.state[1][keep]
+    out = refine(Rf, tf, take(x3d), x2d[item], take(K), take(weights), max_iter=max_iter,
+                 check_every=check_every)
+    Rr, tr = out.state
+    depth = cost_terms(Rr, tr, take(x3d), x2d[item], take(K), take(weights), hessian=False).min_depth
+    inf = torch.full((B * k,), float("inf"), dtype=x2d.dtype, device=x2d.device)
+    cost = inf.index_copy(0, flat, torch.nan_to_num(out.cost, nan=float("inf"))).reshape(B, k)
+    valid = torch.zeros(B * k, dtype=torch.bool, device=x2d.device)
+    valid = valid.index_copy(0, flat, depth > 0).reshape(B, k) & torch.isfinite(cost)
+    rank = torch.where(valid, cost, inf.reshape(B, k))
+    none_valid = ~valid.any(-1)
+    rank = torch.where(none_valid[:, None], cost, rank)
+    best = rank.argmin(-1)
+    # Position of each item's winner among the refined candidates.
+    pos = torch.full((B * k,), -1, dtype=torch.long, device=x2d.device)
+    pos = pos.index_copy(0, flat, torch.arange(flat.numel(), device=x2d.device))
+    sel = pos[torch.arange(B, device=x2d.device) * k + best]
+    R, t, cost, hess = Rr[sel], tr[sel], out.cost[sel], out.hess[sel]
+    ok = out.converged[sel] & ~none_valid
     eig = torch.linalg.eigvalsh(0.5 * (hess + hess.transpose(-1, -2)))
     well_posed = eig[:, 0] > 1e-10 * eig[:, -1].abs().clamp_min(1e-300)
     return PnPSolution(R, t, cost, hess, ok & well_posed & torch.isfinite(cost), out.iterations)
