@@ -154,3 +154,16 @@ def test_project_matches_opencv_and_camera_matrix():
     xcam = bpnp.transform_points(p.x3d, bpnp.rvec_to_rotmat(p.pose[:, :3]), p.pose[:, 3:])
     hom = xcam @ K.transpose(-1, -2)
     assert torch.allclose(bpnp.project(p.x3d, p.pose, K), hom[..., :2] / hom[..., 2:], atol=1e-10)
+
+
+def test_warm_start_local_refinement_matches_global():
+    p = random_problems(8, 12, noise=1.0, seed=10)
+    ref = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights)
+    near = ref.pose + 0.01 * torch.randn(8, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loc = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, init_pose=near, global_search=False)
+    assert torch.allclose(loc.pose, ref.pose, atol=1e-9) and loc.converged.all()
+    layer = bpnp.BPnP(warm_start=True, global_search=False)
+    first = layer(p.x2d, p.x3d, p.K, p.weights)
+    second = layer(p.x2d + 0.01, p.x3d, p.K, p.weights)
+    assert torch.allclose(first, ref.pose, atol=1e-9)
+    assert (second - first).abs().max() < 1e-2

@@ -61,6 +61,7 @@ class _PnPFunction(torch.autograd.Function):
             sol = solve_pnp_forward(
                 x2d, x3d, K, weights, init_R, init_t,
                 num_candidates=options["num_candidates"], max_iter=options["max_iter"],
+                global_search=options["global_search"],
             )
         pose = torch.cat([rotmat_to_rvec(sol.R), sol.t], -1)
         return pose, sol.cost, sol.converged, sol.R, sol.t, sol.hess, torch.tensor(sol.iterations)
@@ -92,6 +93,7 @@ def solve_pnp(
     num_candidates: int = 4,
     max_iter: int = 100,
     warn: bool = True,
+    global_search: bool = True,
 ) -> PnPResult:
     """Pose that minimises the weighted reprojection error; differentiable in every input.
 
@@ -111,6 +113,9 @@ def solve_pnp(
         num_candidates: object-space minima refined per item (more is safer, slower).
         max_iter: Levenberg-Marquardt iteration cap.
         warn: emit a :class:`PnPConvergenceWarning` when some items did not converge.
+        global_search: with ``init_pose``, ``False`` skips the global initialisation and only
+            refines the warm start: several times faster, meant for training loops whose
+            problems change little per step, but without the global-optimum guarantee.
     Returns:
         :class:`PnPResult` in the dtype and on the device of the inputs (unbatched if ``x2d``
         was ``(n, 2)``).
@@ -126,7 +131,8 @@ def solve_pnp(
     if w_b is None:
         w_b = torch.ones(1, x2d_b.shape[1], dtype=f64, device=x2d_b.device)
     # float64 inside: float32 Jacobians cannot locate the optimum to float64 quality.
-    options = {"method": method, "num_candidates": num_candidates, "max_iter": max_iter}
+    options = {"method": method, "num_candidates": num_candidates, "max_iter": max_iter,
+               "global_search": global_search}
     pose, cost, converged, _, _, _, iters = _PnPFunction.apply(
         x2d_b.to(f64), x3d_b.to(f64), K_b.to(f64), w_b.to(f64),
         None if pose_b is None else pose_b.detach().to(f64), options,
@@ -156,15 +162,18 @@ class BPnP(nn.Module):
         method, num_candidates, max_iter: as in :func:`solve_pnp`.
         warm_start: pass the previous call's poses as ``init_pose`` when the batch shape
             matches (handy in training loops that re-solve similar problems).
+        global_search: as in :func:`solve_pnp`; ``False`` with ``warm_start`` refines only
+            from the previous poses after the first call.
     """
 
     def __init__(self, method: str = "global", num_candidates: int = 4, max_iter: int = 100,
-                 warm_start: bool = False) -> None:
+                 warm_start: bool = False, global_search: bool = True) -> None:
         super().__init__()
         self.method = method
         self.num_candidates = num_candidates
         self.max_iter = max_iter
         self.warm_start = warm_start
+        self.global_search = global_search
         self._last: Tensor | None = None
 
     def forward(self, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -173,7 +182,8 @@ class BPnP(nn.Module):
         if self.warm_start and self._last is not None and self._last.shape[:-1] == x2d.shape[:-2]:
             init = self._last.to(x2d)
         res = solve_pnp(x2d, x3d, K, weights, init_pose=init, method=self.method,
-                        num_candidates=self.num_candidates, max_iter=self.max_iter)
+                        num_candidates=self.num_candidates, max_iter=self.max_iter,
+                        global_search=self.global_search)
         if self.warm_start:
             self._last = res.pose.detach()
         return res.pose

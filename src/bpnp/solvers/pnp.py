@@ -78,6 +78,7 @@ def solve_pnp_forward(
     check_every: int = 1,
     screen_iter: int = 4,
     screen_ratio: float = 2.0,
+    global_search: bool = True,
 ) -> PnPSolution:
     """Globally optimal weighted PnP for a batch (forward only, float64 in and out).
 
@@ -89,10 +90,17 @@ def solve_pnp_forward(
         check_every: LM's host check interval.
         screen_iter, screen_ratio: candidates get ``screen_iter`` LM iterations, then only
             those with cost <= ``screen_ratio`` x the item's best go on to convergence.
+        global_search: with a warm start, False refines only from it (fast; for training
+            loops whose problems change little between steps; no global guarantee).
     Returns:
         :class:`PnPSolution`.
     """
     B, n, _ = x2d.shape
+    if init_R is not None and not global_search:
+        out = refine(init_R, init_t, x3d, x2d, K, weights, max_iter=max_iter, check_every=check_every)
+        R, t = out.state
+        depth = cost_terms(R, t, x3d, x2d, K, weights, hessian=False).min_depth
+        return _finish(R, t, out.cost, out.hess, out.converged & (depth > 0), out.iterations)
     R0, t0, key = initial_poses(x2d, x3d, K, weights, num_candidates=num_candidates)
     # Refine only candidates worth it: distinct basins with (nearly) all points in front of
     # the camera; the best-ranked one is always refined.
@@ -139,6 +147,11 @@ def solve_pnp_forward(
     sel = pos[torch.arange(B, device=x2d.device) * k + best]
     R, t, cost, hess = Rr[sel], tr[sel], out.cost[sel], out.hess[sel]
     ok = out.converged[sel] & ~none_valid
+    return _finish(R, t, cost, hess, ok, out.iterations)
+
+
+def _finish(R: Tensor, t: Tensor, cost: Tensor, hess: Tensor, ok: Tensor, iterations: int) -> PnPSolution:
+    # A (near) singular Hessian means the pose is not determined by the data.
     eig = torch.linalg.eigvalsh(0.5 * (hess + hess.transpose(-1, -2)))
     well_posed = eig[:, 0] > 1e-10 * eig[:, -1].abs().clamp_min(1e-300)
-    return PnPSolution(R, t, cost, hess, ok & well_posed & torch.isfinite(cost), out.iterations)
+    return PnPSolution(R, t, cost, hess, ok & well_posed & torch.isfinite(cost), iterations)
