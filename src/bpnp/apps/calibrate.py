@@ -1,0 +1,245 @@
+"""Camera calibration from chessboard photographs by gradient descent through the PnP layer.
+
+Corners are detected with OpenCV; the intrinsics (and, with ``distortion=True``, OpenCV's
+``k1, k2, p1, p2, k3``) are learned jointly over all images: every image's pose comes from the
+layer for the current intrinsics, the loss is the mean squared reprojection error, and L-BFGS
+follows its gradient. OpenCV's ``calibrateCamera`` on the same detections is reported beside it.
+
+With distortion, the layer solves PnP on the detections undistorted by the current
+coefficients (a differentiable fixed-point inversion), and the loss reprojects with
+distortion; the pinhole layer itself stays distortion-free.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..geometry import project_points, rvec_to_rotmat, transform_points
+from ..layer import solve_pnp
+from . import plots
+from .common import markdown_table, output_dir, progress, write_json
+
+INTRINSICS = ("fx", "fy", "cx", "cy")
+DISTORTION = ("k1", "k2", "p1", "p2", "k3")
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as err:  # pragma: no cover
+        raise ImportError("bpnp calibrate needs OpenCV: pip install 'bpnp[demo]'") from err
+    return cv2
+
+
+def board_points(board: tuple[int, int], square: float = 1.0) -> np.ndarray:
+    """``(cols*rows, 3)`` inner-corner coordinates in OpenCV's detection order, z = 0."""
+    cols, rows = board
+    grid = np.mgrid[0:cols, 0:rows].T.reshape(-1, 2).astype(np.float64) * square
+    return np.concatenate([grid, np.zeros((grid.shape[0], 1))], 1)
+
+
+def detect_corners(images: Sequence[np.ndarray], board: tuple[int, int]):
+    """Sub-pixel chessboard corners of each grayscale image, or None where not found."""
+    cv2 = _cv2()
+    found = []
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 50, 1e-4)
+    for img in images:
+        ok, corners = cv2.findChessboardCorners(img, board, cv2.CALIB_CB_ADAPTIVE_THRESH + cv2.CALIB_CB_NORMALIZE_IMAGE)
+        if not ok:
+            found.append(None)
+            continue
+        corners = cv2.cornerSubPix(img, corners, (11, 11), (-1, -1), criteria)
+        found.append(corners.reshape(-1, 2).astype(np.float64))
+    return found
+
+
+def distort(xn: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """OpenCV's radial-tangential model on normalised coordinates ``(..., 2)``, ``d (5,)``."""
+    k1, k2, p1, p2, k3 = d.unbind()
+    x, y = xn[..., 0], xn[..., 1]
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 * r2 + k3 * r2 * r2 * r2
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return torch.stack([xd, yd], -1)
+
+
+def undistort(xd: torch.Tensor, d: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """Invert :func:`distort` by fixed-point iteration (differentiable, as OpenCV does)."""
+    xn = xd
+    for _ in range(iters):
+        xn = xn + (xd - distort(xn, d))
+    return xn
+
+
+def _camera(params: torch.Tensor) -> torch.Tensor:
+    fx, fy, cx, cy = params[:4].unbind()
+    z, o = params.new_zeros(()), params.new_ones(())
+    return torch.stack([torch.stack([fx, z, cx]), torch.stack([z, fy, cy]), torch.stack([z, z, o])])
+
+
+def reproject(x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Pixels of ``x3d (n,3)`` for poses ``(B,6)`` and ``params`` = intrinsics [+ distortion]."""
+    xcam = transform_points(x3d, rvec_to_rotmat(pose[:, :3]), pose[:, 3:])
+    if params.numel() == 4:
+        return project_points(xcam, _camera(params))
+    xn = xcam[..., :2] / xcam[..., 2:]
+    xd = distort(xn, params[4:])
+    return xd * params[None, None, :2] + params[None, None, 2:4]
+
+
+def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    K = _camera(params[:4])
+    if params.numel() == 4:
+        return solve_pnp(x2d, x3d, K, warn=False).pose
+    xn = (x2d - params[2:4]) / params[:2]
+    ideal = undistort(xn, params[4:]) * params[:2] + params[2:4]
+    return solve_pnp(ideal, x3d, K, warn=False).pose
+
+
+def learn_camera(x2d: torch.Tensor, x3d: torch.Tensor, start: torch.Tensor, iters: int = 30,
+                 quiet: bool = False):
+    """L-BFGS through the layer on ``start`` = (fx, fy, cx, cy[, k1, k2, p1, p2, k3]).
+
+    Returns ``(params, history (T+1, p), losses [T], poses (B, 6))``, one entry per evaluation.
+    """
+    # Unknowns of order one: intrinsics relative to the start, distortion in units of 0.1.
+    scale = torch.cat([start[:4].abs(), torch.full_like(start[4:], 0.1)])
+    u = torch.nn.Parameter(start / scale)
+    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=20, history_size=30, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-14)
+    history, losses = [start.detach().numpy().copy()], []
+
+    def closure():
+        opt.zero_grad()
+        params = u * scale
+        pose = _solve_poses(x2d, x3d, params)
+        loss = (reproject(x3d, pose, params) - x2d).pow(2).sum(-1).mean()
+        loss.backward()
+        losses.append(float(loss.detach()))
+        history.append(params.detach().numpy().copy())
+        return loss
+
+    prev = None
+    for _ in progress(range(iters), desc="calibrate", disable=quiet):
+        opt.step(closure)
+        if prev is not None and abs(prev - losses[-1]) <= 1e-10 * losses[-1]:
+            break
+        prev = losses[-1]
+    params = (u * scale).detach()
+    pose = _solve_poses(x2d, x3d, params)
+    return params, np.stack(history), losses, pose
+
+
+def opencv_calibration(obj: np.ndarray, detections: list[np.ndarray], size: tuple[int, int], distortion: bool):
+    cv2 = _cv2()
+    flags = 0 if distortion else (cv2.CALIB_ZERO_TANGENT_DIST | cv2.CALIB_FIX_K1 | cv2.CALIB_FIX_K2 | cv2.CALIB_FIX_K3)
+    rms, K, dist, _, _ = cv2.calibrateCamera([obj.astype(np.float32)] * len(detections),
+                                             [d.astype(np.float32)[:, None] for d in detections], size, None, None, flags=flags)
+    out = {"fx": K[0, 0], "fy": K[1, 1], "cx": K[0, 2], "cy": K[1, 2], "rms": rms}
+    if distortion:
+        out.update(dict(zip(DISTORTION, dist.ravel()[:5].tolist())))
+    return {k: float(v) for k, v in out.items()}
+
+
+def calibrate(images: Sequence[np.ndarray], names: Sequence[str], board: tuple[int, int] = (9, 6),
+              square: float = 1.0, distortion: bool = False, out: str | None = None, iters: int = 30,
+              quiet: bool = False, truth: dict | None = None, title: str = "Calibration") -> dict:
+    """Detect, learn and compare; writes the JSON-ready result, plots and report.md into ``out``.
+
+    Args:
+        images: grayscale uint8 images; names: their names (for per-image errors).
+        board: inner corners (cols, rows); square: square size (object units).
+        distortion: also learn (k1, k2, p1, p2, k3).
+        truth: known intrinsics (synthetic data), compared when given.
+    Returns:
+        The result dictionary (also ``metrics.json`` in ``out``).
+    """
+    path = output_dir(out, "calibrate")
+    t0 = time.perf_counter()
+    found = detect_corners(images, board)
+    used = [i for i, c in enumerate(found) if c is not None]
+    if len(used) < 3:
+        raise ValueError(f"images: the {board[0]}x{board[1]} board was found in {len(used)} images; need at least 3")
+    h, w = images[used[0]].shape[:2]
+    obj = board_points(board, square)
+    x2d = torch.from_numpy(np.stack([found[i] for i in used]))
+    x3d = torch.from_numpy(obj)
+    start = torch.tensor([float(max(w, h)), float(max(w, h)), w / 2.0, h / 2.0], dtype=torch.float64)
+    detect_seconds = time.perf_counter() - t0
+    params, history, losses, pose = learn_camera(x2d, x3d, start, iters=iters, quiet=quiet)
+    if distortion:
+        # Distortion from the pinhole answer: a start where the undistortion is well defined.
+        start = torch.cat([params, torch.zeros(5, dtype=torch.float64)])
+        params, history2, losses2, pose = learn_camera(x2d, x3d, start, iters=iters, quiet=quiet)
+        history = np.concatenate([np.pad(history, ((0, 0), (0, 5))), history2[1:]])
+        losses = losses + losses2
+    seconds = time.perf_counter() - t0
+    residual = (reproject(x3d, pose, params) - x2d).pow(2).sum(-1)  # B x n
+    rms = float(residual.mean().sqrt())
+    per_image = residual.mean(-1).sqrt()
+    names_used = [names[i] for i in used]
+    result: dict = dict(zip(INTRINSICS, params[:4].tolist()))
+    if distortion:
+        result.update(dict(zip(DISTORTION, params[4:].tolist())))
+    result.update({
+        "rms": rms,
+        "per_image_rms": dict(zip(names_used, per_image.tolist())),
+        "images_used": len(used),
+        "images_without_board": [names[i] for i, c in enumerate(found) if c is None],
+        "board": list(board), "square": square, "distortion": distortion,
+        "evaluations": len(losses), "seconds": seconds, "detection_seconds": detect_seconds,
+    })
+    try:
+        ref = opencv_calibration(obj, [found[i] for i in used], (w, h), distortion)
+        result["opencv"] = ref
+        result["relative_to_opencv"] = {k: result[k] / ref[k] - 1 for k in (*INTRINSICS, "rms")}
+    except Exception as err:  # pragma: no cover - OpenCV failure is reported, not fatal
+        result["opencv"] = {"error": str(err)}
+    if truth is not None:
+        result["truth"] = truth
+        result["relative_to_truth"] = {k: result[k] / truth[k] - 1 for k in INTRINSICS}
+    names_p = list(INTRINSICS) + (list(DISTORTION) if distortion else [])
+    plots.loss_curve(path / "loss.png", losses, "calibrate: reprojection loss", "mean squared error (px^2)")
+    ref_vals = [result.get("opencv", {}).get(k, result[k]) for k in INTRINSICS]
+    plots.parameter_trajectories(path / "intrinsics.png", history[:, :4], ref_vals, INTRINSICS,
+                                 "calibrate: intrinsics (dotted: OpenCV)" if truth is None else "calibrate: intrinsics")
+    worst = int(per_image.argmax())
+    plots.corners_on_image(path / "corners.png", images[used[worst]], x2d[worst].numpy(),
+                           reproject(x3d, pose, params)[worst].detach().numpy(),
+                           f"{names_used[worst]}: detected vs reprojected (worst image, RMS {float(per_image[worst]):.3f} px)")
+    rows = []
+    for k in names_p + ["rms"]:
+        row = [k, result[k], result.get("opencv", {}).get(k, float("nan"))]
+        if truth is not None:
+            row.append(truth.get(k, float("nan")))
+        row = [v if isinstance(v, str) else f"{v:.7g}" for v in row]
+        rows.append(tuple(row))
+    header = ["", "bpnp", "OpenCV calibrateCamera"] + (["truth"] if truth is not None else [])
+    table = markdown_table(header, rows)
+    report = (
+        f"# {title}\n\n{len(used)} images, {board[0]}x{board[1]} corners, "
+        f"{'with' if distortion else 'no'} distortion; {len(losses)} loss/gradient evaluations through "
+        f"the PnP layer, {seconds:.1f} s in all.\n\n{table}\n\n![loss](loss.png) ![intrinsics](intrinsics.png)\n\n"
+        "![corners](corners.png)\n"
+    )
+    (path / "report.md").write_text(report)
+    write_json(path / "metrics.json", result)
+    if not quiet:
+        print(table)
+    return result
+
+
+def load_images(paths: Sequence[str]) -> list[np.ndarray]:
+    cv2 = _cv2()
+    images = []
+    for p in paths:
+        img = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise ValueError(f"images: cannot read {p}")
+        images.append(img)
+    return images

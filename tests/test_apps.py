@@ -1,0 +1,67 @@
+"""Quick configurations of every experiment, asserting their acceptance figures."""
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+cv2 = pytest.importorskip("cv2")
+
+from bpnp.apps import calib, chessboard, pose, sfm  # noqa: E402
+from bpnp.cli import main  # noqa: E402
+
+CHESSBOARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "chessboard"
+
+
+def test_pose_demo(tmp_path):
+    m = pose.run(str(tmp_path), iters=300, quiet=True)
+    assert m["rotation_error_deg"] < 0.1 and m["translation_error_rel"] < 1e-3
+    for name in ("metrics.json", "report.md", "loss.png", "keypoints.png"):
+        assert (tmp_path / name).exists()
+
+
+def test_sfm_demo(tmp_path):
+    m = sfm.run(str(tmp_path), iters=12, quiet=True)
+    assert m["start_rms_error_rel_to_size"] > 0.2
+    assert m["rms_error_rel_to_size"] < 0.01
+    assert (tmp_path / "points.png").exists()
+
+
+def test_calib_demo(tmp_path):
+    m = calib.run(str(tmp_path), quiet=True, seed=1)
+    assert min(m["start_error_rel"].values()) > 0.2
+    assert m["max_error_rel"] < 1e-3
+    assert (tmp_path / "intrinsics.png").exists()
+
+
+def test_calibrate_synthetic_against_truth_and_opencv(tmp_path):
+    r = chessboard.run_synthetic(str(tmp_path), count=12, quiet=True)
+    assert r["images_used"] == 12
+    assert r["max_error_rel_to_truth"] < 2e-3
+    assert max(abs(v) for v in r["relative_to_opencv"].values()) < 1e-6
+    assert (tmp_path / "corners.png").exists()
+
+
+@pytest.mark.skipif(not CHESSBOARD.is_dir(), reason=f"real photographs not found at {CHESSBOARD}")
+def test_calibrate_real_photographs_cli(tmp_path):
+    images = sorted(str(p) for p in CHESSBOARD.glob("left*.jpg"))
+    assert len(images) == 13
+    out_json = tmp_path / "k.json"
+    assert main(["calibrate", *images, "--board", "9x6", "--json", str(out_json), "--out", str(tmp_path), "--quiet"]) == 0
+    r = json.loads(out_json.read_text())
+    for k in ("fx", "fy", "cx", "cy"):
+        assert abs(r[k] / r["opencv"][k] - 1) < 5e-3
+    assert abs(r["rms"] / r["opencv"]["rms"] - 1) < 0.05
+    assert set(r["per_image_rms"]) == {Path(p).name for p in images}
+
+
+def test_cli_demo_layer(tmp_path, capsys):
+    assert main(["demo", "layer", "--out", str(tmp_path), "--quiet"]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert max(m["gradient_check"].values()) < 1e-6
+    assert m["converged"] == m["batch"]
+
+
+def test_cli_rejects_bad_board():
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--board", "nine-by-six"])
