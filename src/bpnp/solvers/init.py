@@ -154,7 +154,7 @@ def initial_poses(
     K: Tensor,
     weights: Tensor,
     num_candidates: int = 4,
-    num_eigvecs: int = 4,
+    num_eigvecs: int = 2,
     fixed_starts: int = 12,
     so3_iters: int = 8,
     dedupe: float = 0.1,
