@@ -86,7 +86,6 @@ def test_dtype_and_sharing(dtype, shared, planar):
     x3d = p.x3d[0] if shared else p.x3d
     K = p.K[0] if shared else p.K
     x2d = bpnp.project(x3d, p.pose, K) + 0.5 * torch.randn(8, 10, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = bpnp.solve_pnp(x2d, x3d, K, p.weights)
     res = bpnp.solve_pnp(x2d.to(dtype), x3d.to(dtype), K.to(dtype), p.weights.to(dtype))
     assert res.pose.dtype == dtype and res.cost.dtype == dtype and res.R.dtype == dtype
     # float32 in, float64-quality optimum out: only the final rounding to float32 differs.

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .geometry import project, rvec_to_rotmat
+from .geometry import project
 
 __all__ = ["PnPProblems", "random_problems", "random_rotations"]
 

@@ -1,8 +1,6 @@
 """``bpnp demo all``: the paper's experiments and the calibration demo, one report."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 from .common import markdown_table, output_dir, write_json
 

@@ -15,7 +15,7 @@ import torch
 from ..geometry import project
 from ..layer import solve_pnp
 from . import data, plots
-from .common import markdown_table, output_dir, progress, write_json
+from .common import finish_experiment, markdown_table, output_dir, progress
 
 TRUE_K = (800.0, 700.0, 400.0, 300.0)
 NAMES = ("fx", "fy", "cx", "cy")
@@ -105,8 +105,4 @@ def run(out: str | None = None, iters: int = 40, seed: int = 0, device: str = "c
         f"`poses[0]`: {len(losses)} evaluations of loss and gradient (L-BFGS), {seconds:.1f} s.\n\n" + table +
         "\n\n![loss](loss.png)\n\n![intrinsics](intrinsics.png)\n"
     )
-    (path / "report.md").write_text(report)
-    write_json(path / "metrics.json", metrics)
-    if not quiet:
-        print(table)
-    return metrics
+    return finish_experiment(path, report, metrics, table, quiet)

@@ -12,7 +12,6 @@ distortion; the pinhole layer itself stays distortion-free.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from ..geometry import project_points, rvec_to_rotmat, transform_points
 from ..layer import solve_pnp
 from . import plots
-from .common import markdown_table, output_dir, progress, write_json
+from .common import finish_experiment, markdown_table, output_dir, progress
 
 INTRINSICS = ("fx", "fy", "cx", "cy")
 DISTORTION = ("k1", "k2", "p1", "p2", "k3")
@@ -227,11 +226,7 @@ def calibrate(images: Sequence[np.ndarray], names: Sequence[str], board: tuple[i
         f"the PnP layer, {seconds:.1f} s in all.\n\n{table}\n\n![loss](loss.png) ![intrinsics](intrinsics.png)\n\n"
         "![corners](corners.png)\n"
     )
-    (path / "report.md").write_text(report)
-    write_json(path / "metrics.json", result)
-    if not quiet:
-        print(table)
-    return result
+    return finish_experiment(path, report, result, table, quiet)
 
 
 def load_images(paths: Sequence[str]) -> list[np.ndarray]:

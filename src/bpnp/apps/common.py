@@ -46,3 +46,12 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+def finish_experiment(path: Path, report: str, metrics: dict[str, Any], table: str, quiet: bool) -> dict[str, Any]:
+    """Write ``report.md`` and ``metrics.json`` into ``path``, print the table unless quiet."""
+    (Path(path) / "report.md").write_text(report)
+    write_json(Path(path) / "metrics.json", metrics)
+    if not quiet:
+        print(table)
+    return metrics

@@ -8,7 +8,6 @@ the layer.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from ..geometry import project
 from ..layer import solve_pnp
 from ..synthetic import random_rotations
 from . import data, plots
-from .common import markdown_table, output_dir, progress, write_json
+from .common import finish_experiment, markdown_table, output_dir, progress
 from .metrics_util import rotation_error_deg, translation_error_rel
 
 
@@ -27,7 +26,6 @@ def run(out: str | None = None, iters: int = 300, seed: int = 0, device: str = "
     torch.manual_seed(seed)
     path = output_dir(out, "pose")
     dev = torch.device(device)
-    f64 = torch.float64
     z = data.cube().to(dev)
     K = data.camera_matrix(300.0, 300.0, 128.0, 128.0).to(dev)
     target_pose = data.poses()[0].to(dev)
@@ -88,8 +86,4 @@ def run(out: str | None = None, iters: int = 300, seed: int = 0, device: str = "
         "pose it returns is `poses[0]` (K: f = 300, c = 128).\n\n" + table +
         "\n\n![loss](loss.png) ![keypoints](keypoints.png) ![rotation error](pose_error.png)\n"
     )
-    (path / "report.md").write_text(report)
-    write_json(path / "metrics.json", metrics)
-    if not quiet:
-        print(table)
-    return metrics
+    return finish_experiment(path, report, metrics, table, quiet)

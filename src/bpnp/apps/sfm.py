@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from ..geometry import project
 from ..layer import solve_pnp
 from . import data, plots
-from .common import markdown_table, output_dir, progress, write_json
+from .common import finish_experiment, markdown_table, output_dir, progress
 from .metrics_util import similarity_align
 
 SCALE = 5.86e-6
@@ -122,8 +121,4 @@ def run(out: str | None = None, iters: int = 20, seed: int = 0, device: str = "c
         "alignment to the truth.\n\n" + table +
         "\n\n![loss](loss.png) ![rms](rms.png)\n\n![points](points.png)\n"
     )
-    (path / "report.md").write_text(report)
-    write_json(path / "metrics.json", metrics)
-    if not quiet:
-        print(table)
-    return metrics
+    return finish_experiment(path, report, metrics, table, quiet)

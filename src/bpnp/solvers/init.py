@@ -15,7 +15,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from ..geometry import quaternion_to_rotmat, rotmat_to_quaternion, rvec_to_rotmat, skew
+from ..geometry import quaternion_to_rotmat, rotmat_to_quaternion, rvec_to_rotmat
 
 
 

@@ -1,0 +1,144 @@
+"""bpnp against its peers on the same problems: time, forward+backward time, accuracy.
+
+    python benchmarks/bench_peers.py [--B 128] [--n 50]
+    BPNP_ORIGINAL=/path/to/BPnP.py python benchmarks/bench_peers.py   # include the original
+
+Peers: OpenCV solvePnP loops (SQPNP, ITERATIVE, EPNP), kornia's batched solve_pnp_dlt, and
+the original BPnP (Chen et al.) when its file is given (never committed here). Accuracy is the
+rotation error against the truth and the cost of each answer over bpnp's (the optimum).
+Prints a markdown table and writes benchmarks/results/bench_peers.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import traceback
+
+import torch
+
+import bpnp
+from bpnp.cost import cost_only
+from bpnp.geometry import rvec_to_rotmat
+from bpnp.synthetic import random_problems
+
+from common import machine, timeit, write_json
+
+
+def rotation_error_deg(R: torch.Tensor, R_ref: torch.Tensor) -> torch.Tensor:
+    cos = ((R.transpose(-1, -2) @ R_ref).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    return torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--B", type=int, default=128)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--noise", type=float, default=1.0)
+    args = ap.parse_args()
+    p = random_problems(args.B, args.n, noise=args.noise, weighted=False, seed=7)
+    K0 = p.K  # per-item intrinsics
+    R_true = rvec_to_rotmat(p.pose[:, :3])
+    ones = torch.ones(args.B, args.n, dtype=torch.float64)
+    ref = bpnp.solve_pnp(p.x2d, p.x3d, K0)
+    optimum = ref.cost
+    results = []
+
+    def record(name, fwd_s, fwd_bwd_s, R, t, note=""):
+        cost = cost_only(R, t, p.x3d, p.x2d, K0, ones)
+        results.append({
+            "method": name, "fwd_ms": 1e3 * fwd_s if fwd_s is not None else None,
+            "fwd_bwd_ms": 1e3 * fwd_bwd_s if fwd_bwd_s is not None else None,
+            "median_rot_err_deg": float(rotation_error_deg(R, R_true).median()),
+            "median_cost_over_optimum": float((cost / optimum).median()),
+            "max_cost_over_optimum": float((cost / optimum).max()),
+            "note": note,
+        })
+        print(results[-1], flush=True)
+
+    # bpnp
+    x2d = p.x2d.clone().requires_grad_()
+
+    def bpnp_fb():
+        bpnp.solve_pnp(x2d, p.x3d, K0).pose.sum().backward()
+
+    record("bpnp (float64, batched)", timeit(lambda: bpnp.solve_pnp(p.x2d, p.x3d, K0)), timeit(bpnp_fb),
+           ref.R, ref.t)
+    p32 = [t.float() for t in (p.x2d, p.x3d, K0)]
+    r32 = bpnp.solve_pnp(*p32)
+    record("bpnp (float32 in/out)", timeit(lambda: bpnp.solve_pnp(*p32)), None, r32.R.double(), r32.t.double())
+
+    # OpenCV loops
+    try:
+        from bpnp.solvers.opencv import opencv_poses
+
+        for flag in ("SQPNP", "ITERATIVE", "EPNP"):
+            rv, t = opencv_poses(p.x2d, p.x3d, K0, flag)
+            record(f"OpenCV {flag} loop", timeit(lambda: opencv_poses(p.x2d, p.x3d, K0, flag)), None,
+                   rvec_to_rotmat(torch.nan_to_num(rv)), torch.nan_to_num(t), "forward only, per-item loop")
+    except ImportError:
+        print("OpenCV not installed: skipped")
+
+    # kornia
+    try:
+        from kornia.geometry.calibration import solve_pnp_dlt
+
+        def kornia_fwd(x):
+            return solve_pnp_dlt(p.x3d, x, K0)
+
+        Rt = kornia_fwd(p.x2d)
+        xk = p.x2d.clone().requires_grad_()
+
+        def kornia_fb():
+            kornia_fwd(xk).sum().backward()
+
+        record(f"kornia {__import__('kornia').__version__} solve_pnp_dlt", timeit(lambda: kornia_fwd(p.x2d)),
+               timeit(kornia_fb), Rt[:, :, :3], Rt[:, :, 3], "DLT, no refinement; backward through SVD")
+    except ImportError:
+        print("kornia not installed: skipped")
+
+    # The original BPnP, from a file the user points at.
+    path = os.environ.get("BPNP_ORIGINAL")
+    if path:
+        try:
+            spec = importlib.util.spec_from_file_location("bpnp_original", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            for cls in ("BPnP", "BPnP_fast"):
+                fn = getattr(mod, cls).apply
+                K_shared = K0[0].float()
+                # The original takes one K and shared points: give it the first camera for all.
+                x2 = p.x2d.float().contiguous()
+                x3 = p.x3d[0].float().contiguous()
+                fn(x2, x3, K_shared)  # warm-up
+                xo = x2.clone().requires_grad_()
+
+                def orig_fb():
+                    fn(xo, x3, K_shared).sum().backward()
+
+                try:
+                    fb = timeit(orig_fb, repeat=1, warmup=0)
+                    note = "float32; one K and shared points (differs from the others' problems)"
+                except Exception as err:  # its backward fails on current PyTorch
+                    fb, note = None, f"backward failed: {type(err).__name__}: {str(err)[:80]}"
+                results.append({"method": f"original {cls}", "fwd_ms": 1e3 * timeit(lambda: fn(x2, x3, K_shared), repeat=1),
+                                "fwd_bwd_ms": None if fb is None else 1e3 * fb, "median_rot_err_deg": None,
+                                "median_cost_over_optimum": None, "max_cost_over_optimum": None, "note": note})
+                print(results[-1], flush=True)
+        except Exception:
+            traceback.print_exc()
+    header = ["method", "fwd (ms)", "fwd+bwd (ms)", "median rot. err (deg)", "median cost / optimum",
+              "max cost / optimum", "note"]
+    print(f"\nB = {args.B}, n = {args.n}, noise {args.noise} px, unweighted\n")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    for r in results:
+        print("| " + " | ".join(fmt(r[k]) for k in ("method", "fwd_ms", "fwd_bwd_ms", "median_rot_err_deg",
+                                                    "median_cost_over_optimum", "max_cost_over_optimum", "note")) + " |")
+    out = write_json("bench_peers", {"machine": machine(), "B": args.B, "n": args.n, "noise": args.noise,
+                                     "results": results})
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
