@@ -89,17 +89,18 @@ def cost_terms(
     x2d: Tensor,
     K: Tensor,
     weights: Tensor,
-    hessian: bool = True,
+    hessian: bool | str = True,
     min_depth: Tensor | float = 0.0,
 ) -> CostTerms:
-    """Cost, chart gradient and exact chart Hessian, in closed form.
+    """Cost, chart gradient and exact chart Hessian (or its Gauss-Newton part), in closed form.
 
     Points whose depth falls below ``min_depth`` are clamped to it (so a pose with points behind
     the camera gets a large finite cost rather than NaN); callers see this in ``min_depth``.
 
     Args:
         R: ``(B, 3, 3)``; t: ``(B, 3)``; x3d: ``(B|1, n, 3)``; x2d: ``(B, n, 2)``;
-        K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; min_depth: scalar or ``(B, 1)``.
+        K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; min_depth: scalar or ``(B, 1)``;
+        hessian: True (exact), ``"gauss-newton"`` (without the residual curvature) or False.
     Returns:
         :class:`CostTerms`.
     """
@@ -141,6 +142,8 @@ def cost_terms(
     if not hessian:
         return CostTerms(cost, grad, None, seen_depth)
     hess = (Jt * torch.cat([w, w], -1)[:, None, :]) @ Jt.transpose(-1, -2)  # Gauss-Newton / 2
+    if hessian == "gauss-newton":
+        return CostTerms(cost, grad, 2.0 * hess, seen_depth)
 
     # Residual curvature. Of d2 pixel/dX2 (weighted by the residuals) only three entries are
     # non-zero: c02, c12, c22; with j_k = dX_k/dxi = [P x e_k, e_k] its pull-back is

@@ -33,12 +33,16 @@ def refine(
     max_iter: int = 100,
     check_every: int = 1,
     polish_steps: int = 2,
+    exact_hessian: bool = True,
 ):
     """Exact-Hessian Levenberg-Marquardt on the reprojection cost from ``(R, t)``.
 
     Args:
         R: ``(M, 3, 3)``; t: ``(M, 3)``; x3d: ``(M|1, n, 3)``; x2d: ``(M, n, 2)``;
         K: ``(M|1, 3, 3)``; weights: ``(M|1, n)``; all float64.
+        max_iter, check_every, polish_steps: as in :func:`~bpnp.solvers.lm.levenberg_marquardt`.
+        exact_hessian: False uses the Gauss-Newton Hessian (cheaper; for a few screening
+            iterations, not for the final convergence).
     Returns:
         The :class:`~bpnp.solvers.lm.LMResult` with state ``(R, t)``.
     """
@@ -53,7 +57,8 @@ def refine(
         data = (x3d, x2d, K, weights, depth_floor)
         if idx is not None:
             data = tuple(x if x.shape[0] == 1 else x[idx] for x in data)
-        ct = cost_terms(state[0], state[1], *data[:4], hessian=True, min_depth=data[4])
+        ct = cost_terms(state[0], state[1], *data[:4], hessian=True if exact_hessian else "gauss-newton",
+                        min_depth=data[4])
         bad = ct.min_depth <= data[4][:, 0]
         # A pose that puts weighted points behind the camera is not a valid trial point.
         cost = torch.where(bad, torch.full_like(ct.cost, float("inf")), ct.cost)
@@ -122,7 +127,7 @@ def solve_pnp_forward(
         # Screening: a few iterations for every candidate, then only those within a factor of
         # the item's best cost go on (the others sit in basins that cannot win).
         pre = refine(Rf, tf, take(x3d), x2d[item], take(K), take(weights), max_iter=screen_iter,
-                     check_every=check_every, polish_steps=0)
+                     check_every=check_every, polish_steps=0, exact_hessian=False)
         c = torch.nan_to_num(pre.cost, nan=float("inf"))
         item_best = torch.full((B,), float("inf"), dtype=c.dtype, device=c.device)
         item_best = item_best.scatter_reduce(0, item, c, reduce="amin")
