@@ -158,6 +158,7 @@ def initial_poses(
     fixed_starts: int = 12,
     so3_iters: int = 8,
     dedupe: float = 0.1,
+    so3_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Candidate poses for every item, best first.
 
@@ -171,6 +172,7 @@ def initial_poses(
         so3_iters: damped Newton iterations on SO(3) from every start.
         dedupe: candidates closer than this (Frobenius norm of the rotation difference) to a
             better one count as the same basin.
+        so3_dtype: dtype of the SO(3) multi-start (its minima are refined in float64 later).
     Returns:
         ``R (B, k, 3, 3)``, ``t (B, k, 3)`` and ``rank_key (B, k)`` (object-space cost, plus a
         large penalty for candidates with points behind the camera or duplicates).
@@ -190,7 +192,11 @@ def initial_poses(
         cube = _rotation_group(x2d.dtype, x2d.device, fixed_starts)
         starts = torch.cat([starts, cube.expand(B, *cube.shape)], 1)
     S = starts.shape[1]
-    R, h = minimise_on_so3(omega, starts, iters=so3_iters)
+    # The multi-start only has to find basins: float32 halves its memory traffic. Omega is
+    # normalised first so that float32 keeps its relative precision.
+    norm = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
+    R, h = minimise_on_so3((omega / norm).to(so3_dtype), starts.to(so3_dtype), iters=so3_iters)
+    R, h = orthonormalise(R.to(omega.dtype)), h.to(omega.dtype) * norm[:, 0, 0, None]
     t_c = (T[:, None] @ R.reshape(B, S, 9, 1))[..., 0]  # BxSx3
     t = t_c - (R @ centre[:, None, :, None])[..., 0]
     # Cheirality: points (with weight) in front of the camera along their rays.

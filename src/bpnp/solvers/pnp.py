@@ -127,7 +127,7 @@ def solve_pnp_forward(
         # Screening: a few iterations for every candidate, then only those within a factor of
         # the item's best cost go on (the others sit in basins that cannot win).
         pre = refine(Rf, tf, take(x3d), x2d[item], take(K), take(weights), max_iter=screen_iter,
-                     check_every=check_every, polish_steps=0, exact_hessian=False)
+                     check_every=check_every, polish_steps=0)
         c = torch.nan_to_num(pre.cost, nan=float("inf"))
         item_best = torch.full((B,), float("inf"), dtype=c.dtype, device=c.device)
         item_best = item_best.scatter_reduce(0, item, c, reduce="amin")
