@@ -166,3 +166,10 @@ def test_warm_start_local_refinement_matches_global():
     second = layer(p.x2d + 0.01, p.x3d, p.K, p.weights)
     assert torch.allclose(first, ref.pose, atol=1e-9)
     assert (second - first).abs().max() < 1e-2
+
+
+def test_check_every_does_not_change_answer():
+    p = random_problems(16, 10, seed=11)
+    a = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights)
+    b = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, check_every=5)
+    assert torch.allclose(a.pose, b.pose, atol=1e-10) and b.converged.all()

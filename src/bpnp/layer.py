@@ -61,7 +61,7 @@ class _PnPFunction(torch.autograd.Function):
             sol = solve_pnp_forward(
                 x2d, x3d, K, weights, init_R, init_t,
                 num_candidates=options["num_candidates"], max_iter=options["max_iter"],
-                global_search=options["global_search"],
+                global_search=options["global_search"], check_every=options["check_every"],
             )
         pose = torch.cat([rotmat_to_rvec(sol.R), sol.t], -1)
         return pose, sol.cost, sol.converged, sol.R, sol.t, sol.hess, torch.tensor(sol.iterations)
@@ -94,6 +94,7 @@ def solve_pnp(
     max_iter: int = 100,
     warn: bool = True,
     global_search: bool = True,
+    check_every: int = 1,
 ) -> PnPResult:
     """Pose that minimises the weighted reprojection error; differentiable in every input.
 
@@ -116,6 +117,9 @@ def solve_pnp(
         global_search: with ``init_pose``, ``False`` skips the global initialisation and only
             refines the warm start: several times faster, meant for training loops whose
             problems change little per step, but without the global-optimum guarantee.
+        check_every: the solver loop asks the device whether all items are done every this many
+            iterations (each ask is a host-device synchronisation on a GPU); stopped items stay
+            frozen meanwhile, so the answer does not depend on it.
     Returns:
         :class:`PnPResult` in the dtype and on the device of the inputs (unbatched if ``x2d``
         was ``(n, 2)``).
@@ -132,7 +136,7 @@ def solve_pnp(
         w_b = torch.ones(1, x2d_b.shape[1], dtype=f64, device=x2d_b.device)
     # float64 inside: float32 Jacobians cannot locate the optimum to float64 quality.
     options = {"method": method, "num_candidates": num_candidates, "max_iter": max_iter,
-               "global_search": global_search}
+               "global_search": global_search, "check_every": check_every}
     pose, cost, converged, _, _, _, iters = _PnPFunction.apply(
         x2d_b.to(f64), x3d_b.to(f64), K_b.to(f64), w_b.to(f64),
         None if pose_b is None else pose_b.detach().to(f64), options,
