@@ -154,8 +154,10 @@ def initial_poses(
     K: Tensor,
     weights: Tensor,
     num_candidates: int = 4,
-    num_eigvecs: int = 2,
+    num_eigvecs: int = 4,
     fixed_starts: int = 12,
+    solid_eigvecs: int = 4,
+    thin_ratio: float = 0.35,
     so3_iters: int = 8,
     dedupe: float = 0.1,
     so3_dtype: torch.dtype = torch.float32,
@@ -165,10 +167,14 @@ def initial_poses(
     Args:
         x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``.
         num_candidates: how many candidates per item to return.
-        num_eigvecs: eigenvectors of Omega used as starts (each with both signs).
+        num_eigvecs: eigenvectors of Omega used as starts (each with both signs) when some
+            item's points are flat or thin.
         fixed_starts: also start from the 24 rotations of the cube group or the 12 of the
             tetrahedron, or 0 for none (planar points leave a 3-dimensional null space in
             Omega, where eigenvectors alone are poor starts).
+        solid_eigvecs: eigenvectors used (without fixed starts) when every item's points are
+            solid: the smallest spread (std) at least ``thin_ratio`` of the largest.
+        thin_ratio: see ``solid_eigvecs``.
         so3_iters: damped Newton iterations on SO(3) from every start.
         dedupe: candidates closer than this (Frobenius norm of the rotation difference) to a
             better one count as the same basin.
@@ -185,10 +191,16 @@ def initial_poses(
     centred = x3d - centre[:, None, :]
     omega, T = omega_matrix(rays, centred, w)
     _, vecs = torch.linalg.eigh(omega)
-    m = min(num_eigvecs, 9)
+    # Flat or thin point sets leave Omega with a (near) null space in which eigenvectors are
+    # poor starts; only then are the fixed starts needed (measured: solid sets lose no optimum
+    # with eigenvector starts alone, sets thinner than ~0.1 do).
+    cov = (w[..., None, None] * centred[..., :, None] * centred[..., None, :]).sum(1)
+    spread = torch.linalg.eigvalsh(cov)  # Bx3 ascending
+    thin = bool((spread[:, 0] < thin_ratio**2 * spread[:, 2]).any())
+    m = min(num_eigvecs if thin else solid_eigvecs, 9)
     e = vecs[..., :m].transpose(-1, -2).reshape(B, m, 3, 3) * 3.0**0.5
     starts = orthonormalise(torch.cat([e, -e], 1))  # Bx2mx3x3
-    if fixed_starts:
+    if fixed_starts and thin:
         cube = _rotation_group(x2d.dtype, x2d.device, fixed_starts)
         starts = torch.cat([starts, cube.expand(B, *cube.shape)], 1)
     S = starts.shape[1]
