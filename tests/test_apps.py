@@ -65,3 +65,16 @@ def test_cli_demo_layer(tmp_path, capsys):
 def test_cli_rejects_bad_board():
     with pytest.raises(SystemExit):
         main(["calibrate", "--board", "nine-by-six"])
+
+
+@pytest.mark.skipif(not CHESSBOARD.is_dir(), reason=f"real photographs not found at {CHESSBOARD}")
+def test_calibrate_real_photographs_with_distortion(tmp_path):
+    from bpnp.apps import calibrate
+
+    paths = sorted(CHESSBOARD.glob("left*.jpg"))
+    r = calibrate.calibrate(calibrate.load_images(paths), [p.name for p in paths], distortion=True,
+                            out=str(tmp_path), quiet=True)
+    for k in ("fx", "fy", "cx", "cy"):
+        assert abs(r[k] / r["opencv"][k] - 1) < 5e-3
+    assert abs(r["rms"] / r["opencv"]["rms"] - 1) < 0.05
+    assert all(k in r for k in ("k1", "k2", "p1", "p2", "k3"))

@@ -82,5 +82,4 @@ def run_synthetic(out: str | None = None, count: int = 25, seed: int = 0, iters:
     result = calibrate(images, [f"synthetic{i:02d}" for i in range(count)], out=out, iters=iters,
                        distortion=distortion, quiet=quiet, truth=truth,
                        title="Calibration from rendered chessboards (known K)")
-    result["max_error_rel_to_truth"] = max(abs(v) for v in result["relative_to_truth"].values())
     return result
