@@ -83,6 +83,7 @@ def solve_pnp_forward(
     check_every: int = 1,
     screen_iter: int = 4,
     screen_ratio: float = 2.0,
+    object_ratio: float = 10.0,
     global_search: bool = True,
 ) -> PnPSolution:
     """Globally optimal weighted PnP for a batch (forward only, float64 in and out).
@@ -95,6 +96,8 @@ def solve_pnp_forward(
         check_every: LM's host check interval.
         screen_iter, screen_ratio: candidates get ``screen_iter`` LM iterations, then only
             those with cost <= ``screen_ratio`` x the item's best go on to convergence.
+        object_ratio: candidates whose object-space error exceeds this multiple of the best
+            valid candidate's are not refined (0: refine all distinct valid candidates).
         global_search: with a warm start, False refines only from it (fast; for training
             loops whose problems change little between steps; no global guarantee).
     Returns:
@@ -110,6 +113,9 @@ def solve_pnp_forward(
     # Refine only candidates worth it: distinct basins with (nearly) all points in front of
     # the camera; the best-ranked one is always refined.
     worth = key < 10.5
+    if object_ratio > 0:
+        # The best-ranked candidate is valid: skip those whose object-space error is far worse.
+        worth = worth & ((key[:, :1] >= 1.0) | (key <= object_ratio * key[:, :1] + 1e-12))
     worth[:, 0] = True
     if init_R is not None:
         R0 = torch.cat([init_R[:, None], R0], 1)
