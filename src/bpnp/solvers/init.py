@@ -4,9 +4,10 @@ With rays ``v_i = K^-1 [x_i, 1]`` and projectors ``P_i = I - v_i v_i^T / |v_i|^2
 object-space error ``sum_i w_i |P_i (R X_i + t)|^2`` is, after eliminating ``t`` in closed
 form, a quadratic form ``vec(R)^T Omega vec(R)`` with a 9x9 ``Omega`` (Schweighofer & Pinz;
 Terzakis & Lourakis, SQPnP). Its minimisation over SO(3) no longer depends on n, so many
-starts are cheap: we start from the rotations nearest to the eigenvectors of ``Omega`` with
-the smallest eigenvalues (both signs), run a damped Newton on SO(3) from each, and hand the
-best distinct, cheirally valid minima to the reprojection refinement.
+starts are cheap: we start from rotations near the eigenvectors of ``Omega`` with the
+smallest eigenvalues (both signs) and, for flat or thin point sets (where ``Omega`` has a near
+null space), from the 12 rotations of the tetrahedral group; run a damped Newton on SO(3) from
+each, and hand the best distinct, cheirally valid minima to the reprojection refinement.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ..geometry import quaternion_to_rotmat, rotmat_to_quaternion, rvec_to_rotmat
-
 
 
 def _rotation_group(dtype: torch.dtype, device: torch.device, order: int = 24) -> Tensor:
