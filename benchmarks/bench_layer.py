@@ -45,7 +45,7 @@ def main() -> None:
     for n in ns:
         for B in Bs:
             p = random_problems(B, n, seed=B + n, dtype=dtype, device=args.device)
-            rep = 3 if B * n <= 128 * 50 else 1
+            rep = 7 if B * n <= 128 * 50 else (3 if B * n <= 1024 * 50 else 1)
 
             def fwd():
                 return bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, warn=False)

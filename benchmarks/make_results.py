@@ -23,7 +23,7 @@ def main() -> None:
         f"Machine: {m['cores']} CPU cores ({m['cpu']}), torch {m['torch']} ({m['torch_threads']} threads), "
         f"Python {m['python']}; GPU: {m['cuda'] or 'none lent to this session, so no GPU figures yet'}. float64, "
         "random non-planar problems (`bpnp.synthetic.random_problems`, noise 0-3 px, random weights), median of 3 "
-        "runs (1 for the largest). Wall times on this shared machine vary by 10-20% between runs. Regenerate with "
+        "runs (layer table: 7 runs up to B x n = 6,400 points, 3 up to 51,200, else 1; others 3). Wall times on this shared machine vary by 10-20% between runs. Regenerate with "
         "the scripts named in each heading, then `python benchmarks/make_results.py`; `results/*.json` hold every number.\n")
     L.append("## Layer against OpenCV loops (`python benchmarks/bench_layer.py`)\n")
     L.append("Global solve (default) and warm-start local refinement (`init_pose=...`, `global_search=False`, the "
