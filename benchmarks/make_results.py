@@ -50,10 +50,11 @@ def main() -> None:
         L.append(f"| {r['method']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} | {fmt(r['median_rot_err_deg'])} | "
                  f"{fmt(r['median_cost_over_optimum'])} | {fmt(r['max_cost_over_optimum'])} | {r['note']} |")
     if any(r["method"].startswith("original") for r in bp["results"]):
-        L.append("\nThe original BPnP ran from its file (`BPNP_ORIGINAL=/path/to/BPnP.py`, not in this repository) on "
-                 "the same 2D points with one shared K and the first problem's 3D points (its API takes no per-item "
-                 "K); its forward is a per-item OpenCV loop in float32. Its backward calls kornia functions that "
-                 "the installed kornia no longer has, so there is no backward figure.")
+        L.append("\nThe original BPnP ran from its file (`BPNP_ORIGINAL=/path/to/BPnP.py`, not in this repository; "
+                 "the script aliases `kornia.angle_axis_to_rotation_matrix`, which moved in kornia 0.7). Its API "
+                 "takes one K and points shared by the batch, so its rows use such problems (same poses, same noise "
+                 "level); its cost is compared with our optimum of the same problems, and its gradient "
+                 "d pose/d x2d with ours, which matches central finite differences to ~1e-9.")
     L.append("\n## Scaling (`python benchmarks/bench_scaling.py`)\n")
     L.append("| B (n = 50) | fwd+bwd (ms) | per problem (us) |\n|---|---|---|")
     for r in bs["by_B"]:
