@@ -18,16 +18,12 @@ import traceback
 import torch
 
 import bpnp
+from bpnp.apps.metrics_util import rotation_angle_deg
 from bpnp.cost import cost_only
 from bpnp.geometry import rvec_to_rotmat
 from bpnp.synthetic import random_problems
 
 from common import machine, timeit, write_json
-
-
-def rotation_error_deg(R: torch.Tensor, R_ref: torch.Tensor) -> torch.Tensor:
-    cos = ((R.transpose(-1, -2) @ R_ref).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
-    return torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
 
 
 def main() -> None:
@@ -49,7 +45,7 @@ def main() -> None:
         results.append({
             "method": name, "fwd_ms": 1e3 * fwd_s if fwd_s is not None else None,
             "fwd_bwd_ms": 1e3 * fwd_bwd_s if fwd_bwd_s is not None else None,
-            "median_rot_err_deg": float(rotation_error_deg(R, R_true).median()),
+            "median_rot_err_deg": float(rotation_angle_deg(R, R_true).median()),
             "median_cost_over_optimum": float((cost / optimum).median()),
             "max_cost_over_optimum": float((cost / optimum).max()),
             "note": note,
@@ -142,7 +138,7 @@ def main() -> None:
                 results.append({
                     "method": f"original {cls}", "fwd_ms": 1e3 * fwd_s,
                     "fwd_bwd_ms": None if fb_s is None else 1e3 * fb_s,
-                    "median_rot_err_deg": float(rotation_error_deg(R, R_true).median()),
+                    "median_rot_err_deg": float(rotation_angle_deg(R, R_true).median()),
                     "median_cost_over_optimum": float((cost / ours.cost).median()),
                     "max_cost_over_optimum": float((cost / ours.cost).max()),
                     "grad_rel_err_vs_bpnp": grad_err, "note": note,

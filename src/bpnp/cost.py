@@ -10,8 +10,8 @@ Derivatives are taken with respect to a local perturbation ``xi = (omega, tau)``
   of the projection and of the rotation.
 
 The projection (camera model) and the per-point weighting are kept as separate pieces so the
-solver and the backward share them. ``gradient_in_chart`` is written with differentiable
-tensor ops so that autograd through it gives the mixed derivatives ``d2f / dxi dtheta`` that
+solver and the backward share them. Everything is written with differentiable tensor ops, so
+autograd through ``gradient_in_chart`` gives the mixed derivatives ``d2f / dxi dtheta`` that
 the implicit-function backward needs.
 """
 from __future__ import annotations
@@ -39,31 +39,6 @@ def _camera_coefficients(K: Tensor) -> tuple[Tensor, ...]:
     )
 
 
-def _projection_and_jacobian(
-    xcam: Tensor, K: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Pixels, their Jacobian rows w.r.t. the camera-frame point, and helpers.
-
-    Returns ``(uv (B,n,2), gu (B,n,3), gv (B,n,3), inv_z (B,n), ab (B,n,2))`` where ``gu``,
-    ``gv`` are ``du/dX`` and ``dv/dX`` and ``ab`` the normalised coordinates ``X/Z, Y/Z``.
-    """
-    m00, m01, m11, c0, c1 = _camera_coefficients(K)
-    inv_z = 1.0 / xcam[..., 2]
-    a = xcam[..., 0] * inv_z
-    b = xcam[..., 1] * inv_z
-    u = m00 * a + m01 * b + c0
-    v = m11 * b + c1
-    zero = torch.zeros_like(a)
-    gu = torch.stack([m00 * inv_z, m01 * inv_z, -(m00 * a + m01 * b) * inv_z], -1)
-    gv = torch.stack([zero + 0.0 * m00, m11 * inv_z, -m11 * b * inv_z], -1)
-    return torch.stack([u, v], -1), gu, gv, inv_z, torch.stack([a, b], -1)
-
-
-def _camera_points(R: Tensor, t: Tensor, x3d: Tensor) -> tuple[Tensor, Tensor]:
-    rotated = x3d @ R.transpose(-1, -2)  # BxNx3, R X without t
-    return rotated, rotated + t[..., None, :]
-
-
 def gradient_in_chart(
     R: Tensor, t: Tensor, x3d: Tensor, x2d: Tensor, K: Tensor, weights: Tensor
 ) -> Tensor:
@@ -75,11 +50,7 @@ def gradient_in_chart(
     Returns:
         ``(B, 6)`` gradient ``[d/domega, d/dtau]``.
     """
-    rotated, xcam = _camera_points(R, t, x3d)
-    uv, gu, gv, _, _ = _projection_and_jacobian(xcam, K)
-    res = uv - x2d
-    s = (2.0 * weights)[..., None] * (res[..., :1] * gu + res[..., 1:] * gv)  # BxNx3
-    return torch.cat([torch.linalg.cross(rotated, s, dim=-1).sum(-2), s.sum(-2)], -1)
+    return cost_terms(R, t, x3d, x2d, K, weights, hessian=False).grad
 
 
 def cost_terms(
@@ -172,7 +143,4 @@ def cost_terms(
 
 def cost_only(R: Tensor, t: Tensor, x3d: Tensor, x2d: Tensor, K: Tensor, weights: Tensor) -> Tensor:
     """Weighted squared reprojection error ``(B,)`` of poses ``R (B,3,3), t (B,3)``."""
-    _, xcam = _camera_points(R, t, x3d)
-    uv, _, _, _, _ = _projection_and_jacobian(xcam, K)
-    res = uv - x2d
-    return (weights * (res * res).sum(-1)).sum(-1)
+    return cost_terms(R, t, x3d, x2d, K, weights, hessian=False).cost

@@ -9,6 +9,7 @@ from ..layer import solve_pnp
 from ..synthetic import random_problems
 from ..testing import analytic_gradient, fd_gradient, loss_weights
 from .common import Timer, markdown_table, output_dir, write_json
+from .metrics_util import rotation_error_deg
 
 
 def run(out: str | None = None, batch: int = 256, n: int = 20, seed: int = 0,
@@ -22,7 +23,7 @@ def run(out: str | None = None, batch: int = 256, n: int = 20, seed: int = 0,
     solve_pnp(p.x2d[:2], p.x3d[:2], p.K[:2], p.weights[:2])  # warm-up
     with Timer() as timer:
         res = solve_pnp(p.x2d, p.x3d, p.K, p.weights)
-    R_err = torch.rad2deg(torch.arccos(((res.R.transpose(-1, -2) @ _R(p.pose)).diagonal(dim1=-2, dim2=-1).sum(-1).clamp(-1, 3) - 1) / 2))
+    R_err = rotation_error_deg(res.pose, p.pose)
     metrics: dict = {
         "batch": batch, "n": n, "device": str(device), "solve_seconds": timer.seconds,
         "converged": int(res.converged.sum()), "median_rotation_error_deg": float(R_err.median()),
@@ -37,7 +38,6 @@ def run(out: str | None = None, batch: int = 256, n: int = 20, seed: int = 0,
     except ImportError:
         metrics["cost_over_opencv_max"] = None
     small = {"x2d": p.x2d[:2].cpu(), "x3d": p.x3d[0].cpu(), "K": p.K[0].cpu(), "weights": p.weights[:2].cpu()}
-    small["x2d"] = small["x2d"]  # the shared-x3d case: the same points, two images
     v = loss_weights(2)
     rows = []
     for name in ("x2d", "x3d", "K", "weights"):
@@ -64,8 +64,3 @@ def run(out: str | None = None, batch: int = 256, n: int = 20, seed: int = 0,
         print(f"written: {path}/report.md, {path}/metrics.json")
     return metrics
 
-
-def _R(pose: torch.Tensor) -> torch.Tensor:
-    from ..geometry import rvec_to_rotmat
-
-    return rvec_to_rotmat(pose[:, :3])
