@@ -11,6 +11,7 @@ each, and hand the best distinct, cheirally valid minima to the reprojection ref
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -19,9 +20,8 @@ from torch import Tensor
 from ..geometry import quaternion_to_rotmat, rotmat_to_quaternion, rvec_to_rotmat
 
 
-def _rotation_group(dtype: torch.dtype, device: torch.device, order: int = 24) -> Tensor:
-    """Fixed, well-spread starts on SO(3): the rotations of the cube (order 24) or of the
-    tetrahedron (order 12, the even permutations among them)."""
+@functools.lru_cache(maxsize=None)
+def _rotation_group_f64(order: int) -> Tensor:
     mats = []
     eye = torch.eye(3, dtype=torch.float64)
     for perm in itertools.permutations(range(3)):
@@ -32,7 +32,13 @@ def _rotation_group(dtype: torch.dtype, device: torch.device, order: int = 24) -
             M = eye[list(perm)] * torch.tensor(signs, dtype=torch.float64)[:, None]
             if torch.linalg.det(M) > 0:
                 mats.append(M)
-    return torch.stack(mats).to(dtype=dtype, device=device)
+    return torch.stack(mats)
+
+
+def _rotation_group(dtype: torch.dtype, device: torch.device, order: int = 24) -> Tensor:
+    """Fixed, well-spread starts on SO(3): the rotations of the cube (order 24) or of the
+    tetrahedron (order 12, the even permutations among them); built once, then cached."""
+    return _rotation_group_f64(order).to(dtype=dtype, device=device)
 
 
 def normalised_rays(x2d: Tensor, K: Tensor) -> Tensor:

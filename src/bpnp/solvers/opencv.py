@@ -11,7 +11,6 @@ from torch import Tensor
 
 from ..geometry import rvec_to_rotmat
 from .pnp import PnPSolution, refine
-from ..cost import cost_terms
 
 OPENCV_FLAGS = ("SQPNP", "ITERATIVE", "EPNP", "IPPE")
 
@@ -61,6 +60,6 @@ def solve_pnp_opencv(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor,
     t = torch.where(failed[:, None], torch.tensor([0.0, 0.0, 1.0], dtype=t.dtype, device=t.device), t)
     out = refine(rvec_to_rotmat(rvec), t, x3d, x2d, K, weights)
     R, t = out.state
-    depth = cost_terms(R, t, x3d, x2d, K, weights, hessian=False).min_depth
-    ok = out.converged & ~failed & (depth > 0)
+    # refine() gives points behind the camera an infinite cost, which PnPSolution users reject.
+    ok = out.converged & ~failed & torch.isfinite(out.cost)
     return PnPSolution(R, t, out.cost, out.hess, ok, out.iterations)

@@ -107,8 +107,9 @@ def solve_pnp_forward(
     if init_R is not None and not global_search:
         out = refine(init_R, init_t, x3d, x2d, K, weights, max_iter=max_iter, check_every=check_every)
         R, t = out.state
-        depth = cost_terms(R, t, x3d, x2d, K, weights, hessian=False).min_depth
-        return _finish(R, t, out.cost, out.hess, out.converged & (depth > 0), out.iterations)
+        # refine() gives an infinite cost to poses with weighted points behind the camera, and
+        # _finish() only accepts finite costs: no separate depth check is needed.
+        return _finish(R, t, out.cost, out.hess, out.converged, out.iterations)
     R0, t0, key = initial_poses(x2d, x3d, K, weights, num_candidates=num_candidates)
     # Refine only candidates worth it: distinct basins with (nearly) all points in front of
     # the camera; the best-ranked one is always refined.
@@ -143,11 +144,10 @@ def solve_pnp_forward(
     out = refine(Rf, tf, take(x3d), x2d[item], take(K), take(weights), max_iter=max_iter,
                  check_every=check_every)
     Rr, tr = out.state
-    depth = cost_terms(Rr, tr, take(x3d), x2d[item], take(K), take(weights), hessian=False).min_depth
     inf = torch.full((B * k,), float("inf"), dtype=x2d.dtype, device=x2d.device)
     cost = inf.index_copy(0, flat, torch.nan_to_num(out.cost, nan=float("inf"))).reshape(B, k)
-    valid = torch.zeros(B * k, dtype=torch.bool, device=x2d.device)
-    valid = valid.index_copy(0, flat, depth > 0).reshape(B, k) & torch.isfinite(cost)
+    # A finite cost from refine() means every weighted point is in front of the camera.
+    valid = torch.isfinite(cost)
     rank = torch.where(valid, cost, inf.reshape(B, k))
     none_valid = ~valid.any(-1)
     rank = torch.where(none_valid[:, None], cost, rank)
