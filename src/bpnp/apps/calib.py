@@ -9,59 +9,15 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from ..geometry import project
-from ..layer import solve_pnp
 from . import data, plots
-from .common import finish_experiment, markdown_table, output_dir, progress
+from .calibrate import camera_from_params, learn_camera
+from .common import finish_experiment, markdown_table, output_dir
 
 TRUE_K = (800.0, 700.0, 400.0, 300.0)
 NAMES = ("fx", "fy", "cx", "cy")
-
-
-def camera_from_params(params: torch.Tensor) -> torch.Tensor:
-    """``(4,)`` ``(fx, fy, cx, cy)`` to a ``(3, 3)`` camera matrix, differentiably."""
-    zero, one = params.new_zeros(()), params.new_ones(())
-    fx, fy, cx, cy = params.unbind()
-    return torch.stack([torch.stack([fx, zero, cx]), torch.stack([zero, fy, cy]), torch.stack([zero, zero, one])])
-
-
-def fit_intrinsics(x2d, x3d, params0, iters: int, quiet: bool, desc: str, weights=None):
-    """L-BFGS on ``(fx, fy, cx, cy)`` through the layer, all views jointly (``iters`` outer
-    steps of up to 20 evaluations each).
-
-    Args:
-        x2d: ``(B, n, 2)``; x3d: ``(n, 3)``; params0: ``(4,)`` start.
-    Returns:
-        ``(params (4,), history (T+1, 4), losses [T], poses (B, 6))`` per evaluation.
-    """
-    scale = params0.detach().abs().clone()
-    u = torch.nn.Parameter(torch.ones_like(params0))  # K / scale: well-conditioned unknowns
-    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=20, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-14, tolerance_change=1e-16)
-    history, losses = [params0.detach().cpu().numpy().copy()], []
-
-    def closure():
-        opt.zero_grad()
-        K = camera_from_params(u * scale)
-        pose = solve_pnp(x2d, x3d, K, weights, warn=False).pose
-        loss = (project(x3d, pose, K) - x2d).pow(2).sum(-1).mean()
-        loss.backward()
-        # Every evaluation is a gradient step through the layer: record them all.
-        losses.append(float(loss.detach()))
-        history.append((u.detach() * scale).cpu().numpy().copy())
-        return loss
-
-    for _ in progress(range(iters), desc=desc, disable=quiet):
-        opt.step(closure)
-        if len(losses) > 3 and min(losses) < 1e-24 + 1e-16 * losses[0]:
-            break
-    params = (u.detach() * scale)
-    K = camera_from_params(params)
-    pose = solve_pnp(x2d, x3d, K, weights, warn=False).pose
-    return params, np.stack(history), losses, pose
 
 
 def run(out: str | None = None, iters: int = 40, seed: int = 0, device: str = "cpu",
@@ -78,7 +34,8 @@ def run(out: str | None = None, iters: int = 40, seed: int = 0, device: str = "c
     sign = torch.where(torch.rand(4, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
     start = (truth.cpu() * (1 + sign * off)).to(dev)
     t0 = time.perf_counter()
-    params, history, losses, _ = fit_intrinsics(target, z, start, iters, quiet, "calib")
+    params, history, losses, _ = learn_camera(target, z, start, iters=iters, quiet=quiet, desc="calib",
+                                              loss_floor=1e-16)
     seconds = time.perf_counter() - t0
     rel = (params / truth - 1).abs()
     metrics = {

@@ -75,7 +75,8 @@ def undistort(xd: torch.Tensor, d: torch.Tensor, iters: int = 20) -> torch.Tenso
     return xn
 
 
-def _camera(params: torch.Tensor) -> torch.Tensor:
+def camera_from_params(params: torch.Tensor) -> torch.Tensor:
+    """``(fx, fy, cx, cy, ...)`` to a ``(3, 3)`` camera matrix, differentiably."""
     fx, fy, cx, cy = params[:4].unbind()
     z, o = params.new_zeros(()), params.new_ones(())
     return torch.stack([torch.stack([fx, z, cx]), torch.stack([z, fy, cy]), torch.stack([z, z, o])])
@@ -85,7 +86,7 @@ def reproject(x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor) -> to
     """Pixels of ``x3d (n,3)`` for poses ``(B,6)`` and ``params`` = intrinsics [+ distortion]."""
     xcam = transform_points(x3d, rvec_to_rotmat(pose[:, :3]), pose[:, 3:])
     if params.numel() == 4:
-        return project_points(xcam, _camera(params))
+        return project_points(xcam, camera_from_params(params))
     xn = xcam[..., :2] / xcam[..., 2:]
     xd = distort(xn, params[4:])
     return xd * params[None, None, :2] + params[None, None, 2:4]
@@ -94,7 +95,7 @@ def reproject(x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor) -> to
 def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor,
                  init: torch.Tensor | None = None) -> torch.Tensor:
     """Poses ``(B, 6)`` from the layer; with ``init``, a warm-started local refinement."""
-    K = _camera(params[:4])
+    K = camera_from_params(params[:4])
     if params.numel() > 4:
         xn = (x2d - params[2:4]) / params[:2]
         x2d = undistort(xn, params[4:]) * params[:2] + params[2:4]
@@ -102,10 +103,12 @@ def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor,
 
 
 def learn_camera(x2d: torch.Tensor, x3d: torch.Tensor, start: torch.Tensor, iters: int = 30,
-                 quiet: bool = False, rtol: float = 1e-10):
+                 quiet: bool = False, rtol: float = 1e-10, desc: str = "calibrate",
+                 loss_floor: float = 0.0):
     """L-BFGS through the layer on ``start`` = (fx, fy, cx, cy[, k1, k2, p1, p2, k3]).
 
-    Stops when an L-BFGS step changes the loss by less than ``rtol`` relative.
+    Stops when an L-BFGS step changes the loss by less than ``rtol`` relative, or when the loss
+    falls below ``loss_floor`` times the first one (noise-free data).
     Returns ``(params, history (T+1, p), losses [T], poses (B, 6))``, one entry per evaluation.
     """
     # Unknowns of order one: intrinsics relative to the start, distortion in units of 0.1.
@@ -113,7 +116,7 @@ def learn_camera(x2d: torch.Tensor, x3d: torch.Tensor, start: torch.Tensor, iter
     u = torch.nn.Parameter(start / scale)
     opt = torch.optim.LBFGS([u], lr=1.0, max_iter=20, history_size=30, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-12, tolerance_change=1e-14)
-    history, losses = [start.detach().numpy().copy()], []
+    history, losses = [start.detach().cpu().numpy().copy()], []
     last = {"pose": None}
 
     def closure():
@@ -127,13 +130,15 @@ def learn_camera(x2d: torch.Tensor, x3d: torch.Tensor, start: torch.Tensor, iter
         loss = (reproject(x3d, pose, params) - x2d).pow(2).sum(-1).mean()
         loss.backward()
         losses.append(float(loss.detach()))
-        history.append(params.detach().numpy().copy())
+        history.append(params.detach().cpu().numpy().copy())
         return loss
 
     prev = None
-    for _ in progress(range(iters), desc="calibrate", disable=quiet):
+    for _ in progress(range(iters), desc=desc, disable=quiet):
         opt.step(closure)
         if prev is not None and abs(prev - losses[-1]) <= rtol * losses[-1]:
+            break
+        if len(losses) > 3 and min(losses) < 1e-24 + loss_floor * losses[0]:
             break
         prev = losses[-1]
     params = (u * scale).detach()
