@@ -17,3 +17,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["torch", "native"])
+def backend(request):
+    """Both forward solvers: the batched torch one and the compiled CPU one."""
+    if request.param == "native":
+        from bpnp.solvers.native import native_available, native_unavailable_reason
+
+        if not native_available():
+            pytest.skip(f"native solver: {native_unavailable_reason()}")
+    return request.param

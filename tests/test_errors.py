@@ -76,19 +76,19 @@ def test_types(prob):
         expect("K: on device meta", x2d, x3d, K.to("meta"))
 
 
-def test_collinear_points_finite_not_converged():
+def test_collinear_points_finite_not_converged(backend):
     x3d = torch.stack([torch.linspace(-1, 1, 8), torch.zeros(8), torch.zeros(8)], -1).double()
     pose = torch.tensor([[0.1, 0.2, 0.3, 0.0, 0.0, 5.0]], dtype=torch.float64)
     K = torch.tensor([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]], dtype=torch.float64)
     x2d = (bpnp.project(x3d, pose, K) + 0.3 * torch.randn(1, 8, 2, dtype=torch.float64)).requires_grad_()
     with pytest.warns(bpnp.PnPConvergenceWarning):
-        res = bpnp.solve_pnp(x2d, x3d, K)
+        res = bpnp.solve_pnp(x2d, x3d, K, backend=backend)
     assert torch.isfinite(res.pose).all() and not res.converged.any()
     res.pose.sum().backward()
     assert torch.isfinite(x2d.grad).all()
 
 
-def test_points_behind_camera_finite_not_converged():
+def test_points_behind_camera_finite_not_converged(backend):
     p = random_problems(1, 8, seed=1, noise=0.0)
     pose = p.pose.clone()
     pose[:, 5] = 0.2  # the camera inside the object: some points behind it
@@ -97,7 +97,7 @@ def test_points_behind_camera_finite_not_converged():
     x2d = bpnp.project(p.x3d, pose, p.K).requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bpnp.PnPConvergenceWarning)
-        res = bpnp.solve_pnp(x2d, p.x3d, p.K)
+        res = bpnp.solve_pnp(x2d, p.x3d, p.K, backend=backend)
     assert torch.isfinite(res.pose).all()
     if not res.converged.all():
         res.pose.sum().backward()
@@ -107,13 +107,13 @@ def test_points_behind_camera_finite_not_converged():
         assert (xc[..., 2] > 0).all()
 
 
-def test_duplicate_points_singular_hessian_finite_grads():
+def test_duplicate_points_singular_hessian_finite_grads(backend):
     p = random_problems(1, 4, seed=2)
     x3d = p.x3d[:, [0, 0, 0, 1]]  # only two distinct points
     x2d = p.x2d[:, [0, 0, 0, 1]].clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = bpnp.solve_pnp(x2d, x3d, p.K)
+        res = bpnp.solve_pnp(x2d, x3d, p.K, backend=backend)
     assert torch.isfinite(res.pose).all() and not res.converged.any()
     res.pose.sum().backward()
     assert torch.isfinite(x2d.grad).all()

@@ -32,7 +32,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("planar", [False, True], ids=["3d", "planar"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "batched"])
 @pytest.mark.parametrize("name", ["x2d", "x3d", "K", "weights"])
-def test_gradient_matches_finite_differences(name, shared, planar):
+def test_gradient_matches_finite_differences(name, shared, planar, backend):
     inputs = make_inputs(planar, shared, seed=3 + 7 * planar + 11 * shared)
     if shared and name == "weights":
         inputs["weights"] = inputs["weights"][0]
@@ -40,8 +40,8 @@ def test_gradient_matches_finite_differences(name, shared, planar):
     mask = None
     if name == "K":
         mask = K_MASK if inputs["K"].dim() == 2 else K_MASK.expand_as(inputs["K"])
-    g = analytic_gradient(inputs, name, v)
-    g_fd = fd_gradient(inputs, name, v, mask)
+    g = analytic_gradient(inputs, name, v, backend=backend)
+    g_fd = fd_gradient(inputs, name, v, mask, backend=backend)
     if mask is not None:
         g = g * mask
     assert torch.isfinite(g).all()

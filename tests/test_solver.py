@@ -28,7 +28,7 @@ def best_opencv_cost(p) -> torch.Tensor:
     return best
 
 
-def check_global(ns, planar, per_group, seed0, thickness=1.0):
+def check_global(ns, planar, per_group, seed0, thickness=1.0, backend="auto"):
     total = 0
     for n in ns:
         p = random_problems(per_group, n, planar=planar, seed=seed0 + n)
@@ -36,7 +36,7 @@ def check_global(ns, planar, per_group, seed0, thickness=1.0):
             x3d = p.x3d * torch.tensor([1.0, 1.0, thickness], dtype=torch.float64)
             noise = torch.randn(p.x2d.shape, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
             p = p._replace(x3d=x3d, x2d=bpnp.project(x3d, p.pose, p.K) + 1.5 * noise)
-        res = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, warn=False)
+        res = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, warn=False, backend=backend)
         best = best_opencv_cost(p)
         assert torch.isfinite(best).all()
         bad = res.cost > best * (1 + 1e-9) + 1e-16
@@ -50,27 +50,27 @@ NS = [4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 50, 100]
 
 
 @pytest.mark.parametrize("planar", [False, True], ids=["3d", "planar"])
-def test_global_optimum_vs_opencv(planar):
+def test_global_optimum_vs_opencv(planar, backend):
     # 2 x 12 x 14 = 336 problems: noise 0-3 px, random weights, focal 300-1500 px.
-    assert check_global(NS, planar, 14, seed0=100 + 1000 * planar) == 168
+    assert check_global(NS, planar, 14, seed0=100 + 1000 * planar, backend=backend) == 168
 
 
 @pytest.mark.parametrize("thickness", [0.2, 0.05])
-def test_global_optimum_thin_objects(thickness):
+def test_global_optimum_thin_objects(thickness, backend):
     # Thin objects are where eigenvector starts alone miss optima (measured): 2 x 96 problems.
-    check_global(NS[:8], False, 12, seed0=300, thickness=thickness)
+    check_global(NS[:8], False, 12, seed0=300, thickness=thickness, backend=backend)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("planar", [False, True], ids=["3d", "planar"])
-def test_global_optimum_vs_opencv_many(planar):
-    check_global(NS, planar, 80, seed0=5000 + 1000 * planar)
+def test_global_optimum_vs_opencv_many(planar, backend):
+    check_global(NS, planar, 80, seed0=5000 + 1000 * planar, backend=backend)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("thickness", [0.4, 0.2, 0.1, 0.03])
-def test_global_optimum_thin_objects_many(thickness):
-    check_global(NS, False, 80, seed0=7000, thickness=thickness)
+def test_global_optimum_thin_objects_many(thickness, backend):
+    check_global(NS, False, 80, seed0=7000, thickness=thickness, backend=backend)
 
 
 def test_noise_free_recovers_truth():

@@ -11,11 +11,13 @@ from torch import Tensor, nn
 from .checks import PnPInputError, canonical_pnp_inputs
 from .geometry import rotmat_to_rvec, rvec_to_rotmat
 from .implicit import implicit_vjp
+from .solvers.native import native_available, native_unavailable_reason, solve_pnp_native
 from .solvers.pnp import solve_pnp_forward
 
 __all__ = ["PnPResult", "solve_pnp", "BPnP", "PnPConvergenceWarning"]
 
 _METHODS = ("global", "opencv")
+_BACKENDS = ("auto", "torch", "native")
 
 
 class PnPConvergenceWarning(RuntimeWarning):
@@ -44,6 +46,18 @@ class PnPResult:
     iterations: int
 
 
+def _use_native(backend: str, x2d: Tensor) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "native":
+        if x2d.device.type != "cpu":
+            raise PnPInputError(f"backend='native' runs on CPU tensors, got device {x2d.device}")
+        if not native_available():
+            raise RuntimeError(f"backend='native': {native_unavailable_reason()}")
+        return True
+    return x2d.device.type == "cpu" and native_available()
+
+
 class _PnPFunction(torch.autograd.Function):
     """Forward: global solve in float64. Backward: implicit function theorem."""
 
@@ -57,6 +71,11 @@ class _PnPFunction(torch.autograd.Function):
             from .solvers.opencv import solve_pnp_opencv
 
             sol = solve_pnp_opencv(x2d, x3d, K, weights)
+        elif _use_native(options["backend"], x2d):
+            sol = solve_pnp_native(
+                x2d, x3d, K, weights, init_R, init_t, num_candidates=options["num_candidates"],
+                max_iter=options["max_iter"], global_search=options["global_search"],
+            )
         else:
             sol = solve_pnp_forward(
                 x2d, x3d, K, weights, init_R, init_t,
@@ -95,6 +114,7 @@ def solve_pnp(
     warn: bool = True,
     global_search: bool = True,
     check_every: int = 1,
+    backend: str = "auto",
 ) -> PnPResult:
     """Pose that minimises the weighted reprojection error; differentiable in every input.
 
@@ -120,6 +140,10 @@ def solve_pnp(
         check_every: the solver loop asks the device whether all items are done every this many
             iterations (each ask is a host-device synchronisation on a GPU); stopped items stay
             frozen meanwhile, so the answer does not depend on it.
+        backend: ``"auto"`` (default: the compiled C solver for CPU tensors when it could be
+            built, see :mod:`bpnp.solvers.native`; the torch solver otherwise, e.g. on GPU),
+            ``"torch"`` (batched tensor ops on any device) or ``"native"`` (CPU only; an error
+            when no C compiler is available). Same algorithm, same answers to ~1e-12.
     Returns:
         :class:`PnPResult` in the dtype and on the device of the inputs (unbatched if ``x2d``
         was ``(n, 2)``).
@@ -127,6 +151,8 @@ def solve_pnp(
         PnPInputError (a ValueError): bad shapes, n < 4, NaN/inf, negative weights, bad K,
         mixed devices or dtypes.
     """
+    if backend not in _BACKENDS:
+        raise PnPInputError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     if method not in _METHODS:
         raise PnPInputError(f"method: expected one of {_METHODS}, got {method!r}")
     x2d_b, x3d_b, K_b, w_b, pose_b, unbatched = canonical_pnp_inputs(x2d, x3d, K, weights, init_pose)
@@ -136,7 +162,7 @@ def solve_pnp(
         w_b = torch.ones(1, x2d_b.shape[1], dtype=f64, device=x2d_b.device)
     # float64 inside: float32 Jacobians cannot locate the optimum to float64 quality.
     options = {"method": method, "num_candidates": num_candidates, "max_iter": max_iter,
-               "global_search": global_search, "check_every": check_every}
+               "global_search": global_search, "check_every": check_every, "backend": backend}
     pose, cost, converged, _, _, _, iters = _PnPFunction.apply(
         x2d_b.to(f64), x3d_b.to(f64), K_b.to(f64), w_b.to(f64),
         None if pose_b is None else pose_b.detach().to(f64), options,
@@ -163,7 +189,7 @@ class BPnP(nn.Module):
     """The PnP layer as a module: ``layer(x2d, x3d, K, weights=None) -> pose (B, 6)``.
 
     Args:
-        method, num_candidates, max_iter: as in :func:`solve_pnp`.
+        method, num_candidates, max_iter, backend: as in :func:`solve_pnp`.
         warm_start: pass the previous call's poses as ``init_pose`` when the batch shape
             matches (handy in training loops that re-solve similar problems).
         global_search: as in :func:`solve_pnp`; ``False`` with ``warm_start`` refines only
@@ -171,8 +197,9 @@ class BPnP(nn.Module):
     """
 
     def __init__(self, method: str = "global", num_candidates: int = 4, max_iter: int = 100,
-                 warm_start: bool = False, global_search: bool = True) -> None:
+                 warm_start: bool = False, global_search: bool = True, backend: str = "auto") -> None:
         super().__init__()
+        self.backend = backend
         self.method = method
         self.num_candidates = num_candidates
         self.max_iter = max_iter
@@ -187,7 +214,7 @@ class BPnP(nn.Module):
             init = self._last.to(x2d)
         res = solve_pnp(x2d, x3d, K, weights, init_pose=init, method=self.method,
                         num_candidates=self.num_candidates, max_iter=self.max_iter,
-                        global_search=self.global_search)
+                        global_search=self.global_search, backend=self.backend)
         if self.warm_start:
             self._last = res.pose.detach()
         return res.pose

@@ -1,0 +1,905 @@
+/*
+ * bpnp's native CPU forward: the global PnP solve of bpnp/solvers (init.py, lm.py, pnp.py)
+ * written per problem in C and run over the batch by a few threads.
+ *
+ * Why: in eager PyTorch a batched solve of small problems costs thousands of tensor
+ * operations per call, each a Python dispatch and a pass over memory. Here every problem's
+ * data stays in registers and L1 cache: the same algorithm, no dispatch, no temporaries.
+ * The algorithm is the torch one step for step (the tests compare both), so the global
+ * optimum guarantee carries over:
+ *   1. object-space quadratic form Omega (9x9) and T (3x9) with t = T vec(R);
+ *   2. damped Newton on SO(3) from the eigenvectors of Omega (both signs) and, for flat or thin
+ *      point sets, from the 12 rotations of the tetrahedral group;
+ *   3. ranking by object-space error + cheirality, de-duplication, the best few candidates;
+ *   4. a few screening LM iterations, then exact-Hessian LM to convergence and Newton polish;
+ *   5. the best valid candidate, its exact Hessian and a well-posedness test.
+ * Everything is float64. Compiled on first use by bpnp.solvers.native (C99; pthreads over the
+ * batch when available).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef BPNP_THREADS
+#include <pthread.h>
+#endif
+
+#define MAX_STARTS 20
+#define MAX_CAND 9
+
+typedef struct {
+    int n;
+    const double *x2d; /* n x 2 */
+    const double *x3d; /* n x 3 */
+    const double *w;   /* n */
+    double K[9];
+    double m00, m01, m11, c0, c1; /* entries of K / K[2][2] */
+} Problem;
+
+typedef struct {
+    double R[9], t[3];
+    double cost, g[6], H[36];
+    double depth_floor; /* set by the first LM run on this state */
+    int evaluated;      /* cost, g, H, depth_floor hold for R, t */
+    int conv, iters;
+} LMState;
+
+/* ---------------------------------------------------------------- small linear algebra */
+
+static void mat3_mul(const double *A, const double *B, double *C) {
+    double T[9];
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++)
+            T[3 * i + j] = A[3 * i] * B[j] + A[3 * i + 1] * B[3 + j] + A[3 * i + 2] * B[6 + j];
+    memcpy(C, T, sizeof T);
+}
+
+/* Rodrigues' formula, with the Taylor series of its coefficients below |v| = 1e-4. */
+static void rodrigues(const double *v, double *R) {
+    double th2 = v[0] * v[0] + v[1] * v[1] + v[2] * v[2];
+    double a, b;
+    if (th2 < 1e-8) {
+        a = 1.0 - th2 / 6.0 + th2 * th2 / 120.0;
+        b = 0.5 - th2 / 24.0 + th2 * th2 / 720.0;
+    } else {
+        double th = sqrt(th2), s = sin(0.5 * th) / th;
+        a = sin(th) / th;
+        b = 2.0 * s * s;
+    }
+    double x = v[0], y = v[1], z = v[2];
+    R[0] = 1.0 - b * (y * y + z * z); R[1] = -a * z + b * x * y;        R[2] = a * y + b * x * z;
+    R[3] = a * z + b * x * y;        R[4] = 1.0 - b * (x * x + z * z); R[5] = -a * x + b * y * z;
+    R[6] = -a * y + b * x * z;       R[7] = a * x + b * y * z;        R[8] = 1.0 - b * (x * x + y * y);
+}
+
+/* Any 3x3 matrix read as a quaternion (Shepperd's pivoting), normalised, back to a rotation. */
+static void orthonormalise(const double *M, double *R) {
+    double tr = M[0] + M[4] + M[8];
+    double piv[4] = {tr, M[0], M[4], M[8]};
+    int k = 0;
+    for (int i = 1; i < 4; i++)
+        if (piv[i] > piv[k]) k = i;
+    double q[4];
+    switch (k) {
+    case 0: q[0] = 1 + tr; q[1] = M[7] - M[5]; q[2] = M[2] - M[6]; q[3] = M[3] - M[1]; break;
+    case 1: q[0] = M[7] - M[5]; q[1] = 1 + M[0] - M[4] - M[8]; q[2] = M[1] + M[3]; q[3] = M[2] + M[6]; break;
+    case 2: q[0] = M[2] - M[6]; q[1] = M[1] + M[3]; q[2] = 1 - M[0] + M[4] - M[8]; q[3] = M[5] + M[7]; break;
+    default: q[0] = M[3] - M[1]; q[1] = M[2] + M[6]; q[2] = M[5] + M[7]; q[3] = 1 - M[0] - M[4] + M[8]; break;
+    }
+    double nq = sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]);
+    if (!(nq > 0)) { nq = 1; q[0] = 1; q[1] = q[2] = q[3] = 0; }
+    double w = q[0] / nq, x = q[1] / nq, y = q[2] / nq, z = q[3] / nq;
+    R[0] = 1 - 2 * (y * y + z * z); R[1] = 2 * (x * y - w * z); R[2] = 2 * (x * z + w * y);
+    R[3] = 2 * (x * y + w * z); R[4] = 1 - 2 * (x * x + z * z); R[5] = 2 * (y * z - w * x);
+    R[6] = 2 * (x * z - w * y); R[7] = 2 * (y * z + w * x); R[8] = 1 - 2 * (x * x + y * y);
+}
+
+/* sqrt(a^2 + b^2): the direct formula unless it could over- or underflow (libm's hypot is
+ * several times slower and was 2% of the solve). */
+static double hypot_fast(double a, double b) {
+    double r2 = a * a + b * b;
+    return (r2 > 1e-290 && r2 < 1e290) ? sqrt(r2) : hypot(a, b);
+}
+
+/* Eigen-decomposition of a symmetric N x N matrix (N <= 9), eigenvalues ascending: Householder
+ * reduction to tridiagonal form, then the implicit QL algorithm (as in EISPACK tred2/tql2).
+ * A is read only; column j of V (row-major, V[i*N+j]) is the eigenvector of ev[j]. Non-finite
+ * input gives NaN output. */
+static void symmetric_eig(int N, const double *A, double *V, double *ev) {
+    double d[9], e[9];
+    for (int k = 0; k < N * N; k++) {
+        if (!isfinite(A[k])) {
+            for (int j = 0; j < N * N; j++) V[j] = NAN;
+            for (int j = 0; j < N; j++) ev[j] = NAN;
+            return;
+        }
+        V[k] = A[k];
+    }
+#define VV(i, j) V[(i) * N + (j)]
+    for (int j = 0; j < N; j++) d[j] = VV(N - 1, j);
+    for (int i = N - 1; i > 0; i--) {
+        double scale = 0.0, h = 0.0;
+        for (int k = 0; k < i; k++) scale += fabs(d[k]);
+        if (scale == 0.0) {
+            e[i] = d[i - 1];
+            for (int j = 0; j < i; j++) {
+                d[j] = VV(i - 1, j);
+                VV(i, j) = 0.0;
+                VV(j, i) = 0.0;
+            }
+        } else {
+            for (int k = 0; k < i; k++) {
+                d[k] /= scale;
+                h += d[k] * d[k];
+            }
+            double f = d[i - 1], g = sqrt(h);
+            if (f > 0) g = -g;
+            e[i] = scale * g;
+            h -= f * g;
+            d[i - 1] = f - g;
+            for (int j = 0; j < i; j++) e[j] = 0.0;
+            for (int j = 0; j < i; j++) {
+                f = d[j];
+                VV(j, i) = f;
+                g = e[j] + VV(j, j) * f;
+                for (int k = j + 1; k <= i - 1; k++) {
+                    g += VV(k, j) * d[k];
+                    e[k] += VV(k, j) * f;
+                }
+                e[j] = g;
+            }
+            f = 0.0;
+            for (int j = 0; j < i; j++) {
+                e[j] /= h;
+                f += e[j] * d[j];
+            }
+            double hh = f / (h + h);
+            for (int j = 0; j < i; j++) e[j] -= hh * d[j];
+            for (int j = 0; j < i; j++) {
+                f = d[j];
+                g = e[j];
+                for (int k = j; k <= i - 1; k++) VV(k, j) -= (f * e[k] + g * d[k]);
+                d[j] = VV(i - 1, j);
+                VV(i, j) = 0.0;
+            }
+        }
+        d[i] = h;
+    }
+    for (int i = 0; i < N - 1; i++) {
+        VV(N - 1, i) = VV(i, i);
+        VV(i, i) = 1.0;
+        double h = d[i + 1];
+        if (h != 0.0) {
+            for (int k = 0; k <= i; k++) d[k] = VV(k, i + 1) / h;
+            for (int j = 0; j <= i; j++) {
+                double g = 0.0;
+                for (int k = 0; k <= i; k++) g += VV(k, i + 1) * VV(k, j);
+                for (int k = 0; k <= i; k++) VV(k, j) -= g * d[k];
+            }
+        }
+        for (int k = 0; k <= i; k++) VV(k, i + 1) = 0.0;
+    }
+    for (int j = 0; j < N; j++) {
+        d[j] = VV(N - 1, j);
+        VV(N - 1, j) = 0.0;
+    }
+    VV(N - 1, N - 1) = 1.0;
+    e[0] = 0.0;
+    /* implicit QL on the tridiagonal matrix (d, e) */
+    for (int i = 1; i < N; i++) e[i - 1] = e[i];
+    e[N - 1] = 0.0;
+    double f = 0.0, tst1 = 0.0;
+    const double eps = 2.220446049250313e-16;
+    for (int l = 0; l < N; l++) {
+        double t = fabs(d[l]) + fabs(e[l]);
+        if (t > tst1) tst1 = t;
+        int m = l;
+        while (m < N - 1 && fabs(e[m]) > eps * tst1) m++;
+        if (m > l) {
+            for (int guard = 0; guard < 60; guard++) {
+                double g = d[l];
+                double p = (d[l + 1] - g) / (2.0 * e[l]);
+                double r = hypot_fast(p, 1.0);
+                if (p < 0) r = -r;
+                d[l] = e[l] / (p + r);
+                d[l + 1] = e[l] * (p + r);
+                double dl1 = d[l + 1];
+                double h = g - d[l];
+                for (int i = l + 2; i < N; i++) d[i] -= h;
+                f += h;
+                p = d[m];
+                double c = 1.0, c2 = 1.0, c3 = 1.0, el1 = e[l + 1], s = 0.0, s2 = 0.0;
+                for (int i = m - 1; i >= l; i--) {
+                    c3 = c2;
+                    c2 = c;
+                    s2 = s;
+                    g = c * e[i];
+                    h = c * p;
+                    r = hypot_fast(p, e[i]);
+                    e[i + 1] = s * r;
+                    s = e[i] / r;
+                    c = p / r;
+                    p = c * d[i] - s * g;
+                    d[i + 1] = h + s * (c * g + s * d[i]);
+                    for (int k = 0; k < N; k++) {
+                        h = VV(k, i + 1);
+                        VV(k, i + 1) = s * VV(k, i) + c * h;
+                        VV(k, i) = c * VV(k, i) - s * h;
+                    }
+                }
+                p = -s * s2 * c3 * el1 * e[l] / dl1;
+                e[l] = s * p;
+                d[l] = c * p;
+                if (!(fabs(e[l]) > eps * tst1)) break;
+            }
+        }
+        d[l] += f;
+        e[l] = 0.0;
+    }
+    for (int i = 0; i < N; i++) ev[i] = d[i];
+    for (int i = 0; i < N; i++) { /* selection sort of the eigenpairs */
+        int m = i;
+        for (int j = i + 1; j < N; j++)
+            if (ev[j] < ev[m]) m = j;
+        if (m != i) {
+            double tmp = ev[i]; ev[i] = ev[m]; ev[m] = tmp;
+            for (int k = 0; k < N; k++) {
+                tmp = VV(k, i); VV(k, i) = VV(k, m); VV(k, m) = tmp;
+            }
+        }
+    }
+#undef VV
+}
+
+/* Exported for the tests: the eigen-decomposition above. */
+void bpnp_symmetric_eig(int N, const double *A, double *V, double *ev) { symmetric_eig(N, A, V, ev); }
+
+/* Symmetric 3x3 solve by cofactors; 0 (and x = 0) unless A is positive definite. */
+static int solve3_spd(const double *A, const double *g, double *x) {
+    double a = A[0], b = A[1], c = A[2], d = A[4], e = A[5], f = A[8];
+    double c00 = d * f - e * e, c01 = c * e - b * f, c02 = b * e - c * d;
+    double c11 = a * f - c * c, c12 = b * c - a * e, c22 = a * d - b * b;
+    double det = a * c00 + b * c01 + c * c02;
+    if (!(a > 0 && c22 > 0 && det > 0)) { x[0] = x[1] = x[2] = 0; return 0; }
+    x[0] = (c00 * g[0] + c01 * g[1] + c02 * g[2]) / det;
+    x[1] = (c01 * g[0] + c11 * g[1] + c12 * g[2]) / det;
+    x[2] = (c02 * g[0] + c12 * g[1] + c22 * g[2]) / det;
+    return 1;
+}
+
+/* Cholesky solve of A x = b for symmetric 6x6 A; 0 (and x = 0) unless A is positive definite. */
+static int solve6_chol(const double *A, const double *b, double *x) {
+    double L[36] = {0};
+    for (int j = 0; j < 6; j++) {
+        double s = A[j * 6 + j];
+        for (int k = 0; k < j; k++) s -= L[j * 6 + k] * L[j * 6 + k];
+        if (!(s > 0)) { memset(x, 0, 6 * sizeof(double)); return 0; }
+        double d = sqrt(s);
+        L[j * 6 + j] = d;
+        for (int i = j + 1; i < 6; i++) {
+            double v = A[i * 6 + j];
+            for (int k = 0; k < j; k++) v -= L[i * 6 + k] * L[j * 6 + k];
+            L[i * 6 + j] = v / d;
+        }
+    }
+    double y[6];
+    for (int i = 0; i < 6; i++) {
+        double v = b[i];
+        for (int k = 0; k < i; k++) v -= L[i * 6 + k] * y[k];
+        y[i] = v / L[i * 6 + i];
+    }
+    for (int i = 5; i >= 0; i--) {
+        double v = y[i];
+        for (int k = i + 1; k < 6; k++) v -= L[k * 6 + i] * x[k];
+        x[i] = v / L[i * 6 + i];
+    }
+    return 1;
+}
+
+/* ---------------------------------------------------------------- reprojection cost */
+
+/* Cost, chart gradient and exact chart Hessian (as bpnp.cost.cost_terms with hessian=True):
+ * the pose is perturbed as R <- exp([w]_x) R, t <- t + tau. Depths are clamped to min_depth;
+ * *seen_depth gets the smallest unclamped depth among points with positive weight. g and H
+ * may be NULL. */
+static double cost_terms(const Problem *p, const double *R, const double *t, double min_depth,
+                         double *g, double *H, double *seen_depth) {
+    const double m00 = p->m00, m01 = p->m01, m11 = p->m11, c0 = p->c0, c1 = p->c1;
+    double cost = 0, seen = INFINITY;
+    double G[6] = {0}, GN[36] = {0}, cP1[6] = {0}, cP0[6] = {0}, cb[6] = {0}, sP[9] = {0};
+    for (int i = 0; i < p->n; i++) {
+        const double *X = p->x3d + 3 * i;
+        double w = p->w[i];
+        double P0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2];
+        double P1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2];
+        double P2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2];
+        double depth = P2 + t[2];
+        if (w > 0 && depth < seen) seen = depth;
+        double X2 = depth < min_depth ? min_depth : depth;
+        double iz = 1.0 / X2;
+        double a = (P0 + t[0]) * iz, b = (P1 + t[1]) * iz;
+        double ma = m00 * a + m01 * b;
+        double ru = ma + c0 - p->x2d[2 * i], rv = m11 * b + c1 - p->x2d[2 * i + 1];
+        double wru = w * ru, wrv = w * rv;
+        cost += wru * ru + wrv * rv;
+        if (!g) continue;
+        double gu0 = m00 * iz, gu1 = m01 * iz, gu2 = -ma * iz;
+        double gv1 = m11 * iz, gv2 = -(m11 * b) * iz;
+        double Ju[6] = {P1 * gu2 - P2 * gu1, P2 * gu0 - P0 * gu2, P0 * gu1 - P1 * gu0, gu0, gu1, gu2};
+        double Jv[6] = {P1 * gv2 - P2 * gv1, -P0 * gv2, P0 * gv1, 0.0, gv1, gv2};
+        for (int k = 0; k < 6; k++) G[k] += wru * Ju[k] + wrv * Jv[k];
+        if (!H) continue;
+        for (int k = 0; k < 6; k++) {
+            double wJu = w * Ju[k], wJv = w * Jv[k];
+            for (int l = k; l < 6; l++) GN[k * 6 + l] += wJu * Ju[l] + wJv * Jv[l];
+        }
+        /* Residual curvature: of d2 pixel / dX2 (weighted by the residuals) only c02, c12, c22
+         * are non-zero; its pull-back is sum (j2 b^T + b j2^T) with j2 = [P1, -P0, 0, 0, 0, 1]. */
+        double q0 = m00 * wru, q1 = m01 * wru + m11 * wrv, iz2 = iz * iz;
+        double c02 = -q0 * iz2, c12 = -q1 * iz2, c22h = (q0 * a + q1 * b) * iz2;
+        double bv[6] = {-c12 * P2 + c22h * P1, c02 * P2 - c22h * P0, -c02 * P1 + c12 * P0, c02, c12, c22h};
+        for (int k = 0; k < 6; k++) {
+            cP1[k] += P1 * bv[k];
+            cP0[k] -= P0 * bv[k];
+            cb[k] += bv[k];
+        }
+        /* Rotation curvature: s P^T with s = w (d pixel / dX)^T r. */
+        double s0 = wru * gu0, s1 = wru * gu1 + wrv * gv1, s2 = wru * gu2 + wrv * gv2;
+        sP[0] += s0 * P0; sP[1] += s0 * P1; sP[2] += s0 * P2;
+        sP[3] += s1 * P0; sP[4] += s1 * P1; sP[5] += s1 * P2;
+        sP[6] += s2 * P0; sP[7] += s2 * P1; sP[8] += s2 * P2;
+    }
+    if (seen_depth) *seen_depth = seen;
+    if (g)
+        for (int k = 0; k < 6; k++) g[k] = 2.0 * G[k];
+    if (H) {
+        double curv[36] = {0};
+        for (int l = 0; l < 6; l++) {
+            curv[0 * 6 + l] = cP1[l];
+            curv[1 * 6 + l] = cP0[l];
+            curv[5 * 6 + l] = cb[l];
+        }
+        double tr = sP[0] + sP[4] + sP[8];
+        for (int k = 0; k < 6; k++)
+            for (int l = k; l < 6; l++) {
+                double v = GN[k * 6 + l] + curv[k * 6 + l] + curv[l * 6 + k];
+                if (k < 3 && l < 3) v += 0.5 * (sP[k * 3 + l] + sP[l * 3 + k]) - (k == l ? tr : 0.0);
+                H[k * 6 + l] = H[l * 6 + k] = 2.0 * v;
+            }
+    }
+    return cost;
+}
+
+/* ---------------------------------------------------------------- Levenberg-Marquardt */
+
+static double evaluate(const Problem *p, const double *R, const double *t, double depth_floor,
+                       double *g, double *H) {
+    double seen;
+    double c = cost_terms(p, R, t, depth_floor, g, H, &seen);
+    /* A pose that puts weighted points behind the camera is not a valid trial point. */
+    return seen <= depth_floor ? INFINITY : c;
+}
+
+/* As bpnp.solvers.lm.levenberg_marquardt for one problem (Nielsen damping, decrement test,
+ * undamped Newton polish of converged answers). */
+static void levenberg_marquardt(const Problem *p, LMState *s, int max_iter, int polish_steps) {
+    double wsum = 0, pix = 0;
+    for (int i = 0; i < p->n; i++) {
+        wsum += p->w[i];
+        pix += p->x2d[2 * i] * p->x2d[2 * i] + p->x2d[2 * i + 1] * p->x2d[2 * i + 1];
+    }
+    const double atol = 1e-28 * wsum * (pix / p->n + 1.0);
+    const double rtol = 1e-15;
+    /* A continued run (after screening) keeps its state; the damping starts afresh. */
+    if (!s->evaluated) {
+        s->depth_floor = 1e-9 * (sqrt(s->t[0] * s->t[0] + s->t[1] * s->t[1] + s->t[2] * s->t[2]) + 1e-300);
+        s->cost = evaluate(p, s->R, s->t, s->depth_floor, s->g, s->H);
+        s->evaluated = 1;
+    }
+    const double floor_depth = s->depth_floor;
+    s->conv = 0;
+    s->iters = 0;
+    int done = !isfinite(s->cost);
+    double lam = 1e-4, nu = 2.0;
+    double tR[9], tt[3], tg[6], tH[36], A[36], step[6], ng[6], dR[9];
+    for (int it = 1; it <= max_iter && !done; it++) {
+        s->iters = it;
+        double dmax = 0, diag[6];
+        for (int k = 0; k < 6; k++) {
+            diag[k] = fabs(s->H[k * 7]);
+            if (diag[k] > dmax) dmax = diag[k];
+        }
+        double floor = 1e-12 * dmax + 2.2250738585072014e-308;
+        memcpy(A, s->H, sizeof A);
+        for (int k = 0; k < 6; k++) A[k * 7] += lam * (diag[k] > floor ? diag[k] : floor);
+        for (int k = 0; k < 6; k++) ng[k] = -s->g[k];
+        int pd = solve6_chol(A, ng, step);
+        rodrigues(step, dR);
+        mat3_mul(dR, s->R, tR);
+        for (int k = 0; k < 3; k++) tt[k] = s->t[k] + step[3 + k];
+        double tc = evaluate(p, tR, tt, floor_depth, tg, tH);
+        double g_step = 0, sHs = 0;
+        for (int k = 0; k < 6; k++) {
+            g_step += s->g[k] * step[k];
+            double hs = 0;
+            for (int l = 0; l < 6; l++) hs += s->H[k * 6 + l] * step[l];
+            sHs += step[k] * hs;
+        }
+        double predicted = -(g_step + 0.5 * sHs);
+        int ok = pd && isfinite(tc) && tc <= s->cost;
+        double rho = (s->cost - tc) / (fabs(predicted) > 0 ? predicted : 1.0);
+        double shrink = 1.0 - pow(2.0 * rho - 1.0, 3);
+        if (!(shrink >= 0.1)) shrink = 0.1;
+        lam = ok ? lam * shrink : lam * nu;
+        lam = lam < 1e-15 ? 1e-15 : (lam > 1e30 ? 1e30 : lam);
+        nu = ok ? 2.0 : nu * 2.0;
+        double tol = rtol * s->cost + atol;
+        int newly = ok && (-g_step <= tol);
+        int at_floor = !ok && pd && (-g_step <= 1e3 * tol);
+        int blown = lam >= 1e20;
+        if (ok) {
+            memcpy(s->R, tR, sizeof tR);
+            memcpy(s->t, tt, sizeof tt);
+            memcpy(s->g, tg, sizeof tg);
+            memcpy(s->H, tH, sizeof tH);
+            s->cost = tc;
+        }
+        if (newly || (at_floor && !blown)) s->conv = 1;
+        if (newly || at_floor || blown) done = 1;
+    }
+    /* Newton polish: near the optimum the cost change is rounding noise, so a step is taken
+     * unless the cost rises beyond that noise. */
+    const double tnorm = fabs(s->t[0]) + fabs(s->t[1]) + fabs(s->t[2]);
+    for (int k = 0; k < polish_steps && s->conv; k++) {
+        for (int l = 0; l < 6; l++) ng[l] = -s->g[l];
+        if (!solve6_chol(s->H, ng, step)) break;
+        /* A step below float64 resolution cannot move the pose: the answer is final. */
+        double rot = fabs(step[0]) + fabs(step[1]) + fabs(step[2]);
+        double tra = fabs(step[3]) + fabs(step[4]) + fabs(step[5]);
+        if (rot <= 1e-15 && tra <= 1e-15 * tnorm) break;
+        rodrigues(step, dR);
+        mat3_mul(dR, s->R, tR);
+        for (int l = 0; l < 3; l++) tt[l] = s->t[l] + step[3 + l];
+        double tc = evaluate(p, tR, tt, floor_depth, tg, tH);
+        if (isfinite(tc) && tc <= s->cost + 1e-12 * fabs(s->cost) + 1e3 * atol) {
+            memcpy(s->R, tR, sizeof tR);
+            memcpy(s->t, tt, sizeof tt);
+            memcpy(s->g, tg, sizeof tg);
+            memcpy(s->H, tH, sizeof tH);
+            s->cost = tc;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- global initialisation */
+
+/* Rotation k (0..11) of the tetrahedral group: the even permutation matrices with an even
+ * number of sign flips (the order of bpnp.solvers.init._rotation_group). */
+static void tetra_rotation(int k, double *R) {
+    static const int perms[3][3] = {{0, 1, 2}, {1, 2, 0}, {2, 0, 1}};
+    static const double signs[4][3] = {{1, 1, 1}, {1, -1, -1}, {-1, 1, -1}, {-1, -1, 1}};
+    memset(R, 0, 9 * sizeof(double));
+    for (int r = 0; r < 3; r++) R[3 * r + perms[k / 4][r]] = signs[k % 4][r];
+}
+
+static double quad9(const double *Om, const double *r, double *o_r) {
+    double h = 0;
+    for (int i = 0; i < 9; i++) {
+        double v = 0;
+        for (int j = 0; j < 9; j++) v += Om[i * 9 + j] * r[j];
+        o_r[i] = v;
+        h += r[i] * v;
+    }
+    return h;
+}
+
+/* Local minimum of vec(R)^T Om vec(R) on SO(3) by damped Newton from R, on the chart
+ * R <- exp([d]_x) R (as bpnp.solvers.init.minimise_on_so3). The torch version runs a fixed
+ * number of iterations for the whole batch; here a start stops once its Newton step is below
+ * 1e-12 rad, which changes the answer by rounding only. */
+static double minimise_on_so3(const double *Om, double *R, int iters) {
+    /* d vec(R) / d d_a = vec([e_a]_x R): row a has two non-zero 3-blocks, sign * (row src of R)
+     * in block blk. */
+    static const int blk[3][2] = {{1, 2}, {0, 2}, {0, 1}};
+    static const int src[3][2] = {{2, 1}, {2, 0}, {1, 0}};
+    static const double sgn[3][2] = {{-1, 1}, {1, -1}, {-1, 1}};
+    double scale = 0;
+    for (int k = 0; k < 9; k++) scale += Om[k * 10];
+    if (!(scale > 1e-300)) scale = 1e-300;
+    double o_r[9];
+    double h = quad9(Om, R, o_r);
+    double lam = 1e-3;
+    for (int it = 0; it < iters; it++) {
+        double grad[3], JO[3][9], Hgn[9], N[9], H[9], A[9], ng[3], step[3];
+        for (int a = 0; a < 3; a++) {
+            const double *u = R + 3 * src[a][0], *v = R + 3 * src[a][1];
+            const double *Ou = Om + 27 * blk[a][0], *Ov = Om + 27 * blk[a][1];
+            double su = sgn[a][0], sv = sgn[a][1];
+            const double *gu = o_r + 3 * blk[a][0], *gv = o_r + 3 * blk[a][1];
+            grad[a] = 2.0 * (su * (u[0] * gu[0] + u[1] * gu[1] + u[2] * gu[2]) +
+                             sv * (v[0] * gv[0] + v[1] * gv[1] + v[2] * gv[2]));
+            ng[a] = -grad[a];
+            for (int j = 0; j < 9; j++)
+                JO[a][j] = su * (u[0] * Ou[j] + u[1] * Ou[9 + j] + u[2] * Ou[18 + j]) +
+                           sv * (v[0] * Ov[j] + v[1] * Ov[9 + j] + v[2] * Ov[18 + j]);
+        }
+        for (int a = 0; a < 3; a++)
+            for (int b = a; b < 3; b++) {
+                const double *u = R + 3 * src[b][0], *v = R + 3 * src[b][1];
+                const double *ju = JO[a] + 3 * blk[b][0], *jv = JO[a] + 3 * blk[b][1];
+                double val = sgn[b][0] * (ju[0] * u[0] + ju[1] * u[1] + ju[2] * u[2]) +
+                             sgn[b][1] * (jv[0] * v[0] + jv[1] * v[1] + jv[2] * v[2]);
+                Hgn[a * 3 + b] = Hgn[b * 3 + a] = 2.0 * val;
+            }
+        /* N = R reshape(o_r)^T */
+        for (int a = 0; a < 3; a++)
+            for (int b = 0; b < 3; b++)
+                N[a * 3 + b] = R[a * 3] * o_r[b * 3] + R[a * 3 + 1] * o_r[b * 3 + 1] + R[a * 3 + 2] * o_r[b * 3 + 2];
+        double trN = N[0] + N[4] + N[8];
+        for (int a = 0; a < 3; a++)
+            for (int b = 0; b < 3; b++)
+                H[a * 3 + b] = Hgn[a * 3 + b] + N[a * 3 + b] + N[b * 3 + a] - (a == b ? 2.0 * trN : 0.0);
+        double damp[3];
+        for (int a = 0; a < 3; a++) {
+            double d = Hgn[a * 4];
+            damp[a] = lam * (d > 1e-12 * scale ? d : 1e-12 * scale);
+        }
+        memcpy(A, H, sizeof A);
+        for (int a = 0; a < 3; a++) A[a * 4] += damp[a];
+        int pd = solve3_spd(A, ng, step);
+        if (!pd) {
+            /* Far from a minimum the exact Hessian can be indefinite: Gauss-Newton step. */
+            memcpy(A, Hgn, sizeof A);
+            for (int a = 0; a < 3; a++) A[a * 4] += damp[a];
+            pd = solve3_spd(A, ng, step);
+        }
+        int ok = 0;
+        if (pd) {
+            double dR[9], Rn[9], on[9];
+            rodrigues(step, dR);
+            mat3_mul(dR, R, Rn);
+            double hn = quad9(Om, Rn, on);
+            if (hn <= h) {
+                ok = 1;
+                memcpy(R, Rn, sizeof Rn);
+                memcpy(o_r, on, sizeof on);
+                h = hn;
+            }
+        }
+        if (ok && step[0] * step[0] + step[1] * step[1] + step[2] * step[2] < 1e-24) break;
+        lam = ok ? lam * 0.1 : lam * 10.0;
+        lam = lam < 1e-12 ? 1e-12 : (lam > 1e12 ? 1e12 : lam);
+    }
+    double Ro[9];
+    orthonormalise(R, Ro);
+    memcpy(R, Ro, sizeof Ro);
+    return h;
+}
+
+typedef struct {
+    int num_candidates, num_eigvecs, solid_eigvecs, so3_iters, screen_iter, max_iter, polish_steps;
+    double thin_ratio, dedupe, screen_ratio, object_ratio;
+} Options;
+
+/* Candidate poses, best first (as bpnp.solvers.init.initial_poses); returns their number. */
+static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], double (*tc)[3], double *keyc) {
+    const int n = p->n;
+    const double *K = p->K;
+    double wsum = 0, centre[3] = {0};
+    for (int i = 0; i < n; i++) {
+        wsum += p->w[i];
+        for (int k = 0; k < 3; k++) centre[k] += p->w[i] * p->x3d[3 * i + k];
+    }
+    for (int k = 0; k < 3; k++) centre[k] /= wsum;
+    /* per point: v X^T (9), v (3), w; NULL (recompute on the fly) if out of memory */
+    double *buf = (double *)malloc(sizeof(double) * 13 * (size_t)n);
+    double A[6] = {0}, Bs[18] = {0}, M[36] = {0}, cov[6] = {0};
+    for (int i = 0; i < n; i++) {
+        double w = p->w[i];
+        double vb = (p->x2d[2 * i + 1] * K[8] - K[5]) / K[4];
+        double va = (p->x2d[2 * i] * K[8] - K[2] - K[1] * vb) / K[0];
+        double v[3] = {va, vb, 1.0};
+        double inv = 1.0 / (va * va + vb * vb + 1.0);
+        double X[3] = {p->x3d[3 * i] - centre[0], p->x3d[3 * i + 1] - centre[1], p->x3d[3 * i + 2] - centre[2]};
+        double P[9];
+        for (int a = 0; a < 3; a++)
+            for (int c = 0; c < 3; c++) P[a * 3 + c] = w * ((a == c) - v[a] * v[c] * inv);
+        if (buf) {
+            double *q = buf + 13 * i;
+            for (int a = 0; a < 3; a++)
+                for (int k = 0; k < 3; k++) q[3 * a + k] = v[a] * X[k];
+            q[9] = v[0]; q[10] = v[1]; q[11] = v[2]; q[12] = w;
+        }
+        /* P and X X^T are symmetric: their 6 distinct entries each, 36 products per point. */
+        double Ps[6] = {P[0], P[1], P[2], P[4], P[5], P[8]};
+        double XXs[6] = {X[0] * X[0], X[0] * X[1], X[0] * X[2], X[1] * X[1], X[1] * X[2], X[2] * X[2]};
+        for (int u = 0; u < 6; u++) {
+            A[u] += Ps[u];
+            cov[u] += w * XXs[u];
+            for (int k = 0; k < 3; k++) Bs[u * 3 + k] += Ps[u] * X[k];
+            for (int v2 = 0; v2 < 6; v2++) M[u * 6 + v2] += Ps[u] * XXs[v2];
+        }
+    }
+    /* unpack: sym index of (a, c) into the 6 distinct entries */
+    static const int sym[3][3] = {{0, 1, 2}, {1, 3, 4}, {2, 4, 5}};
+    double full[81], Bm[27];
+    for (int a = 0; a < 3; a++)
+        for (int c = 0; c < 3; c++) {
+            for (int k = 0; k < 3; k++) Bm[a * 9 + c * 3 + k] = Bs[sym[a][c] * 3 + k];
+            for (int j = 0; j < 3; j++)
+                for (int k = 0; k < 3; k++) full[(a * 3 + j) * 9 + c * 3 + k] = M[sym[a][c] * 6 + sym[j][k]];
+        }
+    double Asym[9], covs[9];
+    for (int a = 0; a < 3; a++)
+        for (int c = 0; c < 3; c++) {
+            Asym[a * 3 + c] = A[sym[a][c]];
+            covs[a * 3 + c] = cov[sym[a][c]];
+        }
+
+    /* T = -A^-1 Bm, Omega = full + Bm^T T */
+    double T[27], Om[81];
+    for (int col = 0; col < 9; col++) {
+        double b[3] = {-Bm[col], -Bm[9 + col], -Bm[18 + col]}, x[3];
+        if (!solve3_spd(Asym, b, x)) x[0] = x[1] = x[2] = NAN;
+        for (int a = 0; a < 3; a++) T[a * 9 + col] = x[a];
+    }
+    for (int r = 0; r < 9; r++)
+        for (int c = 0; c < 9; c++)
+            Om[r * 9 + c] = full[r * 9 + c] + Bm[r] * T[c] + Bm[9 + r] * T[9 + c] + Bm[18 + r] * T[18 + c];
+    double trace = 0;
+    for (int r = 0; r < 9; r++) {
+        for (int c = 0; c < r; c++) Om[r * 9 + c] = Om[c * 9 + r] = 0.5 * (Om[r * 9 + c] + Om[c * 9 + r]);
+        trace += Om[r * 10];
+    }
+    double norm = trace > 1e-300 ? trace : 1e-300;
+    double On[81], V[81], ev[9];
+    for (int k = 0; k < 81; k++) On[k] = Om[k] / norm;
+    symmetric_eig(9, On, V, ev);
+    double cV[9], spread[3];
+    symmetric_eig(3, covs, cV, spread);
+    /* Flat or thin point sets leave Omega with a near null space in which eigenvectors are poor
+     * starts: only then are the fixed starts needed (measured in the torch version). */
+    int thin = spread[0] < o->thin_ratio * o->thin_ratio * spread[2];
+    int m = thin ? o->num_eigvecs : o->solid_eigvecs;
+    if (m > 9) m = 9;
+    double Rs[MAX_STARTS][9], hs[MAX_STARTS], ts[MAX_STARTS][3], key[MAX_STARTS];
+    int S = 0;
+    for (int e = 0; e < m; e++)
+        for (int sg = 0; sg < 2; sg++) {
+            double M[9];
+            for (int k = 0; k < 9; k++) M[k] = (sg ? -1.0 : 1.0) * V[k * 9 + e] * 1.7320508075688772;
+            orthonormalise(M, Rs[S++]);
+        }
+    if (thin)
+        for (int k = 0; k < 12; k++) tetra_rotation(k, Rs[S++]);
+    double hmax = 0;
+    for (int s = 0; s < S; s++) {
+        hs[s] = minimise_on_so3(On, Rs[s], o->so3_iters) * norm;
+        if (fabs(hs[s]) > hmax) hmax = fabs(hs[s]);
+    }
+    for (int s = 0; s < S; s++) {
+        double *R = Rs[s], tcen[3];
+        for (int a = 0; a < 3; a++) {
+            double v = 0;
+            for (int k = 0; k < 9; k++) v += T[a * 9 + k] * R[k];
+            tcen[a] = v;
+            ts[s][a] = v - (R[a * 3] * centre[0] + R[a * 3 + 1] * centre[1] + R[a * 3 + 2] * centre[2]);
+        }
+        /* Cheirality: points (with weight) in front of the camera along their rays, i.e.
+         * (R X + t_c) . v > 0, evaluated as vec(R) . (v X^T) + t_c . v. */
+        int behind = 0;
+        if (buf) {
+            for (int i = 0; i < n; i++) {
+                const double *q = buf + 13 * i;
+                if (!(q[12] > 0)) continue;
+                double d = tcen[0] * q[9] + tcen[1] * q[10] + tcen[2] * q[11];
+                for (int k = 0; k < 9; k++) d += R[k] * q[k];
+                if (!(d > 0)) behind++;
+            }
+        } else {
+            for (int i = 0; i < n; i++) {
+                if (!(p->w[i] > 0)) continue;
+                double vb = (p->x2d[2 * i + 1] * K[8] - K[5]) / K[4];
+                double va = (p->x2d[2 * i] * K[8] - K[2] - K[1] * vb) / K[0];
+                double X[3] = {p->x3d[3 * i] - centre[0], p->x3d[3 * i + 1] - centre[1], p->x3d[3 * i + 2] - centre[2]};
+                double xc0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2] + tcen[0];
+                double xc1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2] + tcen[1];
+                double xc2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2] + tcen[2];
+                if (!(xc0 * va + xc1 * vb + xc2 > 0)) behind++;
+            }
+        }
+        key[s] = hs[s] / (hmax + 1e-300) + 10.0 * behind / (double)n;
+    }
+    /* Sort by key; a candidate equal to a better one is pushed to the back. */
+    int order[MAX_STARTS];
+    for (int s = 0; s < S; s++) order[s] = s;
+    for (int s = 1; s < S; s++)
+        for (int j = s; j > 0 && key[order[j]] < key[order[j - 1]]; j--) {
+            int tmp = order[j]; order[j] = order[j - 1]; order[j - 1] = tmp;
+        }
+    double key2[MAX_STARTS];
+    for (int a = 0; a < S; a++) {
+        int sa = order[a], dup = 0;
+        for (int b = 0; b < a && !dup; b++) {
+            double d = 0;
+            for (int k = 0; k < 9; k++) {
+                double e = Rs[sa][k] - Rs[order[b]][k];
+                d += e * e;
+            }
+            dup = sqrt(d) < o->dedupe;
+        }
+        key2[a] = key[sa] + 100.0 * dup;
+    }
+    int order2[MAX_STARTS];
+    for (int a = 0; a < S; a++) order2[a] = a;
+    for (int s = 1; s < S; s++)
+        for (int j = s; j > 0 && key2[order2[j]] < key2[order2[j - 1]]; j--) {
+            int tmp = order2[j]; order2[j] = order2[j - 1]; order2[j - 1] = tmp;
+        }
+    free(buf);
+    int k = S < o->num_candidates ? S : o->num_candidates;
+    for (int c = 0; c < k; c++) {
+        int s = order[order2[c]];
+        memcpy(Rc[c], Rs[s], sizeof Rs[s]);
+        memcpy(tc[c], ts[s], sizeof ts[s]);
+        keyc[c] = key2[order2[c]];
+    }
+    return k;
+}
+
+/* ---------------------------------------------------------------- one problem */
+
+static void set_camera(Problem *p, const double *K) {
+    memcpy(p->K, K, sizeof p->K);
+    p->m00 = K[0] / K[8]; p->m01 = K[1] / K[8]; p->m11 = K[4] / K[8];
+    p->c0 = K[2] / K[8]; p->c1 = K[5] / K[8];
+}
+
+static void solve_one(const Problem *p, const Options *o, const double *init, int global_search,
+                      LMState *best) {
+    LMState cand[MAX_CAND + 1];
+    int k = 0;
+    if (init) {
+        memcpy(cand[0].R, init, 9 * sizeof(double));
+        memcpy(cand[0].t, init + 9, 3 * sizeof(double));
+        cand[0].evaluated = 0;
+        k = 1;
+    }
+    if (!init || global_search) {
+        double Rc[MAX_CAND][9], tcand[MAX_CAND][3], kc[MAX_CAND];
+        int m = initial_poses(p, o, Rc, tcand, kc);
+        /* Only candidates worth it: distinct basins with (nearly) all points in front of the
+         * camera, within object_ratio of the best object-space error; the best always. */
+        for (int c = 0; c < m; c++) {
+            int worth = kc[c] < 10.5;
+            if (o->object_ratio > 0)
+                worth = worth && (kc[0] >= 1.0 || kc[c] <= o->object_ratio * kc[0] + 1e-12);
+            if (c == 0) worth = 1;
+            if (!worth) continue;
+            memcpy(cand[k].R, Rc[c], sizeof Rc[c]);
+            memcpy(cand[k].t, tcand[c], sizeof tcand[c]);
+            cand[k].evaluated = 0;
+            k++;
+        }
+    }
+    int alive[MAX_CAND + 1];
+    for (int c = 0; c < k; c++) alive[c] = 1;
+    if (k > 1 && o->screen_iter > 0) {
+        /* Screening: a few iterations each, then only those within screen_ratio of the best go
+         * on (the others sit in basins that cannot win). */
+        double bestc = INFINITY;
+        for (int c = 0; c < k; c++) {
+            levenberg_marquardt(p, &cand[c], o->screen_iter, 0);
+            if (isnan(cand[c].cost)) cand[c].cost = INFINITY;
+            if (cand[c].cost < bestc) bestc = cand[c].cost;
+        }
+        for (int c = 0; c < k; c++) alive[c] = cand[c].cost <= o->screen_ratio * bestc + 1e-12;
+    }
+    int sel = -1, iters = 0;
+    for (int c = 0; c < k; c++) {
+        if (!alive[c]) continue;
+        levenberg_marquardt(p, &cand[c], o->max_iter, o->polish_steps);
+        if (cand[c].iters > iters) iters = cand[c].iters;
+        if (isnan(cand[c].cost)) cand[c].cost = INFINITY;
+        if (sel < 0 || cand[c].cost < cand[sel].cost) sel = c;
+    }
+    *best = cand[sel];
+    best->iters = iters;
+    /* A finite cost from the LM means every weighted point is in front of the camera; a (near)
+     * singular Hessian means the pose is not determined by the data. */
+    double Hs[36], V[36], ev[6];
+    for (int a = 0; a < 6; a++)
+        for (int b = 0; b < 6; b++) Hs[a * 6 + b] = 0.5 * (best->H[a * 6 + b] + best->H[b * 6 + a]);
+    symmetric_eig(6, Hs, V, ev);
+    double top = fabs(ev[5]) > 1e-300 ? fabs(ev[5]) : 1e-300;
+    int well_posed = ev[0] > 1e-10 * top;
+    best->conv = best->conv && well_posed && isfinite(best->cost);
+}
+
+/* ---------------------------------------------------------------- entry point */
+
+typedef struct {
+    int B, n, x3d_batched, K_batched, w_batched, global_search;
+    const double *x2d, *x3d, *K, *w, *init;
+    const Options *o;
+    double *R_out, *t_out, *cost_out, *H_out;
+    uint8_t *conv_out;
+    int32_t *iter_out;
+    int next; /* next unclaimed item (shared by the workers) */
+} Batch;
+
+#define CHUNK 8
+
+static void *solve_items(void *arg) {
+    Batch *j = (Batch *)arg;
+    for (;;) {
+        /* Dynamic scheduling: problems differ in work (candidates, iterations). */
+        int b0 = __atomic_fetch_add(&j->next, CHUNK, __ATOMIC_RELAXED);
+        if (b0 >= j->B) break;
+        int b1 = b0 + CHUNK < j->B ? b0 + CHUNK : j->B;
+        for (int b = b0; b < b1; b++) {
+            Problem p;
+            int n = j->n;
+            p.n = n;
+            p.x2d = j->x2d + (size_t)b * n * 2;
+            p.x3d = j->x3d + (j->x3d_batched ? (size_t)b * n * 3 : 0);
+            p.w = j->w + (j->w_batched ? (size_t)b * n : 0);
+            set_camera(&p, j->K + (j->K_batched ? (size_t)b * 9 : 0));
+            LMState s;
+            solve_one(&p, j->o, j->init ? j->init + (size_t)b * 12 : NULL, j->global_search, &s);
+            memcpy(j->R_out + (size_t)b * 9, s.R, sizeof s.R);
+            memcpy(j->t_out + (size_t)b * 3, s.t, sizeof s.t);
+            j->cost_out[b] = s.cost;
+            memcpy(j->H_out + (size_t)b * 36, s.H, sizeof s.H);
+            j->conv_out[b] = (uint8_t)s.conv;
+            j->iter_out[b] = s.iters;
+        }
+    }
+    return NULL;
+}
+
+/* Solves B problems. Inputs are C-contiguous float64; a *_batched flag of 0 means one array
+ * shared by the batch. init (B x 12: R row-major, t) may be NULL. opt holds, in order:
+ * num_candidates, max_iter, screen_iter, screen_ratio, object_ratio, num_eigvecs,
+ * solid_eigvecs, thin_ratio, so3_iters, dedupe, polish_steps. Outputs: R (B x 9), t (B x 3),
+ * cost (B), H (B x 36), converged (B), iterations (B). Work is shared by up to num_threads
+ * threads (plain pthreads started per call: no second OpenMP runtime next to PyTorch's, and
+ * nothing that outlives the call, so a later fork() is safe). Returns 0. */
+int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
+               int K_batched, const double *w, int w_batched, const double *init, int global_search,
+               const double *opt, int num_threads, double *R_out, double *t_out, double *cost_out,
+               double *H_out, uint8_t *conv_out, int32_t *iter_out) {
+    Options o;
+    o.num_candidates = (int)opt[0];
+    o.max_iter = (int)opt[1];
+    o.screen_iter = (int)opt[2];
+    o.screen_ratio = opt[3];
+    o.object_ratio = opt[4];
+    o.num_eigvecs = (int)opt[5];
+    o.solid_eigvecs = (int)opt[6];
+    o.thin_ratio = opt[7];
+    o.so3_iters = (int)opt[8];
+    o.dedupe = opt[9];
+    o.polish_steps = (int)opt[10];
+    if (o.num_candidates > MAX_CAND) o.num_candidates = MAX_CAND;
+    if (o.num_candidates < 1) o.num_candidates = 1;
+    Batch job = {B, n, x3d_batched, K_batched, w_batched, global_search, x2d, x3d, K, w, init, &o,
+                 R_out, t_out, cost_out, H_out, conv_out, iter_out, 0};
+    int extra = 0;
+#ifdef BPNP_THREADS
+    /* A thread start costs ~20-50 us, a problem ~30-60 us: only batches of several chunks
+     * per thread are split. */
+    pthread_t threads[64];
+    int want = num_threads < 64 ? num_threads : 64;
+    if (want > B / (4 * CHUNK)) want = B / (4 * CHUNK);
+    for (int k = 1; k < want; k++)
+        if (pthread_create(&threads[extra], NULL, solve_items, &job) == 0) extra++;
+#endif
+    solve_items(&job);
+#ifdef BPNP_THREADS
+    for (int k = 0; k < extra; k++) pthread_join(threads[k], NULL);
+#endif
+    (void)num_threads;
+    (void)extra;
+    return 0;
+}

@@ -1,0 +1,147 @@
+"""The compiled CPU solver: same answers as the torch solver, a clean fallback without a compiler."""
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bpnp
+import bpnp.solvers.native as native
+from bpnp.geometry import rvec_to_rotmat
+from bpnp.synthetic import random_problems
+from bpnp.solvers.pnp import solve_pnp_forward
+
+needs_native = pytest.mark.skipif(not native.native_available(),
+                                  reason=f"native solver: {native.native_unavailable_reason()}")
+
+
+def test_native_builds_where_required():
+    # CI sets BPNP_REQUIRE_NATIVE=1: there the fast path must not silently fall back.
+    if os.environ.get("BPNP_REQUIRE_NATIVE") != "1":
+        pytest.skip("BPNP_REQUIRE_NATIVE is not set")
+    assert native.native_available(), native.native_unavailable_reason()
+
+
+def thin(p, thickness):
+    x3d = p.x3d * torch.tensor([1.0, 1.0, thickness], dtype=torch.float64)
+    noise = torch.randn(p.x2d.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return p._replace(x3d=x3d, x2d=bpnp.project(x3d, p.pose, p.K) + noise)
+
+
+CASES = {
+    "3d-n4": lambda: random_problems(64, 4, seed=1),
+    "3d-n30": lambda: random_problems(64, 30, seed=2),
+    "planar-n6": lambda: random_problems(64, 6, planar=True, seed=3),
+    "planar-n50": lambda: random_problems(64, 50, planar=True, seed=4),
+    "thin-n12": lambda: thin(random_problems(64, 12, seed=5), 0.05),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_native_matches_torch(case, shared):
+    p = CASES[case]()
+    x3d, K, w = p.x3d, p.K, p.weights
+    if shared:  # one object, camera and weight vector for the whole batch
+        x3d, K, w = x3d[:1], K[:1], w[:1]
+        x2d = bpnp.project(x3d[0], p.pose, K[0]) + torch.randn(p.x2d.shape, dtype=torch.float64,
+                                                               generator=torch.Generator().manual_seed(9))
+    else:
+        x2d = p.x2d
+    a = solve_pnp_forward(x2d, x3d, K, w)
+    b = native.solve_pnp_native(x2d, x3d, K, w)
+    # Never worse than the torch solver; where both found the same optimum, the same answer.
+    assert (b.cost <= a.cost * (1 + 1e-9) + 1e-16).all(), (b.cost - a.cost).max()
+    same = (a.cost - b.cost).abs() <= 1e-9 * a.cost + 1e-16
+    assert same.float().mean() > 0.95
+    assert (a.R[same] - b.R[same]).abs().max() < 1e-7
+    assert ((a.t[same] - b.t[same]).norm(dim=-1) <= 1e-7 * a.t[same].norm(dim=-1)).all()
+    hess_err = (a.hess[same] - b.hess[same]).flatten(1).norm(dim=-1) / a.hess[same].flatten(1).norm(dim=-1)
+    assert hess_err.max() < 1e-6
+    assert torch.equal(a.converged[same], b.converged[same])
+    assert b.converged.all()
+
+
+@needs_native
+def test_native_warm_start_matches_torch():
+    p = random_problems(32, 20, seed=6)
+    init = p.pose + 0.02 * torch.randn(p.pose.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    R0, t0 = rvec_to_rotmat(init[:, :3]), init[:, 3:]
+    for global_search in (False, True):
+        a = solve_pnp_forward(p.x2d, p.x3d, p.K, p.weights, R0, t0, global_search=global_search)
+        b = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights, R0, t0, global_search=global_search)
+        assert torch.allclose(a.cost, b.cost, rtol=1e-9)
+        assert (a.R - b.R).abs().max() < 1e-7
+
+
+@needs_native
+def test_native_independent_of_thread_count():
+    p = random_problems(300, 12, seed=7)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)
+        torch.set_num_threads(2)
+        b = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a.R, b.R) and torch.equal(a.cost, b.cost) and torch.equal(a.hess, b.hess)
+
+
+@needs_native
+def test_native_symmetric_eig():
+    lib = native._load()
+    P = ctypes.POINTER(ctypes.c_double)
+    g = torch.Generator().manual_seed(0)
+    for N in (3, 6, 9):
+        for rank in (1, 2, N):
+            F = torch.randn(N, rank, generator=g, dtype=torch.float64)
+            A = (F @ F.T - 0.5 * torch.eye(N, dtype=torch.float64)).contiguous()
+            V = torch.empty(N, N, dtype=torch.float64)
+            ev = torch.empty(N, dtype=torch.float64)
+            lib.bpnp_symmetric_eig(N, ctypes.cast(A.data_ptr(), P), ctypes.cast(V.data_ptr(), P),
+                                   ctypes.cast(ev.data_ptr(), P))
+            scale = A.abs().max()
+            assert (ev - torch.linalg.eigvalsh(A)).abs().max() < 1e-13 * scale
+            assert (V @ torch.diag(ev) @ V.T - A).abs().max() < 1e-13 * scale
+            assert (V.T @ V - torch.eye(N, dtype=torch.float64)).abs().max() < 1e-13
+
+
+def _run_python(code: str, **env) -> str:
+    full_env = {**os.environ, **env}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+FALLBACK = """
+import torch, bpnp
+from bpnp.solvers.native import native_available, native_unavailable_reason
+from bpnp.synthetic import random_problems
+p = random_problems(8, 10, seed=0)
+res = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights)
+ref = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, backend="torch")
+assert torch.equal(res.pose, ref.pose) and res.converged.all()
+try:
+    bpnp.solve_pnp(p.x2d, p.x3d, p.K, backend="native")
+    raise SystemExit("expected an error")
+except RuntimeError as exc:
+    assert "native" in str(exc)
+print(native_available(), native_unavailable_reason())
+"""
+
+
+def test_fallback_without_compiler(tmp_path):
+    out = _run_python(FALLBACK, CC=str(tmp_path / "no-such-compiler"), BPNP_CACHE_DIR=str(tmp_path))
+    assert out.startswith("False could not build the native solver")
+    out = _run_python(FALLBACK, BPNP_NATIVE="0")
+    assert out.strip() == "False disabled by BPNP_NATIVE=0"
+
+
+def test_backend_argument_checked():
+    p = random_problems(2, 6, seed=0)
+    with pytest.raises(bpnp.PnPInputError, match="backend"):
+        bpnp.solve_pnp(p.x2d, p.x3d, p.K, backend="fast")
