@@ -24,6 +24,7 @@ from bpnp.geometry import rvec_to_rotmat
 from bpnp.synthetic import random_problems
 
 from common import machine, timeit, write_json
+from bpnp.solvers.native import native_available
 
 
 def main() -> None:
@@ -52,14 +53,20 @@ def main() -> None:
         })
         print(results[-1], flush=True)
 
-    # bpnp
+    # bpnp: the default backend (native on CPU when a compiler is available) and the torch solver
     x2d = p.x2d.clone().requires_grad_()
+    backends = ["native", "torch"] if native_available() else ["torch"]
+    for backend in backends:
+        def bpnp_fwd(backend=backend):
+            return bpnp.solve_pnp(p.x2d, p.x3d, K0, backend=backend)
 
-    def bpnp_fb():
-        bpnp.solve_pnp(x2d, p.x3d, K0).pose.sum().backward()
+        def bpnp_fb(backend=backend):
+            bpnp.solve_pnp(x2d, p.x3d, K0, backend=backend).pose.sum().backward()
 
-    record("bpnp (float64, batched)", timeit(lambda: bpnp.solve_pnp(p.x2d, p.x3d, K0)), timeit(bpnp_fb),
-           ref.R, ref.t)
+        r = bpnp_fwd()
+        record(f"bpnp (float64, {backend} solver)", timeit(bpnp_fwd), timeit(bpnp_fb), r.R, r.t,
+               "compiled C per problem, threads over the batch" if backend == "native" else
+               "batched tensor ops (the GPU path)")
     p32 = [t.float() for t in (p.x2d, p.x3d, K0)]
     r32 = bpnp.solve_pnp(*p32)
     record("bpnp (float32 in/out)", timeit(lambda: bpnp.solve_pnp(*p32)), None, r32.R.double(), r32.t.double())

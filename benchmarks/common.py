@@ -39,6 +39,27 @@ def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, sync: boo
     return statistics.median(times)
 
 
+def paired(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1,
+           sync: bool = False) -> dict[str, float]:
+    """Median wall time (s) of each function, measured in interleaved rounds (one call of each per
+    round), so that slow phases of a shared machine hit all of them alike; ratios of the
+    returned medians are then meaningful within one run."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for key, fn in fns.items():
+            if sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                torch.cuda.synchronize()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def write_json(name: str, data: dict) -> Path:
     out = Path(__file__).parent / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)

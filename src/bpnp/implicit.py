@@ -7,14 +7,13 @@ chart coordinates with Jacobian ``blockdiag(J_l^-1(rvec*), I)``, so with the inc
 ``v = dL/dy``:
 
     u = H^-1 [J_l^-T v_rot, v_t]          (one batched 6x6 solve)
-    dL/dtheta = -d (u . g(theta)) / dtheta  (one vector-Jacobian product, O(B n))
+    dL/dtheta = -d (u . g(theta)) / dtheta  (closed-form per-point expressions, O(B n))
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .cost import gradient_in_chart
 from .geometry import skew
 
 
@@ -59,6 +58,91 @@ def solve_hessian(hess: Tensor, rhs: Tensor, rel_floor: float = 1e-10) -> tuple[
     return torch.where(good[:, None], u, u_reg[..., 0]), ~good
 
 
+def input_gradients(
+    u: Tensor,
+    R: Tensor,
+    t: Tensor,
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor,
+    needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
+) -> tuple[Tensor | None, ...]:
+    """``-d (u . g) / d theta`` in closed form, for ``theta`` in ``(x2d, x3d, K, weights)``.
+
+    With the chart gradient ``g = 2 sum_i D_i^T s_i`` (``D_i = dX_i/dxi``, ``s_i = w_i J_i^T r_i``,
+    ``J_i`` the projection Jacobian, ``r_i`` the residual), ``u . g = 2 sum_i w_i r_i . dp_i``
+    where ``dp_i = J_i D_i u`` is the pixel motion of point ``i`` along ``u``. Its derivatives
+    are per-point expressions (no autograd graph): x2d ``-2 w dp``, weights ``2 r . dp``, K
+    through the entries of ``K / K[2,2]``, x3d ``2 R^T (Q q + s x u_rot)`` with ``q = D u`` and
+    ``Q`` the point's 3x3 Hessian block (Gauss-Newton plus residual curvature).
+
+    Args:
+        u: ``(B, 6)``; R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``;
+        K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; needs: which gradients to return.
+    Returns:
+        Gradients shaped like the inputs (summed over the batch for shared inputs), or None.
+    """
+    B = x2d.shape[0]
+    P = R @ x3d.transpose(-1, -2)  # Bx3xN
+    P0, P1, P2 = P.unbind(-2)
+    k22 = K[..., 2, 2][..., None]
+    m00, m01, m11 = K[..., 0, 0][..., None] / k22, K[..., 0, 1][..., None] / k22, K[..., 1, 1][..., None] / k22
+    c0, c1 = K[..., 0, 2][..., None] / k22, K[..., 1, 2][..., None] / k22
+    iz = 1.0 / (P2 + t[:, 2:3])
+    a = (P0 + t[:, 0:1]) * iz
+    b = (P1 + t[:, 1:2]) * iz
+    ma = m00 * a + m01 * b
+    ru = ma + c0 - x2d[..., 0]
+    rv = m11 * b + c1 - x2d[..., 1]
+    w = weights.expand(B, -1)
+    w0, w1, w2, t0, t1, t2 = (u[:, k:k + 1] for k in range(6))
+    q0 = t0 + w1 * P2 - w2 * P1  # q = u_t + u_rot x P: motion of the point
+    q1 = t1 + w2 * P0 - w0 * P2
+    q2 = t2 + w0 * P1 - w1 * P0
+    da = (q0 - a * q2) * iz
+    db = (q1 - b * q2) * iz
+    du = m00 * da + m01 * db  # pixel motion dp
+    dv = m11 * db
+
+    def reduce_like(g: Tensor, like: Tensor) -> Tensor:
+        return g.sum(0, keepdim=True) if like.shape[0] == 1 and B > 1 else g
+
+    out: list[Tensor | None] = [None, None, None, None]
+    if needs[0]:
+        out[0] = torch.stack([2.0 * w * du, 2.0 * w * dv], -1)
+    if needs[3]:
+        out[3] = reduce_like(-2.0 * (ru * du + rv * dv), weights)
+    if needs[2]:
+        wdu, wdv = w * du, w * dv
+        gm00 = -2.0 * (a * wdu + w * ru * da).sum(-1)
+        gm01 = -2.0 * (b * wdu + w * ru * db).sum(-1)
+        gm11 = -2.0 * (b * wdv + w * rv * db).sum(-1)
+        gc0 = -2.0 * wdu.sum(-1)
+        gc1 = -2.0 * wdv.sum(-1)
+        k = k22[:, 0]
+        zero = torch.zeros_like(gm00)
+        dk22 = -(m00[:, 0] * gm00 + m01[:, 0] * gm01 + m11[:, 0] * gm11 + c0[:, 0] * gc0 + c1[:, 0] * gc1)
+        gK = torch.stack([torch.stack([gm00, gm01, gc0], -1), torch.stack([zero, gm11, gc1], -1),
+                          torch.stack([zero, zero, dk22], -1)], -2) / k[:, None, None]
+        out[2] = reduce_like(gK, K)
+    if needs[1]:
+        wru, wrv = w * ru, w * rv
+        gu0, gu1, gu2 = m00 * iz, m01 * iz, -ma * iz
+        gv1, gv2 = m11 * iz, -(m11 * b) * iz
+        s0, s1, s2 = wru * gu0, wru * gu1 + wrv * gv1, wru * gu2 + wrv * gv2
+        # residual curvature of the projection: the entries c02, c12, c22 of the 3x3 block
+        p0, p1, iz2 = m00 * wru, m01 * wru + m11 * wrv, iz * iz
+        c02, c12, c22 = -p0 * iz2, -p1 * iz2, 2.0 * (p0 * a + p1 * b) * iz2
+        wdu, wdv = w * du, w * dv
+        v0 = gu0 * wdu + c02 * q2 + (s1 * w2 - s2 * w1)
+        v1 = gu1 * wdu + gv1 * wdv + c12 * q2 + (s2 * w0 - s0 * w2)
+        v2 = gu2 * wdu + gv2 * wdv + c02 * q0 + c12 * q1 + c22 * q2 + (s0 * w1 - s1 * w0)
+        v = torch.stack([v0, v1, v2], -2)  # Bx3xN
+        out[1] = reduce_like(-2.0 * (v.transpose(-1, -2) @ R), x3d)
+    return tuple(out)
+
+
 def implicit_vjp(
     grad_pose: Tensor,
     rvec: Tensor,
@@ -84,17 +168,4 @@ def implicit_vjp(
         [(inverse_left_jacobian(rvec).transpose(-1, -2) @ grad_pose[:, :3, None])[..., 0],
          grad_pose[:, 3:]], -1)
     u, _ = solve_hessian(hess, rhs)
-    inputs = [x.detach().requires_grad_(need) for x, need in zip((x2d, x3d, K, weights), needs)]
-    with torch.enable_grad():
-        g = gradient_in_chart(R, t, inputs[1], inputs[0], inputs[2], inputs[3])
-        wanted = [x for x, need in zip(inputs, needs) if need]
-        grads = torch.autograd.grad((g * u).sum(), wanted, allow_unused=True)
-    it = iter(grads)
-    out = []
-    for x, need in zip(inputs, needs):
-        if not need:
-            out.append(None)
-            continue
-        gx = next(it)
-        out.append(torch.zeros_like(x) if gx is None else -gx)
-    return tuple(out)
+    return input_gradients(u, R, t, x2d, x3d, K, weights, needs)

@@ -128,6 +128,8 @@ def solve_pnp_native(
     screen_iter: int = 4,
     screen_ratio: float = 2.0,
     object_ratio: float = 10.0,
+    eigvec_starts: tuple[int, int] = (4, 4),
+    so3_iters: int = 8,
 ) -> PnPSolution:
     """:func:`~bpnp.solvers.pnp.solve_pnp_forward` in compiled C, for CPU float64 tensors.
 
@@ -136,6 +138,10 @@ def solve_pnp_native(
         init_R, init_t: optional warm start ``(B, 3, 3)``, ``(B, 3)``.
         num_candidates, max_iter, global_search, screen_iter, screen_ratio, object_ratio:
             as in :func:`~bpnp.solvers.pnp.solve_pnp_forward`.
+        eigvec_starts: eigenvectors of Omega used as SO(3) starts for (flat or thin, solid)
+            point sets, as ``num_eigvecs`` and ``solid_eigvecs`` of
+            :func:`~bpnp.solvers.init.initial_poses`.
+        so3_iters: damped Newton iterations on SO(3) from every start.
     Returns:
         :class:`~bpnp.solvers.pnp.PnPSolution` (``iterations``: the most LM iterations any
         problem of the batch needed).
@@ -158,7 +164,7 @@ def solve_pnp_native(
     if init_R is not None:
         init = prep(torch.cat([init_R.reshape(B, 9), init_t.reshape(B, 3)], -1))
     opt = torch.tensor([num_candidates, max_iter, screen_iter, screen_ratio, object_ratio,
-                        4, 4, 0.35, 8, 0.1, 2], dtype=f64)
+                        eigvec_starts[0], eigvec_starts[1], 0.35, so3_iters, 0.1, 2], dtype=f64)
     R = torch.empty(B, 3, 3, dtype=f64)
     t = torch.empty(B, 3, dtype=f64)
     cost = torch.empty(B, dtype=f64)

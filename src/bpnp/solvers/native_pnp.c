@@ -304,9 +304,14 @@ static int solve6_chol(const double *A, const double *b, double *x) {
  * may be NULL. */
 static double cost_terms(const Problem *p, const double *R, const double *t, double min_depth,
                          double *g, double *H, double *seen_depth) {
+    /* With D = dX/dxi = [-[P]_x, I] (P = R X_obj), every per-point term is a pull-back through D:
+     * gradient D^T s with s = w (d pixel/dX)^T r, and Hessian D^T Q D with Q = w J^T J (Gauss-
+     * Newton) + the residual-weighted curvature of the projection, whose only non-zero entries
+     * are Q02, Q12, Q22. D^T Q D costs ~40 products per point, in three blocks. The rotation
+     * curvature (D depends on the chart) needs s P^T only. */
     const double m00 = p->m00, m01 = p->m01, m11 = p->m11, c0 = p->c0, c1 = p->c1;
     double cost = 0, seen = INFINITY;
-    double G[6] = {0}, GN[36] = {0}, cP1[6] = {0}, cP0[6] = {0}, cb[6] = {0}, sP[9] = {0};
+    double Gr[3] = {0}, Gt[3] = {0}, Hrr[6] = {0}, Hrt[9] = {0}, Htt[6] = {0}, sP[9] = {0};
     for (int i = 0; i < p->n; i++) {
         const double *X = p->x3d + 3 * i;
         double w = p->w[i];
@@ -325,49 +330,68 @@ static double cost_terms(const Problem *p, const double *R, const double *t, dou
         if (!g) continue;
         double gu0 = m00 * iz, gu1 = m01 * iz, gu2 = -ma * iz;
         double gv1 = m11 * iz, gv2 = -(m11 * b) * iz;
-        double Ju[6] = {P1 * gu2 - P2 * gu1, P2 * gu0 - P0 * gu2, P0 * gu1 - P1 * gu0, gu0, gu1, gu2};
-        double Jv[6] = {P1 * gv2 - P2 * gv1, -P0 * gv2, P0 * gv1, 0.0, gv1, gv2};
-        for (int k = 0; k < 6; k++) G[k] += wru * Ju[k] + wrv * Jv[k];
-        if (!H) continue;
-        for (int k = 0; k < 6; k++) {
-            double wJu = w * Ju[k], wJv = w * Jv[k];
-            for (int l = k; l < 6; l++) GN[k * 6 + l] += wJu * Ju[l] + wJv * Jv[l];
-        }
-        /* Residual curvature: of d2 pixel / dX2 (weighted by the residuals) only c02, c12, c22
-         * are non-zero; its pull-back is sum (j2 b^T + b j2^T) with j2 = [P1, -P0, 0, 0, 0, 1]. */
-        double q0 = m00 * wru, q1 = m01 * wru + m11 * wrv, iz2 = iz * iz;
-        double c02 = -q0 * iz2, c12 = -q1 * iz2, c22h = (q0 * a + q1 * b) * iz2;
-        double bv[6] = {-c12 * P2 + c22h * P1, c02 * P2 - c22h * P0, -c02 * P1 + c12 * P0, c02, c12, c22h};
-        for (int k = 0; k < 6; k++) {
-            cP1[k] += P1 * bv[k];
-            cP0[k] -= P0 * bv[k];
-            cb[k] += bv[k];
-        }
-        /* Rotation curvature: s P^T with s = w (d pixel / dX)^T r. */
         double s0 = wru * gu0, s1 = wru * gu1 + wrv * gv1, s2 = wru * gu2 + wrv * gv2;
+        Gr[0] += P1 * s2 - P2 * s1;
+        Gr[1] += P2 * s0 - P0 * s2;
+        Gr[2] += P0 * s1 - P1 * s0;
+        Gt[0] += s0; Gt[1] += s1; Gt[2] += s2;
+        if (!H) continue;
         sP[0] += s0 * P0; sP[1] += s0 * P1; sP[2] += s0 * P2;
         sP[3] += s1 * P0; sP[4] += s1 * P1; sP[5] += s1 * P2;
         sP[6] += s2 * P0; sP[7] += s2 * P1; sP[8] += s2 * P2;
+        double q0 = m00 * wru, q1 = m01 * wru + m11 * wrv, iz2 = iz * iz;
+        double wgu0 = w * gu0, wgu1 = w * gu1, wgu2 = w * gu2, wgv1 = w * gv1, wgv2 = w * gv2;
+        double Q00 = wgu0 * gu0, Q01 = wgu0 * gu1, Q11 = wgu1 * gu1 + wgv1 * gv1;
+        double Q02 = wgu0 * gu2 - q0 * iz2;
+        double Q12 = wgu1 * gu2 + wgv1 * gv2 - q1 * iz2;
+        double Q22 = wgu2 * gu2 + wgv2 * gv2 + 2.0 * (q0 * a + q1 * b) * iz2;
+        Htt[0] += Q00; Htt[1] += Q01; Htt[2] += Q02; Htt[3] += Q11; Htt[4] += Q12; Htt[5] += Q22;
+        /* C = [P]_x Q (the rotation-translation block), then C [P]_x^T (rotation-rotation) */
+        double C00 = -P2 * Q01 + P1 * Q02, C01 = -P2 * Q11 + P1 * Q12, C02 = -P2 * Q12 + P1 * Q22;
+        double C10 = P2 * Q00 - P0 * Q02, C11 = P2 * Q01 - P0 * Q12, C12 = P2 * Q02 - P0 * Q22;
+        double C20 = -P1 * Q00 + P0 * Q01, C21 = -P1 * Q01 + P0 * Q11, C22 = -P1 * Q02 + P0 * Q12;
+        Hrt[0] += C00; Hrt[1] += C01; Hrt[2] += C02;
+        Hrt[3] += C10; Hrt[4] += C11; Hrt[5] += C12;
+        Hrt[6] += C20; Hrt[7] += C21; Hrt[8] += C22;
+        Hrr[0] += -P2 * C01 + P1 * C02;
+        Hrr[1] += P2 * C00 - P0 * C02;
+        Hrr[2] += -P1 * C00 + P0 * C01;
+        Hrr[3] += P2 * C10 - P0 * C12;
+        Hrr[4] += -P1 * C10 + P0 * C11;
+        Hrr[5] += -P1 * C20 + P0 * C21;
     }
     if (seen_depth) *seen_depth = seen;
     if (g)
-        for (int k = 0; k < 6; k++) g[k] = 2.0 * G[k];
-    if (H) {
-        double curv[36] = {0};
-        for (int l = 0; l < 6; l++) {
-            curv[0 * 6 + l] = cP1[l];
-            curv[1 * 6 + l] = cP0[l];
-            curv[5 * 6 + l] = cb[l];
+        for (int k = 0; k < 3; k++) {
+            g[k] = 2.0 * Gr[k];
+            g[3 + k] = 2.0 * Gt[k];
         }
+    if (H) {
+        static const int sym[3][3] = {{0, 1, 2}, {1, 3, 4}, {2, 4, 5}};
         double tr = sP[0] + sP[4] + sP[8];
-        for (int k = 0; k < 6; k++)
-            for (int l = k; l < 6; l++) {
-                double v = GN[k * 6 + l] + curv[k * 6 + l] + curv[l * 6 + k];
-                if (k < 3 && l < 3) v += 0.5 * (sP[k * 3 + l] + sP[l * 3 + k]) - (k == l ? tr : 0.0);
-                H[k * 6 + l] = H[l * 6 + k] = 2.0 * v;
+        for (int k = 0; k < 3; k++)
+            for (int l = 0; l < 3; l++) {
+                double rot = 0.5 * (sP[k * 3 + l] + sP[l * 3 + k]) - (k == l ? tr : 0.0);
+                H[k * 6 + l] = 2.0 * (Hrr[sym[k][l]] + rot);
+                H[k * 6 + 3 + l] = H[(3 + l) * 6 + k] = 2.0 * Hrt[k * 3 + l];
+                H[(3 + k) * 6 + 3 + l] = 2.0 * Htt[sym[k][l]];
             }
     }
     return cost;
+}
+
+/* Exported for the tests: cost, gradient and Hessian of one problem at (R, t). */
+double bpnp_cost_terms(int n, const double *x2d, const double *x3d, const double *K, const double *w,
+                       const double *R, const double *t, double *g, double *H) {
+    Problem p;
+    p.n = n;
+    p.x2d = x2d;
+    p.x3d = x3d;
+    p.w = w;
+    memcpy(p.K, K, sizeof p.K);
+    p.m00 = K[0] / K[8]; p.m01 = K[1] / K[8]; p.m11 = K[4] / K[8];
+    p.c0 = K[2] / K[8]; p.c1 = K[5] / K[8];
+    return cost_terms(&p, R, t, 0.0, g, H, NULL);
 }
 
 /* ---------------------------------------------------------------- Levenberg-Marquardt */
