@@ -98,3 +98,24 @@ def test_gradcheck_wrapper():
         return bpnp.solve_pnp(x, inputs["x3d"], inputs["K"], inputs["weights"]).pose
 
     assert torch.autograd.gradcheck(f, (x2d,), eps=1e-4, atol=1e-8, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+def test_closed_form_input_gradients_match_autograd(shared):
+    # The backward's per-point formulas against autograd through the chart gradient g(theta).
+    from bpnp.cost import gradient_in_chart
+    from bpnp.implicit import input_gradients
+
+    p = random_problems(5, 9, seed=2)
+    K = p.K.clone()
+    K[:, 0, 1], K[:, 2, 2] = 0.5, 1.2  # skew and a non-unit K[2,2]
+    x3d, K, w = (p.x3d[:1], K[:1], p.weights[:1]) if shared else (p.x3d, K, p.weights)
+    R, t = bpnp.rvec_to_rotmat(p.pose[:, :3] + 0.03), p.pose[:, 3:] + 0.05  # not an optimum
+    u = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    leaves = [x.clone().requires_grad_() for x in (p.x2d, x3d, K, w)]
+    g = gradient_in_chart(R, t, leaves[1], leaves[0], leaves[2], leaves[3])
+    expected = torch.autograd.grad((g * u).sum(), leaves)
+    got = input_gradients(u, R, t, p.x2d, x3d, K, w)
+    for name, e, c in zip(("x2d", "x3d", "K", "weights"), expected, got):
+        assert c.shape == e.shape, name
+        assert rel_err(c, -e) < 1e-13, (name, rel_err(c, -e))
