@@ -4,7 +4,8 @@ The C file is the torch solver's algorithm (:mod:`bpnp.solvers.init`, :mod:`~bpn
 :mod:`~bpnp.solvers.pnp`) per problem, with a few threads over the batch: on the CPU it removes the
 eager-dispatch overhead and the memory traffic of batched temporaries, which dominate there.
 It needs a C compiler (``$CC`` or ``cc``) the first time; the shared library is cached under
-``$BPNP_CACHE_DIR`` (default ``~/.cache/bpnp``), keyed by the source and the compiler flags.
+``$BPNP_CACHE_DIR`` (default ``~/.cache/bpnp``, or the temporary directory when that is not
+writable), keyed by the source and the compiler flags.
 Without a compiler, or with ``BPNP_NATIVE=0``, :func:`native_available` is False and the layer
 uses the torch solver (``backend="auto"``).
 """
@@ -38,12 +39,31 @@ _reason: str | None = None
 _tried = False
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where the compiled library may live: $BPNP_CACHE_DIR, else the user cache, else /tmp."""
     root = os.environ.get("BPNP_CACHE_DIR")
     if root:
-        return Path(root)
+        return [Path(root)]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bpnp"
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return [Path(base) / "bpnp", Path(tempfile.gettempdir()) / f"bpnp-{uid}"]
+
+
+def _build(target: Path, flags: list[str], compiler: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build under a temporary name and rename: concurrent first uses never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, *flags, str(_SOURCE), "-o", tmp, "-lm"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        os.unlink(tmp)
+        raise RuntimeError(f"{' '.join(cmd)}: {exc}") from exc
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}")
+    os.replace(tmp, target)
 
 
 def _compile() -> ctypes.CDLL:
@@ -54,34 +74,25 @@ def _compile() -> ctypes.CDLL:
         tag = hashlib.sha256(
             source + " ".join([compiler, *flags, platform.machine(), sys.platform]).encode()
         ).hexdigest()[:16]
-        target = _cache_dir() / f"native_pnp-{tag}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Build under a temporary name and rename: concurrent first uses never see half a file.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            cmd = [compiler, *flags, str(_SOURCE), "-o", tmp, "-lm"]
+        for directory in _cache_dirs():
+            target = directory / f"native_pnp-{tag}.so"
+            if hasattr(os, "getuid") and directory.exists() and directory.stat().st_uid != os.getuid():
+                # Never load a library from a directory someone else controls.
+                errors.append(f"{directory} belongs to another user")
+                continue
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as exc:
-                os.unlink(tmp)
-                errors.append(f"{' '.join(cmd)}: {exc}")
+                if not target.exists():
+                    _build(target, flags, compiler)
+                lib = ctypes.CDLL(str(target))
+            except (OSError, RuntimeError) as exc:
+                errors.append(str(exc))
                 continue
-            if proc.returncode != 0:
-                os.unlink(tmp)
-                errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}")
-                continue
-            os.replace(tmp, target)
-        try:
-            lib = ctypes.CDLL(str(target))
-        except OSError as exc:
-            errors.append(f"loading {target}: {exc}")
-            continue
-        dp, ip = ctypes.POINTER(ctypes.c_double), ctypes.c_int
-        lib.bpnp_solve.restype = ctypes.c_int
-        lib.bpnp_solve.argtypes = [ip, ip, dp, dp, ip, dp, ip, dp, ip, dp, ip, dp, ip,
-                                   dp, dp, dp, dp, ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_int32)]
-        return lib
+            dp, ip = ctypes.POINTER(ctypes.c_double), ctypes.c_int
+            lib.bpnp_solve.restype = ctypes.c_int
+            lib.bpnp_solve.argtypes = [ip, ip, dp, dp, ip, dp, ip, dp, ip, dp, ip, dp, ip,
+                                       dp, dp, dp, dp, ctypes.POINTER(ctypes.c_uint8),
+                                       ctypes.POINTER(ctypes.c_int32)]
+            return lib
     raise RuntimeError("; ".join(errors))
 
 
