@@ -145,3 +145,25 @@ def test_backend_argument_checked():
     p = random_problems(2, 6, seed=0)
     with pytest.raises(bpnp.PnPInputError, match="backend"):
         bpnp.solve_pnp(p.x2d, p.x3d, p.K, backend="fast")
+
+
+@needs_native
+def test_native_edge_inputs():
+    # many points
+    p = random_problems(3, 3000, seed=8)
+    a = solve_pnp_forward(p.x2d, p.x3d, p.K, p.weights)
+    b = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)
+    assert torch.allclose(a.cost, b.cost, rtol=1e-10) and (a.R - b.R).abs().max() < 1e-9
+    # zero weights drop points: the same answer as solving without them
+    p = random_problems(16, 12, seed=9)
+    w = p.weights.clone()
+    w[:, ::2] = 0.0
+    full = native.solve_pnp_native(p.x2d, p.x3d, p.K, w)
+    kept = native.solve_pnp_native(p.x2d[:, 1::2], p.x3d[:, 1::2], p.K, w[:, 1::2])
+    assert (full.R - kept.R).abs().max() < 1e-9 and torch.allclose(full.cost, kept.cost, rtol=1e-9)
+    # non-contiguous views give the same answer as contiguous copies
+    x2d_view = p.x2d.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not x2d_view.is_contiguous()
+    view = native.solve_pnp_native(x2d_view, p.x3d, p.K, p.weights)
+    ref = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)
+    assert torch.equal(view.R, ref.R) and torch.equal(view.cost, ref.cost)

@@ -300,8 +300,7 @@ static int solve6_chol(const double *A, const double *b, double *x) {
 
 /* Cost, chart gradient and exact chart Hessian (as bpnp.cost.cost_terms with hessian=True):
  * the pose is perturbed as R <- exp([w]_x) R, t <- t + tau. Depths are clamped to min_depth;
- * *seen_depth gets the smallest unclamped depth among points with positive weight. g and H
- * may be NULL. */
+ * *seen_depth gets the smallest unclamped depth among points with positive weight. */
 static double cost_terms(const Problem *p, const double *R, const double *t, double min_depth,
                          double *g, double *H, double *seen_depth) {
     /* With D = dX/dxi = [-[P]_x, I] (P = R X_obj), every per-point term is a pull-back through D:
@@ -312,6 +311,8 @@ static double cost_terms(const Problem *p, const double *R, const double *t, dou
     const double m00 = p->m00, m01 = p->m01, m11 = p->m11, c0 = p->c0, c1 = p->c1;
     double cost = 0, seen = INFINITY;
     double Gr[3] = {0}, Gt[3] = {0}, Hrr[6] = {0}, Hrt[9] = {0}, Htt[6] = {0}, sP[9] = {0};
+    /* Branch-free body, so that the compiler may run several points per SIMD instruction. */
+#pragma omp simd reduction(+ : cost, Gr[:3], Gt[:3], Hrr[:6], Hrt[:9], Htt[:6], sP[:9]) reduction(min : seen)
     for (int i = 0; i < p->n; i++) {
         const double *X = p->x3d + 3 * i;
         double w = p->w[i];
@@ -319,7 +320,8 @@ static double cost_terms(const Problem *p, const double *R, const double *t, dou
         double P1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2];
         double P2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2];
         double depth = P2 + t[2];
-        if (w > 0 && depth < seen) seen = depth;
+        double seen_i = w > 0 ? depth : INFINITY;
+        seen = seen_i < seen ? seen_i : seen;
         double X2 = depth < min_depth ? min_depth : depth;
         double iz = 1.0 / X2;
         double a = (P0 + t[0]) * iz, b = (P1 + t[1]) * iz;
@@ -327,7 +329,6 @@ static double cost_terms(const Problem *p, const double *R, const double *t, dou
         double ru = ma + c0 - p->x2d[2 * i], rv = m11 * b + c1 - p->x2d[2 * i + 1];
         double wru = w * ru, wrv = w * rv;
         cost += wru * ru + wrv * rv;
-        if (!g) continue;
         double gu0 = m00 * iz, gu1 = m01 * iz, gu2 = -ma * iz;
         double gv1 = m11 * iz, gv2 = -(m11 * b) * iz;
         double s0 = wru * gu0, s1 = wru * gu1 + wrv * gv1, s2 = wru * gu2 + wrv * gv2;
@@ -335,7 +336,6 @@ static double cost_terms(const Problem *p, const double *R, const double *t, dou
         Gr[1] += P2 * s0 - P0 * s2;
         Gr[2] += P0 * s1 - P1 * s0;
         Gt[0] += s0; Gt[1] += s1; Gt[2] += s2;
-        if (!H) continue;
         sP[0] += s0 * P0; sP[1] += s0 * P1; sP[2] += s0 * P2;
         sP[3] += s1 * P0; sP[4] += s1 * P1; sP[5] += s1 * P2;
         sP[6] += s2 * P0; sP[7] += s2 * P1; sP[8] += s2 * P2;
@@ -361,12 +361,11 @@ static double cost_terms(const Problem *p, const double *R, const double *t, dou
         Hrr[5] += -P1 * C20 + P0 * C21;
     }
     if (seen_depth) *seen_depth = seen;
-    if (g)
-        for (int k = 0; k < 3; k++) {
-            g[k] = 2.0 * Gr[k];
-            g[3 + k] = 2.0 * Gt[k];
-        }
-    if (H) {
+    for (int k = 0; k < 3; k++) {
+        g[k] = 2.0 * Gr[k];
+        g[3 + k] = 2.0 * Gt[k];
+    }
+    {
         static const int sym[3][3] = {{0, 1, 2}, {1, 3, 4}, {2, 4, 5}};
         double tr = sP[0] + sP[4] + sP[8];
         for (int k = 0; k < 3; k++)
@@ -713,12 +712,12 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
          * (R X + t_c) . v > 0, evaluated as vec(R) . (v X^T) + t_c . v. */
         int behind = 0;
         if (buf) {
+#pragma omp simd reduction(+ : behind)
             for (int i = 0; i < n; i++) {
                 const double *q = buf + 13 * i;
-                if (!(q[12] > 0)) continue;
                 double d = tcen[0] * q[9] + tcen[1] * q[10] + tcen[2] * q[11];
                 for (int k = 0; k < 9; k++) d += R[k] * q[k];
-                if (!(d > 0)) behind++;
+                behind += (q[12] > 0) & !(d > 0);
             }
         } else {
             for (int i = 0; i < n; i++) {
