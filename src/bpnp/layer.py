@@ -113,7 +113,7 @@ def solve_pnp(
     max_iter: int = 100,
     warn: bool = True,
     global_search: bool = True,
-    check_every: int = 1,
+    check_every: int | None = None,
     backend: str = "auto",
 ) -> PnPResult:
     """Pose that minimises the weighted reprojection error; differentiable in every input.
@@ -137,9 +137,10 @@ def solve_pnp(
         global_search: with ``init_pose``, ``False`` skips the global initialisation and only
             refines the warm start: several times faster, meant for training loops whose
             problems change little per step, but without the global-optimum guarantee.
-        check_every: the solver loop asks the device whether all items are done every this many
-            iterations (each ask is a host-device synchronisation on a GPU); stopped items stay
-            frozen meanwhile, so the answer does not depend on it.
+        check_every: the torch solver's loop asks the device whether all items are done every
+            this many iterations (each ask is a host-device synchronisation on a GPU); stopped
+            items stay frozen meanwhile, so the answer does not depend on it. Default: 1 on the
+            CPU, 4 on other devices.
         backend: ``"auto"`` (default: the compiled C solver for CPU tensors when it could be
             built, see :mod:`bpnp.solvers.native`; the torch solver otherwise, e.g. on GPU),
             ``"torch"`` (batched tensor ops on any device) or ``"native"`` (CPU only; an error
@@ -161,6 +162,10 @@ def solve_pnp(
     if w_b is None:
         w_b = torch.ones(1, x2d_b.shape[1], dtype=f64, device=x2d_b.device)
     # float64 inside: float32 Jacobians cannot locate the optimum to float64 quality.
+    if check_every is None:
+        check_every = 1 if x2d_b.device.type == "cpu" else 4
+    if not isinstance(check_every, int) or check_every < 1:
+        raise PnPInputError(f"check_every: expected a positive int, got {check_every!r}")
     options = {"method": method, "num_candidates": num_candidates, "max_iter": max_iter,
                "global_search": global_search, "check_every": check_every, "backend": backend}
     pose, cost, converged, _, _, _, iters = _PnPFunction.apply(
