@@ -532,36 +532,39 @@ static double minimise_on_so3(const double *Om, double *R, int iters) {
     double o_r[9];
     double h = quad9(Om, R, o_r);
     double lam = 1e-3;
+    double grad[3], JO[3][9], Hgn[9], N[9], H[9], A[9], ng[3], step[3];
+    int fresh = 1; /* after a rejected step R is unchanged: only the damping changes */
     for (int it = 0; it < iters; it++) {
-        double grad[3], JO[3][9], Hgn[9], N[9], H[9], A[9], ng[3], step[3];
-        for (int a = 0; a < 3; a++) {
-            const double *u = R + 3 * src[a][0], *v = R + 3 * src[a][1];
-            const double *Ou = Om + 27 * blk[a][0], *Ov = Om + 27 * blk[a][1];
-            double su = sgn[a][0], sv = sgn[a][1];
-            const double *gu = o_r + 3 * blk[a][0], *gv = o_r + 3 * blk[a][1];
-            grad[a] = 2.0 * (su * (u[0] * gu[0] + u[1] * gu[1] + u[2] * gu[2]) +
-                             sv * (v[0] * gv[0] + v[1] * gv[1] + v[2] * gv[2]));
-            ng[a] = -grad[a];
-            for (int j = 0; j < 9; j++)
-                JO[a][j] = su * (u[0] * Ou[j] + u[1] * Ou[9 + j] + u[2] * Ou[18 + j]) +
-                           sv * (v[0] * Ov[j] + v[1] * Ov[9 + j] + v[2] * Ov[18 + j]);
-        }
-        for (int a = 0; a < 3; a++)
-            for (int b = a; b < 3; b++) {
-                const double *u = R + 3 * src[b][0], *v = R + 3 * src[b][1];
-                const double *ju = JO[a] + 3 * blk[b][0], *jv = JO[a] + 3 * blk[b][1];
-                double val = sgn[b][0] * (ju[0] * u[0] + ju[1] * u[1] + ju[2] * u[2]) +
-                             sgn[b][1] * (jv[0] * v[0] + jv[1] * v[1] + jv[2] * v[2]);
-                Hgn[a * 3 + b] = Hgn[b * 3 + a] = 2.0 * val;
+        if (fresh) { /* gradient, Gauss-Newton and exact Hessian at R */
+            for (int a = 0; a < 3; a++) {
+                const double *u = R + 3 * src[a][0], *v = R + 3 * src[a][1];
+                const double *Ou = Om + 27 * blk[a][0], *Ov = Om + 27 * blk[a][1];
+                double su = sgn[a][0], sv = sgn[a][1];
+                const double *gu = o_r + 3 * blk[a][0], *gv = o_r + 3 * blk[a][1];
+                grad[a] = 2.0 * (su * (u[0] * gu[0] + u[1] * gu[1] + u[2] * gu[2]) +
+                                 sv * (v[0] * gv[0] + v[1] * gv[1] + v[2] * gv[2]));
+                ng[a] = -grad[a];
+                for (int j = 0; j < 9; j++)
+                    JO[a][j] = su * (u[0] * Ou[j] + u[1] * Ou[9 + j] + u[2] * Ou[18 + j]) +
+                               sv * (v[0] * Ov[j] + v[1] * Ov[9 + j] + v[2] * Ov[18 + j]);
             }
-        /* N = R reshape(o_r)^T */
-        for (int a = 0; a < 3; a++)
-            for (int b = 0; b < 3; b++)
-                N[a * 3 + b] = R[a * 3] * o_r[b * 3] + R[a * 3 + 1] * o_r[b * 3 + 1] + R[a * 3 + 2] * o_r[b * 3 + 2];
-        double trN = N[0] + N[4] + N[8];
-        for (int a = 0; a < 3; a++)
-            for (int b = 0; b < 3; b++)
-                H[a * 3 + b] = Hgn[a * 3 + b] + N[a * 3 + b] + N[b * 3 + a] - (a == b ? 2.0 * trN : 0.0);
+            for (int a = 0; a < 3; a++)
+                for (int b = a; b < 3; b++) {
+                    const double *u = R + 3 * src[b][0], *v = R + 3 * src[b][1];
+                    const double *ju = JO[a] + 3 * blk[b][0], *jv = JO[a] + 3 * blk[b][1];
+                    double val = sgn[b][0] * (ju[0] * u[0] + ju[1] * u[1] + ju[2] * u[2]) +
+                                 sgn[b][1] * (jv[0] * v[0] + jv[1] * v[1] + jv[2] * v[2]);
+                    Hgn[a * 3 + b] = Hgn[b * 3 + a] = 2.0 * val;
+                }
+            /* N = R reshape(o_r)^T */
+            for (int a = 0; a < 3; a++)
+                for (int b = 0; b < 3; b++)
+                    N[a * 3 + b] = R[a * 3] * o_r[b * 3] + R[a * 3 + 1] * o_r[b * 3 + 1] + R[a * 3 + 2] * o_r[b * 3 + 2];
+            double trN = N[0] + N[4] + N[8];
+            for (int a = 0; a < 3; a++)
+                for (int b = 0; b < 3; b++)
+                    H[a * 3 + b] = Hgn[a * 3 + b] + N[a * 3 + b] + N[b * 3 + a] - (a == b ? 2.0 * trN : 0.0);
+        }
         double damp[3];
         for (int a = 0; a < 3; a++) {
             double d = Hgn[a * 4];
@@ -590,6 +593,7 @@ static double minimise_on_so3(const double *Om, double *R, int iters) {
             }
         }
         if (ok && step[0] * step[0] + step[1] * step[1] + step[2] * step[2] < 1e-24) break;
+        fresh = ok;
         lam = ok ? lam * 0.1 : lam * 10.0;
         lam = lam < 1e-12 ? 1e-12 : (lam > 1e12 ? 1e12 : lam);
     }
