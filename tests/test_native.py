@@ -9,7 +9,7 @@ import torch
 
 import bpnp
 import bpnp.solvers.native as native
-from bpnp.geometry import rvec_to_rotmat
+from bpnp.geometry import rotmat_to_rvec, rvec_to_rotmat
 from bpnp.synthetic import random_problems
 from bpnp.solvers.pnp import solve_pnp_forward
 
@@ -63,6 +63,7 @@ def test_native_matches_torch(case, shared):
     assert hess_err.max() < 1e-6
     assert torch.equal(a.converged[same], b.converged[same])
     assert b.converged.all()
+    assert (b.rvec - rotmat_to_rvec(b.R)).abs().max() < 1e-13
 
 
 @needs_native

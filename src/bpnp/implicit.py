@@ -14,26 +14,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .geometry import skew
 
 
-def inverse_left_jacobian(rvec: Tensor) -> Tensor:
-    """``J_l^-1`` of SO(3): ``d rvec' / d omega`` for ``exp(rvec') = exp(omega) exp(rvec)``.
+def inverse_left_jacobian_transpose_apply(rvec: Tensor, v: Tensor) -> Tensor:
+    """``J_l^-T v`` with ``J_l^-1`` of SO(3) (``d rvec' / d omega`` for
+    ``exp(rvec') = exp(omega) exp(rvec)``).
+
+    ``J_l^-1 = I - [r]/2 + c [r]^2`` with ``c = 1/th^2 - (1 + cos th) / (2 th sin th)`` (its
+    series below ``th^2 = 1e-6``), so ``J_l^-T v = v + (r x v)/2 + c r x (r x v)``.
 
     Args:
-        rvec: ``(..., 3)``.
+        rvec: ``(..., 3)``; v: ``(..., 3)``.
     Returns:
-        ``(..., 3, 3)``.
+        ``(..., 3)``.
     """
-    theta2 = (rvec * rvec).sum(-1)
+    theta2 = (rvec * rvec).sum(-1, keepdim=True)
     small = theta2 < 1e-6
     th = torch.where(small, torch.ones_like(theta2), theta2).sqrt()
     coef_big = 1.0 / th**2 - (1.0 + torch.cos(th)) / (2.0 * th * torch.sin(th))
     coef_small = 1.0 / 12.0 + theta2 / 720.0 + theta2 * theta2 / 30240.0
-    coef = torch.where(small, coef_small, coef_big)[..., None, None]
-    k = skew(rvec)
-    eye = torch.eye(3, dtype=rvec.dtype, device=rvec.device)
-    return eye - 0.5 * k + coef * (k @ k)
+    coef = torch.where(small, coef_small, coef_big)
+    rv = torch.linalg.cross(rvec, v, dim=-1)
+    return v + 0.5 * rv + coef * torch.linalg.cross(rvec, rv, dim=-1)
 
 
 def solve_hessian(hess: Tensor, rhs: Tensor, rel_floor: float = 1e-10) -> tuple[Tensor, Tensor]:
@@ -154,18 +156,23 @@ def implicit_vjp(
     K: Tensor,
     weights: Tensor,
     needs: tuple[bool, bool, bool, bool],
+    grad_R: Tensor | None = None,
 ) -> tuple[Tensor | None, ...]:
-    """Gradients of a loss w.r.t. ``(x2d, x3d, K, weights)`` given ``dL/dpose``.
+    """Gradients of a loss w.r.t. ``(x2d, x3d, K, weights)`` given ``dL/dpose`` (and ``dL/dR``).
 
     Args:
         grad_pose: ``(B, 6)``; rvec: ``(B, 3)`` returned rotation vectors; R, t: ``(B,3,3)``,
         ``(B,3)`` the optimum; hess: ``(B,6,6)`` exact chart Hessian; x2d ``(B,n,2)``,
-        x3d ``(B|1,n,3)``, K ``(B|1,3,3)``, weights ``(B|1,n)``; needs: which inputs need grads.
+        x3d ``(B|1,n,3)``, K ``(B|1,3,3)``, weights ``(B|1,n)``; needs: which inputs need grads;
+        grad_R: ``(B, 3, 3)`` gradient of the loss w.r.t. the returned rotation matrix, or None.
     Returns:
         Gradients shaped like the inputs (None where not needed).
     """
-    rhs = torch.cat(
-        [(inverse_left_jacobian(rvec).transpose(-1, -2) @ grad_pose[:, :3, None])[..., 0],
-         grad_pose[:, 3:]], -1)
+    rot = inverse_left_jacobian_transpose_apply(rvec, grad_pose[:, :3])
+    if grad_R is not None:
+        # In the chart R = exp([w]_x) R*: dL/dw_a = <G, [e_a]_x R*>, the axial part of G R*^T.
+        M = grad_R @ R.transpose(-1, -2)
+        rot = rot + torch.stack([M[:, 2, 1] - M[:, 1, 2], M[:, 0, 2] - M[:, 2, 0], M[:, 1, 0] - M[:, 0, 1]], -1)
+    rhs = torch.cat([rot, grad_pose[:, 3:]], -1)
     u, _ = solve_hessian(hess, rhs)
     return input_gradients(u, R, t, x2d, x3d, K, weights, needs)

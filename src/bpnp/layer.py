@@ -82,7 +82,8 @@ class _PnPFunction(torch.autograd.Function):
                 num_candidates=options["num_candidates"], max_iter=options["max_iter"],
                 global_search=options["global_search"], check_every=options["check_every"],
             )
-        pose = torch.cat([rotmat_to_rvec(sol.R), sol.t], -1)
+        rvec = sol.rvec if sol.rvec is not None else rotmat_to_rvec(sol.R)
+        pose = torch.cat([rvec, sol.t], -1)
         return pose, sol.cost, sol.converged, sol.R, sol.t, sol.hess, torch.tensor(sol.iterations)
 
     @staticmethod
@@ -90,15 +91,19 @@ class _PnPFunction(torch.autograd.Function):
         x2d, x3d, K, weights, _, _ = inputs
         pose, cost, converged, R, t, hess, _ = output
         ctx.save_for_backward(x2d, x3d, K, weights, pose, R, t, hess)
-        ctx.mark_non_differentiable(cost, converged, R, t, hess, output[6])
+        # pose and R are differentiable outputs (R directly, which spares a Rodrigues map).
+        ctx.mark_non_differentiable(cost, converged, t, hess, output[6])
 
     @staticmethod
-    def backward(ctx: Any, grad_pose: Tensor, *_: Any):  # type: ignore[override]
+    def backward(ctx: Any, grad_pose: Tensor | None, _c: Any, _v: Any, grad_R: Tensor | None,
+                 *_: Any):  # type: ignore[override]
         x2d, x3d, K, weights, pose, R, t, hess = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:4])
-        if grad_pose is None or not any(needs):
+        if (grad_pose is None and grad_R is None) or not any(needs):
             return None, None, None, None, None, None
-        grads = implicit_vjp(grad_pose, pose[:, :3], R, t, hess, x2d, x3d, K, weights, needs)
+        if grad_pose is None:
+            grad_pose = torch.zeros_like(pose)
+        grads = implicit_vjp(grad_pose, pose[:, :3], R, t, hess, x2d, x3d, K, weights, needs, grad_R)
         return (*grads, None, None)
 
 
@@ -168,7 +173,7 @@ def solve_pnp(
         raise PnPInputError(f"check_every: expected a positive int, got {check_every!r}")
     options = {"method": method, "num_candidates": num_candidates, "max_iter": max_iter,
                "global_search": global_search, "check_every": check_every, "backend": backend}
-    pose, cost, converged, _, _, _, iters = _PnPFunction.apply(
+    pose, cost, converged, R, _, _, iters = _PnPFunction.apply(
         x2d_b.to(f64), x3d_b.to(f64), K_b.to(f64), w_b.to(f64),
         None if pose_b is None else pose_b.detach().to(f64), options,
     )
@@ -182,7 +187,7 @@ def solve_pnp(
             stacklevel=2,
         )
     pose = pose.to(dtype)
-    R = rvec_to_rotmat(pose[:, :3])
+    R = R.to(dtype)
     t = pose[:, 3:]
     cost = cost.to(dtype)
     if unbatched:

@@ -93,7 +93,7 @@ def _compile() -> ctypes.CDLL:
             dp, ip = ctypes.POINTER(ctypes.c_double), ctypes.c_int
             lib.bpnp_solve.restype = ctypes.c_int
             lib.bpnp_solve.argtypes = [ip, ip, dp, dp, ip, dp, ip, dp, ip, dp, ip, dp, ip,
-                                       dp, dp, dp, dp, ctypes.POINTER(ctypes.c_uint8),
+                                       dp, dp, dp, dp, dp, ctypes.POINTER(ctypes.c_uint8),
                                        ctypes.POINTER(ctypes.c_int32)]
             return lib
     raise RuntimeError("; ".join(errors))
@@ -158,7 +158,7 @@ def solve_pnp_native(
         so3_iters: damped Newton iterations on SO(3) from every start.
     Returns:
         :class:`~bpnp.solvers.pnp.PnPSolution` (``iterations``: the most LM iterations any
-        problem of the batch needed).
+        problem of the batch needed; ``rvec`` filled in).
     Raises:
         RuntimeError: when the native solver is not available.
     """
@@ -180,6 +180,7 @@ def solve_pnp_native(
     opt = torch.tensor([num_candidates, max_iter, screen_iter, screen_ratio, object_ratio,
                         eigvec_starts[0], eigvec_starts[1], 0.35, so3_iters, 0.1, 2], dtype=f64)
     R = torch.empty(B, 3, 3, dtype=f64)
+    rvec = torch.empty(B, 3, dtype=f64)
     t = torch.empty(B, 3, dtype=f64)
     cost = torch.empty(B, dtype=f64)
     hess = torch.empty(B, 6, 6, dtype=f64)
@@ -189,6 +190,6 @@ def solve_pnp_native(
         B, n, _ptr(x2d), _ptr(x3d), int(x3d.shape[0] != 1 or B == 1), _ptr(K), int(K.shape[0] != 1 or B == 1),
         _ptr(weights), int(weights.shape[0] != 1 or B == 1),
         None if init is None else _ptr(init), int(global_search), _ptr(opt), torch.get_num_threads(),
-        _ptr(R), _ptr(t), _ptr(cost), _ptr(hess), _ptr(conv, ctypes.c_uint8), _ptr(iters, ctypes.c_int32),
+        _ptr(R), _ptr(rvec), _ptr(t), _ptr(cost), _ptr(hess), _ptr(conv, ctypes.c_uint8), _ptr(iters, ctypes.c_int32),
     )
-    return PnPSolution(R, t, cost, hess, conv.bool(), int(iters.max()) if B else 0)
+    return PnPSolution(R, t, cost, hess, conv.bool(), int(iters.max()) if B else 0, rvec)

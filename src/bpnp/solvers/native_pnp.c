@@ -72,14 +72,14 @@ static void rodrigues(const double *v, double *R) {
     R[6] = -a * y + b * x * z;       R[7] = a * x + b * y * z;        R[8] = 1.0 - b * (x * x + y * y);
 }
 
-/* Any 3x3 matrix read as a quaternion (Shepperd's pivoting), normalised, back to a rotation. */
-static void orthonormalise(const double *M, double *R) {
+/* Any 3x3 matrix read as a unit quaternion (w, x, y, z), w >= 0, by Shepperd's pivoting (as
+ * bpnp.geometry.rotmat_to_quaternion). */
+static void matrix_to_quaternion(const double *M, double *q) {
     double tr = M[0] + M[4] + M[8];
     double piv[4] = {tr, M[0], M[4], M[8]};
     int k = 0;
     for (int i = 1; i < 4; i++)
         if (piv[i] > piv[k]) k = i;
-    double q[4];
     switch (k) {
     case 0: q[0] = 1 + tr; q[1] = M[7] - M[5]; q[2] = M[2] - M[6]; q[3] = M[3] - M[1]; break;
     case 1: q[0] = M[7] - M[5]; q[1] = 1 + M[0] - M[4] - M[8]; q[2] = M[1] + M[3]; q[3] = M[2] + M[6]; break;
@@ -88,10 +88,27 @@ static void orthonormalise(const double *M, double *R) {
     }
     double nq = sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]);
     if (!(nq > 0)) { nq = 1; q[0] = 1; q[1] = q[2] = q[3] = 0; }
-    double w = q[0] / nq, x = q[1] / nq, y = q[2] / nq, z = q[3] / nq;
+    double sgn = q[0] < 0 ? -1.0 / nq : 1.0 / nq;
+    for (int i = 0; i < 4; i++) q[i] *= sgn;
+}
+
+/* Any 3x3 matrix read as a quaternion, normalised, back to a rotation. */
+static void orthonormalise(const double *M, double *R) {
+    double q[4];
+    matrix_to_quaternion(M, q);
+    double w = q[0], x = q[1], y = q[2], z = q[3];
     R[0] = 1 - 2 * (y * y + z * z); R[1] = 2 * (x * y - w * z); R[2] = 2 * (x * z + w * y);
     R[3] = 2 * (x * y + w * z); R[4] = 1 - 2 * (x * x + z * z); R[5] = 2 * (y * z - w * x);
     R[6] = 2 * (x * z - w * y); R[7] = 2 * (y * z + w * x); R[8] = 1 - 2 * (x * x + y * y);
+}
+
+/* Rotation vector of R, angle in [0, pi] (as bpnp.geometry.rotmat_to_rvec). */
+static void rotation_to_rvec(const double *R, double *rvec) {
+    double q[4];
+    matrix_to_quaternion(R, q);
+    double n = sqrt(q[1] * q[1] + q[2] * q[2] + q[3] * q[3]), w = q[0];
+    double scale = n < 1e-6 ? (2.0 / w) * (1.0 - n * n / (3.0 * w * w)) : 2.0 * atan2(n, w) / n;
+    for (int i = 0; i < 3; i++) rvec[i] = scale * q[1 + i];
 }
 
 /* sqrt(a^2 + b^2): the direct formula unless it could over- or underflow (libm's hypot is
@@ -849,7 +866,7 @@ typedef struct {
     int B, n, x3d_batched, K_batched, w_batched, global_search;
     const double *x2d, *x3d, *K, *w, *init;
     const Options *o;
-    double *R_out, *t_out, *cost_out, *H_out;
+    double *R_out, *t_out, *cost_out, *H_out, *rvec_out;
     uint8_t *conv_out;
     int32_t *iter_out;
     int next; /* next unclaimed item (shared by the workers) */
@@ -876,6 +893,7 @@ static void *solve_items(void *arg) {
             solve_one(&p, j->o, j->init ? j->init + (size_t)b * 12 : NULL, j->global_search, &s);
             memcpy(j->R_out + (size_t)b * 9, s.R, sizeof s.R);
             memcpy(j->t_out + (size_t)b * 3, s.t, sizeof s.t);
+            rotation_to_rvec(s.R, j->rvec_out + (size_t)b * 3);
             j->cost_out[b] = s.cost;
             memcpy(j->H_out + (size_t)b * 36, s.H, sizeof s.H);
             j->conv_out[b] = (uint8_t)s.conv;
@@ -888,14 +906,14 @@ static void *solve_items(void *arg) {
 /* Solves B problems. Inputs are C-contiguous float64; a *_batched flag of 0 means one array
  * shared by the batch. init (B x 12: R row-major, t) may be NULL. opt holds, in order:
  * num_candidates, max_iter, screen_iter, screen_ratio, object_ratio, num_eigvecs,
- * solid_eigvecs, thin_ratio, so3_iters, dedupe, polish_steps. Outputs: R (B x 9), t (B x 3),
- * cost (B), H (B x 36), converged (B), iterations (B). Work is shared by up to num_threads
+ * solid_eigvecs, thin_ratio, so3_iters, dedupe, polish_steps. Outputs: R (B x 9), its rotation
+ * vector (B x 3), t (B x 3), cost (B), H (B x 36), converged (B), iterations (B). Work is shared by up to num_threads
  * threads (plain pthreads started per call: no second OpenMP runtime next to PyTorch's, and
  * nothing that outlives the call, so a later fork() is safe). Returns 0. */
 int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
                int K_batched, const double *w, int w_batched, const double *init, int global_search,
-               const double *opt, int num_threads, double *R_out, double *t_out, double *cost_out,
-               double *H_out, uint8_t *conv_out, int32_t *iter_out) {
+               const double *opt, int num_threads, double *R_out, double *rvec_out, double *t_out,
+               double *cost_out, double *H_out, uint8_t *conv_out, int32_t *iter_out) {
     Options o;
     o.num_candidates = (int)opt[0];
     o.max_iter = (int)opt[1];
@@ -911,7 +929,7 @@ int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batch
     if (o.num_candidates > MAX_CAND) o.num_candidates = MAX_CAND;
     if (o.num_candidates < 1) o.num_candidates = 1;
     Batch job = {B, n, x3d_batched, K_batched, w_batched, global_search, x2d, x3d, K, w, init, &o,
-                 R_out, t_out, cost_out, H_out, conv_out, iter_out, 0};
+                 R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, 0};
     int extra = 0;
 #ifdef BPNP_THREADS
     /* A thread start costs ~20-50 us, a problem ~30-60 us: only batches of several chunks

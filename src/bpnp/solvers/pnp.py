@@ -21,6 +21,7 @@ class PnPSolution(NamedTuple):
     hess: Tensor  # (B, 6, 6) exact chart Hessian at the answer
     converged: Tensor  # (B,) bool
     iterations: int
+    rvec: Tensor | None = None  # (B, 3) rotation vector of R, when the solver computed it
 
 
 def refine(
