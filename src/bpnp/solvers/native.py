@@ -1,7 +1,7 @@
 """The native CPU forward: ``native_pnp.c`` compiled on first use and called through ctypes.
 
 The C file is the torch solver's algorithm (:mod:`bpnp.solvers.init`, :mod:`~bpnp.solvers.lm`,
-:mod:`~bpnp.solvers.pnp`) per problem, with a few threads over the batch: on the CPU it removes the
+:mod:`~bpnp.solvers.pnp`) per problem, with threads over the batch: on the CPU it removes the
 eager-dispatch overhead and the memory traffic of batched temporaries, which dominate there.
 It needs a C compiler (``$CC`` or ``cc``) the first time; the shared library is cached under
 ``$BPNP_CACHE_DIR`` (default ``~/.cache/bpnp``, or the temporary directory when that is not
@@ -30,12 +30,14 @@ __all__ = ["native_available", "native_unavailable_reason", "solve_pnp_native"]
 
 _SOURCE = Path(__file__).with_name("native_pnp.c")
 # -fno-math-errno lets sqrt compile to one instruction (measured: 20% of the solve); no
-# -ffast-math, the solver relies on inf/NaN semantics. -fopenmp-simd only honours the
-# "omp simd" loop annotations (no OpenMP runtime): the per-point sums run 2 points per
-# instruction (n = 500: 1.2x).
+# -ffast-math, the solver relies on inf/NaN semantics. The "omp simd" loop annotations run the
+# per-point sums 2 points per instruction (n = 500: 1.2x). -fopenmp: the batch is shared by
+# PyTorch's own OpenMP workers (the library is loaded after torch, so libgomp resolves to the
+# runtime torch loaded); where OpenMP is missing (e.g. Apple clang), plain pthreads.
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=gnu99", "-fPIC", "-shared"]
 _THREADS = ["-pthread", "-DBPNP_THREADS"]
-_FLAG_SETS = (_BASE_FLAGS + ["-fopenmp-simd"] + _THREADS, _BASE_FLAGS + _THREADS, _BASE_FLAGS)
+_FLAG_SETS = (_BASE_FLAGS + ["-fopenmp"], _BASE_FLAGS + ["-fopenmp-simd"] + _THREADS,
+              _BASE_FLAGS + _THREADS, _BASE_FLAGS)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None

@@ -13,14 +13,14 @@
  *   3. ranking by object-space error + cheirality, de-duplication, the best few candidates;
  *   4. a few screening LM iterations, then exact-Hessian LM to convergence and Newton polish;
  *   5. the best valid candidate, its exact Hessian and a well-posedness test.
- * Everything is float64. Compiled on first use by bpnp.solvers.native (C99; pthreads over the
- * batch when available).
+ * Everything is float64. Compiled on first use by bpnp.solvers.native (C99; OpenMP, else
+ * pthreads, over the batch).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef BPNP_THREADS
+#if defined(BPNP_THREADS) && !defined(_OPENMP)
 #include <pthread.h>
 #endif
 
@@ -907,9 +907,8 @@ static void *solve_items(void *arg) {
  * shared by the batch. init (B x 12: R row-major, t) may be NULL. opt holds, in order:
  * num_candidates, max_iter, screen_iter, screen_ratio, object_ratio, num_eigvecs,
  * solid_eigvecs, thin_ratio, so3_iters, dedupe, polish_steps. Outputs: R (B x 9), its rotation
- * vector (B x 3), t (B x 3), cost (B), H (B x 36), converged (B), iterations (B). Work is shared by up to num_threads
- * threads (plain pthreads started per call: no second OpenMP runtime next to PyTorch's, and
- * nothing that outlives the call, so a later fork() is safe). Returns 0. */
+ * vector (B x 3), t (B x 3), cost (B), H (B x 36), converged (B), iterations (B). Work is
+ * shared by up to num_threads threads, in chunks of CHUNK problems. Returns 0. */
 int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
                int K_batched, const double *w, int w_batched, const double *init, int global_search,
                const double *opt, int num_threads, double *R_out, double *rvec_out, double *t_out,
@@ -930,21 +929,25 @@ int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batch
     if (o.num_candidates < 1) o.num_candidates = 1;
     Batch job = {B, n, x3d_batched, K_batched, w_batched, global_search, x2d, x3d, K, w, init, &o,
                  R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, 0};
-    int extra = 0;
-#ifdef BPNP_THREADS
-    /* A thread start costs ~20-50 us, a problem ~30-60 us: only batches of several chunks
-     * per thread are split. */
+    int want = num_threads < 1 ? 1 : num_threads;
+    if (want > (B + CHUNK - 1) / CHUNK) want = (B + CHUNK - 1) / CHUNK;
+#if defined(_OPENMP)
+    /* Loaded after PyTorch, this library resolves libgomp to the runtime PyTorch already
+     * loaded: the workers are PyTorch's own (warm, often still spinning after the caller's
+     * last tensor op), so nothing competes for the cores. */
+#pragma omp parallel num_threads(want) if (want > 1)
+    solve_items(&job);
+#elif defined(BPNP_THREADS)
+    /* No OpenMP: plain threads, started and joined here. */
     pthread_t threads[64];
-    int want = num_threads < 64 ? num_threads : 64;
-    if (want > B / (4 * CHUNK)) want = B / (4 * CHUNK);
+    int extra = 0;
+    if (want > 64) want = 64;
     for (int k = 1; k < want; k++)
         if (pthread_create(&threads[extra], NULL, solve_items, &job) == 0) extra++;
-#endif
     solve_items(&job);
-#ifdef BPNP_THREADS
     for (int k = 0; k < extra; k++) pthread_join(threads[k], NULL);
+#else
+    solve_items(&job);
 #endif
-    (void)num_threads;
-    (void)extra;
     return 0;
 }
