@@ -23,14 +23,22 @@ def machine() -> dict:
     }
 
 
+# Idle time before each timed call: PyTorch's OpenMP workers spin for milliseconds after a
+# parallel region, and on machines whose cores are hyperthreads of one another a spinning
+# worker slows whatever runs next (an OpenCV loop as much as our solver). Measured calls
+# start from a quiet machine.
+QUIET_S = 0.02
+
+
 def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, sync: bool = False) -> float:
-    """Median wall time of ``fn`` in seconds."""
+    """Median wall time of ``fn`` in seconds (each call after ``QUIET_S`` of idle time)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
         if sync:
             torch.cuda.synchronize()
+        time.sleep(QUIET_S)
         t0 = time.perf_counter()
         fn()
         if sync:
@@ -52,6 +60,7 @@ def paired(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 
         for key, fn in fns.items():
             if sync:
                 torch.cuda.synchronize()
+            time.sleep(QUIET_S)
             t0 = time.perf_counter()
             fn()
             if sync:

@@ -27,7 +27,9 @@ def main() -> None:
         "solvers: `native` (the compiled C solver, `backend=\"auto\"`'s choice on CPU) and `torch` (batched tensor "
         "ops, the GPU path); the backward is the same closed-form implicit VJP for both. Wall times on this shared "
         "machine vary by 10-40% between runs, so the layer table interleaves every timing of a cell with the OpenCV "
-        "loops round by round (median of the rounds) and reports ratios from the same rounds. Regenerate with the "
+        "loops round by round (median of the rounds) and reports ratios from the same rounds; every timed call "
+        "starts after 20 ms of idle time (PyTorch's OpenMP workers spin after each parallel op and would slow "
+        "whatever runs next). Regenerate with the "
         "scripts named in each heading, then `python benchmarks/make_results.py`; `results/*.json` hold every "
         "number.\n")
     L.append("## Layer against OpenCV loops (`python benchmarks/bench_layer.py`)\n")
@@ -93,7 +95,9 @@ def main() -> None:
     L.append("- Linear growth (exponent <= 1.1): " + "; ".join(
         f"{b} {e['B_upper']:.2f} in B, {e['n_upper']:.2f} in n" for b, e in es.items())
         + " (upper halves of the sweeps); memory linear in points.")
-    L.append("- GPU (B = 65536, float32, < 30 ms on one H100): not measured, no GPU was lent to this session.")
+    L.append("- GPU (B = 65536, float32, < 30 ms on one H100): not measured, no GPU was lent to this session; "
+             "`python benchmarks/bench_gpu.py` is the prepared run (torch solver, check_every 1/4/8, cost against "
+             "the float64 optimum).")
     L.append("\nWhat was tried, predicted and measured on the way is in [NOTES.md](NOTES.md).")
     (HERE / "RESULTS.md").write_text("\n".join(L) + "\n")
 
