@@ -168,3 +168,32 @@ def test_native_edge_inputs():
     view = native.solve_pnp_native(x2d_view, p.x3d, p.K, p.weights)
     ref = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)
     assert torch.equal(view.R, ref.R) and torch.equal(view.cost, ref.cost)
+
+
+BUILD_PROBE = """
+import sys, torch
+from bpnp.solvers.native import solve_pnp_native, native_unavailable_reason
+from bpnp.synthetic import random_problems
+torch.set_num_threads(2)
+p = random_problems(200, 15, seed=12)
+s = solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)
+torch.save({"R": s.R, "cost": s.cost, "hess": s.hess}, sys.argv[1])
+"""
+
+
+@needs_native
+@pytest.mark.slow
+@pytest.mark.parametrize("build", ["pthreads", "serial"])
+def test_other_builds_agree(build, tmp_path):
+    # The builds used where OpenMP (or threads) are missing, e.g. Apple clang: same answers.
+    out = tmp_path / "out.pt"
+    env = {**os.environ, "BPNP_NATIVE_BUILD": build, "BPNP_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", BUILD_PROBE, str(out)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    got = torch.load(out)
+    p = random_problems(200, 15, seed=12)
+    ref = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)
+    assert (got["R"] - ref.R).abs().max() < 1e-10
+    assert torch.allclose(got["cost"], ref.cost, rtol=1e-10)
+    assert torch.allclose(got["hess"], ref.hess, rtol=1e-8, atol=1e-8 * ref.hess.abs().max())

@@ -7,7 +7,8 @@ It needs a C compiler (``$CC`` or ``cc``) the first time; the shared library is 
 ``$BPNP_CACHE_DIR`` (default ``~/.cache/bpnp``, or the temporary directory when that is not
 writable), keyed by the source and the compiler flags.
 Without a compiler, or with ``BPNP_NATIVE=0``, :func:`native_available` is False and the layer
-uses the torch solver (``backend="auto"``).
+uses the torch solver (``backend="auto"``). ``BPNP_NATIVE_BUILD=openmp|pthreads|serial`` forces
+one build (default: the first of these that compiles).
 """
 from __future__ import annotations
 
@@ -36,8 +37,22 @@ _SOURCE = Path(__file__).with_name("native_pnp.c")
 # runtime torch loaded); where OpenMP is missing (e.g. Apple clang), plain pthreads.
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=gnu99", "-fPIC", "-shared"]
 _THREADS = ["-pthread", "-DBPNP_THREADS"]
-_FLAG_SETS = (_BASE_FLAGS + ["-fopenmp"], _BASE_FLAGS + ["-fopenmp-simd"] + _THREADS,
-              _BASE_FLAGS + _THREADS, _BASE_FLAGS)
+_BUILDS = {
+    "openmp": _BASE_FLAGS + ["-fopenmp"],
+    "pthreads": _BASE_FLAGS + ["-fopenmp-simd"] + _THREADS,
+    "pthreads-plain": _BASE_FLAGS + _THREADS,
+    "serial": _BASE_FLAGS,
+}
+
+
+def _flag_sets() -> list[list[str]]:
+    """Builds to try, best first; ``BPNP_NATIVE_BUILD`` (openmp, pthreads, serial) picks one."""
+    choice = os.environ.get("BPNP_NATIVE_BUILD", "auto")
+    if choice == "auto":
+        return list(_BUILDS.values())
+    if choice not in _BUILDS:
+        raise RuntimeError(f"BPNP_NATIVE_BUILD={choice!r}: expected auto or one of {sorted(_BUILDS)}")
+    return [_BUILDS[choice]]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -75,7 +90,7 @@ def _compile() -> ctypes.CDLL:
     source = _SOURCE.read_bytes()
     compiler = os.environ.get("CC", "cc")
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in _flag_sets():
         tag = hashlib.sha256(
             source + " ".join([compiler, *flags, platform.machine(), sys.platform]).encode()
         ).hexdigest()[:16]
