@@ -184,6 +184,8 @@ def solve_pnp_native(
         raise RuntimeError(f"bpnp native solver unavailable: {_reason}")
     B, n, _ = x2d.shape
     f64 = torch.float64
+    if not all(1 <= int(m) <= 9 for m in eigvec_starts):
+        raise ValueError(f"eigvec_starts: expected two ints in 1..9, got {eigvec_starts}")
 
     def prep(x: Tensor) -> Tensor:
         if x.device.type != "cpu":

@@ -24,7 +24,7 @@
 #include <pthread.h>
 #endif
 
-#define MAX_STARTS 20
+#define MAX_STARTS 30 /* 2 x 9 eigenvector starts + 12 tetrahedral ones */
 #define MAX_CAND 9
 
 typedef struct {
