@@ -710,9 +710,9 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
     int S = 0;
     for (int e = 0; e < m; e++)
         for (int sg = 0; sg < 2; sg++) {
-            double M[9];
-            for (int k = 0; k < 9; k++) M[k] = (sg ? -1.0 : 1.0) * V[k * 9 + e] * 1.7320508075688772;
-            orthonormalise(M, Rs[S++]);
+            double E[9]; /* the eigenvector as a 3x3 matrix, scaled to the norm of a rotation */
+            for (int k = 0; k < 9; k++) E[k] = (sg ? -1.0 : 1.0) * V[k * 9 + e] * 1.7320508075688772;
+            orthonormalise(E, Rs[S++]);
         }
     if (thin)
         for (int k = 0; k < 12; k++) tetra_rotation(k, Rs[S++]);
