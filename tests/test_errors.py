@@ -117,3 +117,14 @@ def test_duplicate_points_singular_hessian_finite_grads(backend):
     assert torch.isfinite(res.pose).all() and not res.converged.any()
     res.pose.sum().backward()
     assert torch.isfinite(x2d.grad).all()
+
+
+def test_empty_batch(backend):
+    # No problems left (e.g. every detection filtered out): empty answers, an empty gradient.
+    x2d = torch.zeros(0, 6, 2, dtype=torch.float64, requires_grad=True)
+    x3d = torch.randn(6, 3, dtype=torch.float64)
+    K = torch.tensor([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]], dtype=torch.float64)
+    res = bpnp.solve_pnp(x2d, x3d, K, backend=backend)
+    assert res.pose.shape == (0, 6) and res.R.shape == (0, 3, 3) and res.converged.shape == (0,)
+    (res.pose.sum() + res.R.sum()).backward()
+    assert x2d.grad.shape == x2d.shape

@@ -12,7 +12,7 @@ from .checks import PnPInputError, canonical_pnp_inputs
 from .geometry import rotmat_to_rvec, rvec_to_rotmat
 from .implicit import implicit_vjp
 from .solvers.native import native_available, native_unavailable_reason, solve_pnp_native
-from .solvers.pnp import solve_pnp_forward
+from .solvers.pnp import PnPSolution, solve_pnp_forward
 
 __all__ = ["PnPResult", "solve_pnp", "BPnP", "PnPConvergenceWarning"]
 
@@ -67,7 +67,11 @@ class _PnPFunction(torch.autograd.Function):
         if init_pose is not None:
             init_R = rvec_to_rotmat(init_pose[:, :3])
             init_t = init_pose[:, 3:]
-        if options["method"] == "opencv":
+        if x2d.shape[0] == 0:  # an empty batch (e.g. no detections left): empty answers
+            e = x2d.new_empty
+            sol = PnPSolution(e(0, 3, 3), e(0, 3), e(0), e(0, 6, 6),
+                              torch.zeros(0, dtype=torch.bool, device=x2d.device), 0, e(0, 3))
+        elif options["method"] == "opencv":
             from .solvers.opencv import solve_pnp_opencv
 
             sol = solve_pnp_opencv(x2d, x3d, K, weights)

@@ -931,6 +931,7 @@ int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batch
                  R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, 0};
     int want = num_threads < 1 ? 1 : num_threads;
     if (want > (B + CHUNK - 1) / CHUNK) want = (B + CHUNK - 1) / CHUNK;
+    if (want < 1) want = 1;
 #if defined(_OPENMP)
     /* Loaded after PyTorch, this library resolves libgomp to the runtime PyTorch already
      * loaded: the workers are PyTorch's own (warm, often still spinning after the caller's
