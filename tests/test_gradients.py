@@ -119,3 +119,28 @@ def test_closed_form_input_gradients_match_autograd(shared):
     for name, e, c in zip(("x2d", "x3d", "K", "weights"), expected, got):
         assert c.shape == e.shape, name
         assert rel_err(c, -e) < 1e-13, (name, rel_err(c, -e))
+
+
+def test_layer_inside_torch_compile():
+    # torch.compile of code around the layer (the solver itself runs eagerly, behind a graph
+    # break): same loss, same gradients. backend="aot_eager" checks the tracing, not codegen.
+    import warnings
+
+    inputs = make_inputs(False, True, B=4, n=8)
+    K, x3d, w = inputs["K"], inputs["x3d"], inputs["weights"]
+
+    def loss(x2d):
+        return bpnp.solve_pnp(x2d * 1.0, x3d, K, w, warn=False).pose.pow(2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager")
+    x_c = inputs["x2d"].clone().requires_grad_()
+    x_e = inputs["x2d"].clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's graph-break notes
+        out_c = compiled(x_c)
+        out_c.backward()
+    out_e = loss(x_e)
+    out_e.backward()
+    assert torch.allclose(out_c, out_e, rtol=1e-12)
+    assert torch.allclose(x_c.grad, x_e.grad, rtol=1e-10, atol=1e-12)
