@@ -197,3 +197,32 @@ def test_other_builds_agree(build, tmp_path):
     assert (got["R"] - ref.R).abs().max() < 1e-10
     assert torch.allclose(got["cost"], ref.cost, rtol=1e-10)
     assert torch.allclose(got["hess"], ref.hess, rtol=1e-8, atol=1e-8 * ref.hess.abs().max())
+
+
+FORK_PROBE = """
+import multiprocessing as mp, sys, torch, bpnp
+from bpnp.synthetic import random_problems
+torch.set_num_threads(2)
+p = random_problems(256, 20, seed=0)
+bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, backend="native")  # the parent's OpenMP pool is up
+
+def child(q):
+    r = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, backend="native")
+    q.put(bool(r.converged.all()))
+
+q = mp.get_context("fork").Queue()
+proc = mp.get_context("fork").Process(target=child, args=(q,))
+proc.start()
+proc.join(120)
+if proc.is_alive():
+    proc.kill()
+    sys.exit("the forked child hung")
+print(proc.exitcode, q.get())
+"""
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_native_in_forked_child():
+    # libgomp's thread pool does not survive fork(): a child must not hang on it.
+    assert _run_python(FORK_PROBE).split() == ["0", "True"]

@@ -34,11 +34,12 @@ _SOURCE = Path(__file__).with_name("native_pnp.c")
 # -ffast-math, the solver relies on inf/NaN semantics. The "omp simd" loop annotations run the
 # per-point sums 2 points per instruction (n = 500: 1.2x). -fopenmp: the batch is shared by
 # PyTorch's own OpenMP workers (the library is loaded after torch, so libgomp resolves to the
-# runtime torch loaded); where OpenMP is missing (e.g. Apple clang), plain pthreads.
+# runtime torch loaded); where OpenMP is missing (e.g. Apple clang), and in a fork()ed child
+# (libgomp's pool does not survive fork), plain pthreads.
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=gnu99", "-fPIC", "-shared"]
 _THREADS = ["-pthread", "-DBPNP_THREADS"]
 _BUILDS = {
-    "openmp": _BASE_FLAGS + ["-fopenmp"],
+    "openmp": _BASE_FLAGS + ["-fopenmp"] + _THREADS,
     "pthreads": _BASE_FLAGS + ["-fopenmp-simd"] + _THREADS,
     "pthreads-plain": _BASE_FLAGS + _THREADS,
     "serial": _BASE_FLAGS,

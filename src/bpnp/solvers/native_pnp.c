@@ -20,7 +20,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(BPNP_THREADS) && !defined(_OPENMP)
+#if defined(BPNP_THREADS)
 #include <pthread.h>
 #endif
 
@@ -874,6 +874,16 @@ typedef struct {
 
 #define CHUNK 8
 
+static volatile int in_forked_child = 0;
+
+#if defined(_OPENMP) && defined(BPNP_THREADS)
+static void mark_forked_child(void) { in_forked_child = 1; }
+
+__attribute__((constructor)) static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, mark_forked_child);
+}
+#endif
+
 static void *solve_items(void *arg) {
     Batch *j = (Batch *)arg;
     for (;;) {
@@ -935,11 +945,16 @@ int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batch
 #if defined(_OPENMP)
     /* Loaded after PyTorch, this library resolves libgomp to the runtime PyTorch already
      * loaded: the workers are PyTorch's own (warm, often still spinning after the caller's
-     * last tensor op), so nothing competes for the cores. */
+     * last tensor op), so nothing competes for the cores. libgomp's pool does not survive
+     * fork(): in a forked child the plain threads below take over. */
+    if (!in_forked_child) {
 #pragma omp parallel num_threads(want) if (want > 1)
-    solve_items(&job);
-#elif defined(BPNP_THREADS)
-    /* No OpenMP: plain threads, started and joined here. */
+        solve_items(&job);
+        return 0;
+    }
+#endif
+#if defined(BPNP_THREADS)
+    /* Plain threads, started and joined here. */
     pthread_t threads[64];
     int extra = 0;
     if (want > 64) want = 64;
