@@ -24,23 +24,7 @@ from bpnp.cost import cost_only
 from bpnp.solvers.native import native_available
 from bpnp.synthetic import random_problems
 
-from common import machine, write_json
-
-
-def timed(fn, repeat: int, sync: bool) -> float:
-    """Median seconds of ``fn`` after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+from common import machine, timeit, write_json
 
 
 def main() -> None:
@@ -77,8 +61,8 @@ def main() -> None:
         rel = (cost - ref.cost) / ref.cost.clamp_min(1e-300)
         row = {
             "check_every": k,
-            "fwd_ms": 1e3 * timed(fwd, args.repeat, sync),
-            "fwd_bwd_ms": 1e3 * timed(fwd_bwd, args.repeat, sync),
+            "fwd_ms": 1e3 * timeit(fwd, args.repeat, warmup=2, sync=sync),
+            "fwd_bwd_ms": 1e3 * timeit(fwd_bwd, args.repeat, warmup=2, sync=sync),
             "max_rel_cost_excess": float(rel.max()),
             "median_rel_cost_excess": float(rel.median()),
             "converged_fraction": float(res.converged.float().mean()),

@@ -32,19 +32,7 @@ QUIET_S = 0.02
 
 def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, sync: bool = False) -> float:
     """Median wall time of ``fn`` in seconds (each call after ``QUIET_S`` of idle time)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if sync:
-            torch.cuda.synchronize()
-        time.sleep(QUIET_S)
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return paired({"fn": fn}, repeat, warmup, sync)["fn"]
 
 
 def paired(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1,

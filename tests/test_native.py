@@ -111,9 +111,10 @@ def test_native_symmetric_eig():
             assert (V.T @ V - torch.eye(N, dtype=torch.float64)).abs().max() < 1e-13
 
 
-def _run_python(code: str, **env) -> str:
+def _run_python(code: str, *args: str, timeout: float = 300, **env: str) -> str:
     full_env = {**os.environ, **env}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env,
+                         timeout=timeout)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -187,10 +188,7 @@ torch.save({"R": s.R, "cost": s.cost, "hess": s.hess}, sys.argv[1])
 def test_other_builds_agree(build, tmp_path):
     # The builds used where OpenMP (or threads) are missing, e.g. Apple clang: same answers.
     out = tmp_path / "out.pt"
-    env = {**os.environ, "BPNP_NATIVE_BUILD": build, "BPNP_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", BUILD_PROBE, str(out)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    _run_python(BUILD_PROBE, str(out), timeout=600, BPNP_NATIVE_BUILD=build, BPNP_CACHE_DIR=str(tmp_path))
     got = torch.load(out)
     p = random_problems(200, 15, seed=12)
     ref = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)

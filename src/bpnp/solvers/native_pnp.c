@@ -36,6 +36,19 @@ typedef struct {
     double m00, m01, m11, c0, c1; /* entries of K / K[2][2] */
 } Problem;
 
+static void set_camera(Problem *p, const double *K) {
+    memcpy(p->K, K, sizeof p->K);
+    p->m00 = K[0] / K[8]; p->m01 = K[1] / K[8]; p->m11 = K[4] / K[8];
+    p->c0 = K[2] / K[8]; p->c1 = K[5] / K[8];
+}
+
+/* The ray K^-1 [x_i, 1] = (va, vb, 1) of point i (K upper triangular). */
+static inline void point_ray(const Problem *p, int i, double *va, double *vb) {
+    const double *K = p->K;
+    *vb = (p->x2d[2 * i + 1] * K[8] - K[5]) / K[4];
+    *va = (p->x2d[2 * i] * K[8] - K[2] - K[1] * *vb) / K[0];
+}
+
 typedef struct {
     double R[9], t[3];
     double cost, g[6], H[36];
@@ -404,9 +417,7 @@ double bpnp_cost_terms(int n, const double *x2d, const double *x3d, const double
     p.x2d = x2d;
     p.x3d = x3d;
     p.w = w;
-    memcpy(p.K, K, sizeof p.K);
-    p.m00 = K[0] / K[8]; p.m01 = K[1] / K[8]; p.m11 = K[4] / K[8];
-    p.c0 = K[2] / K[8]; p.c1 = K[5] / K[8];
+    set_camera(&p, K);
     return cost_terms(&p, R, t, 0.0, g, H, NULL);
 }
 
@@ -628,7 +639,6 @@ typedef struct {
 /* Candidate poses, best first (as bpnp.solvers.init.initial_poses); returns their number. */
 static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], double (*tc)[3], double *keyc) {
     const int n = p->n;
-    const double *K = p->K;
     double wsum = 0, centre[3] = {0};
     for (int i = 0; i < n; i++) {
         wsum += p->w[i];
@@ -640,8 +650,8 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
     double A[6] = {0}, Bs[18] = {0}, M[36] = {0}, cov[6] = {0};
     for (int i = 0; i < n; i++) {
         double w = p->w[i];
-        double vb = (p->x2d[2 * i + 1] * K[8] - K[5]) / K[4];
-        double va = (p->x2d[2 * i] * K[8] - K[2] - K[1] * vb) / K[0];
+        double va, vb;
+        point_ray(p, i, &va, &vb);
         double v[3] = {va, vb, 1.0};
         double inv = 1.0 / (va * va + vb * vb + 1.0);
         double X[3] = {p->x3d[3 * i] - centre[0], p->x3d[3 * i + 1] - centre[1], p->x3d[3 * i + 2] - centre[2]};
@@ -743,8 +753,8 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
         } else {
             for (int i = 0; i < n; i++) {
                 if (!(p->w[i] > 0)) continue;
-                double vb = (p->x2d[2 * i + 1] * K[8] - K[5]) / K[4];
-                double va = (p->x2d[2 * i] * K[8] - K[2] - K[1] * vb) / K[0];
+                double va, vb;
+                point_ray(p, i, &va, &vb);
                 double X[3] = {p->x3d[3 * i] - centre[0], p->x3d[3 * i + 1] - centre[1], p->x3d[3 * i + 2] - centre[2]};
                 double xc0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2] + tcen[0];
                 double xc1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2] + tcen[1];
@@ -792,12 +802,6 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
 }
 
 /* ---------------------------------------------------------------- one problem */
-
-static void set_camera(Problem *p, const double *K) {
-    memcpy(p->K, K, sizeof p->K);
-    p->m00 = K[0] / K[8]; p->m01 = K[1] / K[8]; p->m11 = K[4] / K[8];
-    p->c0 = K[2] / K[8]; p->c1 = K[5] / K[8];
-}
 
 static void solve_one(const Problem *p, const Options *o, const double *init, int global_search,
                       LMState *best) {
