@@ -8,17 +8,17 @@ runs on GPUs). All timings of one (B, n) cell are interleaved round by round wit
 loops on the same problems, so their ratios are measured under the same machine load.
 Prints a markdown table and writes benchmarks/results/bench_layer.json.
 """
+
 from __future__ import annotations
 
 import argparse
 
 import torch
+from common import machine, paired, write_json
 
 import bpnp
 from bpnp.solvers.native import native_available
 from bpnp.synthetic import random_problems
-
-from common import machine, paired, write_json
 
 
 def opencv_loop(p, flag: str):
@@ -48,10 +48,12 @@ def layer_runs(p, backend: str) -> dict:
 
     # Training-loop mode: warm start from nearby poses, local refinement only.
     near = fwd().pose.detach() + 1e-3
+    local = bpnp.SolverOptions(global_search=False)
 
     def warm_fwd_bwd():
-        bpnp.solve_pnp(x2d, p.x3d, p.K, p.weights, init_pose=near, global_search=False, warn=False,
-                       backend=backend).pose.sum().backward()
+        bpnp.solve_pnp(
+            x2d, p.x3d, p.K, p.weights, init_pose=near, warn=False, backend=backend, options=local
+        ).pose.sum().backward()
 
     return {f"{backend}_fwd": fwd, f"{backend}_fwd_bwd": fwd_bwd, f"{backend}_warm_fwd_bwd": warm_fwd_bwd}
 
@@ -89,17 +91,31 @@ def main() -> None:
             rows.append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     best = "native" if "native" in backends else "torch"
-    header = ["B", "n", f"{best} fwd (ms)", f"{best} fwd+bwd (ms)", f"{best} warm fwd+bwd (ms)", "torch fwd (ms)",
-              "torch fwd+bwd (ms)", "SQPNP loop (ms)", "ITERATIVE loop (ms)", "fwd+bwd / SQPNP", "fwd / SQPNP"]
+    header = [
+        "B",
+        "n",
+        f"{best} fwd (ms)",
+        f"{best} fwd+bwd (ms)",
+        f"{best} warm fwd+bwd (ms)",
+        "torch fwd (ms)",
+        "torch fwd+bwd (ms)",
+        "SQPNP loop (ms)",
+        "ITERATIVE loop (ms)",
+        "fwd+bwd / SQPNP",
+        "fwd / SQPNP",
+    ]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         sq = r.get("cv_sqpnp_ms", float("nan"))
-        print(f"| {r['B']} | {r['n']} | {r[f'{best}_fwd_ms']:.2f} | {r[f'{best}_fwd_bwd_ms']:.2f} | "
-              f"{r[f'{best}_warm_fwd_bwd_ms']:.2f} | {r['torch_fwd_ms']:.2f} | {r['torch_fwd_bwd_ms']:.2f} | "
-              f"{sq:.2f} | {r.get('cv_iterative_ms', float('nan')):.2f} | {r[f'{best}_fwd_bwd_ms'] / sq:.2f} | "
-              f"{r[f'{best}_fwd_ms'] / sq:.2f} |")
-    out = write_json(args.out, {"machine": machine(), "device": args.device, "dtype": args.dtype,
-                                     "backends": backends, "rows": rows})
+        print(
+            f"| {r['B']} | {r['n']} | {r[f'{best}_fwd_ms']:.2f} | {r[f'{best}_fwd_bwd_ms']:.2f} | "
+            f"{r[f'{best}_warm_fwd_bwd_ms']:.2f} | {r['torch_fwd_ms']:.2f} | {r['torch_fwd_bwd_ms']:.2f} | "
+            f"{sq:.2f} | {r.get('cv_iterative_ms', float('nan')):.2f} | {r[f'{best}_fwd_bwd_ms'] / sq:.2f} | "
+            f"{r[f'{best}_fwd_ms'] / sq:.2f} |"
+        )
+    out = write_json(
+        args.out, {"machine": machine(), "device": args.device, "dtype": args.dtype, "backends": backends, "rows": rows}
+    )
     print(f"\nwritten {out}")
 
 

@@ -10,6 +10,7 @@ fresh process during one forward+backward (Linux VmHWM, reset just before) minus
 memory before it, per point.
 Prints markdown tables and writes benchmarks/results/bench_scaling.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,11 @@ import subprocess
 import sys
 
 import torch
+from common import machine, timeit, write_json
 
 import bpnp
-from bpnp.synthetic import random_problems
-
-from common import machine, timeit, write_json
 from bpnp.solvers.native import native_available
+from bpnp.synthetic import random_problems
 
 _MEMORY_PROBE = r"""
 import sys, torch, bpnp
@@ -82,7 +82,7 @@ def sweep(backend: str, device: str, quick: bool) -> dict:
         tf, t = times(128, n, device, 5 if n <= 500 else 1, backend)
         by_n.append({"B": 128, "n": n, "fwd_ms": 1e3 * tf, "fwd_bwd_ms": 1e3 * t, "ns_per_point": 1e9 * t / (128 * n)})
         print(backend, by_n[-1], flush=True)
-    half_B, half_n = by_B[len(by_B) // 2:], by_n[len(by_n) // 2:]
+    half_B, half_n = by_B[len(by_B) // 2 :], by_n[len(by_n) // 2 :]
     exps = {
         "B_upper": slope([r["B"] for r in half_B], [r["fwd_bwd_ms"] for r in half_B]),
         "B_all": slope([r["B"] for r in by_B], [r["fwd_bwd_ms"] for r in by_B]),
@@ -91,9 +91,13 @@ def sweep(backend: str, device: str, quick: bool) -> dict:
     }
     memory = []
     if device == "cpu":
-        for B, n in ([(1024, 50), (4096, 50)] if quick else [(1024, 50), (4096, 50), (16384, 50), (128, 2000)]):
-            out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(B), str(n), str(torch.get_num_threads()),
-                                  backend], capture_output=True, text=True, check=True)
+        for B, n in [(1024, 50), (4096, 50)] if quick else [(1024, 50), (4096, 50), (16384, 50), (128, 2000)]:
+            out = subprocess.run(
+                [sys.executable, "-c", _MEMORY_PROBE, str(B), str(n), str(torch.get_num_threads()), backend],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             peak = int(out.stdout.strip().splitlines()[-1])
             memory.append({"B": B, "n": n, "peak_extra_bytes": peak, "bytes_per_point": peak / (B * n)})
             print(backend, memory[-1], flush=True)

@@ -1,4 +1,5 @@
 """Timing helpers shared by the benchmark scripts."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, sync: boo
     return paired({"fn": fn}, repeat, warmup, sync)["fn"]
 
 
-def paired(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1,
-           sync: bool = False) -> dict[str, float]:
+def paired(
+    fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1, sync: bool = False
+) -> dict[str, float]:
     """Median wall time (s) of each function, measured in interleaved rounds (one call of each per
     round), so that slow phases of a shared machine hit all of them alike; ratios of the
     returned medians are then meaningful within one run."""

@@ -1,4 +1,5 @@
 """Write benchmarks/RESULTS.md from the JSON files the benchmark scripts leave in results/."""
+
 from __future__ import annotations
 
 import json
@@ -24,40 +25,55 @@ def main() -> None:
         f"Machine: {m['cores']} CPU cores ({m['cpu']}), torch {m['torch']} ({m['torch_threads']} threads), "
         f"Python {m['python']}; GPU: {m['cuda'] or 'none lent to this session, so no GPU figures yet'}. float64, "
         "random non-planar problems (`bpnp.synthetic.random_problems`, noise 0-3 px, random weights). Two forward "
-        "solvers: `native` (the compiled C solver, `backend=\"auto\"`'s choice on CPU) and `torch` (batched tensor "
+        'solvers: `native` (the compiled C solver, `backend="auto"`\'s choice on CPU) and `torch` (batched tensor '
         "ops, the GPU path); the backward is the same closed-form implicit VJP for both. Wall times on this shared "
         "machine vary by 10-40% between runs, so the layer table interleaves every timing of a cell with the OpenCV "
         "loops round by round (median of the rounds) and reports ratios from the same rounds; every timed call "
         "starts after 20 ms of idle time (PyTorch's OpenMP workers spin after each parallel op and would slow "
         "whatever runs next). Regenerate with the "
         "scripts named in each heading, then `python benchmarks/make_results.py`; `results/*.json` hold every "
-        "number.\n")
+        "number.\n"
+    )
     L.append("## Layer against OpenCV loops (`python benchmarks/bench_layer.py`)\n")
-    L.append("Global solve (default), and warm-start local refinement (`init_pose=...`, `global_search=False`, the "
-             "training-loop mode); forward+backward of `pose.sum()`. The OpenCV `solvePnP` loops are forward only, "
-             "same problems, same process.\n")
-    L.append(f"| B | n | {best} fwd (ms) | {best} fwd+bwd (ms) | {best} warm fwd+bwd (ms) | torch fwd (ms) | "
-             "torch fwd+bwd (ms) | SQPNP loop (ms) | ITERATIVE loop (ms) | fwd+bwd / SQPNP | fwd / SQPNP |")
+    L.append(
+        "Global solve (default), and warm-start local refinement (`init_pose=...`, `global_search=False`, the "
+        "training-loop mode); forward+backward of `pose.sum()`. The OpenCV `solvePnP` loops are forward only, "
+        "same problems, same process.\n"
+    )
+    L.append(
+        f"| B | n | {best} fwd (ms) | {best} fwd+bwd (ms) | {best} warm fwd+bwd (ms) | torch fwd (ms) | "
+        "torch fwd+bwd (ms) | SQPNP loop (ms) | ITERATIVE loop (ms) | fwd+bwd / SQPNP | fwd / SQPNP |"
+    )
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in bl["rows"]:
         sq = r["cv_sqpnp_ms"]
-        L.append(f"| {r['B']} | {r['n']} | {r[f'{best}_fwd_ms']:.2f} | {r[f'{best}_fwd_bwd_ms']:.2f} | "
-                 f"{r[f'{best}_warm_fwd_bwd_ms']:.2f} | {r['torch_fwd_ms']:.1f} | {r['torch_fwd_bwd_ms']:.1f} | "
-                 f"{sq:.2f} | {r['cv_iterative_ms']:.2f} | {r[f'{best}_fwd_bwd_ms'] / sq:.2f} | "
-                 f"{r[f'{best}_fwd_ms'] / sq:.2f} |")
-    L.append(f"\n## Peers on the same problems (`python benchmarks/bench_peers.py`, B = {bp['B']}, n = {bp['n']}, "
-             f"{bp['noise']} px noise, unweighted)\n")
-    L.append("| method | fwd (ms) | fwd+bwd (ms) | median rot. err (deg) | median cost / optimum | max cost / optimum | note |")
+        L.append(
+            f"| {r['B']} | {r['n']} | {r[f'{best}_fwd_ms']:.2f} | {r[f'{best}_fwd_bwd_ms']:.2f} | "
+            f"{r[f'{best}_warm_fwd_bwd_ms']:.2f} | {r['torch_fwd_ms']:.1f} | {r['torch_fwd_bwd_ms']:.1f} | "
+            f"{sq:.2f} | {r['cv_iterative_ms']:.2f} | {r[f'{best}_fwd_bwd_ms'] / sq:.2f} | "
+            f"{r[f'{best}_fwd_ms'] / sq:.2f} |"
+        )
+    L.append(
+        f"\n## Peers on the same problems (`python benchmarks/bench_peers.py`, B = {bp['B']}, n = {bp['n']}, "
+        f"{bp['noise']} px noise, unweighted)\n"
+    )
+    L.append(
+        "| method | fwd (ms) | fwd+bwd (ms) | median rot. err (deg) | median cost / optimum | max cost / optimum | note |"
+    )
     L.append("|---|---|---|---|---|---|---|")
     for r in bp["results"]:
-        L.append(f"| {r['method']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} | {fmt(r['median_rot_err_deg'])} | "
-                 f"{fmt(r['median_cost_over_optimum'])} | {fmt(r['max_cost_over_optimum'])} | {r['note']} |")
+        L.append(
+            f"| {r['method']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} | {fmt(r['median_rot_err_deg'])} | "
+            f"{fmt(r['median_cost_over_optimum'])} | {fmt(r['max_cost_over_optimum'])} | {r['note']} |"
+        )
     if any(r["method"].startswith("original") for r in bp["results"]):
-        L.append("\nThe original BPnP ran from its file (`BPNP_ORIGINAL=/path/to/BPnP.py`, not in this repository; "
-                 "the script aliases `kornia.angle_axis_to_rotation_matrix`, which moved in kornia 0.7). Its API "
-                 "takes one K and points shared by the batch, so its rows use such problems (same poses, same noise "
-                 "level); its cost is compared with our optimum of the same problems, and its gradient "
-                 "d pose/d x2d with ours, which matches central finite differences to ~1e-9.")
+        L.append(
+            "\nThe original BPnP ran from its file (`BPNP_ORIGINAL=/path/to/BPnP.py`, not in this repository; "
+            "the script aliases `kornia.angle_axis_to_rotation_matrix`, which moved in kornia 0.7). Its API "
+            "takes one K and points shared by the batch, so its rows use such problems (same poses, same noise "
+            "level); its cost is compared with our optimum of the same problems, and its gradient "
+            "d pose/d x2d with ours, which matches central finite differences to ~1e-9."
+        )
     L.append("\n## Scaling (`python benchmarks/bench_scaling.py`)\n")
     for backend, res in bs["backends"].items():
         L.append(f"### {backend} solver\n")
@@ -70,34 +86,46 @@ def main() -> None:
         e = res["exponents"]
         bu = res["by_B"][len(res["by_B"]) // 2]["B"]
         nu = res["by_n"][len(res["by_n"]) // 2]["n"]
-        L.append(f"\nFitted exponents of fwd+bwd time (time ~ size^k): over B from {bu} up, k = {e['B_upper']:.3f} "
-                 f"(whole sweep {e['B_all']:.3f}); over n from {nu} up, k = {e['n_upper']:.3f} (whole sweep "
-                 f"{e['n_all']:.3f}).\n")
+        L.append(
+            f"\nFitted exponents of fwd+bwd time (time ~ size^k): over B from {bu} up, k = {e['B_upper']:.3f} "
+            f"(whole sweep {e['B_all']:.3f}); over n from {nu} up, k = {e['n_upper']:.3f} (whole sweep "
+            f"{e['n_all']:.3f}).\n"
+        )
         if res["memory"]:
             L.append("| B | n | peak extra memory (MB) | bytes per point |\n|---|---|---|---|")
             for r in res["memory"]:
                 L.append(f"| {r['B']} | {r['n']} | {r['peak_extra_bytes'] / 2**20:.0f} | {r['bytes_per_point']:.0f} |")
             L.append("")
-    L.append("Peak memory (forward+backward, float64, resident set of a fresh process) grows linearly with "
-             "B x n; there are no B x n x n terms and no per-item graphs.\n")
+    L.append(
+        "Peak memory (forward+backward, float64, resident set of a fresh process) grows linearly with "
+        "B x n; there are no B x n x n terms and no per-item graphs.\n"
+    )
     L.append("## Against the targets of the performance issue\n")
     r128 = next(r for r in bl["rows"] if r["B"] == 128 and r["n"] == 50)
     r1024 = next(r for r in bl["rows"] if r["B"] == 1024 and r["n"] == 50)
     ok = lambda c: "met" if c else "not met"  # noqa: E731
     f128 = r128[f"{best}_fwd_bwd_ms"] / r128["cv_sqpnp_ms"]
     f1024 = r1024[f"{best}_fwd_ms"] / r1024["cv_sqpnp_ms"]
-    L.append(f"- CPU, B = 128, n = 50, fwd+bwd <= 8x an OpenCV SQPnP loop (forward): {f128:.2f}x with the "
-             f"{best} solver ({ok(f128 <= 8)}); the torch solver alone: "
-             f"{r128['torch_fwd_bwd_ms'] / r128['cv_sqpnp_ms']:.1f}x.")
-    L.append(f"- CPU, B = 1024, n = 50, forward per problem <= SQPnP per call: {1e3 * r1024[f'{best}_fwd_ms'] / 1024:.0f} us "
-             f"against {1e3 * r1024['cv_sqpnp_ms'] / 1024:.0f} us ({f1024:.2f}x, {ok(f1024 <= 1)}).")
+    L.append(
+        f"- CPU, B = 128, n = 50, fwd+bwd <= 8x an OpenCV SQPnP loop (forward): {f128:.2f}x with the "
+        f"{best} solver ({ok(f128 <= 8)}); the torch solver alone: "
+        f"{r128['torch_fwd_bwd_ms'] / r128['cv_sqpnp_ms']:.1f}x."
+    )
+    L.append(
+        f"- CPU, B = 1024, n = 50, forward per problem <= SQPnP per call: {1e3 * r1024[f'{best}_fwd_ms'] / 1024:.0f} us "
+        f"against {1e3 * r1024['cv_sqpnp_ms'] / 1024:.0f} us ({f1024:.2f}x, {ok(f1024 <= 1)})."
+    )
     es = {b: r["exponents"] for b, r in bs["backends"].items()}
-    L.append("- Linear growth (exponent <= 1.1): " + "; ".join(
-        f"{b} {e['B_upper']:.2f} in B, {e['n_upper']:.2f} in n" for b, e in es.items())
-        + " (upper halves of the sweeps); memory linear in points.")
-    L.append("- GPU (B = 65536, float32, < 30 ms on one H100): not measured, no GPU was lent to this session; "
-             "`python benchmarks/bench_gpu.py` is the prepared run (torch solver, check_every 1/4/8, cost against "
-             "the float64 optimum).")
+    L.append(
+        "- Linear growth (exponent <= 1.1): "
+        + "; ".join(f"{b} {e['B_upper']:.2f} in B, {e['n_upper']:.2f} in n" for b, e in es.items())
+        + " (upper halves of the sweeps); memory linear in points."
+    )
+    L.append(
+        "- GPU (B = 65536, float32, < 30 ms on one H100): not measured, no GPU was lent to this session; "
+        "`python benchmarks/bench_gpu.py` is the prepared run (torch solver, check_every 1/4/8, cost against "
+        "the float64 optimum)."
+    )
     L.append("\nWhat was tried, predicted and measured on the way is in [NOTES.md](NOTES.md).")
     (HERE / "RESULTS.md").write_text("\n".join(L) + "\n")
 

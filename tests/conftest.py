@@ -28,3 +28,11 @@ def backend(request):
         if not native_available():
             pytest.skip(f"native solver: {native_unavailable_reason()}")
     return request.param
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """Every test that takes it runs on the CPU and, where one is present, on a CUDA GPU."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device(request.param)

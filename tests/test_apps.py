@@ -1,4 +1,5 @@
 """Quick configurations of every experiment, asserting their acceptance figures."""
+
 import json
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def test_calibrate_real_photographs_cli(tmp_path):
     images = sorted(str(p) for p in CHESSBOARD.glob("left*.jpg"))
     assert len(images) == 13
     out_json = tmp_path / "k.json"
-    assert main(["calibrate", *images, "--board", "9x6", "--json", str(out_json), "--out", str(tmp_path), "--quiet"]) == 0
+    assert (
+        main(["calibrate", *images, "--board", "9x6", "--json", str(out_json), "--out", str(tmp_path), "--quiet"]) == 0
+    )
     r = json.loads(out_json.read_text())
     for k in ("fx", "fy", "cx", "cy"):
         assert abs(r[k] / r["opencv"][k] - 1) < 5e-3
@@ -72,8 +75,9 @@ def test_calibrate_real_photographs_with_distortion(tmp_path):
     from bpnp.apps import calibrate
 
     paths = sorted(CHESSBOARD.glob("left*.jpg"))
-    r = calibrate.calibrate(calibrate.load_images(paths), [p.name for p in paths], distortion=True,
-                            out=str(tmp_path), quiet=True)
+    r = calibrate.calibrate(
+        calibrate.load_images(paths), [p.name for p in paths], distortion=True, out=str(tmp_path), quiet=True
+    )
     for k in ("fx", "fy", "cx", "cy"):
         assert abs(r[k] / r["opencv"][k] - 1) < 5e-3
     assert abs(r["rms"] / r["opencv"]["rms"] - 1) < 0.05

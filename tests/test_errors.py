@@ -1,5 +1,6 @@
 """Bad input is refused up front with a ValueError naming the argument; degenerate geometry
 gives a finite answer flagged as not converged."""
+
 import warnings
 
 import pytest

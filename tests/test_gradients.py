@@ -1,10 +1,10 @@
 """The backward is exact: gradients against central finite differences (float64)."""
+
 import pytest
 import torch
 
 import bpnp
 from bpnp.synthetic import random_problems
-
 from bpnp.testing import analytic_gradient, fd_gradient, loss_weights
 
 K_MASK = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
@@ -16,7 +16,9 @@ def make_inputs(planar: bool, shared: bool, B: int = 3, n: int = 6, seed: int = 
     K[:, 0, 1] = 0.7  # a skew, so its gradient is tested too
     x3d = p.x3d[:1].expand_as(p.x3d) if shared else p.x3d
     K = K[:1].expand_as(K) if shared else K
-    x2d = bpnp.project(x3d, p.pose, K) + torch.randn(B, n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x2d = bpnp.project(x3d, p.pose, K) + torch.randn(
+        B, n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     return {
         "x2d": x2d,
         "x3d": p.x3d[0] if shared else p.x3d,
@@ -113,7 +115,7 @@ def test_closed_form_input_gradients_match_autograd(shared):
     R, t = bpnp.rvec_to_rotmat(p.pose[:, :3] + 0.03), p.pose[:, 3:] + 0.05  # not an optimum
     u = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     leaves = [x.clone().requires_grad_() for x in (p.x2d, x3d, K, w)]
-    g = gradient_in_chart(R, t, leaves[1], leaves[0], leaves[2], leaves[3])
+    g = gradient_in_chart(R, t, *leaves)
     expected = torch.autograd.grad((g * u).sum(), leaves)
     got = input_gradients(u, R, t, p.x2d, x3d, K, w)
     for name, e, c in zip(("x2d", "x3d", "K", "weights"), expected, got):
@@ -144,3 +146,59 @@ def test_layer_inside_torch_compile():
     out_e.backward()
     assert torch.allclose(out_c, out_e, rtol=1e-12)
     assert torch.allclose(x_c.grad, x_e.grad, rtol=1e-10, atol=1e-12)
+
+
+def _layer_of_all_inputs(inputs: dict, backend: str, output: str = "pose"):
+    """``f(x2d, x3d, k, weights) -> pose`` (or R) with K built from its 5 free entries ``k``
+    (fx, skew, cx, fy, cy), so that gradcheck's perturbations keep K upper triangular."""
+
+    def f(x2d, x3d, k, weights):
+        zero, one = torch.zeros_like(k[..., 0]), torch.ones_like(k[..., 0])
+        K = torch.stack(
+            [
+                torch.stack([k[..., 0], k[..., 1], k[..., 2]], -1),
+                torch.stack([zero, k[..., 3], k[..., 4]], -1),
+                torch.stack([zero, zero, one], -1),
+            ],
+            -2,
+        )
+        res = bpnp.solve_pnp(x2d, x3d, K, weights, backend=backend, warn=False)
+        return res.pose if output == "pose" else res.R
+
+    K = inputs["K"]
+    k = torch.stack([K[..., 0, 0], K[..., 0, 1], K[..., 0, 2], K[..., 1, 1], K[..., 1, 2]], -1)
+    args = tuple(t.clone().requires_grad_() for t in (inputs["x2d"], inputs["x3d"], k, inputs["weights"]))
+    return f, args
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+def test_gradcheck_every_input(shared, backend):
+    inputs = make_inputs(False, shared, B=2, n=5, seed=4)
+    f, args = _layer_of_all_inputs(inputs, backend)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("output", ["pose", "R"])
+@pytest.mark.parametrize("planar", [False, True], ids=["3d", "planar"])
+def test_double_backward_exact(planar, output, backend):
+    # Second derivatives through the layer (create_graph=True): the backward is differentiable.
+    inputs = make_inputs(planar, False, B=2, n=5, seed=6)
+    f, args = _layer_of_all_inputs(inputs, backend, output)
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_hessian_vector_product_against_finite_differences(backend):
+    # The issue's case: the Hessian-vector product of pose.pow(2).sum() w.r.t. x2d, against central
+    # differences of the (exact) first derivative.
+    inputs = make_inputs(False, True, B=2, n=6, seed=8)
+    x2d = inputs["x2d"].clone().requires_grad_()
+    d = torch.randn(x2d.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def grad_at(x, create_graph=False):
+        pose = bpnp.solve_pnp(x, inputs["x3d"], inputs["K"], inputs["weights"], backend=backend).pose
+        return torch.autograd.grad(pose.pow(2).sum(), x, create_graph=create_graph)[0]
+
+    (hvp,) = torch.autograd.grad((grad_at(x2d, True) * d).sum(), x2d)
+    h = 1e-4
+    fd = (grad_at((x2d + h * d).detach().requires_grad_()) - grad_at((x2d - h * d).detach().requires_grad_())) / (2 * h)
+    assert rel_err(hvp, fd) < 1e-6, rel_err(hvp, fd)

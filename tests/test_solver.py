@@ -1,4 +1,5 @@
 """Forward: the global optimum, against OpenCV, in every problem."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,8 +22,8 @@ def best_opencv_cost(p) -> torch.Tensor:
         failed = ~torch.isfinite(rvec).all(-1)
         rvec = torch.nan_to_num(rvec)
         t = torch.where(failed[:, None], torch.tensor([0.0, 0.0, 5.0], dtype=t.dtype), t)
-        out = refine(rvec_to_rotmat(rvec), t, p.x3d, p.x2d, p.K, p.weights)
-        depth = cost_terms(*out.state, p.x3d, p.x2d, p.K, p.weights, hessian=False).min_depth
+        out = refine(rvec_to_rotmat(rvec), t, p.x2d, p.x3d, p.K, p.weights)
+        depth = cost_terms(*out.state, p.x2d, p.x3d, p.K, p.weights, hessian=False).min_depth
         ok = ~failed & (depth > 0) & torch.isfinite(out.cost)
         best = torch.minimum(best, torch.where(ok, out.cost, torch.full_like(out.cost, float("inf"))))
     return best
@@ -86,10 +87,16 @@ def test_matches_opencv_pose_unweighted():
     p = random_problems(16, 20, noise=1.0, weighted=False, seed=2)
     res = bpnp.solve_pnp(p.x2d, p.x3d, p.K)
     for i in range(16):
-        ok, r, t = cv2.solvePnP(p.x3d[i].numpy(), p.x2d[i].numpy(), p.K[i].numpy(), None,
-                                flags=cv2.SOLVEPNP_SQPNP)
-        r, t = cv2.solvePnPRefineLM(p.x3d[i].numpy(), p.x2d[i].numpy(), p.K[i].numpy(), None, r, t,
-                                    (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_COUNT, 200, 1e-15))
+        ok, r, t = cv2.solvePnP(p.x3d[i].numpy(), p.x2d[i].numpy(), p.K[i].numpy(), None, flags=cv2.SOLVEPNP_SQPNP)
+        r, t = cv2.solvePnPRefineLM(
+            p.x3d[i].numpy(),
+            p.x2d[i].numpy(),
+            p.K[i].numpy(),
+            None,
+            r,
+            t,
+            (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_COUNT, 200, 1e-15),
+        )
         assert np.allclose(res.pose[i, :3].numpy(), r.ravel(), atol=1e-6)
         assert np.allclose(res.pose[i, 3:].numpy(), t.ravel(), rtol=1e-6, atol=1e-6)
 
@@ -101,16 +108,24 @@ def test_dtype_and_sharing(dtype, shared, planar):
     p = random_problems(8, 10, planar=planar, noise=1.0, seed=3)
     x3d = p.x3d[0] if shared else p.x3d
     K = p.K[0] if shared else p.K
-    x2d = bpnp.project(x3d, p.pose, K) + 0.5 * torch.randn(8, 10, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x2d = bpnp.project(x3d, p.pose, K) + 0.5 * torch.randn(
+        8, 10, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     res = bpnp.solve_pnp(x2d.to(dtype), x3d.to(dtype), K.to(dtype), p.weights.to(dtype))
     assert res.pose.dtype == dtype and res.cost.dtype == dtype and res.R.dtype == dtype
     # float32 in, float64-quality optimum out: only the final rounding to float32 differs.
-    cost32 = cost_terms(rvec_to_rotmat(res.pose[:, :3].double()), res.pose[:, 3:].double(),
-                        x3d.to(dtype).double().expand(8, 10, 3), x2d.to(dtype).double(),
-                        K.to(dtype).double().expand(8, 3, 3), p.weights.to(dtype).double(),
-                        hessian=False).cost
-    ref32 = bpnp.solve_pnp(x2d.to(dtype).double(), x3d.to(dtype).double(), K.to(dtype).double(),
-                           p.weights.to(dtype).double()).cost
+    cost32 = cost_terms(
+        rvec_to_rotmat(res.pose[:, :3].double()),
+        res.pose[:, 3:].double(),
+        x2d.to(dtype).double(),
+        x3d.to(dtype).double().expand(8, 10, 3),
+        K.to(dtype).double().expand(8, 3, 3),
+        p.weights.to(dtype).double(),
+        hessian=False,
+    ).cost
+    ref32 = bpnp.solve_pnp(
+        x2d.to(dtype).double(), x3d.to(dtype).double(), K.to(dtype).double(), p.weights.to(dtype).double()
+    ).cost
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     assert ((cost32 - ref32) / ref32).abs().max() < tol
     assert res.converged.all()
@@ -160,8 +175,7 @@ def test_project_matches_opencv_and_camera_matrix():
     p = random_problems(3, 7, seed=9)
     uv = bpnp.project(p.x3d, p.pose, p.K)
     for i in range(3):
-        ref, _ = cv2.projectPoints(p.x3d[i].numpy(), p.pose[i, :3].numpy(), p.pose[i, 3:].numpy(),
-                                   p.K[i].numpy(), None)
+        ref, _ = cv2.projectPoints(p.x3d[i].numpy(), p.pose[i, :3].numpy(), p.pose[i, 3:].numpy(), p.K[i].numpy(), None)
         assert np.allclose(uv[i].numpy(), ref[:, 0], atol=1e-9)
     K = p.K.clone()
     K[:, 0, 1] = 1.5
@@ -175,11 +189,13 @@ def test_warm_start_local_refinement_matches_global(backend):
     p = random_problems(8, 12, noise=1.0, seed=10)
     ref = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, backend=backend)
     near = ref.pose + 0.01 * torch.randn(8, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    loc = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, init_pose=near, global_search=False, backend=backend)
+    local = bpnp.SolverOptions(global_search=False)
+    loc = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, init_pose=near, backend=backend, options=local)
     assert torch.allclose(loc.pose, ref.pose, atol=1e-9) and loc.converged.all()
-    layer = bpnp.BPnP(warm_start=True, global_search=False, backend=backend)
+    # The module is stateless: the warm start is explicit, per item.
+    layer = bpnp.BPnP(options=local, backend=backend)
     first = layer(p.x2d, p.x3d, p.K, p.weights)
-    second = layer(p.x2d + 0.01, p.x3d, p.K, p.weights)
+    second = layer(p.x2d + 0.01, p.x3d, p.K, p.weights, init_pose=first.detach())
     assert torch.allclose(first, ref.pose, atol=1e-9)
     assert (second - first).abs().max() < 1e-2
 
@@ -188,5 +204,5 @@ def test_check_every_does_not_change_answer():
     # check_every thins the torch solver's host checks (GPU synchronisations).
     p = random_problems(16, 10, seed=11)
     a = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, backend="torch")
-    b = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, check_every=5, backend="torch")
+    b = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, backend="torch", options=bpnp.SolverOptions(check_every=5))
     assert torch.allclose(a.pose, b.pose, atol=1e-10) and b.converged.all()

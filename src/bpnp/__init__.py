@@ -4,7 +4,9 @@ Forward: a batched, global, float64-accurate weighted PnP solve. Backward: exact
 the implicit function theorem (Chen et al., "End-to-End Learnable Geometric Vision by
 Backpropagating PnP Optimization", CVPR 2020).
 """
-from .checks import PnPInputError
+
+from ._version import __version__
+from .errors import BackendUnavailableError, NativeSolverWarning, PnPConvergenceWarning, PnPInputError
 from .geometry import (
     project,
     project_points,
@@ -12,12 +14,13 @@ from .geometry import (
     rvec_to_rotmat,
     transform_points,
 )
-from .layer import BPnP, PnPConvergenceWarning, PnPResult, solve_pnp
-
-__version__ = "0.1.0"
+from .layer import BPnP, PnPResult, solve_pnp
+from .options import SolverOptions
 
 __all__ = [
     "BPnP",
+    "BackendUnavailableError",
+    "NativeSolverWarning",
     "PnPConvergenceWarning",
     "PnPInputError",
     "PnPResult",
@@ -25,6 +28,8 @@ __all__ = [
     "project_points",
     "rotmat_to_rvec",
     "rvec_to_rotmat",
+    "SolverOptions",
     "solve_pnp",
     "transform_points",
+    "__version__",
 ]

@@ -1,14 +1,15 @@
 """Declarative input checks: every public entry point validates before any arithmetic."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from .errors import PnPInputError
 
-class PnPInputError(ValueError):
-    """Bad input to a bpnp function: the message names the argument, its shape and the rule."""
+__all__ = ["PnPInputError", "canonical_pnp_inputs", "check_tensor", "check_finite", "check_camera_matrix"]
 
 
 def _shape(t: Tensor) -> str:
@@ -33,13 +34,11 @@ def check_same_device_dtype(named: Sequence[tuple[str, Tensor]]) -> None:
     for name, t in named[1:]:
         if t.device != first.device:
             raise PnPInputError(
-                f"{name}: on device {t.device}, but {first_name} is on {first.device}; "
-                "move all inputs to one device"
+                f"{name}: on device {t.device}, but {first_name} is on {first.device}; move all inputs to one device"
             )
         if t.dtype != first.dtype:
             raise PnPInputError(
-                f"{name}: dtype {t.dtype}, but {first_name} has {first.dtype}; "
-                "use one floating dtype for all inputs"
+                f"{name}: dtype {t.dtype}, but {first_name} has {first.dtype}; use one floating dtype for all inputs"
             )
 
 
@@ -47,8 +46,7 @@ def check_camera_matrix(K: Tensor) -> None:
     lower = torch.stack([K[..., 1, 0], K[..., 2, 0], K[..., 2, 1]], -1)
     if bool((lower != 0).any()):
         raise PnPInputError(
-            f"K: expected upper-triangular camera matrices (K[1,0] = K[2,0] = K[2,1] = 0), "
-            f"shape {_shape(K)}"
+            f"K: expected upper-triangular camera matrices (K[1,0] = K[2,0] = K[2,1] = 0), shape {_shape(K)}"
         )
     if bool((K[..., 0, 0] <= 0).any()) or bool((K[..., 1, 1] <= 0).any()):
         raise PnPInputError(f"K: focal lengths K[0,0] and K[1,1] must be positive, shape {_shape(K)}")
@@ -89,8 +87,7 @@ def canonical_pnp_inputs(
     x3d_b = x3d if x3d.dim() == 3 else x3d[None]
     if x3d_b.shape[1] != n or x3d_b.shape[0] not in (1, B) or (x3d.dim() == 3 and x3d.shape[0] != B):
         raise PnPInputError(
-            f"x3d: expected shape ({n}, 3) or ({B}, {n}, 3) to match x2d {_shape(x2d)}, "
-            f"got {_shape(x3d)}"
+            f"x3d: expected shape ({n}, 3) or ({B}, {n}, 3) to match x2d {_shape(x2d)}, got {_shape(x3d)}"
         )
     if K.dim() not in (2, 3) or K.shape[-2:] != (3, 3):
         raise PnPInputError(f"K: expected shape (3, 3) or (B, 3, 3), got {_shape(K)}")

@@ -1,4 +1,5 @@
 """The ``bpnp`` command: demos and the calibration tool, thin over :mod:`bpnp.apps`."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ def _board(text: str) -> tuple[int, int]:
     try:
         cols, rows = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--board: expected COLSxROWS such as 9x6, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--board: expected COLSxROWS such as 9x6, got {text!r}") from None
     return cols, rows
 
 
@@ -67,12 +68,20 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.images:
             images = calibrate.load_images(args.images)
-            result = calibrate.calibrate(images, [Path(p).name for p in args.images], board=args.board,
-                                         square=args.square, distortion=args.distortion, out=args.out,
-                                         iters=args.iters, quiet=args.quiet)
+            result = calibrate.calibrate(
+                images,
+                [Path(p).name for p in args.images],
+                board=args.board,
+                square=args.square,
+                distortion=args.distortion,
+                out=args.out,
+                iters=args.iters,
+                quiet=args.quiet,
+            )
         else:
-            result = chessboard.run_synthetic(args.out, seed=args.seed, iters=args.iters,
-                                              distortion=args.distortion, quiet=args.quiet)
+            result = chessboard.run_synthetic(
+                args.out, seed=args.seed, iters=args.iters, distortion=args.distortion, quiet=args.quiet
+            )
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
         return 0

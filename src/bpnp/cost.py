@@ -9,11 +9,13 @@ Derivatives are taken with respect to a local perturbation ``xi = (omega, tau)``
 - ``hess``: the exact ``d2f/dxi2`` (B, 6, 6): Gauss-Newton term plus the residual curvature
   of the projection and of the rotation.
 
-The projection (camera model) and the per-point weighting are kept as separate pieces so the
-solver and the backward share them. Everything is written with differentiable tensor ops, so
-autograd through ``gradient_in_chart`` gives the mixed derivatives ``d2f / dxi dtheta`` that
-the implicit-function backward needs.
+The per-point projection and residual (:func:`point_terms`) is the one kernel the torch solver,
+the cost and the backward (:mod:`bpnp.implicit`) share; the C solver (``solvers/native_pnp.c``)
+is its translation. Everything is written with differentiable tensor ops: the backward's
+double-backward differentiates :func:`cost_terms` (the Hessian) through autograd, and the tests
+check the closed-form backward against autograd through :func:`gradient_in_chart`.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -31,33 +33,79 @@ class CostTerms(NamedTuple):
     min_depth: Tensor  # (B,) smallest camera-frame depth among points with weight > 0
 
 
-def _camera_coefficients(K: Tensor) -> tuple[Tensor, ...]:
-    """Entries of ``K / K[2,2]`` used by the projection, each ``(B|1, 1)``."""
+def camera_coefficients(K: Tensor) -> tuple[Tensor, ...]:
+    """Entries ``m00, m01, m11, c0, c1`` of ``K / K[2,2]`` used by the projection, each ``(B|1, 1)``."""
     k22 = K[..., 2, 2]
-    return tuple(
-        (K[..., i, j] / k22)[..., None] for i, j in ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2))
-    )
+    return tuple((K[..., i, j] / k22)[..., None] for i, j in ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2)))
 
 
-def gradient_in_chart(
-    R: Tensor, t: Tensor, x3d: Tensor, x2d: Tensor, K: Tensor, weights: Tensor
-) -> Tensor:
-    """``df/dxi`` at ``xi = 0``, differentiable in ``x3d, x2d, K, weights`` (and R, t).
+class PointTerms(NamedTuple):
+    """Per-point projection quantities at a pose, every one ``(B, n)`` (camera entries ``(B|1, 1)``).
+
+    The one projection/residual kernel: the solver's cost and derivatives
+    (:func:`cost_terms`) and the backward (:func:`bpnp.implicit.input_gradients`) read it.
+    """
+
+    P: Tensor  # (B, 3, n) R X, without t; P0, P1, P2 are its rows
+    P0: Tensor
+    P1: Tensor
+    P2: Tensor
+    depth: Tensor  # z of R X + t (unclamped)
+    iz: Tensor  # 1 / depth (clamped to min_depth)
+    a: Tensor  # normalised image coordinates x/z, y/z
+    b: Tensor
+    ma: Tensor  # m00 a + m01 b
+    ru: Tensor  # pixel residuals (projection - x2d)
+    rv: Tensor
+    m00: Tensor
+    m01: Tensor
+    m11: Tensor
+    c0: Tensor
+    c1: Tensor
+
+
+def point_terms(
+    R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, min_depth: Tensor | float = 0.0
+) -> PointTerms:
+    """Projection and residual of every point at the poses ``(R, t)``.
 
     Args:
-        R: ``(B, 3, 3)``; t: ``(B, 3)``; x3d: ``(B|1, n, 3)``; x2d: ``(B, n, 2)``;
+        R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``;
+        min_depth: depths below it are clamped to it (scalar or ``(B, 1)``).
+    Returns:
+        :class:`PointTerms`.
+    """
+    P = R @ x3d.transpose(-1, -2)  # Bx3xN
+    P0, P1, P2 = P.unbind(-2)
+    depth = P2 + t[:, 2:3]
+    X2 = depth if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(depth, min_depth)
+    m00, m01, m11, c0, c1 = camera_coefficients(K)
+    iz = 1.0 / X2
+    a = (P0 + t[:, 0:1]) * iz
+    b = (P1 + t[:, 1:2]) * iz
+    ma = m00 * a + m01 * b
+    ru = ma + c0 - x2d[..., 0]
+    rv = m11 * b + c1 - x2d[..., 1]
+    return PointTerms(P, P0, P1, P2, depth, iz, a, b, ma, ru, rv, m00, m01, m11, c0, c1)
+
+
+def gradient_in_chart(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor) -> Tensor:
+    """``df/dxi`` at ``xi = 0``, differentiable in ``x2d, x3d, K, weights`` (and R, t).
+
+    Args:
+        R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``;
         K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``.
     Returns:
         ``(B, 6)`` gradient ``[d/domega, d/dtau]``.
     """
-    return cost_terms(R, t, x3d, x2d, K, weights, hessian=False).grad
+    return cost_terms(R, t, x2d, x3d, K, weights, hessian=False).grad
 
 
 def cost_terms(
     R: Tensor,
     t: Tensor,
-    x3d: Tensor,
     x2d: Tensor,
+    x3d: Tensor,
     K: Tensor,
     weights: Tensor,
     hessian: bool | str = True,
@@ -69,7 +117,7 @@ def cost_terms(
     the camera gets a large finite cost rather than NaN); callers see this in ``min_depth``.
 
     Args:
-        R: ``(B, 3, 3)``; t: ``(B, 3)``; x3d: ``(B|1, n, 3)``; x2d: ``(B, n, 2)``;
+        R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``;
         K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; min_depth: scalar or ``(B, 1)``;
         hessian: True (exact), ``"gauss-newton"`` (without the residual curvature) or False.
     Returns:
@@ -77,22 +125,11 @@ def cost_terms(
     """
     # Structure of arrays: every per-point quantity is a contiguous (B, n) tensor, which keeps
     # the elementwise work on fast paths; the sums over points are batched matmuls.
-    P = R @ x3d.transpose(-1, -2)  # Bx3xN, R X without t
-    P0, P1, P2 = P.unbind(-2)
-    X0 = P0 + t[:, 0:1]
-    X1 = P1 + t[:, 1:2]
-    depth = P2 + t[:, 2:3]
+    pt = point_terms(R, t, x2d, x3d, K, min_depth)
+    P, P0, P1, P2, depth, iz, a, b, ma, ru, rv, m00, m01, m11, c0, c1 = pt
     w = weights.expand(depth.shape)
     big = torch.finfo(depth.dtype).max
     seen_depth = torch.where(w > 0, depth, torch.full_like(depth, big)).amin(-1)
-    X2 = depth if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(depth, min_depth)
-    m00, m01, m11, c0, c1 = _camera_coefficients(K)
-    iz = 1.0 / X2
-    a = X0 * iz
-    b = X1 * iz
-    ma = m00 * a + m01 * b
-    ru = ma + c0 - x2d[..., 0]
-    rv = m11 * b + c1 - x2d[..., 1]
     wru = w * ru
     wrv = w * rv
     cost = (wru * ru + wrv * rv).sum(-1)
@@ -102,8 +139,18 @@ def cost_terms(
     zero = torch.zeros_like(iz)
     J = torch.stack(
         [
-            P1 * gu2 - P2 * gu1, P2 * gu0 - P0 * gu2, P0 * gu1 - P1 * gu0, gu0, gu1, gu2,
-            P1 * gv2 - P2 * gv1, -P0 * gv2, P0 * gv1, zero, gv1, gv2,
+            P1 * gu2 - P2 * gu1,
+            P2 * gu0 - P0 * gu2,
+            P0 * gu1 - P1 * gu0,
+            gu0,
+            gu1,
+            gu2,
+            P1 * gv2 - P2 * gv1,
+            -P0 * gv2,
+            P0 * gv1,
+            zero,
+            gv1,
+            gv2,
         ],
         -2,
     )  # Bx12xN
@@ -126,9 +173,7 @@ def cost_terms(
     c12 = -q1 * iz2
     c22h = (q0 * a + q1 * b) * iz2  # c22 / 2
     j2 = torch.stack([P1, -P0, zero, zero, zero, torch.ones_like(iz)], -2)  # Bx6xN
-    bvec = torch.stack(
-        [-c12 * P2 + c22h * P1, c02 * P2 - c22h * P0, -c02 * P1 + c12 * P0, c02, c12, c22h], -2
-    )
+    bvec = torch.stack([-c12 * P2 + c22h * P1, c02 * P2 - c22h * P0, -c02 * P1 + c12 * P0, c02, c12, c22h], -2)
     curv = j2 @ bvec.transpose(-1, -2)  # Bx6x6
     # Rotation curvature: sym(s P^T) - (s.P) I in the rotation block, s = w (dpix/dX)^T r.
     s = torch.stack([wru * gu0, wru * gu1 + wrv * gv1, wru * gu2 + wrv * gv2], -2)  # Bx3xN
@@ -141,6 +186,6 @@ def cost_terms(
     return CostTerms(cost, grad, hess, seen_depth)
 
 
-def cost_only(R: Tensor, t: Tensor, x3d: Tensor, x2d: Tensor, K: Tensor, weights: Tensor) -> Tensor:
+def cost_only(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor) -> Tensor:
     """Weighted squared reprojection error ``(B,)`` of poses ``R (B,3,3), t (B,3)``."""
-    return cost_terms(R, t, x3d, x2d, K, weights, hessian=False).cost
+    return cost_terms(R, t, x2d, x3d, K, weights, hessian=False).cost

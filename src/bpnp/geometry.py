@@ -6,6 +6,7 @@ matrix and a camera-frame point ``P`` projects to ``(K P)[:2] / (K P)[2]``.
 
 All functions accept arbitrary leading batch dimensions and are differentiable.
 """
+
 from __future__ import annotations
 
 import torch

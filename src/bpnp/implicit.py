@@ -9,11 +9,13 @@ chart coordinates with Jacobian ``blockdiag(J_l^-1(rvec*), I)``, so with the inc
     u = H^-1 [J_l^-T v_rot, v_t]          (one batched 6x6 solve)
     dL/dtheta = -d (u . g(theta)) / dtheta  (closed-form per-point expressions, O(B n))
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .cost import point_terms
 
 
 def inverse_left_jacobian_transpose_apply(rvec: Tensor, v: Tensor) -> Tensor:
@@ -50,7 +52,9 @@ def solve_hessian(hess: Tensor, rhs: Tensor, rel_floor: float = 1e-10) -> tuple[
     diag = torch.diagonal(L, dim1=-2, dim2=-1)
     ratio = (diag.amin(-1) / diag.amax(-1).clamp_min(1e-300)) ** 2
     good = (info == 0) & (ratio > rel_floor)
-    u = torch.cholesky_solve(rhs[..., None], torch.where(good[:, None, None], L, torch.eye(6, dtype=H.dtype, device=H.device)))[..., 0]
+    u = torch.cholesky_solve(
+        rhs[..., None], torch.where(good[:, None, None], L, torch.eye(6, dtype=H.dtype, device=H.device))
+    )[..., 0]
     if bool(good.all()):
         return u, ~good
     evals, evecs = torch.linalg.eigh(H)
@@ -86,19 +90,10 @@ def input_gradients(
         Gradients shaped like the inputs (summed over the batch for shared inputs), or None.
     """
     B = x2d.shape[0]
-    P = R @ x3d.transpose(-1, -2)  # Bx3xN
-    P0, P1, P2 = P.unbind(-2)
+    P, P0, P1, P2, _, iz, a, b, ma, ru, rv, m00, m01, m11, c0, c1 = point_terms(R, t, x2d, x3d, K)
     k22 = K[..., 2, 2][..., None]
-    m00, m01, m11 = K[..., 0, 0][..., None] / k22, K[..., 0, 1][..., None] / k22, K[..., 1, 1][..., None] / k22
-    c0, c1 = K[..., 0, 2][..., None] / k22, K[..., 1, 2][..., None] / k22
-    iz = 1.0 / (P2 + t[:, 2:3])
-    a = (P0 + t[:, 0:1]) * iz
-    b = (P1 + t[:, 1:2]) * iz
-    ma = m00 * a + m01 * b
-    ru = ma + c0 - x2d[..., 0]
-    rv = m11 * b + c1 - x2d[..., 1]
     w = weights.expand(B, -1)
-    w0, w1, w2, t0, t1, t2 = (u[:, k:k + 1] for k in range(6))
+    w0, w1, w2, t0, t1, t2 = (u[:, k : k + 1] for k in range(6))
     q0 = t0 + w1 * P2 - w2 * P1  # q = u_t + u_rot x P: motion of the point
     q1 = t1 + w2 * P0 - w0 * P2
     q2 = t2 + w0 * P1 - w1 * P0
@@ -125,8 +120,17 @@ def input_gradients(
         k = k22[:, 0]
         zero = torch.zeros_like(gm00)
         dk22 = -(m00[:, 0] * gm00 + m01[:, 0] * gm01 + m11[:, 0] * gm11 + c0[:, 0] * gc0 + c1[:, 0] * gc1)
-        gK = torch.stack([torch.stack([gm00, gm01, gc0], -1), torch.stack([zero, gm11, gc1], -1),
-                          torch.stack([zero, zero, dk22], -1)], -2) / k[:, None, None]
+        gK = (
+            torch.stack(
+                [
+                    torch.stack([gm00, gm01, gc0], -1),
+                    torch.stack([zero, gm11, gc1], -1),
+                    torch.stack([zero, zero, dk22], -1),
+                ],
+                -2,
+            )
+            / k[:, None, None]
+        )
         out[2] = reduce_like(gK, K)
     if needs[1]:
         wru, wrv = w * ru, w * rv
@@ -160,10 +164,20 @@ def implicit_vjp(
 ) -> tuple[Tensor | None, ...]:
     """Gradients of a loss w.r.t. ``(x2d, x3d, K, weights)`` given ``dL/dpose`` (and ``dL/dR``).
 
+    Written in differentiable tensor ops: with a graph-connected optimum and Hessian (as the
+    layer's double backward passes them), autograd differentiates it exactly.
+
     Args:
-        grad_pose: ``(B, 6)``; rvec: ``(B, 3)`` returned rotation vectors; R, t: ``(B,3,3)``,
-        ``(B,3)`` the optimum; hess: ``(B,6,6)`` exact chart Hessian; x2d ``(B,n,2)``,
-        x3d ``(B|1,n,3)``, K ``(B|1,3,3)``, weights ``(B|1,n)``; needs: which inputs need grads;
+        grad_pose: ``(B, 6)`` gradient of the loss w.r.t. the returned pose.
+        rvec: ``(B, 3)`` returned rotation vectors.
+        R: ``(B, 3, 3)`` rotation at the optimum.
+        t: ``(B, 3)`` translation at the optimum.
+        hess: ``(B, 6, 6)`` exact chart Hessian there.
+        x2d: ``(B, n, 2)``.
+        x3d: ``(B|1, n, 3)``.
+        K: ``(B|1, 3, 3)``.
+        weights: ``(B|1, n)``.
+        needs: which of the four inputs need gradients.
         grad_R: ``(B, 3, 3)`` gradient of the loss w.r.t. the returned rotation matrix, or None.
     Returns:
         Gradients shaped like the inputs (None where not needed).

@@ -1,27 +1,27 @@
 """The differentiable PnP layer: ``solve_pnp`` (functional) and ``BPnP`` (module)."""
+
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .checks import PnPInputError, canonical_pnp_inputs
+from .checks import canonical_pnp_inputs
+from .cost import cost_terms
+from .errors import BackendUnavailableError, PnPConvergenceWarning, PnPInputError
 from .geometry import rotmat_to_rvec, rvec_to_rotmat
 from .implicit import implicit_vjp
-from .solvers.native import native_available, native_unavailable_reason, solve_pnp_native
+from .options import SolverOptions
+from .solvers.native import native_available, native_unavailable_reason, solve_pnp_native, warn_unavailable_once
 from .solvers.pnp import PnPSolution, solve_pnp_forward
 
-__all__ = ["PnPResult", "solve_pnp", "BPnP", "PnPConvergenceWarning"]
+__all__ = ["PnPResult", "solve_pnp", "BPnP"]
 
-_METHODS = ("global", "opencv")
-_BACKENDS = ("auto", "torch", "native")
-
-
-class PnPConvergenceWarning(RuntimeWarning):
-    """Some items of a batch did not reach a well-posed optimum (see ``PnPResult.converged``)."""
+METHODS = ("global", "opencv")
+BACKENDS = ("auto", "torch", "native")
 
 
 @dataclass
@@ -33,9 +33,11 @@ class PnPResult:
         R: ``(B, 3, 3)`` rotation of the pose; differentiable.
         t: ``(B, 3)`` translation; differentiable.
         cost: ``(B,)`` weighted squared reprojection error at the answer (no gradient).
-        converged: ``(B,)`` bool; False when the solve did not reach a well-posed optimum
-            (points behind the camera, degenerate points, singular Hessian).
-        iterations: Levenberg-Marquardt iterations the batch ran.
+        converged: ``(B,)`` bool, the same meaning for every method and backend: the answer is
+            stationary to float64 precision, every point of positive weight lies in front of the
+            camera, and the Hessian is well posed (not singular).
+        iterations: the most Levenberg-Marquardt iterations any item of the batch needed.
+        backend: the forward solver that ran: ``"native"``, ``"torch"`` or ``"opencv"``.
     """
 
     pose: Tensor
@@ -44,69 +46,96 @@ class PnPResult:
     cost: Tensor
     converged: Tensor
     iterations: int
+    backend: str = "torch"
 
 
-def _use_native(backend: str, x2d: Tensor) -> bool:
+class _Forward(NamedTuple):
+    """What the autograd function needs to know besides the tensors."""
+
+    method: str
+    solver: str  # "native", "torch" or "opencv"
+    options: SolverOptions
+    check_every: int
+
+
+def _pick_solver(method: str, backend: str, device: torch.device) -> str:
+    if method == "opencv":
+        if backend == "native":
+            raise PnPInputError(
+                "backend: 'native' runs method='global'; method='opencv' takes backend='auto' or 'torch'"
+            )
+        return "opencv"
     if backend == "torch":
-        return False
+        return "torch"
     if backend == "native":
-        if x2d.device.type != "cpu":
-            raise PnPInputError(f"backend='native' runs on CPU tensors, got device {x2d.device}")
+        if device.type != "cpu":
+            raise BackendUnavailableError(f"backend='native' runs on CPU tensors, got device {device}")
         if not native_available():
-            raise RuntimeError(f"backend='native': {native_unavailable_reason()}")
-        return True
-    return x2d.device.type == "cpu" and native_available()
+            raise BackendUnavailableError(f"backend='native': {native_unavailable_reason()}")
+        return "native"
+    if device.type != "cpu":
+        return "torch"
+    if native_available():
+        return "native"
+    warn_unavailable_once()
+    return "torch"
+
+
+def _forward_solve(
+    x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, init_pose: Tensor | None, config: _Forward
+) -> PnPSolution:
+    init_R = init_t = None
+    if init_pose is not None:
+        init_R, init_t = rvec_to_rotmat(init_pose[:, :3]), init_pose[:, 3:]
+    if x2d.shape[0] == 0:  # an empty batch (e.g. no detections left): empty answers
+        e = x2d.new_empty
+        return PnPSolution(
+            e(0, 3, 3), e(0, 3), e(0), e(0, 6, 6), torch.zeros(0, dtype=torch.bool, device=x2d.device), 0, e(0, 3)
+        )
+    if config.solver == "opencv":
+        from .solvers.opencv import solve_pnp_opencv
+
+        return solve_pnp_opencv(x2d, x3d, K, weights, config.options)
+    if config.solver == "native":
+        return solve_pnp_native(x2d, x3d, K, weights, init_R, init_t, config.options)
+    return solve_pnp_forward(x2d, x3d, K, weights, init_R, init_t, config.options, check_every=config.check_every)
 
 
 class _PnPFunction(torch.autograd.Function):
-    """Forward: global solve in float64. Backward: implicit function theorem."""
+    """Forward: global solve in float64. Backward: the implicit function theorem.
+
+    The backward is written in differentiable tensor ops on the saved inputs and outputs, so a
+    double backward (``create_graph=True``) differentiates it exactly: then the Hessian is
+    recomputed from the (graph-connected) optimum instead of taken from the forward.
+    """
 
     @staticmethod
-    def forward(x2d, x3d, K, weights, init_pose, options):  # type: ignore[override]
-        init_R = init_t = None
-        if init_pose is not None:
-            init_R = rvec_to_rotmat(init_pose[:, :3])
-            init_t = init_pose[:, 3:]
-        if x2d.shape[0] == 0:  # an empty batch (e.g. no detections left): empty answers
-            e = x2d.new_empty
-            sol = PnPSolution(e(0, 3, 3), e(0, 3), e(0), e(0, 6, 6),
-                              torch.zeros(0, dtype=torch.bool, device=x2d.device), 0, e(0, 3))
-        elif options["method"] == "opencv":
-            from .solvers.opencv import solve_pnp_opencv
-
-            sol = solve_pnp_opencv(x2d, x3d, K, weights)
-        elif _use_native(options["backend"], x2d):
-            sol = solve_pnp_native(
-                x2d, x3d, K, weights, init_R, init_t, num_candidates=options["num_candidates"],
-                max_iter=options["max_iter"], global_search=options["global_search"],
-            )
-        else:
-            sol = solve_pnp_forward(
-                x2d, x3d, K, weights, init_R, init_t,
-                num_candidates=options["num_candidates"], max_iter=options["max_iter"],
-                global_search=options["global_search"], check_every=options["check_every"],
-            )
+    def forward(x2d, x3d, K, weights, init_pose, config):  # type: ignore[override]
+        sol = _forward_solve(x2d, x3d, K, weights, init_pose, config)
         rvec = sol.rvec if sol.rvec is not None else rotmat_to_rvec(sol.R)
         pose = torch.cat([rvec, sol.t], -1)
-        return pose, sol.cost, sol.converged, sol.R, sol.t, sol.hess, torch.tensor(sol.iterations)
+        return pose, sol.cost, sol.converged, sol.R, sol.hess, torch.tensor(sol.iterations)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x2d, x3d, K, weights, _, _ = inputs
-        pose, cost, converged, R, t, hess, _ = output
-        ctx.save_for_backward(x2d, x3d, K, weights, pose, R, t, hess)
+        pose, cost, converged, R, hess, iters = output
+        ctx.save_for_backward(x2d, x3d, K, weights, pose, R, hess)
         # pose and R are differentiable outputs (R directly, which spares a Rodrigues map).
-        ctx.mark_non_differentiable(cost, converged, t, hess, output[6])
+        ctx.mark_non_differentiable(cost, converged, hess, iters)
 
     @staticmethod
-    def backward(ctx: Any, grad_pose: Tensor | None, _c: Any, _v: Any, grad_R: Tensor | None,
-                 *_: Any):  # type: ignore[override]
-        x2d, x3d, K, weights, pose, R, t, hess = ctx.saved_tensors
+    def backward(ctx: Any, grad_pose: Tensor | None, _c: Any, _v: Any, grad_R: Tensor | None, *_: Any):  # type: ignore[override]
+        x2d, x3d, K, weights, pose, R, hess = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:4])
         if (grad_pose is None and grad_R is None) or not any(needs):
             return None, None, None, None, None, None
         if grad_pose is None:
             grad_pose = torch.zeros_like(pose)
+        t = pose[:, 3:]
+        if torch.is_grad_enabled():
+            # create_graph: the Hessian as a differentiable function of the optimum and the inputs.
+            hess = cost_terms(R, t, x2d, x3d, K, weights).hess
         grads = implicit_vjp(grad_pose, pose[:, :3], R, t, hess, x2d, x3d, K, weights, needs, grad_R)
         return (*grads, None, None)
 
@@ -116,70 +145,69 @@ def solve_pnp(
     x3d: Tensor,
     K: Tensor,
     weights: Tensor | None = None,
+    *,
     init_pose: Tensor | None = None,
     method: str = "global",
-    num_candidates: int = 4,
-    max_iter: int = 100,
-    warn: bool = True,
-    global_search: bool = True,
-    check_every: int | None = None,
     backend: str = "auto",
+    options: SolverOptions | None = None,
+    warn: bool = True,
 ) -> PnPResult:
     """Pose that minimises the weighted reprojection error; differentiable in every input.
 
     Minimises ``sum_i w_i ||pi(R x3d_i + t; K) - x2d_i||^2`` (pixels). The forward solve is
     batched and global (object-space multi-start, then exact-Hessian Levenberg-Marquardt in
-    float64); the backward is exact, by the implicit function theorem at the optimum.
+    float64); the backward is exact, by the implicit function theorem at the optimum, and so is
+    the double backward.
 
     Args:
         x2d: ``(B, n, 2)`` or ``(n, 2)`` image points in pixels, n >= 4.
         x3d: ``(n, 3)`` shared by the batch or ``(B, n, 3)`` object points.
         K: ``(3, 3)`` or ``(B, 3, 3)`` upper-triangular camera matrices.
         weights: ``(n,)`` or ``(B, n)`` non-negative per-point weights (default all ones).
-        init_pose: ``(B, 6)`` warm start ``[rvec, t]`` (an extra candidate; the answer does not
-            depend on it when the optimum is unique).
-        method: ``"global"`` (default) or ``"opencv"`` (``cv2.solvePnP`` SQPnP + our LM per item,
-            for comparison; needs ``opencv-python``).
-        num_candidates: object-space minima refined per item (more is safer, slower).
-        max_iter: Levenberg-Marquardt iteration cap.
-        warn: emit a :class:`PnPConvergenceWarning` when some items did not converge.
-        global_search: with ``init_pose``, ``False`` skips the global initialisation and only
-            refines the warm start: several times faster, meant for training loops whose
-            problems change little per step, but without the global-optimum guarantee.
-        check_every: the torch solver's loop asks the device whether all items are done every
-            this many iterations (each ask is a host-device synchronisation on a GPU); stopped
-            items stay frozen meanwhile, so the answer does not depend on it. Default: 1 on the
-            CPU, 4 on other devices.
-        backend: ``"auto"`` (default: the compiled C solver for CPU tensors when it could be
-            built, see :mod:`bpnp.solvers.native`; the torch solver otherwise, e.g. on GPU),
-            ``"torch"`` (batched tensor ops on any device) or ``"native"`` (CPU only; an error
-            when no C compiler is available). Same algorithm, same answers to ~1e-12.
+        init_pose: ``(B, 6)`` (or ``(6,)``) warm start ``[rvec, t]``: an extra candidate of the
+            global search, or the only start with ``SolverOptions(global_search=False)``.
+        method: ``"global"`` (default) or ``"opencv"`` (``cv2.solvePnP`` SQPnP per item, then the
+            same LM; for comparison; needs ``opencv-python``).
+        backend: forward solver of ``method="global"``: ``"auto"`` (default: the compiled C
+            solver for CPU tensors when it was built, see :mod:`bpnp.solvers.native`; the torch
+            solver otherwise, e.g. on GPU), ``"torch"`` (batched tensor ops on any device) or
+            ``"native"`` (CPU only). Same algorithm, same options, same answers.
+        options: :class:`~bpnp.options.SolverOptions` (default: ``SolverOptions()``).
+        warn: emit a :class:`~bpnp.errors.PnPConvergenceWarning` when some items did not converge.
     Returns:
         :class:`PnPResult` in the dtype and on the device of the inputs (unbatched if ``x2d``
         was ``(n, 2)``).
     Raises:
-        PnPInputError (a ValueError): bad shapes, n < 4, NaN/inf, negative weights, bad K,
-        mixed devices or dtypes.
+        PnPInputError (a ValueError): bad shapes, n < 4, NaN/inf, negative weights, bad K, mixed
+            devices or dtypes, unknown method/backend, options not a SolverOptions.
+        BackendUnavailableError (a RuntimeError): ``backend="native"`` where the compiled solver
+            is missing or the tensors are not on the CPU; ``method="opencv"`` without OpenCV.
     """
-    if backend not in _BACKENDS:
-        raise PnPInputError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    if method not in _METHODS:
-        raise PnPInputError(f"method: expected one of {_METHODS}, got {method!r}")
+    if backend not in BACKENDS:
+        raise PnPInputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if method not in METHODS:
+        raise PnPInputError(f"method: expected one of {METHODS}, got {method!r}")
+    if options is None:
+        options = SolverOptions()
+    elif not isinstance(options, SolverOptions):
+        raise PnPInputError(f"options: expected a bpnp.SolverOptions, got {type(options).__name__}")
+    if not isinstance(warn, bool):
+        raise PnPInputError(f"warn: expected a bool, got {warn!r}")
     x2d_b, x3d_b, K_b, w_b, pose_b, unbatched = canonical_pnp_inputs(x2d, x3d, K, weights, init_pose)
     dtype = x2d_b.dtype
     f64 = torch.float64
     if w_b is None:
         w_b = torch.ones(1, x2d_b.shape[1], dtype=f64, device=x2d_b.device)
+    check_every = options.check_every or (1 if x2d_b.device.type == "cpu" else 4)
+    config = _Forward(method, _pick_solver(method, backend, x2d_b.device), options, check_every)
     # float64 inside: float32 Jacobians cannot locate the optimum to float64 quality.
-    if check_every is None:
-        check_every = 1 if x2d_b.device.type == "cpu" else 4
-    if not isinstance(check_every, int) or check_every < 1:
-        raise PnPInputError(f"check_every: expected a positive int, got {check_every!r}")
-    options = {"method": method, "num_candidates": num_candidates, "max_iter": max_iter,
-               "global_search": global_search, "check_every": check_every, "backend": backend}
-    pose, cost, converged, R, _, _, iters = _PnPFunction.apply(
-        x2d_b.to(f64), x3d_b.to(f64), K_b.to(f64), w_b.to(f64),
-        None if pose_b is None else pose_b.detach().to(f64), options,
+    pose, cost, converged, R, _, iters = _PnPFunction.apply(
+        x2d_b.to(f64),
+        x3d_b.to(f64),
+        K_b.to(f64),
+        w_b.to(f64),
+        None if pose_b is None else pose_b.detach().to(f64),
+        config,
     )
     if warn and not bool(converged.all()):
         bad = int((~converged).sum())
@@ -192,46 +220,45 @@ def solve_pnp(
         )
     pose = pose.to(dtype)
     R = R.to(dtype)
-    t = pose[:, 3:]
+    t = pose[..., 3:]
     cost = cost.to(dtype)
     if unbatched:
         pose, R, t, cost, converged = pose[0], R[0], t[0], cost[0], converged[0]
-    return PnPResult(pose, R, t, cost, converged, int(iters))
+    return PnPResult(pose, R, t, cost, converged, int(iters), config.solver)
 
 
 class BPnP(nn.Module):
-    """The PnP layer as a module: ``layer(x2d, x3d, K, weights=None) -> pose (B, 6)``.
+    """The PnP layer as a module: ``layer(x2d, x3d, K, weights=None, init_pose=None) -> pose``.
+
+    Stateless: a warm start is passed explicitly as ``init_pose`` (e.g. the poses a data set
+    stores per item), so a shuffled loader never refines one item from another item's pose.
 
     Args:
-        method, num_candidates, max_iter, backend: as in :func:`solve_pnp`.
-        warm_start: pass the previous call's poses as ``init_pose`` when the batch shape
-            matches (handy in training loops that re-solve similar problems).
-        global_search: as in :func:`solve_pnp`; ``False`` with ``warm_start`` refines only
-            from the previous poses after the first call.
+        options: :class:`~bpnp.options.SolverOptions` (default: ``SolverOptions()``).
+        backend: as in :func:`solve_pnp`.
+        method: as in :func:`solve_pnp`.
     """
 
-    def __init__(self, method: str = "global", num_candidates: int = 4, max_iter: int = 100,
-                 warm_start: bool = False, global_search: bool = True, backend: str = "auto") -> None:
+    def __init__(self, options: SolverOptions | None = None, backend: str = "auto", method: str = "global") -> None:
         super().__init__()
+        if options is not None and not isinstance(options, SolverOptions):
+            raise PnPInputError(f"options: expected a bpnp.SolverOptions, got {type(options).__name__}")
+        if backend not in BACKENDS:
+            raise PnPInputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if method not in METHODS:
+            raise PnPInputError(f"method: expected one of {METHODS}, got {method!r}")
+        self.options = SolverOptions() if options is None else options
         self.backend = backend
         self.method = method
-        self.num_candidates = num_candidates
-        self.max_iter = max_iter
-        self.warm_start = warm_start
-        self.global_search = global_search
-        self._last: Tensor | None = None
 
-    def forward(self, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None = None) -> Tensor:
-        """Solve and return the pose ``(B, 6)`` (or ``(6,)`` for unbatched input)."""
-        init = None
-        if self.warm_start and self._last is not None and self._last.shape[:-1] == x2d.shape[:-2]:
-            init = self._last.to(x2d)
-        res = solve_pnp(x2d, x3d, K, weights, init_pose=init, method=self.method,
-                        num_candidates=self.num_candidates, max_iter=self.max_iter,
-                        global_search=self.global_search, backend=self.backend)
-        if self.warm_start:
-            self._last = res.pose.detach()
-        return res.pose
+    def forward(
+        self, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None = None, init_pose: Tensor | None = None
+    ) -> Tensor:
+        """Solve and return the pose ``(B, 6)`` (or ``(6,)`` for unbatched input); shapes as in
+        :func:`solve_pnp`."""
+        return solve_pnp(
+            x2d, x3d, K, weights, init_pose=init_pose, method=self.method, backend=self.backend, options=self.options
+        ).pose
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, num_candidates={self.num_candidates}, max_iter={self.max_iter}"
+        return f"method={self.method!r}, backend={self.backend!r}, options={self.options}"

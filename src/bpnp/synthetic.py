@@ -1,4 +1,5 @@
 """Random PnP problems with known ground truth, for tests, benchmarks and examples."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -21,8 +22,7 @@ class PnPProblems(NamedTuple):
     pose: Tensor  # (B, 6) true pose
 
 
-def random_rotations(B: int, generator: torch.Generator | None = None,
-                     dtype: torch.dtype = torch.float64) -> Tensor:
+def random_rotations(B: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
     """Uniformly distributed rotation vectors ``(B, 3)`` (from random unit quaternions)."""
     q = torch.randn(B, 4, generator=generator, dtype=dtype)
     q = q / q.norm(dim=-1, keepdim=True)

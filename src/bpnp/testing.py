@@ -3,6 +3,7 @@
 Central differences of fully converged solves; all perturbed copies of a batch are solved as
 one batch, so a check costs a single batched solve per input.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,7 @@ def loss_weights(B: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(B, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def fd_gradient(inputs: dict, name: str, v: torch.Tensor, mask: torch.Tensor | None = None,
-                **solve_kw) -> torch.Tensor:
+def fd_gradient(inputs: dict, name: str, v: torch.Tensor, mask: torch.Tensor | None = None, **solve_kw) -> torch.Tensor:
     """d(sum v * pose)/d inputs[name] by central differences of fully converged solves.
 
     inputs: x2d (B,n,2), x3d (n,3)|(B,n,3), K (3,3)|(B,3,3), weights (n,)|(B,n); float64.
@@ -42,8 +42,7 @@ def fd_gradient(inputs: dict, name: str, v: torch.Tensor, mask: torch.Tensor | N
         if val.dim() - 1 < per_item:  # shared across the batch: give each item its copy
             val = val.unsqueeze(1).expand(C, B, *val.shape[1:])
         batched[key] = val.reshape(C * B, *val.shape[2:])
-    pose = solve_pnp(batched["x2d"], batched["x3d"], batched["K"], batched["weights"], warn=False,
-                     **solve_kw).pose
+    pose = solve_pnp(batched["x2d"], batched["x3d"], batched["K"], batched["weights"], warn=False, **solve_kw).pose
     loss = (pose.reshape(C, B, 6) * v).sum((1, 2))
     grad = torch.zeros(x.numel(), dtype=x.dtype)
     grad[active] = (loss[:m] - loss[m:]) / (2 * h)

@@ -1,6 +1,6 @@
 """``bpnp demo all``: the paper's experiments and the calibration demo, one report."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 from .common import markdown_table, output_dir, write_json
 
@@ -16,17 +16,35 @@ def run(out: str | None = None, seed: int = 0, device: str = "cpu", quiet: bool 
         "calibrate": chessboard.run_synthetic(str(root / "calibrate"), seed=seed, quiet=quiet),
     }
     rows = [
-        ("pose", "rotation error < 0.1 deg; translation error < 0.1%",
-         f"{results['pose']['rotation_error_deg']:.2g} deg; {100 * results['pose']['translation_error_rel']:.2g}%",
-         all(results["pose"]["acceptance"].values()), results["pose"]["seconds"]),
-        ("sfm", "aligned RMS < 1% of size", f"{100 * results['sfm']['rms_error_rel_to_size']:.2g}%",
-         all(results["sfm"]["acceptance"].values()), results["sfm"]["seconds"]),
-        ("calib", "fx, fy, cx, cy within 0.1%", f"max {100 * results['calib']['max_error_rel']:.2g}%",
-         all(results["calib"]["acceptance"].values()), results["calib"]["seconds"]),
-        ("calibrate (25 rendered photos)", "fx, fy, cx, cy vs truth; vs OpenCV",
-         f"max {100 * results['calibrate']['max_error_rel_to_truth']:.2g}% vs truth, "
-         f"max {100 * max(abs(v) for v in results['calibrate']['relative_to_opencv'].values()):.2g}% vs OpenCV",
-         results["calibrate"]["max_error_rel_to_truth"] < 1e-3, results["calibrate"]["seconds"]),
+        (
+            "pose",
+            "rotation error < 0.1 deg; translation error < 0.1%",
+            f"{results['pose']['rotation_error_deg']:.2g} deg; {100 * results['pose']['translation_error_rel']:.2g}%",
+            all(results["pose"]["acceptance"].values()),
+            results["pose"]["seconds"],
+        ),
+        (
+            "sfm",
+            "aligned RMS < 1% of size",
+            f"{100 * results['sfm']['rms_error_rel_to_size']:.2g}%",
+            all(results["sfm"]["acceptance"].values()),
+            results["sfm"]["seconds"],
+        ),
+        (
+            "calib",
+            "fx, fy, cx, cy within 0.1%",
+            f"max {100 * results['calib']['max_error_rel']:.2g}%",
+            all(results["calib"]["acceptance"].values()),
+            results["calib"]["seconds"],
+        ),
+        (
+            "calibrate (25 rendered photos)",
+            "fx, fy, cx, cy vs truth; vs OpenCV",
+            f"max {100 * results['calibrate']['max_error_rel_to_truth']:.2g}% vs truth, "
+            f"max {100 * max(abs(v) for v in results['calibrate']['relative_to_opencv'].values()):.2g}% vs OpenCV",
+            results["calibrate"]["max_error_rel_to_truth"] < 1e-3,
+            results["calibrate"]["seconds"],
+        ),
     ]
     table = markdown_table(["experiment", "acceptance", "result", "passed", "time (s)"], rows)
     sections = []
@@ -37,10 +55,17 @@ def run(out: str | None = None, seed: int = 0, device: str = "cpu", quiet: bool 
         sections.append(text)
     report = "# bpnp demos\n\n" + table + "\n\n" + "\n".join(sections)
     (root / "report.md").write_text(report)
-    summary = {name: {k: v for k, v in res.items() if not isinstance(v, dict) or k == "acceptance"}
-               for name, res in results.items()}
-    write_json(root / "metrics.json", {"summary": [dict(zip(["experiment", "acceptance", "result", "passed", "seconds"], r)) for r in rows],
-                                       "experiments": summary})
+    summary = {
+        name: {k: v for k, v in res.items() if not isinstance(v, dict) or k == "acceptance"}
+        for name, res in results.items()
+    }
+    write_json(
+        root / "metrics.json",
+        {
+            "summary": [dict(zip(["experiment", "acceptance", "result", "passed", "seconds"], r)) for r in rows],
+            "experiments": summary,
+        },
+    )
     if not quiet:
         print("\n" + table + f"\n\nreport: {root / 'report.md'}")
     return results

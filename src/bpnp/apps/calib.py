@@ -5,6 +5,7 @@ from intrinsics more than 20% off, the loss is the reprojection error of the cub
 that the layer finds for the current intrinsics; its gradient reaches K both directly (through
 the projection) and through the layer.
 """
+
 from __future__ import annotations
 
 import time
@@ -20,8 +21,7 @@ TRUE_K = (800.0, 700.0, 400.0, 300.0)
 NAMES = ("fx", "fy", "cx", "cy")
 
 
-def run(out: str | None = None, iters: int = 40, seed: int = 0, device: str = "cpu",
-        quiet: bool = False) -> dict:
+def run(out: str | None = None, iters: int = 40, seed: int = 0, device: str = "cpu", quiet: bool = False) -> dict:
     """Run the calibration experiment; writes metrics.json, plots and report.md into ``out``."""
     path = output_dir(out, "calib")
     dev = torch.device(device)
@@ -34,8 +34,9 @@ def run(out: str | None = None, iters: int = 40, seed: int = 0, device: str = "c
     sign = torch.where(torch.rand(4, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
     start = (truth.cpu() * (1 + sign * off)).to(dev)
     t0 = time.perf_counter()
-    params, history, losses, _ = learn_camera(target, z, start, iters=iters, quiet=quiet, desc="calib",
-                                              loss_floor=1e-16)
+    params, history, losses, _ = learn_camera(
+        target, z, start, iters=iters, quiet=quiet, desc="calib", loss_floor=1e-16
+    )
     seconds = time.perf_counter() - t0
     rel = (params / truth - 1).abs()
     metrics = {
@@ -55,11 +56,14 @@ def run(out: str | None = None, iters: int = 40, seed: int = 0, device: str = "c
     metrics["acceptance"] = {"each intrinsic within 0.1%": bool(rel.max() < 1e-3)}
     plots.loss_curve(path / "loss.png", losses, "calib: reprojection loss", "loss (px^2)")
     plots.parameter_trajectories(path / "intrinsics.png", history, TRUE_K, NAMES, "calib: intrinsics")
-    rows = [(n, metrics["start"][n], metrics["learned"][n], metrics["truth"][n], metrics["error_rel"][n]) for n in NAMES]
+    rows = [
+        (n, metrics["start"][n], metrics["learned"][n], metrics["truth"][n], metrics["error_rel"][n]) for n in NAMES
+    ]
     table = markdown_table(["", "start", "learned", "truth", "rel. error"], rows)
     report = (
         "# Calibration experiment\n\nIntrinsics learned through the PnP layer from the cube seen at "
-        f"`poses[0]`: {len(losses)} evaluations of loss and gradient (L-BFGS), {seconds:.1f} s.\n\n" + table +
-        "\n\n![loss](loss.png)\n\n![intrinsics](intrinsics.png)\n"
+        f"`poses[0]`: {len(losses)} evaluations of loss and gradient (L-BFGS), {seconds:.1f} s.\n\n"
+        + table
+        + "\n\n![loss](loss.png)\n\n![intrinsics](intrinsics.png)\n"
     )
     return finish_experiment(path, report, metrics, table, quiet)

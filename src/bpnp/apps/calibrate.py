@@ -9,16 +9,18 @@ With distortion, the layer solves PnP on the detections undistorted by the curre
 coefficients (a differentiable fixed-point inversion), and the loss reprojects with
 distortion; the pinhole layer itself stays distortion-free.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ..geometry import project_points, rvec_to_rotmat, transform_points
 from ..layer import solve_pnp
+from ..options import SolverOptions
 from . import plots
 from .common import finish_experiment, markdown_table, output_dir, progress
 
@@ -92,19 +94,27 @@ def reproject(x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor) -> to
     return xd * params[None, None, :2] + params[None, None, 2:4]
 
 
-def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor,
-                 init: torch.Tensor | None = None) -> torch.Tensor:
+def _solve_poses(
+    x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor, init: torch.Tensor | None = None
+) -> torch.Tensor:
     """Poses ``(B, 6)`` from the layer; with ``init``, a warm-started local refinement."""
     K = camera_from_params(params[:4])
     if params.numel() > 4:
         xn = (x2d - params[2:4]) / params[:2]
         x2d = undistort(xn, params[4:]) * params[:2] + params[2:4]
-    return solve_pnp(x2d, x3d, K, init_pose=init, global_search=init is None, warn=False).pose
+    return solve_pnp(x2d, x3d, K, init_pose=init, warn=False, options=SolverOptions(global_search=init is None)).pose
 
 
-def learn_camera(x2d: torch.Tensor, x3d: torch.Tensor, start: torch.Tensor, iters: int = 30,
-                 quiet: bool = False, rtol: float = 1e-10, desc: str = "calibrate",
-                 loss_floor: float = 0.0):
+def learn_camera(
+    x2d: torch.Tensor,
+    x3d: torch.Tensor,
+    start: torch.Tensor,
+    iters: int = 30,
+    quiet: bool = False,
+    rtol: float = 1e-10,
+    desc: str = "calibrate",
+    loss_floor: float = 0.0,
+):
     """L-BFGS through the layer on ``start`` = (fx, fy, cx, cy[, k1, k2, p1, p2, k3]).
 
     Stops when an L-BFGS step changes the loss by less than ``rtol`` relative, or when the loss
@@ -114,8 +124,15 @@ def learn_camera(x2d: torch.Tensor, x3d: torch.Tensor, start: torch.Tensor, iter
     # Unknowns of order one: intrinsics relative to the start, distortion in units of 0.1.
     scale = torch.cat([start[:4].abs(), torch.full_like(start[4:], 0.1)])
     u = torch.nn.Parameter(start / scale)
-    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=20, history_size=30, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-12, tolerance_change=1e-14)
+    opt = torch.optim.LBFGS(
+        [u],
+        lr=1.0,
+        max_iter=20,
+        history_size=30,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+    )
     history, losses = [start.detach().cpu().numpy().copy()], []
     last = {"pose": None}
 
@@ -149,17 +166,32 @@ def learn_camera(x2d: torch.Tensor, x3d: torch.Tensor, start: torch.Tensor, iter
 def opencv_calibration(obj: np.ndarray, detections: list[np.ndarray], size: tuple[int, int], distortion: bool):
     cv2 = _cv2()
     flags = 0 if distortion else (cv2.CALIB_ZERO_TANGENT_DIST | cv2.CALIB_FIX_K1 | cv2.CALIB_FIX_K2 | cv2.CALIB_FIX_K3)
-    rms, K, dist, _, _ = cv2.calibrateCamera([obj.astype(np.float32)] * len(detections),
-                                             [d.astype(np.float32)[:, None] for d in detections], size, None, None, flags=flags)
+    rms, K, dist, _, _ = cv2.calibrateCamera(
+        [obj.astype(np.float32)] * len(detections),
+        [d.astype(np.float32)[:, None] for d in detections],
+        size,
+        None,
+        None,
+        flags=flags,
+    )
     out = {"fx": K[0, 0], "fy": K[1, 1], "cx": K[0, 2], "cy": K[1, 2], "rms": rms}
     if distortion:
         out.update(dict(zip(DISTORTION, dist.ravel()[:5].tolist())))
     return {k: float(v) for k, v in out.items()}
 
 
-def calibrate(images: Sequence[np.ndarray], names: Sequence[str], board: tuple[int, int] = (9, 6),
-              square: float = 1.0, distortion: bool = False, out: str | None = None, iters: int = 30,
-              quiet: bool = False, truth: dict | None = None, title: str = "Calibration") -> dict:
+def calibrate(
+    images: Sequence[np.ndarray],
+    names: Sequence[str],
+    board: tuple[int, int] = (9, 6),
+    square: float = 1.0,
+    distortion: bool = False,
+    out: str | None = None,
+    iters: int = 30,
+    quiet: bool = False,
+    truth: dict | None = None,
+    title: str = "Calibration",
+) -> dict:
     """Detect, learn and compare; writes the JSON-ready result, plots and report.md into ``out``.
 
     Args:
@@ -198,14 +230,20 @@ def calibrate(images: Sequence[np.ndarray], names: Sequence[str], board: tuple[i
     result: dict = dict(zip(INTRINSICS, params[:4].tolist()))
     if distortion:
         result.update(dict(zip(DISTORTION, params[4:].tolist())))
-    result.update({
-        "rms": rms,
-        "per_image_rms": dict(zip(names_used, per_image.tolist())),
-        "images_used": len(used),
-        "images_without_board": [names[i] for i, c in enumerate(found) if c is None],
-        "board": list(board), "square": square, "distortion": distortion,
-        "evaluations": len(losses), "seconds": seconds, "detection_seconds": detect_seconds,
-    })
+    result.update(
+        {
+            "rms": rms,
+            "per_image_rms": dict(zip(names_used, per_image.tolist())),
+            "images_used": len(used),
+            "images_without_board": [names[i] for i, c in enumerate(found) if c is None],
+            "board": list(board),
+            "square": square,
+            "distortion": distortion,
+            "evaluations": len(losses),
+            "seconds": seconds,
+            "detection_seconds": detect_seconds,
+        }
+    )
     try:
         ref = opencv_calibration(obj, [found[i] for i in used], (w, h), distortion)
         result["opencv"] = ref
@@ -219,12 +257,21 @@ def calibrate(images: Sequence[np.ndarray], names: Sequence[str], board: tuple[i
     names_p = list(INTRINSICS) + (list(DISTORTION) if distortion else [])
     plots.loss_curve(path / "loss.png", losses, "calibrate: reprojection loss", "mean squared error (px^2)")
     ref_vals = [result.get("opencv", {}).get(k, result[k]) for k in INTRINSICS]
-    plots.parameter_trajectories(path / "intrinsics.png", history[:, :4], ref_vals, INTRINSICS,
-                                 "calibrate: intrinsics (dotted: OpenCV)" if truth is None else "calibrate: intrinsics")
+    plots.parameter_trajectories(
+        path / "intrinsics.png",
+        history[:, :4],
+        ref_vals,
+        INTRINSICS,
+        "calibrate: intrinsics (dotted: OpenCV)" if truth is None else "calibrate: intrinsics",
+    )
     worst = int(per_image.argmax())
-    plots.corners_on_image(path / "corners.png", images[used[worst]], x2d[worst].numpy(),
-                           reproject(x3d, pose, params)[worst].detach().numpy(),
-                           f"{names_used[worst]}: detected vs reprojected (worst image, RMS {float(per_image[worst]):.3f} px)")
+    plots.corners_on_image(
+        path / "corners.png",
+        images[used[worst]],
+        x2d[worst].numpy(),
+        reproject(x3d, pose, params)[worst].detach().numpy(),
+        f"{names_used[worst]}: detected vs reprojected (worst image, RMS {float(per_image[worst]):.3f} px)",
+    )
     rows = []
     for k in names_p + ["rms"]:
         row = [k, result[k], result.get("opencv", {}).get(k, float("nan"))]

@@ -1,4 +1,5 @@
 """Synthetic chessboard photographs with known intrinsics, for the built-in calibration demo."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,16 @@ def board_texture(board: tuple[int, int], pixels_per_square: int = 24) -> np.nda
     return np.where(black, 20, 235).astype(np.uint8)
 
 
-def render_views(K: np.ndarray, count: int, board: tuple[int, int] = (9, 6), size: tuple[int, int] = (640, 480),
-                 seed: int = 0, blur: float = 0.8, noise: float = 2.0, supersample: int = 2):
+def render_views(
+    K: np.ndarray,
+    count: int,
+    board: tuple[int, int] = (9, 6),
+    size: tuple[int, int] = (640, 480),
+    seed: int = 0,
+    blur: float = 0.8,
+    noise: float = 2.0,
+    supersample: int = 2,
+):
     """Render ``count`` photographs of the board under random poses.
 
     Returns ``(images [count] uint8 (h, w), poses (count, 6))``; poses map board points (square
@@ -54,8 +63,14 @@ def render_views(K: np.ndarray, count: int, board: tuple[int, int] = (9, 6), siz
         offset = rng.uniform(-0.12, 0.12, size=2) * depth * np.array([w, h]) / f
         t = -R @ centre + np.array([offset[0], offset[1], depth])
         H = S @ K @ np.column_stack([R[:, 0], R[:, 1], t]) @ A
-        img = cv2.warpPerspective(tex, H, (w * supersample, h * supersample), flags=cv2.INTER_LINEAR,
-                                  borderMode=cv2.BORDER_CONSTANT, borderValue=128)
+        img = cv2.warpPerspective(
+            tex,
+            H,
+            (w * supersample, h * supersample),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=128,
+        )
         img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA).astype(np.float64)
         if blur > 0:
             img = cv2.GaussianBlur(img, (0, 0), blur)
@@ -71,15 +86,28 @@ def render_views(K: np.ndarray, count: int, board: tuple[int, int] = (9, 6), siz
     return images, np.stack(poses)
 
 
-def run_synthetic(out: str | None = None, count: int = 25, seed: int = 0, iters: int = 30,
-                  distortion: bool = False, quiet: bool = False) -> dict:
+def run_synthetic(
+    out: str | None = None,
+    count: int = 25,
+    seed: int = 0,
+    iters: int = 30,
+    distortion: bool = False,
+    quiet: bool = False,
+) -> dict:
     """The built-in calibration demo: render, detect, learn, and compare with the truth."""
     from .calibrate import calibrate
 
     truth = {"fx": 620.0, "fy": 610.0, "cx": 323.0, "cy": 236.0}
     K = np.array([[truth["fx"], 0, truth["cx"]], [0, truth["fy"], truth["cy"]], [0, 0, 1.0]])
     images, _ = render_views(K, count, seed=seed)
-    result = calibrate(images, [f"synthetic{i:02d}" for i in range(count)], out=out, iters=iters,
-                       distortion=distortion, quiet=quiet, truth=truth,
-                       title="Calibration from rendered chessboards (known K)")
+    result = calibrate(
+        images,
+        [f"synthetic{i:02d}" for i in range(count)],
+        out=out,
+        iters=iters,
+        distortion=distortion,
+        quiet=quiet,
+        truth=truth,
+        title="Calibration from rendered chessboards (known K)",
+    )
     return result

@@ -1,11 +1,13 @@
 """Shared helpers of the experiments: output folders, JSON, markdown tables, progress bars."""
+
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 
 def output_dir(out: str | os.PathLike | None, name: str) -> Path:
@@ -40,7 +42,7 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", disab
 
 
 class Timer:
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.start = time.perf_counter()
         return self
 

@@ -1,4 +1,5 @@
 """The demo data shipped with the package (MIT, from the paper authors' demo data)."""
+
 from __future__ import annotations
 
 from functools import lru_cache

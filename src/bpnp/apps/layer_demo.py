@@ -1,4 +1,5 @@
 """Demo of the layer: solve a batch, compare with OpenCV, check gradients by finite differences."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,9 @@ from .common import Timer, markdown_table, output_dir, write_json
 from .metrics_util import rotation_error_deg
 
 
-def run(out: str | None = None, batch: int = 256, n: int = 20, seed: int = 0,
-        device: str = "cpu", quiet: bool = False) -> dict:
+def run(
+    out: str | None = None, batch: int = 256, n: int = 20, seed: int = 0, device: str = "cpu", quiet: bool = False
+) -> dict:
     """Solve ``batch`` random problems, compare with OpenCV, check every input's gradient.
 
     Writes ``metrics.json`` and ``report.md`` into ``out`` and returns the metrics.
@@ -25,8 +27,12 @@ def run(out: str | None = None, batch: int = 256, n: int = 20, seed: int = 0,
         res = solve_pnp(p.x2d, p.x3d, p.K, p.weights)
     R_err = rotation_error_deg(res.pose, p.pose)
     metrics: dict = {
-        "batch": batch, "n": n, "device": str(device), "solve_seconds": timer.seconds,
-        "converged": int(res.converged.sum()), "median_rotation_error_deg": float(R_err.median()),
+        "batch": batch,
+        "n": n,
+        "device": str(device),
+        "solve_seconds": timer.seconds,
+        "converged": int(res.converged.sum()),
+        "median_rotation_error_deg": float(R_err.median()),
         "median_cost_px2": float(res.cost.median()),
     }
     try:
@@ -53,8 +59,16 @@ def run(out: str | None = None, batch: int = 256, n: int = 20, seed: int = 0,
     table = markdown_table(["input", "shape", "rel. error vs central FD"], rows)
     summary = markdown_table(
         ["problems", "points", "solve time (s)", "converged", "median rot. error (deg)", "max cost / OpenCV+LM"],
-        [(batch, n, timer.seconds, f"{metrics['converged']}/{batch}", metrics["median_rotation_error_deg"],
-          metrics["cost_over_opencv_max"] if metrics["cost_over_opencv_max"] is not None else "n/a")],
+        [
+            (
+                batch,
+                n,
+                timer.seconds,
+                f"{metrics['converged']}/{batch}",
+                metrics["median_rotation_error_deg"],
+                metrics["cost_over_opencv_max"] if metrics["cost_over_opencv_max"] is not None else "n/a",
+            )
+        ],
     )
     report = f"# bpnp layer demo\n\n## Forward\n\n{summary}\n\n## Backward (float64)\n\n{table}\n"
     (Path(path) / "report.md").write_text(report)
@@ -63,4 +77,3 @@ def run(out: str | None = None, batch: int = 256, n: int = 20, seed: int = 0,
         print(report)
         print(f"written: {path}/report.md, {path}/metrics.json")
     return metrics
-

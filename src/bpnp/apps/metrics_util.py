@@ -1,4 +1,5 @@
 """Pose errors and similarity alignment used by the experiments."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ def rotation_angle_deg(R: Tensor, R_ref: Tensor) -> Tensor:
     """
     M = R.transpose(-1, -2) @ R_ref
     cos = (M.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0
-    sin = 0.5 * torch.stack([M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0],
-                             M[..., 1, 0] - M[..., 0, 1]], -1).norm(dim=-1)
+    sin = 0.5 * torch.stack(
+        [M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]], -1
+    ).norm(dim=-1)
     return torch.rad2deg(torch.atan2(sin, cos))
 
 

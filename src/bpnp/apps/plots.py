@@ -1,8 +1,9 @@
 """Figures of the experiments (matplotlib, headless)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -51,8 +52,9 @@ def keypoint_trajectories(path: Path, traj: np.ndarray, target: np.ndarray, titl
     return path
 
 
-def parameter_trajectories(path: Path, values: np.ndarray, truth: Sequence[float], names: Sequence[str],
-                           title: str) -> Path:
+def parameter_trajectories(
+    path: Path, values: np.ndarray, truth: Sequence[float], names: Sequence[str], title: str
+) -> Path:
     """``values (T, k)`` parameters over iterations, drawn as relative error to ``truth``."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -92,8 +94,7 @@ def points_3d(path: Path, clouds: Sequence[np.ndarray], labels: Sequence[str], t
     return path
 
 
-def corners_on_image(path: Path, image: np.ndarray, detected: np.ndarray, reprojected: np.ndarray,
-                     title: str) -> Path:
+def corners_on_image(path: Path, image: np.ndarray, detected: np.ndarray, reprojected: np.ndarray, title: str) -> Path:
     """A photograph with detected (green circles) and reprojected (red crosses) corners."""
     plt = _plt()
     h, w = image.shape[:2]

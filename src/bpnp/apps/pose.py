@@ -5,6 +5,7 @@ pose; the loss compares the cube projected with that pose to the cube projected 
 target pose ``poses[0]`` (K: f = 300, c = 128). Gradients reach the keypoints only through
 the layer.
 """
+
 from __future__ import annotations
 
 import time
@@ -14,14 +15,22 @@ import torch
 
 from ..geometry import project
 from ..layer import solve_pnp
+from ..options import SolverOptions
 from ..synthetic import random_rotations
 from . import data, plots
 from .common import finish_experiment, markdown_table, output_dir, progress
 from .metrics_util import rotation_error_deg, translation_error_rel
 
 
-def run(out: str | None = None, iters: int = 300, seed: int = 0, device: str = "cpu",
-        lr: float = 4.0, min_lr_ratio: float = 1e-4, quiet: bool = False) -> dict:
+def run(
+    out: str | None = None,
+    iters: int = 300,
+    seed: int = 0,
+    device: str = "cpu",
+    lr: float = 4.0,
+    min_lr_ratio: float = 1e-4,
+    quiet: bool = False,
+) -> dict:
     """Run the pose experiment; writes metrics.json, plots and report.md into ``out``."""
     torch.manual_seed(seed)
     path = output_dir(out, "pose")
@@ -41,8 +50,14 @@ def run(out: str | None = None, iters: int = 300, seed: int = 0, device: str = "
     t0 = time.perf_counter()
     for _ in progress(range(iters), desc="pose", disable=quiet):
         # Warm start from the last pose: the keypoints move little per step.
-        res = solve_pnp(keypoints, z, K, init_pose=None if pose is None else pose.detach(),
-                        global_search=pose is None, warn=False)
+        res = solve_pnp(
+            keypoints,
+            z,
+            K,
+            init_pose=None if pose is None else pose.detach(),
+            warn=False,
+            options=SolverOptions(global_search=pose is None),
+        )
         pose = res.pose
         loss = (project(z, pose, K) - target).pow(2).sum(-1).mean()
         opt.zero_grad()
@@ -74,8 +89,9 @@ def run(out: str | None = None, iters: int = 300, seed: int = 0, device: str = "
         "translation_error_rel < 1e-3": metrics["translation_error_rel"] < 1e-3,
     }
     plots.loss_curve(path / "loss.png", losses, "pose: reprojection loss", "loss (px^2)")
-    plots.keypoint_trajectories(path / "keypoints.png", np.stack(traj), target.cpu().numpy(),
-                                "keypoints during training")
+    plots.keypoint_trajectories(
+        path / "keypoints.png", np.stack(traj), target.cpu().numpy(), "keypoints during training"
+    )
     plots.loss_curve(path / "pose_error.png", rot_err, "pose: rotation error", "rotation error (deg)")
     table = markdown_table(
         ["rotation error (deg)", "translation error (rel.)", "iterations", "time (s)"],
@@ -83,7 +99,8 @@ def run(out: str | None = None, iters: int = 300, seed: int = 0, device: str = "
     )
     report = (
         "# Pose experiment\n\nKeypoints of the cube learned through the PnP layer so that the "
-        "pose it returns is `poses[0]` (K: f = 300, c = 128).\n\n" + table +
-        "\n\n![loss](loss.png) ![keypoints](keypoints.png) ![rotation error](pose_error.png)\n"
+        "pose it returns is `poses[0]` (K: f = 300, c = 128).\n\n"
+        + table
+        + "\n\n![loss](loss.png) ![keypoints](keypoints.png) ![rotation error](pose_error.png)\n"
     )
     return finish_experiment(path, report, metrics, table, quiet)

@@ -6,6 +6,7 @@ from the current points and that view's observations; the loss is the reprojecti
 the visible points. Zero weights hide the other half from the layer. Units follow the paper's
 demo: points scaled by 5.86e-6, f = 5e-4, cx = cy = 0.
 """
+
 from __future__ import annotations
 
 import time
@@ -14,6 +15,7 @@ import torch
 
 from ..geometry import project
 from ..layer import solve_pnp
+from ..options import SolverOptions
 from . import data, plots
 from .common import finish_experiment, markdown_table, output_dir, progress
 from .metrics_util import similarity_align
@@ -34,8 +36,14 @@ def visibility(points: torch.Tensor, views: int) -> torch.Tensor:
     return torch.stack(masks)
 
 
-def run(out: str | None = None, iters: int = 20, seed: int = 0, device: str = "cpu",
-        init_noise: float = 0.5, quiet: bool = False) -> dict:
+def run(
+    out: str | None = None,
+    iters: int = 20,
+    seed: int = 0,
+    device: str = "cpu",
+    init_noise: float = 0.5,
+    quiet: bool = False,
+) -> dict:
     """Run the SfM experiment; writes metrics.json, plots and report.md into ``out``.
 
     Args:
@@ -58,8 +66,15 @@ def run(out: str | None = None, iters: int = 20, seed: int = 0, device: str = "c
     g = torch.Generator().manual_seed(seed)
     start = truth + init_noise * size * torch.randn(truth.shape, generator=g, dtype=torch.float64).to(dev)
     u = torch.nn.Parameter(start / size)  # points in units of the object size
-    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=20, history_size=50, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-20, tolerance_change=1e-30)
+    opt = torch.optim.LBFGS(
+        [u],
+        lr=1.0,
+        max_iter=20,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-20,
+        tolerance_change=1e-30,
+    )
     losses, rms_hist = [], []
     state = {"pose": None}
 
@@ -71,8 +86,16 @@ def run(out: str | None = None, iters: int = 20, seed: int = 0, device: str = "c
         points = u * size
         first = state["pose"] is None
         # Warm start from the last poses; a global solve every 20 evaluations re-checks them.
-        res = solve_pnp(x2d, points, K, weights, init_pose=state["pose"],
-                        global_search=first or len(losses) % 20 == 0, warn=False)
+        global_search = first or len(losses) % 20 == 0
+        res = solve_pnp(
+            x2d,
+            points,
+            K,
+            weights,
+            init_pose=state["pose"],
+            warn=False,
+            options=SolverOptions(global_search=global_search),
+        )
         state["pose"] = res.pose.detach()
         err = (project(points, res.pose, K) - x2d).pow(2).sum(-1)
         loss = (err * weights).sum() / weights.sum() / FOCAL**2  # normalised image units
@@ -110,15 +133,20 @@ def run(out: str | None = None, iters: int = 20, seed: int = 0, device: str = "c
     }
     plots.loss_curve(path / "loss.png", losses, "sfm: reprojection loss", "loss (normalised image units^2)")
     plots.loss_curve(path / "rms.png", rms_hist, "sfm: aligned RMS error / object size", "RMS / size")
-    plots.points_3d(path / "points.png", [start.cpu().numpy(), aligned.cpu().numpy(), truth.cpu().numpy()],
-                    ["start", "learned (aligned)", "truth"], "sfm: 3D points")
-    table = markdown_table(["RMS / size (start)", "RMS / size (learned)", "views", "points", "evaluations", "time (s)"],
-                           [(start_rms, rms, views, truth.shape[0], len(losses), seconds)])
+    plots.points_3d(
+        path / "points.png",
+        [start.cpu().numpy(), aligned.cpu().numpy(), truth.cpu().numpy()],
+        ["start", "learned (aligned)", "truth"],
+        "sfm: 3D points",
+    )
+    table = markdown_table(
+        ["RMS / size (start)", "RMS / size (learned)", "views", "points", "evaluations", "time (s)"],
+        [(start_rms, rms, views, truth.shape[0], len(losses), seconds)],
+    )
     report = (
         "# Structure-from-motion experiment\n\n1000 duck points learned through the PnP layer (L-BFGS) "
         "from 12 views that each see half of them (zero weights hide the rest from the layer); the start "
         f"is the truth under Gaussian noise of {init_noise} object sizes. Errors after a similarity "
-        "alignment to the truth.\n\n" + table +
-        "\n\n![loss](loss.png) ![rms](rms.png)\n\n![points](points.png)\n"
+        "alignment to the truth.\n\n" + table + "\n\n![loss](loss.png) ![rms](rms.png)\n\n![points](points.png)\n"
     )
     return finish_experiment(path, report, metrics, table, quiet)

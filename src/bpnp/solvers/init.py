@@ -9,6 +9,7 @@ smallest eigenvalues (both signs) and, for flat or thin point sets (where ``Omeg
 null space), from the 12 rotations of the tetrahedral group; run a damped Newton on SO(3) from
 each, and hand the best distinct, cheirally valid minima to the reprojection refinement.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,9 +19,10 @@ import torch
 from torch import Tensor
 
 from ..geometry import quaternion_to_rotmat, rotmat_to_quaternion, rvec_to_rotmat
+from ..options import SolverOptions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rotation_group_f64(order: int) -> Tensor:
     mats = []
     eye = torch.eye(3, dtype=torch.float64)
@@ -99,20 +101,28 @@ def _solve3_spd(A: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     pd = (a > 0) & (c22 > 0) & (det > 0)
     det = torch.where(pd, det, torch.ones_like(det))
     g0, g1, g2 = g.unbind(-1)
-    x = torch.stack([c00 * g0 + c01 * g1 + c02 * g2, c01 * g0 + c11 * g1 + c12 * g2,
-                     c02 * g0 + c12 * g1 + c22 * g2], -1) / det[..., None]
+    x = (
+        torch.stack(
+            [c00 * g0 + c01 * g1 + c02 * g2, c01 * g0 + c11 * g1 + c12 * g2, c02 * g0 + c12 * g1 + c22 * g2], -1
+        )
+        / det[..., None]
+    )
     return torch.where(pd[..., None], x, torch.zeros_like(x)), pd
 
 
-def minimise_on_so3(omega: Tensor, R: Tensor, iters: int = 12, lam0: float = 1e-3) -> tuple[Tensor, Tensor]:
+def minimise_on_so3(
+    omega: Tensor, R: Tensor, iters: int = 8, lam0: float = 1e-3, active: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Local minima of ``vec(R)^T Omega vec(R)`` from many starts per item.
 
-    Damped Newton with the exact Hessian on the chart ``R <- exp([d]_x) R``, a fixed number of
+    Damped Newton with the exact Hessian on the chart ``R <- exp([d]_x) R``, at most ``iters``
     iterations, all in closed-form tensor ops (3x3 solves by cofactors): the starts of one
-    item share their ``Omega``, so the 9x9 products are one matmul per item.
+    item share their ``Omega``, so the 9x9 products are one matmul per item. A start stops once
+    an accepted Newton step is below 1e-12 rad (as the C solver's).
 
     Args:
-        omega: ``(B, 9, 9)``; R: ``(B, S, 3, 3)`` starts.
+        omega: ``(B, 9, 9)``; R: ``(B, S, 3, 3)`` starts; lam0: initial damping;
+        active: ``(B, S)`` bool, starts to run (default all).
     Returns:
         ``R (B, S, 3, 3)`` and the cost ``(B, S)``.
     """
@@ -127,12 +137,14 @@ def minimise_on_so3(omega: Tensor, R: Tensor, iters: int = 12, lam0: float = 1e-
 
     h, o_r = value(R)
     lam = torch.full((B, S), lam0, dtype=R.dtype, device=R.device)
+    running = torch.ones(B, S, dtype=torch.bool, device=R.device) if active is None else active.clone()
     for _ in range(iters):
         r0, r1, r2 = R[..., 0, :], R[..., 1, :], R[..., 2, :]
         z = torch.zeros_like(r0)
         # Rows of d vec(R)/d d_a = vec([e_a]_x R).
-        J = torch.stack([torch.cat([z, -r2, r1], -1), torch.cat([r2, z, -r0], -1),
-                         torch.cat([-r1, r0, z], -1)], -2)  # BxSx3x9
+        J = torch.stack(
+            [torch.cat([z, -r2, r1], -1), torch.cat([r2, z, -r0], -1), torch.cat([-r1, r0, z], -1)], -2
+        )  # BxSx3x9
         grad = 2.0 * (J * o_r[..., None, :]).sum(-1)
         JO = (J.reshape(B, S * 3, 9) @ omega).reshape(B, S, 3, 9)
         N = R @ o_r.reshape(B, S, 3, 3).transpose(-1, -2)
@@ -146,11 +158,12 @@ def minimise_on_so3(omega: Tensor, R: Tensor, iters: int = 12, lam0: float = 1e-
         pd = pd | pd_gn
         R_new = rvec_to_rotmat(step) @ R
         h_new, o_new = value(R_new)
-        ok = pd & (h_new <= h)
+        ok = running & pd & (h_new <= h)
         R = torch.where(ok[..., None, None], R_new, R)
         h = torch.where(ok, h_new, h)
         o_r = torch.where(ok[..., None], o_new, o_r)
         lam = torch.where(ok, lam * 0.1, lam * 10.0).clamp(1e-12, 1e12)
+        running = running & ~(ok & ((step * step).sum(-1) < 1e-24))
     return orthonormalise(R), h
 
 
@@ -159,35 +172,19 @@ def initial_poses(
     x3d: Tensor,
     K: Tensor,
     weights: Tensor,
-    num_candidates: int = 4,
-    num_eigvecs: int = 4,
-    fixed_starts: int = 12,
-    solid_eigvecs: int = 4,
-    thin_ratio: float = 0.35,
-    so3_iters: int = 8,
-    dedupe: float = 0.1,
-    so3_dtype: torch.dtype = torch.float32,
+    options: SolverOptions,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Candidate poses for every item, best first.
+    """Candidate poses for every item, best first; every decision is made per item.
 
     Args:
-        x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``.
-        num_candidates: how many candidates per item to return.
-        num_eigvecs: eigenvectors of Omega used as starts (each with both signs) when some
-            item's points are flat or thin.
-        fixed_starts: also start from the 24 rotations of the cube group or the 12 of the
-            tetrahedron, or 0 for none (planar points leave a 3-dimensional null space in
-            Omega, where eigenvectors alone are poor starts).
-        solid_eigvecs: eigenvectors used (without fixed starts) when every item's points are
-            solid: the smallest spread (std) at least ``thin_ratio`` of the largest.
-        thin_ratio: see ``solid_eigvecs``.
-        so3_iters: damped Newton iterations on SO(3) from every start.
-        dedupe: candidates closer than this (Frobenius norm of the rotation difference) to a
-            better one count as the same basin.
-        so3_dtype: dtype of the SO(3) multi-start (its minima are refined in float64 later).
+        x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``, float64.
+        options: ``num_candidates``, ``num_eigvecs``, ``solid_eigvecs``, ``thin_ratio``,
+            ``so3_iters``, ``so3_damping``, ``dedupe``, ``behind_penalty`` and
+            ``duplicate_penalty`` of :class:`~bpnp.options.SolverOptions` apply.
     Returns:
         ``R (B, k, 3, 3)``, ``t (B, k, 3)`` and ``rank_key (B, k)`` (object-space cost, plus a
-        large penalty for candidates with points behind the camera or duplicates).
+        large penalty for candidates with points behind the camera or duplicates; ``inf`` for
+        slots an item does not use).
     """
     B, n, _ = x2d.shape
     rays = normalised_rays(x2d, K)
@@ -196,43 +193,52 @@ def initial_poses(
     centre = (w[..., None] * x3d).sum(1) / wsum  # Bx3
     centred = x3d - centre[:, None, :]
     omega, T = omega_matrix(rays, centred, w)
-    _, vecs = torch.linalg.eigh(omega)
+    # Omega is normalised by its trace before the eigen-decomposition and the multi-start.
+    norm = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
+    omega_n = omega / norm
+    _, vecs = torch.linalg.eigh(omega_n)
     # Flat or thin point sets leave Omega with a (near) null space in which eigenvectors are
-    # poor starts; only then are the fixed starts needed (measured: solid sets lose no optimum
-    # with eigenvector starts alone, sets thinner than ~0.1 do).
+    # poor starts; only they get the fixed starts (measured: solid sets lose no optimum with
+    # eigenvector starts alone, sets thinner than ~0.1 do). Decided per item: every item gets
+    # the slots of the largest start set, and the slots it does not use are masked out.
     cov = (w[..., None, None] * centred[..., :, None] * centred[..., None, :]).sum(1)
     spread = torch.linalg.eigvalsh(cov)  # Bx3 ascending
-    thin = bool((spread[:, 0] < thin_ratio**2 * spread[:, 2]).any())
-    m = min(num_eigvecs if thin else solid_eigvecs, 9)
+    thin = spread[:, 0] < options.thin_ratio**2 * spread[:, 2]  # (B,)
+    m_thin, m_solid = min(options.num_eigvecs, 9), min(options.solid_eigvecs, 9)
+    # Slots are only computed when some item uses them; masked slots never reach an answer.
+    any_thin = bool(thin.any())
+    m = max(m_thin, m_solid) if any_thin else m_solid
     e = vecs[..., :m].transpose(-1, -2).reshape(B, m, 3, 3) * 3.0**0.5
-    starts = orthonormalise(torch.cat([e, -e], 1))  # Bx2mx3x3
-    if fixed_starts and thin:
-        cube = _rotation_group(x2d.dtype, x2d.device, fixed_starts)
+    starts = orthonormalise(torch.stack([e, -e], 2).reshape(B, 2 * m, 3, 3))  # +e_0, -e_0, +e_1, ...
+    used = torch.arange(m, device=x2d.device)[None, :] < torch.where(thin, m_thin, m_solid)[:, None]
+    used = used.repeat_interleave(2, 1)
+    if any_thin:
+        cube = _rotation_group(x2d.dtype, x2d.device, 12)
         starts = torch.cat([starts, cube.expand(B, *cube.shape)], 1)
+        used = torch.cat([used, thin[:, None].expand(B, cube.shape[0])], 1)  # BxS
     S = starts.shape[1]
-    # The multi-start only has to find basins: float32 halves its memory traffic. Omega is
-    # normalised first so that float32 keeps its relative precision.
-    norm = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
-    R, h = minimise_on_so3((omega / norm).to(so3_dtype), starts.to(so3_dtype), iters=so3_iters)
-    R, h = orthonormalise(R.to(omega.dtype)), h.to(omega.dtype) * norm[:, 0, 0, None]
+    R, h = minimise_on_so3(omega_n, starts, iters=options.so3_iters, lam0=options.so3_damping, active=used)
+    h = h * norm[:, 0, 0, None]
     t_c = (T[:, None] @ R.reshape(B, S, 9, 1))[..., 0]  # BxSx3
     t = t_c - (R @ centre[:, None, :, None])[..., 0]
     # Cheirality: points (with weight) in front of the camera along their rays.
     xcam = torch.einsum("bsij,bnj->bsni", R, centred.expand(B, n, 3)) + t_c[:, :, None, :]
     ahead = ((xcam * rays[:, None]).sum(-1) > 0) | (w[:, None] <= 0)
     behind_frac = 1.0 - ahead.to(h.dtype).mean(-1)
-    h_scale = h.abs().amax(-1, keepdim=True) + 1e-300
-    key = h / h_scale + 10.0 * behind_frac
+    h_scale = torch.where(used, h.abs(), torch.zeros_like(h)).amax(-1, keepdim=True) + 1e-300
+    key = h / h_scale + options.behind_penalty * behind_frac
+    inf = torch.full_like(key, float("inf"))
+    key = torch.where(used, key, inf)
     # Duplicates: a candidate equal to a better one is pushed to the back.
-    order = key.argsort(-1)
+    order = key.argsort(dim=-1, stable=True)
     R = torch.gather(R, 1, order[..., None, None].expand(B, S, 3, 3))
     t = torch.gather(t, 1, order[..., None].expand(B, S, 3))
     key = torch.gather(key, 1, order)
     diff = (R[:, :, None] - R[:, None, :]).flatten(-2).norm(dim=-1)  # BxSxS
     earlier = torch.ones(S, S, dtype=torch.bool, device=R.device).tril(-1)
-    dup = ((diff < dedupe) & earlier).any(-1)
-    key = key + 100.0 * dup.to(key.dtype)
-    order = key.argsort(-1)[:, :num_candidates]
+    dup = ((diff < options.dedupe) & earlier & torch.isfinite(key)[:, None, :]).any(-1)
+    key = key + options.duplicate_penalty * dup.to(key.dtype)
+    order = key.argsort(dim=-1, stable=True)[:, : options.num_candidates]
     k = order.shape[1]
     R = torch.gather(R, 1, order[..., None, None].expand(B, k, 3, 3))
     t = torch.gather(t, 1, order[..., None].expand(B, k, 3))

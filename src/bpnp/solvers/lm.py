@@ -8,9 +8,11 @@ majority, so stragglers do not cost a full batch per iteration. With the exact H
 final iterations are Newton steps, and undamped Newton polish steps finish the job, so the
 answer is stationary to float64 precision.
 """
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -53,6 +55,7 @@ def levenberg_marquardt(
     check_every: int = 1,
     polish_steps: int = 2,
     compact: bool = True,
+    negligible: Callable[[State, Tensor], Tensor] | None = None,
 ) -> LMResult:
     """Minimise a batch of smooth costs from ``state``.
 
@@ -70,6 +73,8 @@ def levenberg_marquardt(
         check_every: how often the host looks whether items are done (a GPU sync).
         polish_steps: undamped Newton steps after the loop, for converged items.
         compact: drop stopped items from the working set.
+        negligible: ``(state, step) -> (B,) bool``, steps that cannot move the state in float
+            precision (``state`` is the one the polish started from); they end the polish.
     Returns:
         :class:`LMResult`.
     """
@@ -146,9 +151,14 @@ def levenberg_marquardt(
     # Newton polish: a damped last step only shrinks the error by the damping factor. Near the
     # optimum the cost change is rounding noise, so a step is taken unless the cost rises
     # beyond that noise.
+    polishing = conv.clone()
+    polish_start = state
     for _ in range(polish_steps):
         step, pd = _damped_step(hess, grad, None)
-        pd = pd & conv
+        polishing = polishing & pd
+        if negligible is not None:
+            polishing = polishing & ~negligible(polish_start, step)
+        pd = polishing
         trial = retract(state, step)
         t_cost, t_grad, t_hess = evaluate(trial, None)
         ok = pd & torch.isfinite(t_cost) & (t_cost <= cost + 1e-12 * cost.abs() + 1e3 * atol_full)

@@ -1,139 +1,148 @@
-"""The native CPU forward: ``native_pnp.c`` compiled on first use and called through ctypes.
+"""The native CPU forward: ``native_pnp.c``, compiled when the package is built, called through ctypes.
 
 The C file is the torch solver's algorithm (:mod:`bpnp.solvers.init`, :mod:`~bpnp.solvers.lm`,
 :mod:`~bpnp.solvers.pnp`) per problem, with threads over the batch: on the CPU it removes the
 eager-dispatch overhead and the memory traffic of batched temporaries, which dominate there.
-It needs a C compiler (``$CC`` or ``cc``) the first time; the shared library is cached under
-``$BPNP_CACHE_DIR`` (default ``~/.cache/bpnp``, or the temporary directory when that is not
-writable), keyed by the source and the compiler flags.
-Without a compiler, or with ``BPNP_NATIVE=0``, :func:`native_available` is False and the layer
-uses the torch solver (``backend="auto"``). ``BPNP_NATIVE_BUILD=openmp|pthreads|serial`` forces
-one build (default: the first of these that compiles).
+
+``pip install .`` / ``pip install -e .`` / ``python -m build --wheel`` compile it (``setup.py``)
+into ``bpnp/solvers/_native_pnp_omp*.so`` (OpenMP over the batch, on PyTorch's workers) and
+``_native_pnp*.so`` (plain pthreads, used where OpenMP is missing and in a ``fork()``-ed child of
+a process whose OpenMP pool is up). Nothing is compiled at run time. Where the build had no C
+compiler, :func:`native_available` is False, the reason is in :func:`native_unavailable_reason`,
+``backend="auto"`` uses the torch solver and says so once (:class:`~bpnp.errors.NativeSolverWarning`).
+``BPNP_NATIVE=0`` disables the native solver; ``BPNP_NATIVE_BUILD=openmp|pthreads`` picks a build.
 """
+
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
 import os
-import platform
-import subprocess
-import sys
-import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..errors import BackendUnavailableError, NativeSolverWarning
+from ..options import NATIVE_FIELDS, SolverOptions
 from .pnp import PnPSolution
 
-__all__ = ["native_available", "native_unavailable_reason", "solve_pnp_native"]
+__all__ = ["native_available", "native_unavailable_reason", "native_build", "solve_pnp_native"]
 
-_SOURCE = Path(__file__).with_name("native_pnp.c")
-# -fno-math-errno lets sqrt compile to one instruction (measured: 20% of the solve); no
-# -ffast-math, the solver relies on inf/NaN semantics. The "omp simd" loop annotations run the
-# per-point sums 2 points per instruction (n = 500: 1.2x). -fopenmp: the batch is shared by
-# PyTorch's own OpenMP workers (the library is loaded after torch, so libgomp resolves to the
-# runtime torch loaded); where OpenMP is missing (e.g. Apple clang), and in a fork()ed child
-# (libgomp's pool does not survive fork), plain pthreads.
-_BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=gnu99", "-fPIC", "-shared"]
-_THREADS = ["-pthread", "-DBPNP_THREADS"]
-_BUILDS = {
-    "openmp": _BASE_FLAGS + ["-fopenmp"] + _THREADS,
-    "pthreads": _BASE_FLAGS + ["-fopenmp-simd"] + _THREADS,
-    "pthreads-plain": _BASE_FLAGS + _THREADS,
-    "serial": _BASE_FLAGS,
-}
+_HERE = Path(__file__).parent
+_SOURCE = _HERE / "native_pnp.c"
+#: The builds, best first: module name stem -> name for BPNP_NATIVE_BUILD.
+_BUILDS = {"openmp": "_native_pnp_omp", "pthreads": "_native_pnp"}
 
-
-def _flag_sets() -> list[list[str]]:
-    """Builds to try, best first; ``BPNP_NATIVE_BUILD`` (openmp, pthreads, serial) picks one."""
-    choice = os.environ.get("BPNP_NATIVE_BUILD", "auto")
-    if choice == "auto":
-        return list(_BUILDS.values())
-    if choice not in _BUILDS:
-        raise RuntimeError(f"BPNP_NATIVE_BUILD={choice!r}: expected auto or one of {sorted(_BUILDS)}")
-    return [_BUILDS[choice]]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_build_name: str | None = None
 _reason: str | None = None
 _tried = False
+_warned = False
 
 
-def _cache_dirs() -> list[Path]:
-    """Where the compiled library may live: $BPNP_CACHE_DIR, else the user cache, else /tmp."""
-    root = os.environ.get("BPNP_CACHE_DIR")
-    if root:
-        return [Path(root)]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return [Path(base) / "bpnp", Path(tempfile.gettempdir()) / f"bpnp-{uid}"]
+class NativeOptions(ctypes.Structure):
+    """:class:`~bpnp.options.SolverOptions` as the C solver's ``Options`` struct."""
+
+    _fields_ = [(name, ctypes.c_int if kind is int else ctypes.c_double) for name, kind in NATIVE_FIELDS]
+
+    @classmethod
+    def from_options(cls, options: SolverOptions) -> NativeOptions:
+        return cls(*(kind(getattr(options, name)) for name, kind in NATIVE_FIELDS))
 
 
-def _build(target: Path, flags: list[str], compiler: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name and rename: concurrent first uses never see half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [compiler, *flags, str(_SOURCE), "-o", tmp, "-lm"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as exc:
-        os.unlink(tmp)
-        raise RuntimeError(f"{' '.join(cmd)}: {exc}") from exc
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()[-500:]}")
-    os.replace(tmp, target)
+def source_digest() -> str:
+    """The first 16 hex digits of the SHA-256 of ``native_pnp.c`` (the build embeds it)."""
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
 
 
-def _compile() -> ctypes.CDLL:
-    source = _SOURCE.read_bytes()
-    compiler = os.environ.get("CC", "cc")
-    errors = []
-    for flags in _flag_sets():
-        tag = hashlib.sha256(
-            source + " ".join([compiler, *flags, platform.machine(), sys.platform]).encode()
-        ).hexdigest()[:16]
-        for directory in _cache_dirs():
-            target = directory / f"native_pnp-{tag}.so"
-            if hasattr(os, "getuid") and directory.exists() and directory.stat().st_uid != os.getuid():
-                # Never load a library from a directory someone else controls.
-                errors.append(f"{directory} belongs to another user")
-                continue
-            try:
-                if not target.exists():
-                    _build(target, flags, compiler)
-                lib = ctypes.CDLL(str(target))
-            except (OSError, RuntimeError) as exc:
-                errors.append(str(exc))
-                continue
-            dp, ip = ctypes.POINTER(ctypes.c_double), ctypes.c_int
-            lib.bpnp_solve.restype = ctypes.c_int
-            lib.bpnp_solve.argtypes = [ip, ip, dp, dp, ip, dp, ip, dp, ip, dp, ip, dp, ip,
-                                       dp, dp, dp, dp, dp, ctypes.POINTER(ctypes.c_uint8),
-                                       ctypes.POINTER(ctypes.c_int32)]
-            return lib
-    raise RuntimeError("; ".join(errors))
+def _library_path(stem: str) -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _HERE / f"{stem}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if _SOURCE.exists():
+        # A source tree (editable install): a library built from an older native_pnp.c would
+        # silently run old code.
+        lib.bpnp_source_digest.restype = ctypes.c_char_p
+        built = lib.bpnp_source_digest().decode()
+        if built != source_digest():
+            raise RuntimeError(
+                f"{path.name} was built from another native_pnp.c (digest {built}, source "
+                f"{source_digest()}): rebuild with `pip install -e .`"
+            )
+    offsets = (ctypes.c_int64 * len(NATIVE_FIELDS))()
+    size = lib.bpnp_options_layout(offsets)
+    expected = [getattr(NativeOptions, name).offset for name, _ in NATIVE_FIELDS]
+    if size != ctypes.sizeof(NativeOptions) or list(offsets) != expected:
+        raise RuntimeError(f"{path.name}: its Options struct does not match bpnp.options.NATIVE_FIELDS")
+    dp, ip = ctypes.POINTER(ctypes.c_double), ctypes.c_int
+    lib.bpnp_solve.restype = ctypes.c_int
+    lib.bpnp_solve.argtypes = [
+        ip,
+        ip,
+        dp,
+        dp,
+        ip,
+        dp,
+        ip,
+        dp,
+        ip,
+        dp,
+        ctypes.POINTER(NativeOptions),
+        ip,
+        dp,
+        dp,
+        dp,
+        dp,
+        dp,
+        ctypes.POINTER(ctypes.c_uint8),
+        ctypes.POINTER(ctypes.c_int32),
+    ]
+    return lib
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _reason, _tried
+    global _lib, _reason, _tried, _build_name
     with _lock:
-        if not _tried:
-            _tried = True
-            if os.environ.get("BPNP_NATIVE", "1") == "0":
-                _reason = "disabled by BPNP_NATIVE=0"
-            else:
-                try:
-                    _lib = _compile()
-                except Exception as exc:  # no compiler, read-only cache, ...: torch fallback
-                    _reason = f"could not build the native solver: {exc}"
-        return _lib
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("BPNP_NATIVE", "1") == "0":
+            _reason = "disabled by BPNP_NATIVE=0"
+            return None
+        choice = os.environ.get("BPNP_NATIVE_BUILD", "auto")
+        if choice != "auto" and choice not in _BUILDS:
+            _reason = f"BPNP_NATIVE_BUILD={choice!r}: expected auto or one of {sorted(_BUILDS)}"
+            return None
+        errors = []
+        for name, stem in _BUILDS.items():
+            if choice not in ("auto", name):
+                continue
+            path = _library_path(stem)
+            if path is None:
+                errors.append(f"{stem} was not built (no C compiler when the package was installed?)")
+                continue
+            try:
+                _lib, _build_name = _open(path), name
+                return _lib
+            except (OSError, RuntimeError, AttributeError) as exc:
+                errors.append(str(exc))
+        _reason = "; ".join(errors)
+        return None
 
 
 def native_available() -> bool:
-    """Whether the compiled CPU solver can be used (builds it on the first call)."""
+    """Whether the compiled CPU solver can be used."""
     return _load() is not None
 
 
@@ -141,6 +150,25 @@ def native_unavailable_reason() -> str | None:
     """Why :func:`native_available` is False (None when it is available)."""
     _load()
     return _reason
+
+
+def native_build() -> str | None:
+    """The build in use: ``"openmp"`` or ``"pthreads"`` (None when unavailable)."""
+    _load()
+    return _build_name
+
+
+def warn_unavailable_once() -> None:
+    """Say once per process that ``backend="auto"`` falls back to the torch solver, and why."""
+    global _warned
+    if not _warned and _reason is not None and not _reason.startswith("disabled by"):
+        _warned = True
+        warnings.warn(
+            f"bpnp: the native CPU solver is unavailable ({_reason}); using the torch solver "
+            "(same answers, slower on the CPU)",
+            NativeSolverWarning,
+            stacklevel=3,
+        )
 
 
 def _ptr(x: Tensor, ctype=ctypes.c_double):
@@ -154,51 +182,38 @@ def solve_pnp_native(
     weights: Tensor,
     init_R: Tensor | None = None,
     init_t: Tensor | None = None,
-    num_candidates: int = 4,
-    max_iter: int = 100,
-    global_search: bool = True,
-    screen_iter: int = 4,
-    screen_ratio: float = 2.0,
-    object_ratio: float = 10.0,
-    eigvec_starts: tuple[int, int] = (4, 4),
-    so3_iters: int = 8,
+    options: SolverOptions | None = None,
 ) -> PnPSolution:
-    """:func:`~bpnp.solvers.pnp.solve_pnp_forward` in compiled C, for CPU float64 tensors.
+    """:func:`~bpnp.solvers.pnp.solve_pnp_forward` in compiled C, for CPU tensors.
 
     Args:
         x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``.
-        init_R, init_t: optional warm start ``(B, 3, 3)``, ``(B, 3)``.
-        num_candidates, max_iter, global_search, screen_iter, screen_ratio, object_ratio:
-            as in :func:`~bpnp.solvers.pnp.solve_pnp_forward`.
-        eigvec_starts: eigenvectors of Omega used as SO(3) starts for (flat or thin, solid)
-            point sets, as ``num_eigvecs`` and ``solid_eigvecs`` of
-            :func:`~bpnp.solvers.init.initial_poses`.
-        so3_iters: damped Newton iterations on SO(3) from every start.
+        init_R: optional warm start rotations ``(B, 3, 3)``.
+        init_t: its translations ``(B, 3)``.
+        options: :class:`~bpnp.options.SolverOptions` (default: the defaults).
     Returns:
-        :class:`~bpnp.solvers.pnp.PnPSolution` (``iterations``: the most LM iterations any
-        problem of the batch needed; ``rvec`` filled in).
+        :class:`~bpnp.solvers.pnp.PnPSolution`, float64 (``iterations``: the most LM iterations
+        any problem of the batch needed; ``rvec`` filled in).
     Raises:
-        RuntimeError: when the native solver is not available.
+        BackendUnavailableError: when the native solver is not available or a tensor is not on the CPU.
     """
     lib = _load()
     if lib is None:
-        raise RuntimeError(f"bpnp native solver unavailable: {_reason}")
+        raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
+    options = SolverOptions() if options is None else options
     B, n, _ = x2d.shape
     f64 = torch.float64
-    if not all(1 <= int(m) <= 9 for m in eigvec_starts):
-        raise ValueError(f"eigvec_starts: expected two ints in 1..9, got {eigvec_starts}")
 
     def prep(x: Tensor) -> Tensor:
         if x.device.type != "cpu":
-            raise ValueError("the native solver runs on CPU tensors")
+            raise BackendUnavailableError(f"the native solver runs on CPU tensors, got device {x.device}")
         return x.detach().to(f64).contiguous()
 
     x2d, x3d, K, weights = prep(x2d), prep(x3d), prep(K), prep(weights)
     init = None
     if init_R is not None:
         init = prep(torch.cat([init_R.reshape(B, 9), init_t.reshape(B, 3)], -1))
-    opt = torch.tensor([num_candidates, max_iter, screen_iter, screen_ratio, object_ratio,
-                        eigvec_starts[0], eigvec_starts[1], 0.35, so3_iters, 0.1, 2], dtype=f64)
+    opt = NativeOptions.from_options(options)
     R = torch.empty(B, 3, 3, dtype=f64)
     rvec = torch.empty(B, 3, dtype=f64)
     t = torch.empty(B, 3, dtype=f64)
@@ -206,10 +221,27 @@ def solve_pnp_native(
     hess = torch.empty(B, 6, 6, dtype=f64)
     conv = torch.empty(B, dtype=torch.uint8)
     iters = torch.empty(B, dtype=torch.int32)
-    lib.bpnp_solve(
-        B, n, _ptr(x2d), _ptr(x3d), int(x3d.shape[0] != 1 or B == 1), _ptr(K), int(K.shape[0] != 1 or B == 1),
-        _ptr(weights), int(weights.shape[0] != 1 or B == 1),
-        None if init is None else _ptr(init), int(global_search), _ptr(opt), torch.get_num_threads(),
-        _ptr(R), _ptr(rvec), _ptr(t), _ptr(cost), _ptr(hess), _ptr(conv, ctypes.c_uint8), _ptr(iters, ctypes.c_int32),
+    status = lib.bpnp_solve(
+        B,
+        n,
+        _ptr(x2d),
+        _ptr(x3d),
+        int(x3d.shape[0] != 1 or B == 1),
+        _ptr(K),
+        int(K.shape[0] != 1 or B == 1),
+        _ptr(weights),
+        int(weights.shape[0] != 1 or B == 1),
+        None if init is None else _ptr(init),
+        ctypes.byref(opt),
+        torch.get_num_threads(),
+        _ptr(R),
+        _ptr(rvec),
+        _ptr(t),
+        _ptr(cost),
+        _ptr(hess),
+        _ptr(conv, ctypes.c_uint8),
+        _ptr(iters, ctypes.c_int32),
     )
+    if status != 0:  # pragma: no cover - SolverOptions validates the same ranges first
+        raise BackendUnavailableError(f"the native solver refused the options {options}")
     return PnPSolution(R, t, cost, hess, conv.bool(), int(iters.max()) if B else 0, rvec)

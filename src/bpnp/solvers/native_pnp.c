@@ -13,10 +13,11 @@
  *   3. ranking by object-space error + cheirality, de-duplication, the best few candidates;
  *   4. a few screening LM iterations, then exact-Hessian LM to convergence and Newton polish;
  *   5. the best valid candidate, its exact Hessian and a well-posedness test.
- * Everything is float64. Compiled on first use by bpnp.solvers.native (C99; OpenMP, else
- * pthreads, over the batch).
+ * Everything is float64. Compiled when the package is built (setup.py; C99; OpenMP, else
+ * pthreads, over the batch) and called through ctypes by bpnp.solvers.native.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +48,44 @@ static inline void point_ray(const Problem *p, int i, double *va, double *vb) {
     const double *K = p->K;
     *vb = (p->x2d[2 * i + 1] * K[8] - K[5]) / K[4];
     *va = (p->x2d[2 * i] * K[8] - K[2] - K[1] * *vb) / K[0];
+}
+
+/* SolverOptions (bpnp/options.py), field for field in the order of NATIVE_FIELDS: the Python
+ * side builds this struct with ctypes and checks its layout (bpnp_options_layout) on load. */
+typedef struct {
+    int num_candidates, max_iter, global_search, screen_iter;
+    double screen_ratio, object_ratio;
+    int num_eigvecs, solid_eigvecs;
+    double thin_ratio;
+    int so3_iters;
+    double so3_damping, dedupe, behind_penalty, duplicate_penalty, candidate_cutoff, lm_damping,
+        lm_rtol, lm_atol, depth_floor;
+    int polish_steps;
+    double well_posed_ratio;
+} Options;
+
+#define OPTION_FIELDS 21
+
+#ifndef BPNP_SOURCE_DIGEST
+#define BPNP_SOURCE_DIGEST "unknown"
+#endif
+/* The digest of this file the build was made from (setup.py passes it): bpnp.solvers.native
+ * refuses a library built from another version of the source. */
+const char *bpnp_source_digest(void) { return BPNP_SOURCE_DIGEST; }
+
+/* Byte offsets of the Options fields, in order, and the struct's size (for the layout check). */
+int bpnp_options_layout(int64_t *offsets) {
+    const size_t o[OPTION_FIELDS] = {
+        offsetof(Options, num_candidates), offsetof(Options, max_iter), offsetof(Options, global_search),
+        offsetof(Options, screen_iter), offsetof(Options, screen_ratio), offsetof(Options, object_ratio),
+        offsetof(Options, num_eigvecs), offsetof(Options, solid_eigvecs), offsetof(Options, thin_ratio),
+        offsetof(Options, so3_iters), offsetof(Options, so3_damping), offsetof(Options, dedupe),
+        offsetof(Options, behind_penalty), offsetof(Options, duplicate_penalty),
+        offsetof(Options, candidate_cutoff), offsetof(Options, lm_damping), offsetof(Options, lm_rtol),
+        offsetof(Options, lm_atol), offsetof(Options, depth_floor), offsetof(Options, polish_steps),
+        offsetof(Options, well_posed_ratio)};
+    for (int k = 0; k < OPTION_FIELDS; k++) offsets[k] = (int64_t)o[k];
+    return (int)sizeof(Options);
 }
 
 typedef struct {
@@ -409,18 +448,6 @@ static double cost_terms(const Problem *p, const double *R, const double *t, dou
     return cost;
 }
 
-/* Exported for the tests: cost, gradient and Hessian of one problem at (R, t). */
-double bpnp_cost_terms(int n, const double *x2d, const double *x3d, const double *K, const double *w,
-                       const double *R, const double *t, double *g, double *H) {
-    Problem p;
-    p.n = n;
-    p.x2d = x2d;
-    p.x3d = x3d;
-    p.w = w;
-    set_camera(&p, K);
-    return cost_terms(&p, R, t, 0.0, g, H, NULL);
-}
-
 /* ---------------------------------------------------------------- Levenberg-Marquardt */
 
 static double evaluate(const Problem *p, const double *R, const double *t, double depth_floor,
@@ -433,17 +460,17 @@ static double evaluate(const Problem *p, const double *R, const double *t, doubl
 
 /* As bpnp.solvers.lm.levenberg_marquardt for one problem (Nielsen damping, decrement test,
  * undamped Newton polish of converged answers). */
-static void levenberg_marquardt(const Problem *p, LMState *s, int max_iter, int polish_steps) {
+static void levenberg_marquardt(const Problem *p, const Options *o, LMState *s, int max_iter, int polish_steps) {
     double wsum = 0, pix = 0;
     for (int i = 0; i < p->n; i++) {
         wsum += p->w[i];
         pix += p->x2d[2 * i] * p->x2d[2 * i] + p->x2d[2 * i + 1] * p->x2d[2 * i + 1];
     }
-    const double atol = 1e-28 * wsum * (pix / p->n + 1.0);
-    const double rtol = 1e-15;
+    const double atol = o->lm_atol * wsum * (pix / p->n + 1.0);
+    const double rtol = o->lm_rtol;
     /* A continued run (after screening) keeps its state; the damping starts afresh. */
     if (!s->evaluated) {
-        s->depth_floor = 1e-9 * (sqrt(s->t[0] * s->t[0] + s->t[1] * s->t[1] + s->t[2] * s->t[2]) + 1e-300);
+        s->depth_floor = o->depth_floor * (sqrt(s->t[0] * s->t[0] + s->t[1] * s->t[1] + s->t[2] * s->t[2]) + 1e-300);
         s->cost = evaluate(p, s->R, s->t, s->depth_floor, s->g, s->H);
         s->evaluated = 1;
     }
@@ -451,7 +478,7 @@ static void levenberg_marquardt(const Problem *p, LMState *s, int max_iter, int 
     s->conv = 0;
     s->iters = 0;
     int done = !isfinite(s->cost);
-    double lam = 1e-4, nu = 2.0;
+    double lam = o->lm_damping, nu = 2.0;
     double tR[9], tt[3], tg[6], tH[36], A[36], step[6], ng[6], dR[9];
     for (int it = 1; it <= max_iter && !done; it++) {
         s->iters = it;
@@ -548,7 +575,7 @@ static double quad9(const double *Om, const double *r, double *o_r) {
  * R <- exp([d]_x) R (as bpnp.solvers.init.minimise_on_so3). The torch version runs a fixed
  * number of iterations for the whole batch; here a start stops once its Newton step is below
  * 1e-12 rad, which changes the answer by rounding only. */
-static double minimise_on_so3(const double *Om, double *R, int iters) {
+static double minimise_on_so3(const double *Om, double *R, int iters, double lam0) {
     /* d vec(R) / d d_a = vec([e_a]_x R): row a has two non-zero 3-blocks, sign * (row src of R)
      * in block blk. */
     static const int blk[3][2] = {{1, 2}, {0, 2}, {0, 1}};
@@ -559,7 +586,7 @@ static double minimise_on_so3(const double *Om, double *R, int iters) {
     if (!(scale > 1e-300)) scale = 1e-300;
     double o_r[9];
     double h = quad9(Om, R, o_r);
-    double lam = 1e-3;
+    double lam = lam0;
     double grad[3], JO[3][9], Hgn[9], N[9], H[9], A[9], ng[3], step[3];
     int fresh = 1; /* after a rejected step R is unchanged: only the damping changes */
     for (int it = 0; it < iters; it++) {
@@ -630,11 +657,6 @@ static double minimise_on_so3(const double *Om, double *R, int iters) {
     memcpy(R, Ro, sizeof Ro);
     return h;
 }
-
-typedef struct {
-    int num_candidates, num_eigvecs, solid_eigvecs, so3_iters, screen_iter, max_iter, polish_steps;
-    double thin_ratio, dedupe, screen_ratio, object_ratio;
-} Options;
 
 /* Candidate poses, best first (as bpnp.solvers.init.initial_poses); returns their number. */
 static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], double (*tc)[3], double *keyc) {
@@ -728,7 +750,7 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
         for (int k = 0; k < 12; k++) tetra_rotation(k, Rs[S++]);
     double hmax = 0;
     for (int s = 0; s < S; s++) {
-        hs[s] = minimise_on_so3(On, Rs[s], o->so3_iters) * norm;
+        hs[s] = minimise_on_so3(On, Rs[s], o->so3_iters, o->so3_damping) * norm;
         if (fabs(hs[s]) > hmax) hmax = fabs(hs[s]);
     }
     for (int s = 0; s < S; s++) {
@@ -762,7 +784,7 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
                 if (!(xc0 * va + xc1 * vb + xc2 > 0)) behind++;
             }
         }
-        key[s] = hs[s] / (hmax + 1e-300) + 10.0 * behind / (double)n;
+        key[s] = hs[s] / (hmax + 1e-300) + o->behind_penalty * behind / (double)n;
     }
     /* Sort by key; a candidate equal to a better one is pushed to the back. */
     int order[MAX_STARTS];
@@ -782,7 +804,7 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
             }
             dup = sqrt(d) < o->dedupe;
         }
-        key2[a] = key[sa] + 100.0 * dup;
+        key2[a] = key[sa] + o->duplicate_penalty * dup;
     }
     int order2[MAX_STARTS];
     for (int a = 0; a < S; a++) order2[a] = a;
@@ -803,8 +825,7 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
 
 /* ---------------------------------------------------------------- one problem */
 
-static void solve_one(const Problem *p, const Options *o, const double *init, int global_search,
-                      LMState *best) {
+static void solve_one(const Problem *p, const Options *o, const double *init, LMState *best) {
     LMState cand[MAX_CAND + 1];
     int k = 0;
     if (init) {
@@ -813,13 +834,13 @@ static void solve_one(const Problem *p, const Options *o, const double *init, in
         cand[0].evaluated = 0;
         k = 1;
     }
-    if (!init || global_search) {
+    if (!init || o->global_search) {
         double Rc[MAX_CAND][9], tcand[MAX_CAND][3], kc[MAX_CAND];
         int m = initial_poses(p, o, Rc, tcand, kc);
         /* Only candidates worth it: distinct basins with (nearly) all points in front of the
          * camera, within object_ratio of the best object-space error; the best always. */
         for (int c = 0; c < m; c++) {
-            int worth = kc[c] < 10.5;
+            int worth = kc[c] < o->candidate_cutoff;
             if (o->object_ratio > 0)
                 worth = worth && (kc[0] >= 1.0 || kc[c] <= o->object_ratio * kc[0] + 1e-12);
             if (c == 0) worth = 1;
@@ -837,7 +858,7 @@ static void solve_one(const Problem *p, const Options *o, const double *init, in
          * on (the others sit in basins that cannot win). */
         double bestc = INFINITY;
         for (int c = 0; c < k; c++) {
-            levenberg_marquardt(p, &cand[c], o->screen_iter, 0);
+            levenberg_marquardt(p, o, &cand[c], o->screen_iter, 0);
             if (isnan(cand[c].cost)) cand[c].cost = INFINITY;
             if (cand[c].cost < bestc) bestc = cand[c].cost;
         }
@@ -846,7 +867,7 @@ static void solve_one(const Problem *p, const Options *o, const double *init, in
     int sel = -1, iters = 0;
     for (int c = 0; c < k; c++) {
         if (!alive[c]) continue;
-        levenberg_marquardt(p, &cand[c], o->max_iter, o->polish_steps);
+        levenberg_marquardt(p, o, &cand[c], o->max_iter, o->polish_steps);
         if (cand[c].iters > iters) iters = cand[c].iters;
         if (isnan(cand[c].cost)) cand[c].cost = INFINITY;
         if (sel < 0 || cand[c].cost < cand[sel].cost) sel = c;
@@ -860,14 +881,14 @@ static void solve_one(const Problem *p, const Options *o, const double *init, in
         for (int b = 0; b < 6; b++) Hs[a * 6 + b] = 0.5 * (best->H[a * 6 + b] + best->H[b * 6 + a]);
     symmetric_eig(6, Hs, V, ev);
     double top = fabs(ev[5]) > 1e-300 ? fabs(ev[5]) : 1e-300;
-    int well_posed = ev[0] > 1e-10 * top;
+    int well_posed = ev[0] > o->well_posed_ratio * top;
     best->conv = best->conv && well_posed && isfinite(best->cost);
 }
 
 /* ---------------------------------------------------------------- entry point */
 
 typedef struct {
-    int B, n, x3d_batched, K_batched, w_batched, global_search;
+    int B, n, x3d_batched, K_batched, w_batched;
     const double *x2d, *x3d, *K, *w, *init;
     const Options *o;
     double *R_out, *t_out, *cost_out, *H_out, *rvec_out;
@@ -904,7 +925,7 @@ static void *solve_items(void *arg) {
             p.w = j->w + (j->w_batched ? (size_t)b * n : 0);
             set_camera(&p, j->K + (j->K_batched ? (size_t)b * 9 : 0));
             LMState s;
-            solve_one(&p, j->o, j->init ? j->init + (size_t)b * 12 : NULL, j->global_search, &s);
+            solve_one(&p, j->o, j->init ? j->init + (size_t)b * 12 : NULL, &s);
             memcpy(j->R_out + (size_t)b * 9, s.R, sizeof s.R);
             memcpy(j->t_out + (size_t)b * 3, s.t, sizeof s.t);
             rotation_to_rvec(s.R, j->rvec_out + (size_t)b * 3);
@@ -918,30 +939,19 @@ static void *solve_items(void *arg) {
 }
 
 /* Solves B problems. Inputs are C-contiguous float64; a *_batched flag of 0 means one array
- * shared by the batch. init (B x 12: R row-major, t) may be NULL. opt holds, in order:
- * num_candidates, max_iter, screen_iter, screen_ratio, object_ratio, num_eigvecs,
- * solid_eigvecs, thin_ratio, so3_iters, dedupe, polish_steps. Outputs: R (B x 9), its rotation
- * vector (B x 3), t (B x 3), cost (B), H (B x 36), converged (B), iterations (B). Work is
- * shared by up to num_threads threads, in chunks of CHUNK problems. Returns 0. */
+ * shared by the batch. init (B x 12: R row-major, t) may be NULL. o: the options (validated by
+ * bpnp.options.SolverOptions). Outputs: R (B x 9), its rotation vector (B x 3), t (B x 3), cost
+ * (B), H (B x 36), converged (B), iterations (B). Work is shared by up to num_threads threads, in
+ * chunks of CHUNK problems. Returns 0, or -1 for options out of the solver's range. */
 int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
-               int K_batched, const double *w, int w_batched, const double *init, int global_search,
-               const double *opt, int num_threads, double *R_out, double *rvec_out, double *t_out,
-               double *cost_out, double *H_out, uint8_t *conv_out, int32_t *iter_out) {
-    Options o;
-    o.num_candidates = (int)opt[0];
-    o.max_iter = (int)opt[1];
-    o.screen_iter = (int)opt[2];
-    o.screen_ratio = opt[3];
-    o.object_ratio = opt[4];
-    o.num_eigvecs = (int)opt[5];
-    o.solid_eigvecs = (int)opt[6];
-    o.thin_ratio = opt[7];
-    o.so3_iters = (int)opt[8];
-    o.dedupe = opt[9];
-    o.polish_steps = (int)opt[10];
-    if (o.num_candidates > MAX_CAND) o.num_candidates = MAX_CAND;
-    if (o.num_candidates < 1) o.num_candidates = 1;
-    Batch job = {B, n, x3d_batched, K_batched, w_batched, global_search, x2d, x3d, K, w, init, &o,
+               int K_batched, const double *w, int w_batched, const double *init, const Options *o,
+               int num_threads, double *R_out, double *rvec_out, double *t_out, double *cost_out,
+               double *H_out, uint8_t *conv_out, int32_t *iter_out) {
+    /* The fixed-size buffers bound these; SolverOptions refuses larger values before we get here. */
+    if (o->num_candidates < 1 || o->num_candidates > MAX_CAND || o->num_eigvecs < 1 || o->num_eigvecs > 9 ||
+        o->solid_eigvecs < 1 || o->solid_eigvecs > 9)
+        return -1;
+    Batch job = {B, n, x3d_batched, K_batched, w_batched, x2d, x3d, K, w, init, o,
                  R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, 0};
     int want = num_threads < 1 ? 1 : num_threads;
     if (want > (B + CHUNK - 1) / CHUNK) want = (B + CHUNK - 1) / CHUNK;

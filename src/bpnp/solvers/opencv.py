@@ -3,14 +3,17 @@
 OpenCV has no per-point weights, so its answer is a start that our weighted LM refines; the
 loop over the batch runs on the host.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import BackendUnavailableError
 from ..geometry import rvec_to_rotmat
-from .pnp import PnPSolution, refine
+from ..options import SolverOptions
+from .pnp import PnPSolution, _finish, refine
 
 OPENCV_FLAGS = ("SQPNP", "ITERATIVE", "EPNP", "IPPE")
 
@@ -19,7 +22,7 @@ def _cv2():
     try:
         import cv2
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("method='opencv' needs OpenCV: pip install 'bpnp[opencv]'") from err
+        raise BackendUnavailableError("method='opencv' needs OpenCV: pip install 'bpnp[opencv]'") from err
     return cv2
 
 
@@ -41,8 +44,9 @@ def opencv_poses(x2d: Tensor, x3d: Tensor, K: Tensor, flag: str = "SQPNP") -> tu
     out = np.full((B, 6), np.nan)
     for i in range(B):
         try:
-            ok, r, t = cv2.solvePnP(p3[i if p3.shape[0] > 1 else 0], p2[i],
-                                    Ks[i if Ks.shape[0] > 1 else 0], None, flags=flag_value)
+            ok, r, t = cv2.solvePnP(
+                p3[i if p3.shape[0] > 1 else 0], p2[i], Ks[i if Ks.shape[0] > 1 else 0], None, flags=flag_value
+            )
         except cv2.error:
             ok = False
         if ok:
@@ -51,15 +55,20 @@ def opencv_poses(x2d: Tensor, x3d: Tensor, K: Tensor, flag: str = "SQPNP") -> tu
     return pose[:, :3], pose[:, 3:]
 
 
-def solve_pnp_opencv(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor,
-                     flag: str = "SQPNP") -> PnPSolution:
-    """OpenCV start, then weighted exact-Hessian LM: a :class:`PnPSolution`."""
+def solve_pnp_opencv(
+    x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, options: SolverOptions | None = None, flag: str = "SQPNP"
+) -> PnPSolution:
+    """OpenCV start, then weighted exact-Hessian LM: a :class:`PnPSolution`.
+
+    ``converged`` means what it means for the global solvers (stationary, every weighted point in
+    front of the camera, well-posed Hessian), and OpenCV did not fail. Of ``options`` the LM ones
+    apply (the global-search ones do not: OpenCV picks the start).
+    """
+    options = SolverOptions() if options is None else options
     rvec, t = opencv_poses(x2d, x3d, K, flag)
     failed = ~torch.isfinite(rvec).all(-1)
     rvec = torch.where(failed[:, None], torch.zeros_like(rvec), rvec)
     t = torch.where(failed[:, None], torch.tensor([0.0, 0.0, 1.0], dtype=t.dtype, device=t.device), t)
-    out = refine(rvec_to_rotmat(rvec), t, x3d, x2d, K, weights)
+    out = refine(rvec_to_rotmat(rvec), t, x2d, x3d, K, weights, options)
     R, t = out.state
-    # refine() gives points behind the camera an infinite cost, which PnPSolution users reject.
-    ok = out.converged & ~failed & torch.isfinite(out.cost)
-    return PnPSolution(R, t, out.cost, out.hess, ok, out.iterations)
+    return _finish(R, t, out.cost, out.hess, out.converged & ~failed, out.iterations, options)

@@ -1,0 +1,144 @@
+"""Every default and tuning constant of the forward solver, in one place.
+
+Both forward solvers (the compiled C one and the batched torch one) read the same
+:class:`SolverOptions`; the C side receives it as one typed struct whose layout is generated
+from :data:`NATIVE_FIELDS` (checked against the C ``sizeof`` when the library loads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from .errors import PnPInputError
+
+__all__ = ["SolverOptions", "NATIVE_FIELDS", "MAX_CANDIDATES"]
+
+#: Candidates one problem may refine (the C solver's fixed-size buffers).
+MAX_CANDIDATES = 9
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Options of the global PnP solve. Frozen: make a variant with ``dataclasses.replace``.
+
+    Attributes:
+        num_candidates: object-space minima refined per problem (1..9; more is safer, slower).
+        max_iter: Levenberg-Marquardt iteration cap of the final refinement (>= 1).
+        global_search: with an ``init_pose``, False skips the global initialisation and only
+            refines the warm start (several times faster, no global-optimum guarantee; for
+            training loops whose problems change little per step).
+        check_every: the torch solver asks the device whether all items are done every this
+            many LM iterations (each ask is a host-device synchronisation on a GPU); the answer
+            does not depend on it. None: 1 on the CPU, 4 on other devices.
+        screen_iter: LM iterations every candidate gets before screening (0: no screening).
+        screen_ratio: after screening only candidates with cost <= this x the problem's best go on.
+        object_ratio: candidates whose object-space error exceeds this multiple of the best
+            valid candidate's are not refined (0: refine every distinct valid candidate).
+        num_eigvecs: eigenvectors of Omega used as SO(3) starts (each with both signs) for flat
+            or thin point sets (which also get the 12 rotations of the tetrahedral group).
+        solid_eigvecs: eigenvectors used for solid point sets (no fixed starts).
+        thin_ratio: a point set is thin when its smallest spread (std) is below this fraction of
+            its largest; decided per problem.
+        so3_iters: damped Newton iterations on SO(3) from every start.
+        so3_damping: initial damping of the SO(3) Newton iterations.
+        dedupe: SO(3) minima closer than this (Frobenius norm of the rotation difference) to a
+            better one are the same basin.
+        behind_penalty: added to a candidate's normalised object-space error times the fraction
+            of its points behind the camera (ranking key).
+        duplicate_penalty: added to the ranking key of a duplicate candidate.
+        candidate_cutoff: candidates whose ranking key reaches this are not refined (keeps
+            duplicates and candidates with nearly every point behind the camera out).
+        lm_damping: initial Marquardt damping, relative to the Hessian diagonal.
+        lm_rtol: LM stops when the decrement of an accepted step is <= lm_rtol * cost + atol ...
+        lm_atol: ... with ``atol = lm_atol * sum(w) * (mean |x2d|^2 + 1)`` (float64 rounding of
+            the residuals).
+        depth_floor: trial poses with a weighted point at depth <= depth_floor * |t| (the start's
+            t) are rejected (points behind the camera never enter the answer).
+        polish_steps: undamped Newton steps after convergence (to float64 stationarity).
+        well_posed_ratio: an answer is well posed when the smallest eigenvalue of its Hessian
+            exceeds this fraction of the largest; otherwise ``converged`` is False.
+    """
+
+    num_candidates: int = 4
+    max_iter: int = 100
+    global_search: bool = True
+    check_every: int | None = None
+    screen_iter: int = 4
+    screen_ratio: float = 2.0
+    object_ratio: float = 10.0
+    num_eigvecs: int = 4
+    solid_eigvecs: int = 4
+    thin_ratio: float = 0.35
+    so3_iters: int = 8
+    so3_damping: float = 1e-3
+    dedupe: float = 0.1
+    behind_penalty: float = 10.0
+    duplicate_penalty: float = 100.0
+    candidate_cutoff: float = 10.5
+    lm_damping: float = 1e-4
+    lm_rtol: float = 1e-15
+    lm_atol: float = 1e-28
+    depth_floor: float = 1e-9
+    polish_steps: int = 2
+    well_posed_ratio: float = 1e-10
+
+    def __post_init__(self) -> None:
+        ints = {  # name: (lowest, highest)
+            "num_candidates": (1, MAX_CANDIDATES),
+            "max_iter": (1, 1_000_000),
+            "screen_iter": (0, 1_000_000),
+            "num_eigvecs": (1, 9),
+            "solid_eigvecs": (1, 9),
+            "so3_iters": (0, 10_000),
+            "polish_steps": (0, 100),
+        }
+        for name, (lo, hi) in ints.items():
+            _check_int(name, getattr(self, name), lo, hi)
+        if self.check_every is not None:
+            _check_int("check_every", self.check_every, 1, 1_000_000)
+        if not isinstance(self.global_search, bool):
+            raise PnPInputError(f"global_search: expected a bool, got {self.global_search!r}")
+        positive = (
+            "screen_ratio",
+            "so3_damping",
+            "dedupe",
+            "behind_penalty",
+            "duplicate_penalty",
+            "candidate_cutoff",
+            "lm_damping",
+            "lm_rtol",
+            "lm_atol",
+            "depth_floor",
+            "well_posed_ratio",
+        )
+        for name in positive:
+            _check_float(name, getattr(self, name), strictly_positive=True)
+        _check_float("object_ratio", self.object_ratio, strictly_positive=False)
+        _check_float("thin_ratio", self.thin_ratio, strictly_positive=False)
+        if self.screen_ratio < 1:
+            raise PnPInputError(f"screen_ratio: expected >= 1, got {self.screen_ratio!r}")
+        if self.thin_ratio > 1:
+            raise PnPInputError(f"thin_ratio: expected a fraction in [0, 1], got {self.thin_ratio!r}")
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PnPInputError(f"{name}: expected an int in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise PnPInputError(f"{name}: expected an int in [{lo}, {hi}], got {value}")
+
+
+def _check_float(name: str, value: object, strictly_positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PnPInputError(f"{name}: expected a finite number, got {value!r}")
+    if value < 0 or (strictly_positive and value == 0):
+        raise PnPInputError(
+            f"{name}: expected a {'positive' if strictly_positive else 'non-negative'} number, got {value!r}"
+        )
+
+
+#: The fields the C solver reads, in the order of its ``Options`` struct (ints, then doubles).
+NATIVE_FIELDS: tuple[tuple[str, type], ...] = tuple(
+    (f.name, int if f.type in ("int", "bool") else float) for f in fields(SolverOptions) if f.name != "check_every"
+)
