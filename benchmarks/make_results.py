@@ -36,7 +36,7 @@ def main() -> None:
     )
     L.append("## Layer against OpenCV loops (`python benchmarks/bench_layer.py`)\n")
     L.append(
-        "Global solve (default), and warm-start local refinement (`init_pose=...`, `global_search=False`, the "
+        "Global solve (default), and warm-start local refinement (`init_pose=...`, `SolverOptions(global_search=False)`, the "
         "training-loop mode); forward+backward of `pose.sum()`. The OpenCV `solvePnP` loops are forward only, "
         "same problems, same process.\n"
     )
