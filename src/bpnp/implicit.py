@@ -57,6 +57,9 @@ def solve_hessian(hess: Tensor, rhs: Tensor, rel_floor: float = 1e-10) -> tuple[
     )[..., 0]
     if bool(good.all()):
         return u, ~good
+    H = torch.where(
+        torch.isfinite(H).flatten(1).all(-1)[:, None, None], H, torch.eye(6, dtype=H.dtype, device=H.device)
+    )
     evals, evecs = torch.linalg.eigh(H)
     floor = rel_floor * evals.abs().amax(-1, keepdim=True).clamp_min(1e-300)
     inv = 1.0 / torch.maximum(evals.abs(), floor)
@@ -73,6 +76,7 @@ def input_gradients(
     K: Tensor,
     weights: Tensor,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
+    keep: Tensor | None = None,
 ) -> tuple[Tensor | None, ...]:
     """``-d (u . g) / d theta`` in closed form, for ``theta`` in ``(x2d, x3d, K, weights)``.
 
@@ -85,7 +89,8 @@ def input_gradients(
 
     Args:
         u: ``(B, 6)``; R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``;
-        K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; needs: which gradients to return.
+        K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; needs: which gradients to return;
+        keep: ``(B,)`` bool, items whose gradients count (zeros for the others), default all.
     Returns:
         Gradients shaped like the inputs (summed over the batch for shared inputs), or None.
     """
@@ -103,11 +108,13 @@ def input_gradients(
     dv = m11 * db
 
     def reduce_like(g: Tensor, like: Tensor) -> Tensor:
+        if keep is not None:
+            g = torch.where(keep.reshape(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
         return g.sum(0, keepdim=True) if like.shape[0] == 1 and B > 1 else g
 
     out: list[Tensor | None] = [None, None, None, None]
     if needs[0]:
-        out[0] = torch.stack([2.0 * w * du, 2.0 * w * dv], -1)
+        out[0] = reduce_like(torch.stack([2.0 * w * du, 2.0 * w * dv], -1), x2d)
     if needs[3]:
         out[3] = reduce_like(-2.0 * (ru * du + rv * dv), weights)
     if needs[2]:
@@ -161,6 +168,7 @@ def implicit_vjp(
     weights: Tensor,
     needs: tuple[bool, bool, bool, bool],
     grad_R: Tensor | None = None,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Gradients of a loss w.r.t. ``(x2d, x3d, K, weights)`` given ``dL/dpose`` (and ``dL/dR``).
 
@@ -179,6 +187,8 @@ def implicit_vjp(
         weights: ``(B|1, n)``.
         needs: which of the four inputs need gradients.
         grad_R: ``(B, 3, 3)`` gradient of the loss w.r.t. the returned rotation matrix, or None.
+        keep: ``(B,)`` bool, items whose gradients count (the others get exact zeros, also in the
+            sums over the batch of shared inputs); default all.
     Returns:
         Gradients shaped like the inputs (None where not needed).
     """
@@ -189,4 +199,4 @@ def implicit_vjp(
         rot = rot + torch.stack([M[:, 2, 1] - M[:, 1, 2], M[:, 0, 2] - M[:, 2, 0], M[:, 1, 0] - M[:, 0, 1]], -1)
     rhs = torch.cat([rot, grad_pose[:, 3:]], -1)
     u, _ = solve_hessian(hess, rhs)
-    return input_gradients(u, R, t, x2d, x3d, K, weights, needs)
+    return input_gradients(u, R, t, x2d, x3d, K, weights, needs, keep)

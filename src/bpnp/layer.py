@@ -14,7 +14,9 @@ from .cost import cost_terms
 from .errors import BackendUnavailableError, PnPConvergenceWarning, PnPInputError
 from .geometry import rotmat_to_rvec, rvec_to_rotmat
 from .implicit import implicit_vjp
+from .normalise import normalise_problem, pose_from_normalised, pose_to_normalised
 from .options import SolverOptions
+from .solvers.init import normalised_rays
 from .solvers.native import native_available, native_unavailable_reason, solve_pnp_native, warn_unavailable_once
 from .solvers.pnp import PnPSolution, solve_pnp_forward
 
@@ -132,11 +134,27 @@ class _PnPFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         if grad_pose is None:
             grad_pose = torch.zeros_like(pose)
+        # An item whose answer is not finite (a degenerate problem the solver could not handle) gets
+        # zero gradients; it never touches the other items' (or a shared input's) gradients.
+        keep = (
+            torch.isfinite(pose).all(-1)
+            & torch.isfinite(R).flatten(1).all(-1)
+            & torch.isfinite(hess).flatten(1).all(-1)
+        )
+        if not bool(keep.all()):
+            eye = torch.eye(3, dtype=R.dtype, device=R.device).expand_as(R)
+            safe_t = torch.tensor([0.0, 0.0, 1.0], dtype=R.dtype, device=R.device).expand(R.shape[0], 3)
+            pose = torch.where(keep[:, None], pose, torch.cat([torch.zeros_like(safe_t), safe_t], -1))
+            R = torch.where(keep[:, None, None], R, eye)
+            hess = torch.where(keep[:, None, None], hess, torch.eye(6, dtype=R.dtype, device=R.device))
+            grad_pose = torch.where(keep[:, None], grad_pose, torch.zeros_like(grad_pose))
+            if grad_R is not None:
+                grad_R = torch.where(keep[:, None, None], grad_R, torch.zeros_like(grad_R))
         t = pose[:, 3:]
         if torch.is_grad_enabled():
             # create_graph: the Hessian as a differentiable function of the optimum and the inputs.
             hess = cost_terms(R, t, x2d, x3d, K, weights).hess
-        grads = implicit_vjp(grad_pose, pose[:, :3], R, t, hess, x2d, x3d, K, weights, needs, grad_R)
+        grads = implicit_vjp(grad_pose, pose[:, :3], R, t, hess, x2d, x3d, K, weights, needs, grad_R, keep)
         return (*grads, None, None)
 
 
@@ -200,15 +218,33 @@ def solve_pnp(
         w_b = torch.ones(1, x2d_b.shape[1], dtype=f64, device=x2d_b.device)
     check_every = options.check_every or (1 if x2d_b.device.type == "cpu" else 4)
     config = _Forward(method, _pick_solver(method, backend, x2d_b.device), options, check_every)
-    # float64 inside: float32 Jacobians cannot locate the optimum to float64 quality.
-    pose, cost, converged, R, _, iters = _PnPFunction.apply(
-        x2d_b.to(f64),
-        x3d_b.to(f64),
-        K_b.to(f64),
-        w_b.to(f64),
-        None if pose_b is None else pose_b.detach().to(f64),
-        config,
-    )
+    # float64 inside: float32 Jacobians cannot locate the optimum to float64 quality. The solver
+    # sees the problem in unit-free form (bpnp.normalise): every tolerance is unit-invariant.
+    x2d_n, x3d_n, K_n, w_n, norm = normalise_problem(x2d_b.to(f64), x3d_b.to(f64), K_b.to(f64), w_b.to(f64))
+    init_n = None if pose_b is None else pose_to_normalised(pose_b.detach().to(f64), norm)
+    degenerate = _degenerate(x2d_n.detach(), x3d_n.detach(), w_n.detach())
+    if bool(degenerate.any()):
+        x2d_n, x3d_n, K_n, w_n = _stand_in(degenerate, x2d_n, x3d_n, K_n, w_n)
+        if init_n is not None:
+            init_n = torch.where(degenerate[:, None], torch.zeros_like(init_n), init_n)
+    pose_n, cost, converged, R, _, iters = _PnPFunction.apply(x2d_n, x3d_n, K_n, w_n, init_n, config)
+    bad = degenerate | ~torch.isfinite(pose_n).all(-1) | ~torch.isfinite(R).flatten(1).all(-1)
+    if bool(bad.any()):
+        # A finite, meaningful answer for items without one: the object's centre on the mean ray
+        # of its pixels, at the depth where its size matches theirs; converged False.
+        fb_pose, fb_R = _fallback_pose(x2d_n.detach(), K_n.detach(), w_n.detach())
+        pose_n = torch.where(bad[:, None], fb_pose, pose_n)
+        R = torch.where(bad[:, None, None], fb_R, R)
+        converged = converged & ~bad
+    pose = pose_from_normalised(pose_n, R, norm)
+    cost = cost * norm.weight[:, 0] * norm.focal[:, 0] ** 2
+    if bool((bad | ~torch.isfinite(cost)).any()):
+        # The cost at the returned pose, also for points behind the camera (finite, documented).
+        redo = bad | ~torch.isfinite(cost)
+        data = (x2d_b, x3d_b, K_b, w_b)
+        real = _plain_cost(pose.detach(), R.detach(), *(x.detach().to(f64) for x in data))
+        cost = torch.where(redo, real, cost)
+        converged = converged & ~redo
     if warn and not bool(converged.all()):
         bad = int((~converged).sum())
         warnings.warn(
@@ -225,6 +261,66 @@ def solve_pnp(
     if unbatched:
         pose, R, t, cost, converged = pose[0], R[0], t[0], cost[0], converged[0]
     return PnPResult(pose, R, t, cost, converged, int(iters), config.solver)
+
+
+def _degenerate(x2d_n: Tensor, x3d_n: Tensor, w_n: Tensor) -> Tensor:
+    """``(B,)`` items with no pose to find: all weighted 3D points in one place, or all weighted
+    pixels on one point (to float64 resolution of the normalised units)."""
+    B = x2d_n.shape[0]
+    w = w_n.expand(B, -1)
+    wsum = w.sum(-1, keepdim=True)
+
+    def spread(x: Tensor) -> Tensor:
+        mean = (w[..., None] * x).sum(1, keepdim=True) / wsum[..., None]
+        return (w * (x - mean).pow(2).sum(-1)).sum(-1) / wsum[:, 0]
+
+    return (spread(x3d_n.expand(B, -1, -1)) <= 1e-24) | (spread(x2d_n) <= 1e-24)
+
+
+def _stand_in(degenerate: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+    """Replace the degenerate items by a fixed well-posed problem (same n), so that the solvers
+    never see them; their answers are replaced afterwards."""
+    B, n, _ = x2d.shape
+    i = torch.arange(n, dtype=x2d.dtype, device=x2d.device)
+    # Points on a twisted curve in the unit box: non-planar for any n >= 4.
+    pts = torch.stack([torch.cos(2.4 * i), torch.sin(2.4 * i), torch.remainder(0.618 * i, 1.0) * 2 - 1], -1)
+    pts = pts - pts.mean(0)
+    K_d = torch.eye(3, dtype=x2d.dtype, device=x2d.device)
+    uv = pts[:, :2] / (pts[:, 2:] + 5.0)  # the identity rotation, t = (0, 0, 5)
+    sel3 = degenerate[:, None, None]
+    x2d = torch.where(sel3, uv.expand(B, n, 2), x2d)
+    x3d = torch.where(sel3, pts.expand(B, n, 3), x3d.expand(B, n, 3))
+    K = torch.where(sel3, K_d.expand(B, 3, 3), K.expand(B, 3, 3))
+    w = torch.where(degenerate[:, None], torch.ones_like(x2d[..., 0]), w.expand(B, n))
+    return x2d, x3d, K, w
+
+
+def _fallback_pose(x2d_n: Tensor, K_n: Tensor, w_n: Tensor) -> tuple[Tensor, Tensor]:
+    """``[rvec, t_n] (B, 6)`` and ``R (B, 3, 3)``: identity rotation, the (unit-size, centred)
+    object on the weighted mean ray of the pixels at the depth that matches their spread."""
+    B = x2d_n.shape[0]
+    w = w_n.expand(B, -1)
+    rays = normalised_rays(x2d_n, K_n)  # BxNx3
+    wsum = w.sum(-1, keepdim=True).clamp_min(1e-300)
+    mean = (w[..., None] * rays).sum(1) / wsum  # Bx3
+    spread = ((w * (rays - mean[:, None]).pow(2).sum(-1)).sum(-1) / wsum[:, 0]).sqrt()
+    depth = (1.0 / spread.clamp_min(1e-300)).clamp(1.0, 1e6)
+    t = torch.nan_to_num(mean * depth[:, None], nan=0.0, posinf=0.0, neginf=0.0)
+    t[:, 2] = torch.where(t[:, 2] > 0, t[:, 2], torch.ones_like(t[:, 2]))
+    R = torch.eye(3, dtype=x2d_n.dtype, device=x2d_n.device).expand(B, 3, 3)
+    return torch.cat([torch.zeros_like(t), t], -1), R
+
+
+def _plain_cost(pose: Tensor, R: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, w: Tensor) -> Tensor:
+    """``(B,)`` weighted squared reprojection error at the poses, points behind the camera
+    projected as they are (a depth of exactly 0 is taken as 1e-300)."""
+    xcam = (R @ x3d.transpose(-1, -2)).transpose(-1, -2) + pose[:, None, 3:]  # BxNx3
+    z = xcam[..., 2:]
+    z = torch.where(z == 0, torch.full_like(z, 1e-300), z)
+    uvw = (K[:, None] @ (xcam / z)[..., None])[..., 0]
+    r = uvw[..., :2] / uvw[..., 2:] - x2d
+    cost = (w * r.pow(2).sum(-1)).sum(-1)
+    return torch.nan_to_num(cost, nan=torch.finfo(cost.dtype).max, posinf=torch.finfo(cost.dtype).max)
 
 
 class BPnP(nn.Module):

@@ -69,7 +69,10 @@ def omega_matrix(rays: Tensor, x3d: Tensor, weights: Tensor) -> tuple[Tensor, Te
     Bm = torch.einsum("bnac,bnk->back", P, x3d).reshape(B, 3, 9)
     zz = x3d[..., :, None] * x3d[..., None, :]  # BxNx3x3
     full = torch.einsum("bnac,bnjk->bajck", P, zz).reshape(B, 9, 9)
-    T = -torch.linalg.solve(A, Bm)
+    # A is singular only when every weighted ray is the same: T is NaN there (no exception; the
+    # item's answer is then not finite and the layer replaces it).
+    T, info = torch.linalg.solve_ex(A, Bm)
+    T = torch.where((info == 0)[:, None, None], -T, torch.full_like(T, float("nan")))
     omega = full + Bm.transpose(-1, -2) @ T
     omega = 0.5 * (omega + omega.transpose(-1, -2))
     return omega, T
@@ -196,12 +199,20 @@ def initial_poses(
     # Omega is normalised by its trace before the eigen-decomposition and the multi-start.
     norm = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
     omega_n = omega / norm
+    # Items without a finite Omega (degenerate data) get a stand-in for the eigen-decomposition,
+    # which raises on NaN; their translations stay NaN, so their answers are not finite.
+    finite = torch.isfinite(omega_n).flatten(1).all(-1)
+    eye9 = torch.eye(9, dtype=omega.dtype, device=omega.device)
+    omega_n = torch.where(finite[:, None, None], omega_n, eye9)
     _, vecs = torch.linalg.eigh(omega_n)
     # Flat or thin point sets leave Omega with a (near) null space in which eigenvectors are
     # poor starts; only they get the fixed starts (measured: solid sets lose no optimum with
     # eigenvector starts alone, sets thinner than ~0.1 do). Decided per item: every item gets
     # the slots of the largest start set, and the slots it does not use are masked out.
     cov = (w[..., None, None] * centred[..., :, None] * centred[..., None, :]).sum(1)
+    cov = torch.where(
+        torch.isfinite(cov).flatten(1).all(-1)[:, None, None], cov, torch.eye(3, dtype=cov.dtype, device=cov.device)
+    )
     spread = torch.linalg.eigvalsh(cov)  # Bx3 ascending
     thin = spread[:, 0] < options.thin_ratio**2 * spread[:, 2]  # (B,)
     m_thin, m_solid = min(options.num_eigvecs, 9), min(options.solid_eigvecs, 9)

@@ -43,6 +43,22 @@ _build_name: str | None = None
 _reason: str | None = None
 _tried = False
 _warned = False
+_in_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    # GNU libgomp's thread pool does not survive fork(): in the child every OpenMP parallel region
+    # (PyTorch's intra-op ones included) would wait forever on the parent's dead workers. As
+    # PyTorch's DataLoader does in its workers, the child runs single-threaded, and the native
+    # solver uses no OpenMP there.
+    global _in_forked_child
+    _in_forked_child = True
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class NativeOptions(ctypes.Structure):
@@ -87,27 +103,11 @@ def _open(path: Path) -> ctypes.CDLL:
         raise RuntimeError(f"{path.name}: its Options struct does not match bpnp.options.NATIVE_FIELDS")
     dp, ip = ctypes.POINTER(ctypes.c_double), ctypes.c_int
     lib.bpnp_solve.restype = ctypes.c_int
-    lib.bpnp_solve.argtypes = [
-        ip,
-        ip,
-        dp,
-        dp,
-        ip,
-        dp,
-        ip,
-        dp,
-        ip,
-        dp,
-        ctypes.POINTER(NativeOptions),
-        ip,
-        dp,
-        dp,
-        dp,
-        dp,
-        dp,
-        ctypes.POINTER(ctypes.c_uint8),
-        ctypes.POINTER(ctypes.c_int32),
-    ]
+    # bpnp_solve(B, n, x2d, x3d, x3d_batched, K, K_batched, w, w_batched, init, options, num_threads,
+    #            forked, R, rvec, t, cost, H, converged, iterations)
+    u8, i32 = ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_int32)
+    opts = ctypes.POINTER(NativeOptions)
+    lib.bpnp_solve.argtypes = [ip, ip, dp, dp, ip, dp, ip, dp, ip, dp, opts, ip, ip, dp, dp, dp, dp, dp, u8, i32]  # fmt: skip
     return lib
 
 
@@ -234,6 +234,7 @@ def solve_pnp_native(
         None if init is None else _ptr(init),
         ctypes.byref(opt),
         torch.get_num_threads(),
+        int(_in_forked_child),
         _ptr(R),
         _ptr(rvec),
         _ptr(t),

@@ -942,10 +942,10 @@ static void *solve_items(void *arg) {
  * shared by the batch. init (B x 12: R row-major, t) may be NULL. o: the options (validated by
  * bpnp.options.SolverOptions). Outputs: R (B x 9), its rotation vector (B x 3), t (B x 3), cost
  * (B), H (B x 36), converged (B), iterations (B). Work is shared by up to num_threads threads, in
- * chunks of CHUNK problems. Returns 0, or -1 for options out of the solver's range. */
+ * chunks of CHUNK problems; forked != 0 (a fork()ed child, as Python saw it) avoids OpenMP. Returns 0, or -1 for options out of the solver's range. */
 int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
                int K_batched, const double *w, int w_batched, const double *init, const Options *o,
-               int num_threads, double *R_out, double *rvec_out, double *t_out, double *cost_out,
+               int num_threads, int forked, double *R_out, double *rvec_out, double *t_out, double *cost_out,
                double *H_out, uint8_t *conv_out, int32_t *iter_out) {
     /* The fixed-size buffers bound these; SolverOptions refuses larger values before we get here. */
     if (o->num_candidates < 1 || o->num_candidates > MAX_CAND || o->num_eigvecs < 1 || o->num_eigvecs > 9 ||
@@ -961,7 +961,7 @@ int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batch
      * loaded: the workers are PyTorch's own (warm, often still spinning after the caller's
      * last tensor op), so nothing competes for the cores. libgomp's pool does not survive
      * fork(): in a forked child the plain threads below take over. */
-    if (!in_forked_child) {
+    if (!in_forked_child && !forked) {
 #pragma omp parallel num_threads(want) if (want > 1)
         solve_items(&job);
         return 0;

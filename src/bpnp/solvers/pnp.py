@@ -210,6 +210,8 @@ def _finish(
     R: Tensor, t: Tensor, cost: Tensor, hess: Tensor, ok: Tensor, iterations: int, options: SolverOptions
 ) -> PnPSolution:
     # A (near) singular Hessian means the pose is not determined by the data.
-    eig = torch.linalg.eigvalsh(0.5 * (hess + hess.transpose(-1, -2)))
+    finite = torch.isfinite(hess).flatten(1).all(-1)
+    H = torch.where(finite[:, None, None], 0.5 * (hess + hess.transpose(-1, -2)), torch.zeros_like(hess))
+    eig = torch.linalg.eigvalsh(H)
     well_posed = eig[:, 0] > options.well_posed_ratio * eig[:, -1].abs().clamp_min(1e-300)
     return PnPSolution(R, t, cost, hess, ok & well_posed & torch.isfinite(cost), iterations)
