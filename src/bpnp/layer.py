@@ -38,6 +38,11 @@ class PnPResult:
         converged: ``(B,)`` bool, the same meaning for every method and backend: the answer is
             stationary to float64 precision, every point of positive weight lies in front of the
             camera, and the Hessian is well posed (not singular).
+        second_cost: ``(B,)`` cost of the best other distinct local minimum the search found
+            (inf: none found; always inf for warm-started local refinement and ``method="opencv"``).
+        ambiguous: ``(B,)`` bool: that other minimum fits the data about as well (its cost exceeds
+            the answer's by at most ``options.ambiguity_threshold`` residual variances): the data
+            do not single out one pose (e.g. the P3P branches of three distinct points).
         iterations: the most Levenberg-Marquardt iterations any item of the batch needed.
         backend: the forward solver that ran: ``"native"``, ``"torch"`` or ``"opencv"``.
     """
@@ -49,6 +54,8 @@ class PnPResult:
     converged: Tensor
     iterations: int
     backend: str = "torch"
+    second_cost: Tensor | None = None
+    ambiguous: Tensor | None = None
 
 
 class _Forward(NamedTuple):
@@ -116,15 +123,16 @@ class _PnPFunction(torch.autograd.Function):
         sol = _forward_solve(x2d, x3d, K, weights, init_pose, config)
         rvec = sol.rvec if sol.rvec is not None else rotmat_to_rvec(sol.R)
         pose = torch.cat([rvec, sol.t], -1)
-        return pose, sol.cost, sol.converged, sol.R, sol.hess, torch.tensor(sol.iterations)
+        second = sol.second_cost if sol.second_cost is not None else torch.full_like(sol.cost, float("inf"))
+        return pose, sol.cost, sol.converged, sol.R, sol.hess, torch.tensor(sol.iterations), second
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x2d, x3d, K, weights, _, _ = inputs
-        pose, cost, converged, R, hess, iters = output
+        pose, cost, converged, R, hess, iters, second = output
         ctx.save_for_backward(x2d, x3d, K, weights, pose, R, hess)
         # pose and R are differentiable outputs (R directly, which spares a Rodrigues map).
-        ctx.mark_non_differentiable(cost, converged, hess, iters)
+        ctx.mark_non_differentiable(cost, converged, hess, iters, second)
 
     @staticmethod
     def backward(ctx: Any, grad_pose: Tensor | None, _c: Any, _v: Any, grad_R: Tensor | None, *_: Any):  # type: ignore[override]
@@ -227,7 +235,12 @@ def solve_pnp(
         x2d_n, x3d_n, K_n, w_n = _stand_in(degenerate, x2d_n, x3d_n, K_n, w_n)
         if init_n is not None:
             init_n = torch.where(degenerate[:, None], torch.zeros_like(init_n), init_n)
-    pose_n, cost, converged, R, _, iters = _PnPFunction.apply(x2d_n, x3d_n, K_n, w_n, init_n, config)
+    pose_n, cost, converged, R, _, iters, second = _PnPFunction.apply(x2d_n, x3d_n, K_n, w_n, init_n, config)
+    # Ambiguity, in the normalised units: the residual variance, floored at float64's resolution
+    # of a fit (residuals of 1e-8 focal lengths), so exact fits of several minima count too.
+    dof = ((w_n > 0).sum(-1) * 2 - 6).clamp_min(1).to(cost.dtype)
+    variance = torch.maximum(cost / dof, 1e-16 * w_n.detach().sum(-1))
+    ambiguous = torch.isfinite(second) & (second - cost <= options.ambiguity_threshold * variance)
     bad = degenerate | ~torch.isfinite(pose_n).all(-1) | ~torch.isfinite(R).flatten(1).all(-1)
     if bool(bad.any()):
         # A finite, meaningful answer for items without one: the object's centre on the mean ray
@@ -237,7 +250,9 @@ def solve_pnp(
         R = torch.where(bad[:, None, None], fb_R, R)
         converged = converged & ~bad
     pose = pose_from_normalised(pose_n, R, norm)
-    cost = cost * norm.weight[:, 0] * norm.focal[:, 0] ** 2
+    unit = norm.weight[:, 0] * norm.focal[:, 0] ** 2
+    cost, second = cost * unit, second * unit
+    ambiguous = ambiguous & ~bad
     if bool((bad | ~torch.isfinite(cost)).any()):
         # The cost at the returned pose, also for points behind the camera (finite, documented).
         redo = bad | ~torch.isfinite(cost)
@@ -257,10 +272,12 @@ def solve_pnp(
     pose = pose.to(dtype)
     R = R.to(dtype)
     t = pose[..., 3:]
-    cost = cost.to(dtype)
+    cost, second = cost.to(dtype), second.to(dtype)
     if unbatched:
-        pose, R, t, cost, converged = pose[0], R[0], t[0], cost[0], converged[0]
-    return PnPResult(pose, R, t, cost, converged, int(iters), config.solver)
+        pose, R, t, cost, converged, second, ambiguous = (
+            x[0] for x in (pose, R, t, cost, converged, second, ambiguous)
+        )
+    return PnPResult(pose, R, t, cost, converged, int(iters), config.solver, second, ambiguous)
 
 
 def _degenerate(x2d_n: Tensor, x3d_n: Tensor, w_n: Tensor) -> Tensor:

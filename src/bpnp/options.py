@@ -39,7 +39,7 @@ class SolverOptions:
             or thin point sets (which also get the 12 rotations of the tetrahedral group).
         solid_eigvecs: eigenvectors used for solid point sets (no fixed starts).
         thin_ratio: a point set is thin when its smallest spread (std) is below this fraction of
-            its largest; decided per problem.
+            its largest; decided per problem (>= 1: every point set gets the fixed starts).
         so3_iters: damped Newton iterations on SO(3) from every start.
         so3_damping: initial damping of the SO(3) Newton iterations.
         dedupe: SO(3) minima closer than this (Frobenius norm of the rotation difference) to a
@@ -58,6 +58,18 @@ class SolverOptions:
         polish_steps: undamped Newton steps after convergence (to float64 stationarity).
         well_posed_ratio: an answer is well posed when the smallest eigenvalue of its Hessian
             exceeds this fraction of the largest; otherwise ``converged`` is False.
+        depth_margin: a candidate with a weighted point behind the camera is moved along the
+            optical axis until its nearest weighted point is this many object sizes (weighted RMS
+            radius) in front, so that the LM starts in the valid region (outliers drag
+            object-space minima behind the camera).
+        small_problem: problems with at most this many points of positive weight get the
+            exhaustive search (all 9 eigenvector starts and the fixed ones, every candidate
+            refined to convergence, no screening): cheap there, and where the shortcuts miss.
+        ambiguity_threshold: ``ambiguous`` is True when another distinct minimum's cost exceeds
+            the answer's by at most this many residual variances (``cost / (2 n - 6)``); the
+            default is the 95% quantile of a chi-square with 6 degrees of freedom.
+        escalate: a problem some of whose candidates had weighted points behind the camera
+            (outliers, inconsistent data) gets a second, exhaustive search; the better answer wins.
     """
 
     num_candidates: int = 4
@@ -82,6 +94,10 @@ class SolverOptions:
     depth_floor: float = 1e-9
     polish_steps: int = 2
     well_posed_ratio: float = 1e-10
+    depth_margin: float = 3.0
+    small_problem: int = 6
+    ambiguity_threshold: float = 12.6
+    escalate: bool = True
 
     def __post_init__(self) -> None:
         ints = {  # name: (lowest, highest)
@@ -92,13 +108,15 @@ class SolverOptions:
             "solid_eigvecs": (1, 9),
             "so3_iters": (0, 10_000),
             "polish_steps": (0, 100),
+            "small_problem": (0, 1_000_000),
         }
         for name, (lo, hi) in ints.items():
             _check_int(name, getattr(self, name), lo, hi)
         if self.check_every is not None:
             _check_int("check_every", self.check_every, 1, 1_000_000)
-        if not isinstance(self.global_search, bool):
-            raise PnPInputError(f"global_search: expected a bool, got {self.global_search!r}")
+        for name in ("global_search", "escalate"):
+            if not isinstance(getattr(self, name), bool):
+                raise PnPInputError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         positive = (
             "screen_ratio",
             "so3_damping",
@@ -111,15 +129,15 @@ class SolverOptions:
             "lm_atol",
             "depth_floor",
             "well_posed_ratio",
+            "depth_margin",
         )
         for name in positive:
             _check_float(name, getattr(self, name), strictly_positive=True)
         _check_float("object_ratio", self.object_ratio, strictly_positive=False)
         _check_float("thin_ratio", self.thin_ratio, strictly_positive=False)
+        _check_float("ambiguity_threshold", self.ambiguity_threshold, strictly_positive=False)
         if self.screen_ratio < 1:
             raise PnPInputError(f"screen_ratio: expected >= 1, got {self.screen_ratio!r}")
-        if self.thin_ratio > 1:
-            raise PnPInputError(f"thin_ratio: expected a fraction in [0, 1], got {self.thin_ratio!r}")
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:

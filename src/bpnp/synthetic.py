@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .geometry import project
 
-__all__ = ["PnPProblems", "random_problems", "random_rotations"]
+__all__ = ["PnPProblems", "random_problems", "random_rotations", "stress_problems", "STRESS_KINDS"]
 
 
 class PnPProblems(NamedTuple):
@@ -88,3 +88,67 @@ def random_problems(
     weights = uniform(B, n, lo=0.2, hi=2.0) if weighted else torch.ones(B, n, dtype=f64)
     out = PnPProblems(x2d, x3d, K, weights, pose)
     return PnPProblems(*(x.to(dtype=dtype, device=device) for x in out))
+
+
+STRESS_KINDS = ("noisy", "outliers10", "outliers30", "outliers50", "thin", "near_planar", "distant", "wide", "n4")
+
+
+def stress_problems(kind: str, B: int, n: int = 20, seed: int = 0) -> PnPProblems:
+    """Hard PnP problems of one kind (for the global-optimum tests and benchmarks).
+
+    Kinds: ``noisy`` (pixel noise 5-20 px), ``outliers10|30|50`` (that share of the pixels
+    replaced by uniform random points of a 640x480 image, 1 px noise on the rest, 30% planar
+    objects), ``thin`` (the box squashed to 1-20% of its width), ``near_planar`` (a plane with
+    1e-3..1e-2 relief), ``distant`` (50-500 object sizes away), ``wide`` (focal 80-250 px, the
+    object off-centre: a wide-angle view), ``n4`` (four points, planar or not, 0-3 px noise).
+
+    Args:
+        kind: one of :data:`STRESS_KINDS`; B: problems; n: points (``n4`` forces 4); seed: seed.
+    Returns:
+        :class:`PnPProblems`, float64 on the CPU (``pose``: the generating pose).
+    """
+    if kind not in STRESS_KINDS:
+        raise ValueError(f"kind: expected one of {STRESS_KINDS}, got {kind!r}")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    f64 = torch.float64
+
+    def uniform(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=f64)
+
+    if kind == "n4":
+        p = random_problems(B, 4, planar=False, seed=seed)
+        planar = uniform(B) < 0.5
+        x3d = p.x3d.clone()
+        x3d[planar, :, 2] = 0.0
+        x2d = project(x3d, p.pose, p.K) + uniform(B, 1, 1, hi=3.0) * torch.randn(B, 4, 2, generator=g, dtype=f64)
+        return p._replace(x3d=x3d, x2d=x2d)
+    if kind == "noisy":
+        return random_problems(B, n, planar=bool(seed % 2), noise=(5.0, 20.0), seed=seed)
+    if kind.startswith("outliers"):
+        share = int(kind[len("outliers") :]) / 100.0
+        p = random_problems(B, n, noise=1.0, focal=(500.0, 1500.0), weighted=False, seed=seed)
+        planar = uniform(B) < 0.3
+        x3d = p.x3d.clone()
+        x3d[planar, :, 2] = 0.0
+        x2d = project(x3d, p.pose, p.K) + torch.randn(B, n, 2, generator=g, dtype=f64)
+        bad = torch.rand(B, n, generator=g, dtype=f64).argsort(-1) < round(share * n)
+        random_px = torch.stack([uniform(B, n, hi=640.0), uniform(B, n, hi=480.0)], -1)
+        return p._replace(x3d=x3d, x2d=torch.where(bad[..., None], random_px, x2d))
+    p = random_problems(B, n, seed=seed)
+    x3d, pose, K = p.x3d.clone(), p.pose.clone(), p.K.clone()
+    if kind == "thin":
+        x3d[..., 2] *= uniform(B, 1, lo=0.01, hi=0.2)
+    elif kind == "near_planar":
+        x3d[..., 2] = uniform(B, 1, lo=1e-3, hi=1e-2) * torch.randn(B, n, generator=g, dtype=f64)
+    elif kind == "distant":
+        pose[:, 3:] *= (uniform(B, lo=50.0, hi=500.0) / pose[:, 5])[:, None]
+        K[:, :2, :2] *= (pose[:, 5] / 8.0)[:, None, None].clamp(max=60.0)  # a long lens
+    elif kind == "wide":
+        f = uniform(B, lo=80.0, hi=250.0)
+        K[:, 0, 0], K[:, 1, 1] = f, f
+        depth = uniform(B, lo=2.0, hi=5.0)
+        pose[:, 3] = uniform(B, lo=-1.0, hi=1.0) * depth
+        pose[:, 4] = uniform(B, lo=-0.7, hi=0.7) * depth
+        pose[:, 5] = depth
+    x2d = project(x3d, pose, K) + uniform(B, 1, 1, hi=3.0) * torch.randn(B, n, 2, generator=g, dtype=f64)
+    return PnPProblems(x2d, x3d, K, p.weights, pose)

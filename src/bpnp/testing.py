@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from .layer import solve_pnp
+from .options import SolverOptions
 
-__all__ = ["STEPS", "loss_weights", "fd_gradient", "analytic_gradient"]
+__all__ = ["STEPS", "loss_weights", "fd_gradient", "analytic_gradient", "EXHAUSTIVE", "best_known_minimum"]
 
 STEPS = {"x2d": 1e-3, "x3d": 1e-5, "K": 1e-3, "weights": 1e-5}
 
@@ -55,3 +56,73 @@ def analytic_gradient(inputs: dict, name: str, v: torch.Tensor, **solve_kw) -> t
     pose = solve_pnp(leaf["x2d"], leaf["x3d"], leaf["K"], leaf["weights"], warn=False, **solve_kw).pose
     (g,) = torch.autograd.grad((pose * v).sum(), [leaf[name]])
     return g
+
+
+#: The solver with every shortcut off: all 9 eigenvector starts (+ the tetrahedral ones for every
+#: problem), every distinct candidate refined to convergence, no screening.
+EXHAUSTIVE = SolverOptions(
+    num_candidates=9, object_ratio=0.0, screen_iter=0, num_eigvecs=9, solid_eigvecs=9, thin_ratio=1.0
+)
+
+
+def best_known_minimum(
+    x2d: torch.Tensor, x3d: torch.Tensor, K: torch.Tensor, weights: torch.Tensor, random_starts: int = 64, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest-cost valid minimum (every weighted point in front of the camera) found from many
+    polished starts: the exhaustive global solve, OpenCV's SQPNP/ITERATIVE/EPNP/IPPE answers (when
+    OpenCV is installed) and ``random_starts`` random rotations with the object on its mean ray.
+
+    Args:
+        x2d: ``(B, n, 2)``; x3d: ``(B, n, 3)``; K: ``(B, 3, 3)``; weights: ``(B, n)``; float64 CPU.
+    Returns:
+        ``cost (B,)`` (inf where no valid minimum was found) and ``pose (B, 6)``.
+    """
+    from .geometry import rotmat_to_rvec, rvec_to_rotmat
+    from .normalise import normalise_problem, pose_from_normalised
+    from .solvers.init import normalised_rays
+    from .solvers.pnp import refine
+    from .synthetic import random_rotations
+
+    B, n, _ = x2d.shape
+    x2d_n, x3d_n, K_n, w_n, norm = normalise_problem(x2d, x3d, K, weights)
+    x3d_n, K_n, w_n = x3d_n.expand(B, n, 3), K_n.expand(B, 3, 3), w_n.expand(B, n)
+    starts_R, starts_t = [], []
+    res = solve_pnp(x2d, x3d, K, weights, options=EXHAUSTIVE, warn=False, backend="torch")
+    R0 = res.R
+    starts_R.append(R0)
+    starts_t.append((res.t + (R0 @ norm.centre.expand(B, 3)[..., None])[..., 0]) / norm.scale)
+    try:
+        from .solvers.opencv import OPENCV_FLAGS, opencv_poses
+
+        for flag in OPENCV_FLAGS:
+            rvec, t = opencv_poses(x2d, x3d, K, flag)
+            ok = torch.isfinite(rvec).all(-1) & torch.isfinite(t).all(-1)
+            R = rvec_to_rotmat(torch.where(ok[:, None], rvec, torch.zeros_like(rvec)))
+            t_n = (t + (R @ norm.centre.expand(B, 3)[..., None])[..., 0]) / norm.scale
+            starts_R.append(R)
+            starts_t.append(torch.where(ok[:, None], t_n, starts_t[0]))
+    except Exception:  # OpenCV missing: the other starts remain
+        pass
+    g = torch.Generator().manual_seed(seed)
+    rays = normalised_rays(x2d_n, K_n)
+    mean_ray = (w_n[..., None] * rays).sum(1) / w_n.sum(-1, keepdim=True)
+    spread = (w_n * (rays - mean_ray[:, None]).pow(2).sum(-1)).sum(-1).div(w_n.sum(-1)).sqrt()
+    t_guess = mean_ray / spread.clamp_min(1e-12)[:, None]
+    for _ in range(random_starts):
+        starts_R.append(rvec_to_rotmat(random_rotations(B, g)))
+        starts_t.append(t_guess)
+    S = len(starts_R)
+    R_all = torch.stack(starts_R, 1).reshape(B * S, 3, 3)
+    t_all = torch.stack(starts_t, 1).reshape(B * S, 3)
+
+    def rep(x):
+        return x[:, None].expand(B, S, *x.shape[1:]).reshape(B * S, *x.shape[1:])
+
+    out = refine(R_all, t_all, rep(x2d_n), rep(x3d_n), rep(K_n), rep(w_n), EXHAUSTIVE, max_iter=300)
+    cost = torch.nan_to_num(out.cost, nan=float("inf")).reshape(B, S)
+    best = cost.argmin(-1)
+    idx = torch.arange(B) * S + best
+    R, t_n = out.state[0][idx], out.state[1][idx]
+    pose_n = torch.cat([rotmat_to_rvec(R), t_n], -1)
+    pose = pose_from_normalised(pose_n, R, norm)
+    return cost.gather(1, best[:, None])[:, 0] * norm.weight[:, 0] * norm.focal[:, 0] ** 2, pose

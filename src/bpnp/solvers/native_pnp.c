@@ -61,10 +61,13 @@ typedef struct {
     double so3_damping, dedupe, behind_penalty, duplicate_penalty, candidate_cutoff, lm_damping,
         lm_rtol, lm_atol, depth_floor;
     int polish_steps;
-    double well_posed_ratio;
+    double well_posed_ratio, depth_margin;
+    int small_problem;
+    double ambiguity_threshold;
+    int escalate;
 } Options;
 
-#define OPTION_FIELDS 21
+#define OPTION_FIELDS 25
 
 #ifndef BPNP_SOURCE_DIGEST
 #define BPNP_SOURCE_DIGEST "unknown"
@@ -83,7 +86,8 @@ int bpnp_options_layout(int64_t *offsets) {
         offsetof(Options, behind_penalty), offsetof(Options, duplicate_penalty),
         offsetof(Options, candidate_cutoff), offsetof(Options, lm_damping), offsetof(Options, lm_rtol),
         offsetof(Options, lm_atol), offsetof(Options, depth_floor), offsetof(Options, polish_steps),
-        offsetof(Options, well_posed_ratio)};
+        offsetof(Options, well_posed_ratio), offsetof(Options, depth_margin), offsetof(Options, small_problem),
+        offsetof(Options, ambiguity_threshold), offsetof(Options, escalate)};
     for (int k = 0; k < OPTION_FIELDS; k++) offsets[k] = (int64_t)o[k];
     return (int)sizeof(Options);
 }
@@ -94,6 +98,7 @@ typedef struct {
     double depth_floor; /* set by the first LM run on this state */
     int evaluated;      /* cost, g, H, depth_floor hold for R, t */
     int conv, iters;
+    double second;      /* cost of the best other distinct valid minimum found (INFINITY: none) */
 } LMState;
 
 /* ---------------------------------------------------------------- small linear algebra */
@@ -825,7 +830,41 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
 
 /* ---------------------------------------------------------------- one problem */
 
-static void solve_one(const Problem *p, const Options *o, const double *init, LMState *best) {
+/* Weighted RMS distance of the object points from their weighted centre: the object's size. */
+static double object_size(const Problem *p) {
+    double wsum = 0, c[3] = {0}, ss = 0;
+    for (int i = 0; i < p->n; i++) {
+        wsum += p->w[i];
+        for (int k = 0; k < 3; k++) c[k] += p->w[i] * p->x3d[3 * i + k];
+    }
+    for (int k = 0; k < 3; k++) c[k] /= wsum;
+    for (int i = 0; i < p->n; i++)
+        for (int k = 0; k < 3; k++) {
+            double d = p->x3d[3 * i + k] - c[k];
+            ss += p->w[i] * d * d;
+        }
+    return sqrt(ss / wsum);
+}
+
+/* A candidate with a weighted point at depth <= 0 is moved along the optical axis until its
+ * nearest weighted point is depth_margin object sizes in front of the camera: the LM then starts
+ * inside the valid region instead of being discarded (outliers drag object-space minima there). */
+static int repair_depth(const Problem *p, double margin, const double *R, double *t) {
+    double mind = INFINITY;
+    for (int i = 0; i < p->n; i++) {
+        if (!(p->w[i] > 0)) continue;
+        const double *X = p->x3d + 3 * i;
+        double d = R[6] * X[0] + R[7] * X[1] + R[8] * X[2] + t[2];
+        if (d < mind) mind = d;
+    }
+    if (mind <= 0) t[2] += margin - mind;
+    return mind <= 0;
+}
+
+/* One global search with the options o (candidates, screening, refinement, selection); returns
+ * whether a candidate needed the depth repair. */
+static int solve_pass(const Problem *p, const Options *o, const double *init, LMState *best) {
+    int repaired = 0;
     LMState cand[MAX_CAND + 1];
     int k = 0;
     if (init) {
@@ -837,6 +876,7 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
     if (!init || o->global_search) {
         double Rc[MAX_CAND][9], tcand[MAX_CAND][3], kc[MAX_CAND];
         int m = initial_poses(p, o, Rc, tcand, kc);
+        double margin = o->depth_margin * object_size(p);
         /* Only candidates worth it: distinct basins with (nearly) all points in front of the
          * camera, within object_ratio of the best object-space error; the best always. */
         for (int c = 0; c < m; c++) {
@@ -847,6 +887,7 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
             if (!worth) continue;
             memcpy(cand[k].R, Rc[c], sizeof Rc[c]);
             memcpy(cand[k].t, tcand[c], sizeof tcand[c]);
+            repaired |= repair_depth(p, margin, cand[k].R, cand[k].t);
             cand[k].evaluated = 0;
             k++;
         }
@@ -872,8 +913,53 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
         if (isnan(cand[c].cost)) cand[c].cost = INFINITY;
         if (sel < 0 || cand[c].cost < cand[sel].cost) sel = c;
     }
+    /* The best other minimum: a refined valid candidate whose pose differs from the winner's. */
+    double second = INFINITY;
+    const LMState *w = &cand[sel];
+    double tn = sqrt(w->t[0] * w->t[0] + w->t[1] * w->t[1] + w->t[2] * w->t[2]);
+    for (int c = 0; c < k; c++) {
+        if (!alive[c] || c == sel || !isfinite(cand[c].cost)) continue;
+        double dR = 0, dt = 0;
+        for (int j = 0; j < 9; j++) dR += (cand[c].R[j] - w->R[j]) * (cand[c].R[j] - w->R[j]);
+        for (int j = 0; j < 3; j++) dt += (cand[c].t[j] - w->t[j]) * (cand[c].t[j] - w->t[j]);
+        int distinct = sqrt(dR) > o->dedupe || sqrt(dt) > o->dedupe * tn;
+        if (distinct && cand[c].cost < second) second = cand[c].cost;
+    }
     *best = cand[sel];
     best->iters = iters;
+    best->second = second;
+    return repaired;
+}
+
+static void exhaustive(Options *o) {
+    o->num_candidates = MAX_CAND;
+    o->object_ratio = 0;
+    o->screen_iter = 0;
+    o->num_eigvecs = 9;
+    o->solid_eigvecs = 9;
+    o->thin_ratio = 2.0; /* every point set gets the fixed starts too */
+}
+
+/* The global solve of one problem. Problems with few points (where the shortcuts of the search
+ * cost little and miss most) get the exhaustive search at once; a problem whose candidates had
+ * points behind the camera (outliers, inconsistent data) gets it as a second pass, and the
+ * better answer wins. */
+static void solve_one(const Problem *p, const Options *o, const double *init, LMState *best) {
+    int npos = 0;
+    for (int i = 0; i < p->n; i++) npos += p->w[i] > 0;
+    int global = !init || o->global_search;
+    Options full = *o;
+    exhaustive(&full);
+    if (npos <= o->small_problem && global) {
+        solve_pass(p, &full, init, best);
+    } else if (solve_pass(p, o, init, best) && global && o->escalate) {
+        LMState again;
+        solve_pass(p, &full, init, &again);
+        if (again.cost < best->cost || (isinf(best->cost) && !isinf(again.cost))) {
+            if (best->iters > again.iters) again.iters = best->iters;
+            *best = again;
+        }
+    }
     /* A finite cost from the LM means every weighted point is in front of the camera; a (near)
      * singular Hessian means the pose is not determined by the data. */
     double Hs[36], V[36], ev[6];
@@ -894,6 +980,7 @@ typedef struct {
     double *R_out, *t_out, *cost_out, *H_out, *rvec_out;
     uint8_t *conv_out;
     int32_t *iter_out;
+    double *second_out;
     int next; /* next unclaimed item (shared by the workers) */
 } Batch;
 
@@ -933,6 +1020,7 @@ static void *solve_items(void *arg) {
             memcpy(j->H_out + (size_t)b * 36, s.H, sizeof s.H);
             j->conv_out[b] = (uint8_t)s.conv;
             j->iter_out[b] = s.iters;
+            j->second_out[b] = s.second;
         }
     }
     return NULL;
@@ -941,18 +1029,18 @@ static void *solve_items(void *arg) {
 /* Solves B problems. Inputs are C-contiguous float64; a *_batched flag of 0 means one array
  * shared by the batch. init (B x 12: R row-major, t) may be NULL. o: the options (validated by
  * bpnp.options.SolverOptions). Outputs: R (B x 9), its rotation vector (B x 3), t (B x 3), cost
- * (B), H (B x 36), converged (B), iterations (B). Work is shared by up to num_threads threads, in
+ * (B), H (B x 36), converged (B), iterations (B), the cost of the best other distinct minimum (B). Work is shared by up to num_threads threads, in
  * chunks of CHUNK problems; forked != 0 (a fork()ed child, as Python saw it) avoids OpenMP. Returns 0, or -1 for options out of the solver's range. */
 int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
                int K_batched, const double *w, int w_batched, const double *init, const Options *o,
                int num_threads, int forked, double *R_out, double *rvec_out, double *t_out, double *cost_out,
-               double *H_out, uint8_t *conv_out, int32_t *iter_out) {
+               double *H_out, uint8_t *conv_out, int32_t *iter_out, double *second_out) {
     /* The fixed-size buffers bound these; SolverOptions refuses larger values before we get here. */
     if (o->num_candidates < 1 || o->num_candidates > MAX_CAND || o->num_eigvecs < 1 || o->num_eigvecs > 9 ||
         o->solid_eigvecs < 1 || o->solid_eigvecs > 9)
         return -1;
     Batch job = {B, n, x3d_batched, K_batched, w_batched, x2d, x3d, K, w, init, o,
-                 R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, 0};
+                 R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, second_out, 0};
     int want = num_threads < 1 ? 1 : num_threads;
     if (want > (B + CHUNK - 1) / CHUNK) want = (B + CHUNK - 1) / CHUNK;
     if (want < 1) want = 1;

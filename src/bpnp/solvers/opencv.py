@@ -71,4 +71,4 @@ def solve_pnp_opencv(
     t = torch.where(failed[:, None], torch.tensor([0.0, 0.0, 1.0], dtype=t.dtype, device=t.device), t)
     out = refine(rvec_to_rotmat(rvec), t, x2d, x3d, K, weights, options)
     R, t = out.state
-    return _finish(R, t, out.cost, out.hess, out.converged & ~failed, out.iterations, options)
+    return _finish(R, t, out.cost, out.hess, out.converged & ~failed, out.iterations, None, options)

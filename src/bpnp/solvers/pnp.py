@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from ..cost import cost_terms
 from ..geometry import rvec_to_rotmat
-from ..options import SolverOptions
+from ..options import MAX_CANDIDATES, SolverOptions
 from .init import initial_poses
 from .lm import LMResult, levenberg_marquardt
 
@@ -24,6 +25,7 @@ class PnPSolution(NamedTuple):
     converged: Tensor  # (B,) bool
     iterations: int
     rvec: Tensor | None = None  # (B, 3) rotation vector of R, when the solver computed it
+    second_cost: Tensor | None = None  # (B,) cost of the best other distinct minimum (inf: none)
 
 
 def refine(
@@ -138,8 +140,90 @@ def solve_pnp_forward(
         R, t = out.state
         # refine() gives an infinite cost to poses with weighted points behind the camera, and
         # _finish() only accepts finite costs: no separate depth check is needed.
-        return _finish(R, t, out.cost, out.hess, out.converged, out.iterations, o)
+        inf = torch.full_like(out.cost, float("inf"))
+        return _finish(R, t, out.cost, out.hess, out.converged, out.iterations, inf, o)
+    # As the C solver's solve_one: problems with few points get the exhaustive search at once; a
+    # problem whose candidates had points behind the camera gets it as a second pass, and the
+    # better answer wins (ties: the first).
+    full = exhaustive_options(o)
+    small = (weights.expand(B, n) > 0).sum(-1) <= o.small_problem
+
+    def run(idx: Tensor, opts: SolverOptions) -> list:
+        def take(x: Tensor | None) -> Tensor | None:
+            return x if x is None or x.shape[0] == 1 else x[idx]
+
+        return list(
+            _solve_pass(x2d[idx], take(x3d), take(K), take(weights), take(init_R), take(init_t), opts, check_every)
+        )
+
+    everything = torch.arange(B, device=x2d.device)
+    result = run(everything, o) if not bool(small.any()) else None
+    if result is None:
+        result = [None] * 8
+        for mask, opts in ((small, full), (~small, o)):
+            idx = mask.nonzero()[:, 0]
+            if idx.numel():
+                result = _merge(result, run(idx, opts), idx, B)
+    if o.escalate:
+        again = (result[7] & ~small).nonzero()[:, 0]
+        if again.numel():
+            second_pass = run(again, full)
+            better = second_pass[2] < result[2][again]
+            result = _merge(result, second_pass, again[better], B, rows=better.nonzero()[:, 0])
+    return _finish(*result[:7], o)
+
+
+def _merge(result: list, part: list, idx: Tensor, B: int, rows: Tensor | None = None) -> list:
+    """Write the rows ``rows`` (default all) of a pass over a subset into ``result`` at ``idx``."""
+    out = []
+    for k, (old, new) in enumerate(zip(result, part)):
+        if k == 5:  # iterations: the most any problem needed
+            out.append(new if old is None else max(old, new))
+            continue
+        new = new if rows is None else new[rows]
+        if old is None:
+            old = new.new_zeros((B, *new.shape[1:]))
+        out.append(old.index_copy(0, idx, new))
+    return out
+
+
+def exhaustive_options(options: SolverOptions) -> SolverOptions:
+    """``options`` with every shortcut of the global search off (the small-problem search)."""
+    return dataclasses.replace(
+        options,
+        num_candidates=MAX_CANDIDATES,
+        object_ratio=0.0,
+        screen_iter=0,
+        num_eigvecs=9,
+        solid_eigvecs=9,
+        thin_ratio=2.0,
+    )
+
+
+def object_size(x3d: Tensor, weights: Tensor) -> Tensor:
+    """``(B, 1)`` weighted RMS distance of the points ``(B|1, n, 3)`` from their weighted centre."""
+    B = max(x3d.shape[0], weights.shape[0])
+    w = weights.expand(B, -1)
+    wsum = w.sum(-1, keepdim=True)
+    centre = (w[..., None] * x3d).sum(1) / wsum
+    return ((w * (x3d - centre[:, None]).pow(2).sum(-1)).sum(-1, keepdim=True) / wsum).sqrt()
+
+
+def _solve_pass(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_every: int):
+    """One global search: candidates, depth repair, screening, refinement, selection; returns
+    ``(R, t, cost, hess, converged, iterations, second_cost, repaired)`` before the
+    well-posedness test (``repaired``: some candidate needed the depth repair)."""
+    B, n, _ = x2d.shape
     R0, t0, key = initial_poses(x2d, x3d, K, weights, o)
+    # Depth repair (as the C solver's repair_depth): a candidate with a weighted point behind the
+    # camera moves along the optical axis until its nearest point is depth_margin sizes in front.
+    w = weights.expand(B, n)
+    depth = (R0[..., 2:3, :] @ x3d.expand(B, n, 3)[:, None].transpose(-1, -2))[..., 0, :] + t0[..., 2:3]  # BxkxN
+    nearest = torch.where(w[:, None] > 0, depth, torch.full_like(depth, float("inf"))).amin(-1)
+    margin = o.depth_margin * object_size(x3d, weights)  # Bx1
+    t0 = t0.clone()
+    t0[..., 2] = torch.where(nearest <= 0, t0[..., 2] + (margin - nearest), t0[..., 2])
+    behind = nearest <= 0  # Bxk
     # Refine only candidates worth it: distinct basins with (nearly) all points in front of the
     # camera; the best-ranked one is always refined.
     worth = key < o.candidate_cutoff
@@ -196,22 +280,37 @@ def solve_pnp_forward(
     none_valid = ~torch.isfinite(cost).any(-1)
     # Position of each item's winner among the refined candidates; without a valid one, the
     # first refined candidate.
-    pos = torch.full((B * k,), -1, dtype=torch.long, device=x2d.device)
-    pos = pos.index_copy(0, flat, torch.arange(flat.numel(), device=x2d.device))
+    ar = torch.arange(flat.numel(), device=x2d.device)
+    pos = torch.full((B * k,), -1, dtype=torch.long, device=x2d.device).index_copy(0, flat, ar)
     first = torch.full((B,), flat.numel(), dtype=torch.long, device=x2d.device)
-    first = first.scatter_reduce(0, item, torch.arange(flat.numel(), device=x2d.device), reduce="amin")
+    first = first.scatter_reduce(0, item, ar, reduce="amin")
     sel = torch.where(none_valid, first, pos[torch.arange(B, device=x2d.device) * k + best])
-    R, t, cost, hess = Rr[sel], tr[sel], out.cost[sel], out.hess[sel]
+    R, t, cost_sel, hess = Rr[sel], tr[sel], out.cost[sel], out.hess[sel]
+    # The best other minimum: a refined valid candidate whose pose differs from the winner's.
+    dR = (Rr - R[item]).flatten(1).norm(dim=-1)
+    dt = (tr - t[item]).norm(dim=-1)
+    distinct = (dR > o.dedupe) | (dt > o.dedupe * t[item].norm(dim=-1))
+    other = torch.where(distinct & (ar != sel[item]), torch.nan_to_num(out.cost, nan=float("inf")), torch.inf)
+    second = torch.full((B,), float("inf"), dtype=x2d.dtype, device=x2d.device).scatter_reduce(0, item, other, "amin")
     ok = out.converged[sel] & ~none_valid
-    return _finish(R, t, cost, hess, ok, out.iterations, o)
+    # The C solver repairs the candidates it refines: those worth it.
+    repaired = (behind & worth[:, -behind.shape[1] :]).any(-1)
+    return R, t, cost_sel, hess, ok, out.iterations, second, repaired
 
 
 def _finish(
-    R: Tensor, t: Tensor, cost: Tensor, hess: Tensor, ok: Tensor, iterations: int, options: SolverOptions
+    R: Tensor,
+    t: Tensor,
+    cost: Tensor,
+    hess: Tensor,
+    ok: Tensor,
+    iterations: int,
+    second_cost: Tensor | None,
+    options: SolverOptions,
 ) -> PnPSolution:
     # A (near) singular Hessian means the pose is not determined by the data.
     finite = torch.isfinite(hess).flatten(1).all(-1)
     H = torch.where(finite[:, None, None], 0.5 * (hess + hess.transpose(-1, -2)), torch.zeros_like(hess))
     eig = torch.linalg.eigvalsh(H)
     well_posed = eig[:, 0] > options.well_posed_ratio * eig[:, -1].abs().clamp_min(1e-300)
-    return PnPSolution(R, t, cost, hess, ok & well_posed & torch.isfinite(cost), iterations)
+    return PnPSolution(R, t, cost, hess, ok & well_posed & torch.isfinite(cost), iterations, None, second_cost)
