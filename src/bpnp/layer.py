@@ -16,7 +16,7 @@ from .geometry import rotmat_to_rvec, rvec_to_rotmat
 from .implicit import implicit_vjp
 from .normalise import normalise_problem, pose_from_normalised, pose_to_normalised
 from .options import SolverOptions
-from .solvers.init import normalised_rays
+from .solvers.init import normalised_rays, warm_start_trusted
 from .solvers.native import native_available, native_unavailable_reason, solve_pnp_native, warn_unavailable_once
 from .solvers.pnp import PnPSolution, solve_pnp_forward
 
@@ -43,6 +43,12 @@ class PnPResult:
         ambiguous: ``(B,)`` bool: that other minimum fits the data about as well (its cost exceeds
             the answer's by at most ``options.ambiguity_threshold`` residual variances): the data
             do not single out one pose (e.g. the P3P branches of three distinct points).
+        trusted: ``(B,)`` bool: ``converged``, and for a warm-started local refinement
+            (``SolverOptions(global_search=False)``) also confirmed by the object-space check
+            (its object-space error within ``options.warm_start_ratio`` of the best object-space
+            minimum): an item refined
+            from a pose of another basin (e.g. a reshuffled batch) is not trusted; solve it again
+            with the global search.
         iterations: the most Levenberg-Marquardt iterations any item of the batch needed.
         backend: the forward solver that ran: ``"native"``, ``"torch"`` or ``"opencv"``.
     """
@@ -56,6 +62,7 @@ class PnPResult:
     backend: str = "torch"
     second_cost: Tensor | None = None
     ambiguous: Tensor | None = None
+    trusted: Tensor | None = None
 
 
 class _Forward(NamedTuple):
@@ -249,6 +256,10 @@ def solve_pnp(
         pose_n = torch.where(bad[:, None], fb_pose, pose_n)
         R = torch.where(bad[:, None, None], fb_R, R)
         converged = converged & ~bad
+    trusted = converged
+    if init_n is not None and not options.global_search and method == "global":
+        data = (x2d_n.detach(), x3d_n.detach(), K_n.detach(), w_n.detach(), R.detach())
+        trusted = converged & warm_start_trusted(*data, options, ratio=options.warm_start_ratio)
     pose = pose_from_normalised(pose_n, R, norm)
     unit = norm.weight[:, 0] * norm.focal[:, 0] ** 2
     cost, second = cost * unit, second * unit
@@ -274,10 +285,10 @@ def solve_pnp(
     t = pose[..., 3:]
     cost, second = cost.to(dtype), second.to(dtype)
     if unbatched:
-        pose, R, t, cost, converged, second, ambiguous = (
-            x[0] for x in (pose, R, t, cost, converged, second, ambiguous)
+        pose, R, t, cost, converged, second, ambiguous, trusted = (
+            x[0] for x in (pose, R, t, cost, converged, second, ambiguous, trusted)
         )
-    return PnPResult(pose, R, t, cost, converged, int(iters), config.solver, second, ambiguous)
+    return PnPResult(pose, R, t, cost, converged, int(iters), config.solver, second, ambiguous, trusted)
 
 
 def _degenerate(x2d_n: Tensor, x3d_n: Tensor, w_n: Tensor) -> Tensor:

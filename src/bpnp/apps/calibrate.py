@@ -18,9 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..geometry import project_points, rvec_to_rotmat, transform_points
+from ..geometry import project_points, rotmat_to_rvec, rvec_to_rotmat, transform_points
 from ..layer import solve_pnp
-from ..options import SolverOptions
 from . import plots
 from .common import finish_experiment, markdown_table, output_dir, progress
 
@@ -43,6 +42,21 @@ def board_points(board: tuple[int, int], square: float = 1.0) -> np.ndarray:
     return np.concatenate([grid, np.zeros((grid.shape[0], 1))], 1)
 
 
+def subpixel_window(corners: np.ndarray, board: tuple[int, int]) -> int:
+    """Half-size of the corner refinement window: 11 px, or less where the squares are small
+    (about a third of the median square side), so that the window never reaches the next corner."""
+    grid = corners.reshape(board[1], board[0], 2)
+    side = np.median(
+        np.concatenate(
+            [
+                np.linalg.norm(np.diff(grid, axis=1), axis=-1).ravel(),
+                np.linalg.norm(np.diff(grid, axis=0), axis=-1).ravel(),
+            ]
+        )
+    )
+    return int(np.clip(round(side / 3.0), 2, 11))
+
+
 def detect_corners(images: Sequence[np.ndarray], board: tuple[int, int]):
     """Sub-pixel chessboard corners of each grayscale image, or None where not found."""
     cv2 = _cv2()
@@ -53,7 +67,8 @@ def detect_corners(images: Sequence[np.ndarray], board: tuple[int, int]):
         if not ok:
             found.append(None)
             continue
-        corners = cv2.cornerSubPix(img, corners, (11, 11), (-1, -1), criteria)
+        win = subpixel_window(corners.reshape(-1, 2), board)
+        corners = cv2.cornerSubPix(img, corners, (win, win), (-1, -1), criteria)
         found.append(corners.reshape(-1, 2).astype(np.float64))
     return found
 
@@ -69,11 +84,42 @@ def distort(xn: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.stack([xd, yd], -1)
 
 
-def undistort(xd: torch.Tensor, d: torch.Tensor, iters: int = 20) -> torch.Tensor:
-    """Invert :func:`distort` by fixed-point iteration (differentiable, as OpenCV does)."""
+def distort_jacobian(xn: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``(..., 2, 2)`` Jacobian of :func:`distort` with respect to ``xn``."""
+    k1, k2, p1, p2, k3 = d.unbind()
+    x, y = xn[..., 0], xn[..., 1]
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 * r2 + k3 * r2 * r2 * r2
+    dradial = k1 + 2 * k2 * r2 + 3 * k3 * r2 * r2  # d radial / d r2
+    cross = 2 * x * y * dradial + 2 * p1 * x + 2 * p2 * y
+    return torch.stack(
+        [
+            torch.stack([radial + 2 * x * x * dradial + 2 * p1 * y + 6 * p2 * x, cross], -1),
+            torch.stack([cross, radial + 2 * y * y * dradial + 6 * p1 * y + 2 * p2 * x], -1),
+        ],
+        -2,
+    )
+
+
+def undistort(xd: torch.Tensor, d: torch.Tensor, iters: int = 20, tol: float = 1e-13) -> torch.Tensor:
+    """Invert :func:`distort` by Newton's method (differentiable; starts at ``xd``).
+
+    Raises:
+        ValueError: when the iteration does not reach ``tol`` (normalised units) in ``iters``
+            steps, or leaves the finite numbers (coefficients outside the invertible range).
+    """
     xn = xd
     for _ in range(iters):
-        xn = xn + (xd - distort(xn, d))
+        r = distort(xn, d) - xd
+        if float(r.detach().abs().max()) <= tol:
+            return xn
+        step = torch.linalg.solve(distort_jacobian(xn, d), r[..., None])[..., 0]
+        xn = xn - step
+        if not bool(torch.isfinite(xn).all()):
+            break
+    r = distort(xn, d) - xd
+    if not bool(torch.isfinite(r).all()) or float(r.detach().abs().max()) > tol:
+        raise ValueError("distortion: the coefficients cannot be inverted at these points")
     return xn
 
 
@@ -94,15 +140,81 @@ def reproject(x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor) -> to
     return xd * params[None, None, :2] + params[None, None, 2:4]
 
 
-def _solve_poses(
-    x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor, init: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Poses ``(B, 6)`` from the layer; with ``init``, a warm-started local refinement."""
+def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Poses ``(B, 6)``: the layer's global solve (on the undistorted detections with distortion,
+    then refined in distorted pixels, see :func:`refine_poses_distorted`)."""
     K = camera_from_params(params[:4])
-    if params.numel() > 4:
-        xn = (x2d - params[2:4]) / params[:2]
-        x2d = undistort(xn, params[4:]) * params[:2] + params[2:4]
-    return solve_pnp(x2d, x3d, K, init_pose=init, warn=False, options=SolverOptions(global_search=init is None)).pose
+    if params.numel() == 4:
+        return solve_pnp(x2d, x3d, K, warn=False).pose
+    xn = (x2d - params[2:4]) / params[:2]
+    x2d_u = undistort(xn, params[4:]) * params[:2] + params[2:4]
+    start = solve_pnp(x2d_u.detach(), x3d, K.detach(), warn=False).pose
+    return refine_poses_distorted(x2d, x3d, start, params.detach())
+
+
+def refine_poses_distorted(
+    x2d: torch.Tensor, x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor, iters: int = 50
+) -> torch.Tensor:
+    """Poses ``(B, 6)`` minimising the reprojection error in distorted pixels (batched LM, no graph).
+
+    The loss is a sum over images of ``min_pose`` of that error, so at these poses its gradient
+    with respect to the intrinsics and distortion is the partial one (the poses held fixed): the
+    poses enter the loss detached, and the gradient is exact (envelope theorem).
+    """
+    f, c, d = params[:2], params[2:4], params[4:]
+
+    def terms(R: torch.Tensor, t: torch.Tensor):
+        """Residuals ``(B, 2n)`` and their Jacobian ``(B, 2n, 6)`` in the chart
+        ``R <- exp([w]_x) R, t <- t + tau`` (closed form: projection, distortion, rotation)."""
+        P = x3d @ R.transpose(-1, -2)  # BxNx3, R X
+        X = P + t[:, None]
+        xn = X[..., :2] / X[..., 2:]
+        r = (distort(xn, d) * f + c - x2d).reshape(R.shape[0], -1)
+        iz = 1.0 / X[..., 2]
+        dproj = torch.zeros(*X.shape[:2], 2, 3, dtype=X.dtype)
+        dproj[..., 0, 0], dproj[..., 1, 1] = iz, iz
+        dproj[..., :, 2] = -xn * iz[..., None]
+        dpix = (f[:, None] * distort_jacobian(xn, d)) @ dproj  # BxNx2x3, d pixel / d X
+        zero = torch.zeros_like(P[..., 0])
+        # d X / d w = -[P]_x, d X / d tau = I
+        minus_skew = torch.stack(
+            [
+                torch.stack([zero, P[..., 2], -P[..., 1]], -1),
+                torch.stack([-P[..., 2], zero, P[..., 0]], -1),
+                torch.stack([P[..., 1], -P[..., 0], zero], -1),
+            ],
+            -2,
+        )
+        J = torch.cat([dpix @ minus_skew, dpix], -1)  # BxNx2x6
+        return r, J.reshape(R.shape[0], -1, 6)
+
+    R, t = rvec_to_rotmat(pose[:, :3].detach()), pose[:, 3:].detach().clone()
+    lam = torch.full((pose.shape[0],), 1e-3, dtype=pose.dtype)
+    r, J = terms(R, t)
+    cost = r.pow(2).sum(-1)
+    eye = torch.eye(6, dtype=pose.dtype)
+    finished = torch.zeros(pose.shape[0], dtype=torch.bool)
+    for _ in range(iters):
+        H = J.transpose(-1, -2) @ J
+        g = (J.transpose(-1, -2) @ r[..., None])[..., 0]
+        damp = lam[:, None, None] * (H.diagonal(dim1=-2, dim2=-1)[..., None] * eye + 1e-30 * eye)
+        step = -torch.linalg.solve(H + damp, g)
+        R_new, t_new = rvec_to_rotmat(step[:, :3]) @ R, t + step[:, 3:]
+        r_new, J_new = terms(R_new, t_new)
+        new = r_new.pow(2).sum(-1)
+        ok = torch.isfinite(new) & (new <= cost) & ~finished
+        # Finished: the cost no longer falls beyond float64 rounding, or the damping blew up.
+        finished = finished | (ok & (cost - new <= 1e-14 * cost + 1e-30)) | (~ok & (lam >= 1e8))
+        R = torch.where(ok[:, None, None], R_new, R)
+        t = torch.where(ok[:, None], t_new, t)
+        r = torch.where(ok[:, None], r_new, r)
+        J = torch.where(ok[:, None, None], J_new, J)
+        cost = torch.where(ok, new, cost)
+        lam = torch.where(ok, lam * 0.2, lam * 10).clamp(1e-12, 1e12)
+        if bool(finished.all()):
+            break
+    pose = torch.cat([rotmat_to_rvec(R), t], -1)
+    return pose
 
 
 def learn_camera(
@@ -124,8 +236,7 @@ def learn_camera(
     # Unknowns of order one: intrinsics relative to the start, distortion in units of 0.1.
     scale = torch.cat([start[:4].abs(), torch.full_like(start[4:], 0.1)])
     u = torch.nn.Parameter(start / scale)
-    opt = torch.optim.LBFGS(
-        [u],
+    lbfgs = dict(
         lr=1.0,
         max_iter=20,
         history_size=30,
@@ -133,26 +244,43 @@ def learn_camera(
         tolerance_grad=1e-12,
         tolerance_change=1e-14,
     )
+    opt = torch.optim.LBFGS([u], **lbfgs)
     history, losses = [start.detach().cpu().numpy().copy()], []
-    last = {"pose": None}
 
     def closure():
         opt.zero_grad()
         params = u * scale
-        # Line searches move K a little per evaluation: warm-start the poses, with a global
-        # solve every 10 evaluations (and at the end) to stay on the optimum.
-        init = None if len(losses) % 10 == 0 else last["pose"]
-        pose = _solve_poses(x2d, x3d, params, init)
-        last["pose"] = pose.detach()
-        loss = (reproject(x3d, pose, params) - x2d).pow(2).sum(-1).mean()
+        # A trial point outside the valid region (focal lengths not positive, distortion that
+        # cannot be inverted) gets a large finite loss: the line search backs off from it.
+        try:
+            p = params.detach()
+            if not bool(torch.isfinite(p).all()) or float(p[0]) <= 0 or float(p[1]) <= 0:
+                raise ValueError("intrinsics outside the valid region")
+            pose = _solve_poses(x2d, x3d, params)
+            loss = (reproject(x3d, pose, params) - x2d).pow(2).sum(-1).mean()
+            if not bool(torch.isfinite(loss)):
+                raise ValueError("non-finite loss")
+        except ValueError:
+            loss = (u * 0).sum() + 1e6 * (1.0 + (max(losses) if losses else 1.0))
         loss.backward()
         losses.append(float(loss.detach()))
         history.append(params.detach().cpu().numpy().copy())
         return loss
 
     prev = None
+    resets = 0
     for _ in progress(range(iters), desc=desc, disable=quiet):
+        before = u.detach().clone()
         opt.step(closure)
+        if torch.equal(before, u.detach()):
+            # A zero step (the line search found no decrease): L-BFGS starts again from a plain
+            # gradient step; twice in a row means the minimum is reached.
+            resets += 1
+            if resets >= 2:
+                break
+            opt = torch.optim.LBFGS([u], **lbfgs)
+            continue
+        resets = 0
         if prev is not None and abs(prev - losses[-1]) <= rtol * losses[-1]:
             break
         if len(losses) > 3 and min(losses) < 1e-24 + loss_floor * losses[0]:
@@ -161,6 +289,23 @@ def learn_camera(
     params = (u * scale).detach()
     pose = _solve_poses(x2d, x3d, params)
     return params, np.stack(history), losses, pose
+
+
+def zhang_start(obj: np.ndarray, detections: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+    """``(fx, fy, cx, cy)`` in closed form from the boards' homographies (Zhang; OpenCV's
+    ``initCameraMatrix2D``), or the image-size guess where that fails."""
+    cv2 = _cv2()
+    w, h = size
+    guess = torch.tensor([float(max(w, h)), float(max(w, h)), w / 2.0, h / 2.0], dtype=torch.float64)
+    try:
+        K = cv2.initCameraMatrix2D(
+            [obj.astype(np.float32)] * len(detections), [d.astype(np.float32)[:, None] for d in detections], size
+        )
+    except cv2.error:
+        return guess
+    start = torch.tensor([K[0, 0], K[1, 1], K[0, 2], K[1, 2]], dtype=torch.float64)
+    ok = bool(torch.isfinite(start).all()) and float(start[0]) > 0 and float(start[1]) > 0
+    return start if ok else guess
 
 
 def opencv_calibration(obj: np.ndarray, detections: list[np.ndarray], size: tuple[int, int], distortion: bool):
@@ -212,7 +357,7 @@ def calibrate(
     obj = board_points(board, square)
     x2d = torch.from_numpy(np.stack([found[i] for i in used]))
     x3d = torch.from_numpy(obj)
-    start = torch.tensor([float(max(w, h)), float(max(w, h)), w / 2.0, h / 2.0], dtype=torch.float64)
+    start = zhang_start(obj, [found[i] for i in used], (w, h))
     detect_seconds = time.perf_counter() - t0
     params, history, losses, pose = learn_camera(x2d, x3d, start, iters=iters, quiet=quiet)
     if distortion:
@@ -245,7 +390,9 @@ def calibrate(
         }
     )
     try:
+        t_cv = time.perf_counter()
         ref = opencv_calibration(obj, [found[i] for i in used], (w, h), distortion)
+        ref["seconds"] = time.perf_counter() - t_cv
         result["opencv"] = ref
         result["relative_to_opencv"] = {k: result[k] / ref[k] - 1 for k in (*INTRINSICS, "rms")}
     except Exception as err:  # pragma: no cover - OpenCV failure is reported, not fatal
@@ -284,7 +431,8 @@ def calibrate(
     report = (
         f"# {title}\n\n{len(used)} images, {board[0]}x{board[1]} corners, "
         f"{'with' if distortion else 'no'} distortion; {len(losses)} loss/gradient evaluations through "
-        f"the PnP layer, {seconds:.1f} s in all.\n\n{table}\n\n![loss](loss.png) ![intrinsics](intrinsics.png)\n\n"
+        f"the PnP layer, {seconds:.1f} s in all (OpenCV calibrateCamera: "
+        f"{result.get('opencv', {}).get('seconds', float('nan')):.2f} s).\n\n{table}\n\n![loss](loss.png) ![intrinsics](intrinsics.png)\n\n"
         "![corners](corners.png)\n"
     )
     return finish_experiment(path, report, result, table, quiet)

@@ -254,3 +254,38 @@ def initial_poses(
     R = torch.gather(R, 1, order[..., None, None].expand(B, k, 3, 3))
     t = torch.gather(t, 1, order[..., None].expand(B, k, 3))
     return R, t, torch.gather(key, 1, order)
+
+
+def warm_start_trusted(
+    x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, R: Tensor, options: SolverOptions, ratio: float = 2.0
+) -> Tensor:
+    """Whether warm-started answers sit in the global basin, by the object-space error.
+
+    The object-space error ``vec(R)^T Omega vec(R)`` of the answer ``R`` is compared with the best
+    minimum of the object-space multi-start (eigenvector starts only: the cheap half of the global
+    search, no pixel-space refinement). An answer whose error exceeds ``ratio`` times that minimum
+    (plus float64's floor) lies in another basin than the global search would start from.
+
+    Args:
+        x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``;
+        R: ``(B, 3, 3)`` the answers; options: the solver's options (SO(3) iterations, damping).
+    Returns:
+        ``(B,)`` bool.
+    """
+    B, n, _ = x2d.shape
+    rays = normalised_rays(x2d, K)
+    w = weights.expand(B, n)
+    centre = (w[..., None] * x3d).sum(1) / w.sum(-1, keepdim=True)
+    omega, _ = omega_matrix(rays, x3d - centre[:, None, :], w)
+    norm = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
+    omega_n = omega / norm
+    finite = torch.isfinite(omega_n).flatten(1).all(-1)
+    omega_n = torch.where(finite[:, None, None], omega_n, torch.eye(9, dtype=omega.dtype, device=omega.device))
+    _, vecs = torch.linalg.eigh(omega_n)
+    m = min(options.solid_eigvecs, 9)
+    e = vecs[..., :m].transpose(-1, -2).reshape(B, m, 3, 3) * 3.0**0.5
+    starts = orthonormalise(torch.cat([torch.stack([e, -e], 2).reshape(B, 2 * m, 3, 3), R[:, None]], 1))
+    _, h = minimise_on_so3(omega_n, starts, iters=options.so3_iters, lam0=options.so3_damping)
+    r = R.reshape(B, 9, 1)
+    h_answer = (r.transpose(-1, -2) @ omega_n @ r)[:, 0, 0]
+    return finite & (h_answer <= ratio * h.amin(-1) + 1e-12)

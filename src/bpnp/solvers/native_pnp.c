@@ -65,9 +65,10 @@ typedef struct {
     int small_problem;
     double ambiguity_threshold;
     int escalate;
+    double escalate_ratio;
 } Options;
 
-#define OPTION_FIELDS 25
+#define OPTION_FIELDS 26
 
 #ifndef BPNP_SOURCE_DIGEST
 #define BPNP_SOURCE_DIGEST "unknown"
@@ -87,7 +88,7 @@ int bpnp_options_layout(int64_t *offsets) {
         offsetof(Options, candidate_cutoff), offsetof(Options, lm_damping), offsetof(Options, lm_rtol),
         offsetof(Options, lm_atol), offsetof(Options, depth_floor), offsetof(Options, polish_steps),
         offsetof(Options, well_posed_ratio), offsetof(Options, depth_margin), offsetof(Options, small_problem),
-        offsetof(Options, ambiguity_threshold), offsetof(Options, escalate)};
+        offsetof(Options, ambiguity_threshold), offsetof(Options, escalate), offsetof(Options, escalate_ratio)};
     for (int k = 0; k < OPTION_FIELDS; k++) offsets[k] = (int64_t)o[k];
     return (int)sizeof(Options);
 }
@@ -931,6 +932,52 @@ static int solve_pass(const Problem *p, const Options *o, const double *init, LM
     return repaired;
 }
 
+/* Quickselect: the k-th smallest of v[0..m-1] (v is reordered). */
+static double kth_smallest(double *v, int m, int k) {
+    int lo = 0, hi = m - 1;
+    while (lo < hi) {
+        double pivot = v[(lo + hi) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] < pivot) i++;
+            while (v[j] > pivot) j--;
+            if (i <= j) {
+                double tmp = v[i]; v[i] = v[j]; v[j] = tmp;
+                i++; j--;
+            }
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return v[k];
+    }
+    return v[k];
+}
+
+/* Heavy-tailed residuals at (R, t): the largest weighted squared residual exceeds ratio times
+ * the median one (points of positive weight; median: the ((m-1)/2)-th smallest), beyond 1e-16. */
+static int heavy_tailed(const Problem *p, const double *R, const double *t, double ratio) {
+    double *v = (double *)malloc(sizeof(double) * (size_t)p->n);
+    if (!v) return 0;
+    int m = 0;
+    double top = 0;
+    for (int i = 0; i < p->n; i++) {
+        double w = p->w[i];
+        if (!(w > 0)) continue;
+        const double *X = p->x3d + 3 * i;
+        double P0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2] + t[0];
+        double P1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2] + t[1];
+        double P2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2] + t[2];
+        double a = P0 / P2, b = P1 / P2;
+        double ru = p->m00 * a + p->m01 * b + p->c0 - p->x2d[2 * i], rv = p->m11 * b + p->c1 - p->x2d[2 * i + 1];
+        double r2 = w * (ru * ru + rv * rv);
+        v[m++] = r2;
+        if (r2 > top) top = r2;
+    }
+    double med = m ? kth_smallest(v, m, (m - 1) / 2) : 0;
+    free(v);
+    return m > 0 && top > ratio * med + 1e-16;
+}
+
 static void exhaustive(Options *o) {
     o->num_candidates = MAX_CAND;
     o->object_ratio = 0;
@@ -942,8 +989,8 @@ static void exhaustive(Options *o) {
 
 /* The global solve of one problem. Problems with few points (where the shortcuts of the search
  * cost little and miss most) get the exhaustive search at once; a problem whose candidates had
- * points behind the camera (outliers, inconsistent data) gets it as a second pass, and the
- * better answer wins. */
+ * points behind the camera or whose answer has heavy-tailed residuals (outliers, inconsistent
+ * data) gets it as a second pass, and the better answer wins. */
 static void solve_one(const Problem *p, const Options *o, const double *init, LMState *best) {
     int npos = 0;
     for (int i = 0; i < p->n; i++) npos += p->w[i] > 0;
@@ -952,7 +999,8 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
     exhaustive(&full);
     if (npos <= o->small_problem && global) {
         solve_pass(p, &full, init, best);
-    } else if (solve_pass(p, o, init, best) && global && o->escalate) {
+    } else if ((solve_pass(p, o, init, best) || heavy_tailed(p, best->R, best->t, o->escalate_ratio)) && global &&
+               o->escalate) {
         LMState again;
         solve_pass(p, &full, init, &again);
         if (again.cost < best->cost || (isinf(best->cost) && !isinf(again.cost))) {

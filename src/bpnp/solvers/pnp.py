@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..cost import cost_terms
+from ..cost import cost_terms, point_terms
 from ..geometry import rvec_to_rotmat
 from ..options import MAX_CANDIDATES, SolverOptions
 from .init import initial_poses
@@ -165,12 +165,28 @@ def solve_pnp_forward(
             if idx.numel():
                 result = _merge(result, run(idx, opts), idx, B)
     if o.escalate:
-        again = (result[7] & ~small).nonzero()[:, 0]
+        heavy = heavy_tailed(result[0], result[1], x2d, x3d, K, weights, o.escalate_ratio)
+        again = ((result[7] | heavy) & ~small).nonzero()[:, 0]
         if again.numel():
             second_pass = run(again, full)
             better = second_pass[2] < result[2][again]
             result = _merge(result, second_pass, again[better], B, rows=better.nonzero()[:, 0])
     return _finish(*result[:7], o)
+
+
+def heavy_tailed(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, ratio: float) -> Tensor:
+    """``(B,)``: the largest weighted squared residual at ``(R, t)`` exceeds ``ratio`` times the
+    median one (points of positive weight; median: the ``(m-1)//2``-th smallest), beyond 1e-16."""
+    pt = point_terms(R, t, x2d, x3d, K)
+    B = x2d.shape[0]
+    w = weights.expand(B, -1)
+    pos = w > 0
+    r2 = w * (pt.ru * pt.ru + pt.rv * pt.rv)
+    m = pos.sum(-1)
+    ordered = torch.where(pos, r2, torch.full_like(r2, float("inf"))).sort(-1).values
+    med = ordered.gather(-1, ((m - 1).clamp_min(0) // 2)[:, None])[:, 0]
+    top = torch.where(pos, r2, torch.zeros_like(r2)).amax(-1)
+    return (m > 0) & (top > ratio * med + 1e-16)
 
 
 def _merge(result: list, part: list, idx: Tensor, B: int, rows: Tensor | None = None) -> list:
