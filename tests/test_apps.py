@@ -82,3 +82,18 @@ def test_calibrate_real_photographs_with_distortion(tmp_path):
         assert abs(r[k] / r["opencv"][k] - 1) < 5e-3
     assert abs(r["rms"] / r["opencv"]["rms"] - 1) < 0.05
     assert all(k in r for k in ("k1", "k2", "p1", "p2", "k3"))
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_sfm_from_scratch(seed, tmp_path):
+    # No knowledge of the shape: a random cloud; plain descent stalls, the factorization start and
+    # the layer reach the truth (aligned RMS < 1%).
+    m = sfm.run(str(tmp_path), seed=seed, from_scratch=True, quiet=True)
+    assert m["rms_error_rel_to_size"] < 0.01
+    assert m["random_start_plain_descent_rms_rel_to_size"] > 0.05
+    assert (tmp_path / "points.png").exists()
+
+
+def test_cli_from_scratch_only_for_sfm(capsys):
+    assert main(["demo", "pose", "--from-scratch"]) == 2
+    assert "--from-scratch" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""The command line: every user mistake is one line on stderr and a non-zero exit, found before
+the long work; calibration finishes on subsets and resized copies of real photographs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bpnp.cli import main
+
+cv2 = pytest.importorskip("cv2")
+CHESSBOARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "chessboard"
+needs_photos = pytest.mark.skipif(not CHESSBOARD.is_dir(), reason=f"real photographs not found at {CHESSBOARD}")
+
+
+def run_cli(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["calibrate", "--board", "0x0", "x.jpg"], "--board"),
+        (["calibrate", "--board", "nine-by-six", "x.jpg"], "--board"),
+        (["calibrate", "--square", "0", "x.jpg"], "--square"),
+        (["calibrate", "--square", "nan", "x.jpg"], "--square"),
+        (["calibrate", "--square", "-1", "x.jpg"], "--square"),
+        (["calibrate", "--iters", "0", "x.jpg"], "--iters"),
+        (["demo", "sfm", "--iters", "0"], "--iters"),
+        (["demo", "pose", "--device", "banana"], "--device"),
+        (["demo", "pose", "--device", "cuda:7"], "--device"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys):
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_and_unreadable_images(tmp_path, capsys):
+    code, err = run_cli(["calibrate", str(tmp_path / "nope.jpg"), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "no such file" in err
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    code, err = run_cli(["calibrate", str(bad), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "cannot read" in err
+
+
+def test_unwritable_out_found_before_the_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = run_cli(["calibrate", "--out", str(blocker / "sub"), "x.jpg"], capsys)
+    assert code == 2 and "--out" in err
+
+
+def test_too_few_boards(tmp_path, capsys):
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((120, 160), 128, np.uint8))
+    code, err = run_cli(["calibrate", str(blank), str(blank), "--out", str(tmp_path), "--quiet"], capsys)
+    assert code == 1 and "found in 0 images" in err
+
+
+def _calibrate(paths, tmp_path, *extra):
+    out = tmp_path / "k.json"
+    assert main(["calibrate", *map(str, paths), "--json", str(out), "--out", str(tmp_path), "--quiet", *extra]) == 0
+    return json.loads(out.read_text())
+
+
+@needs_photos
+@pytest.mark.parametrize("size,seed", [(5, 0), (5, 1), (8, 2), (12, 3)])
+def test_calibrate_subsets_of_real_photographs(size, seed, tmp_path):
+    paths = sorted(CHESSBOARD.glob("left*.jpg"))
+    pick = np.random.default_rng(seed).choice(len(paths), size, replace=False)
+    r = _calibrate([paths[i] for i in sorted(pick)], tmp_path)
+    for k in ("fx", "fy", "cx", "cy"):
+        assert abs(r[k] / r["opencv"][k] - 1) < 1e-6, (k, r[k], r["opencv"][k])
+    assert "seconds" in r and "seconds" in r["opencv"]
+
+
+@needs_photos
+def test_calibrate_resized_copies_and_metric_square(tmp_path):
+    # Half-size copies (squares ~15 px: the sub-pixel window shrinks with them), 2.5 cm squares.
+    paths = []
+    for p in sorted(CHESSBOARD.glob("left*.jpg"))[:8]:
+        img = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        small = tmp_path / p.name
+        cv2.imwrite(str(small), cv2.resize(img, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA))
+        paths.append(small)
+    r = _calibrate(paths, tmp_path, "--square", "0.025")
+    for k in ("fx", "fy", "cx", "cy"):
+        assert abs(r[k] / r["opencv"][k] - 1) < 1e-6
+
+
+@needs_photos
+@pytest.mark.slow
+@pytest.mark.parametrize("size,seed", [(5, 4), (13, 0)])
+def test_calibrate_with_distortion_matches_opencv_rms(size, seed, tmp_path):
+    paths = sorted(CHESSBOARD.glob("left*.jpg"))
+    pick = np.random.default_rng(seed).choice(len(paths), size, replace=False)
+    r = _calibrate([paths[i] for i in sorted(pick)], tmp_path, "--distortion")
+    assert abs(r["rms"] / r["opencv"]["rms"] - 1) < 1e-6
