@@ -244,8 +244,10 @@ def run(
     )
     report = (
         "# Structure-from-motion experiment\n\n1000 duck points learned through the PnP layer (L-BFGS) "
-        "from 12 views that each see half of them (zero weights hide the rest from the layer); the start "
-        f"is the truth under Gaussian noise of {init_noise} object sizes. Errors after a similarity "
-        "alignment to the truth.\n\n" + table + "\n\n![loss](loss.png) ![rms](rms.png)\n\n![points](points.png)\n"
+        "from 12 views that each see half of them (zero weights hide the rest from the layer); "
+        + (start_text or f"the start is the truth under Gaussian noise of {init_noise} object sizes. ")
+        + "Errors after a similarity alignment to the truth.\n\n"
+        + table
+        + "\n\n![loss](loss.png) ![rms](rms.png)\n\n![points](points.png)\n"
     )
     return finish_experiment(path, report, metrics, table, quiet)
