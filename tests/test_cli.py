@@ -104,3 +104,36 @@ def test_calibrate_with_distortion_matches_opencv_rms(size, seed, tmp_path):
     pick = np.random.default_rng(seed).choice(len(paths), size, replace=False)
     r = _calibrate([paths[i] for i in sorted(pick)], tmp_path, "--distortion")
     assert abs(r["rms"] / r["opencv"]["rms"] - 1) < 1e-6
+
+
+LENSES = {
+    "barrel": ({"fx": 450.0, "fy": 455.0, "cx": 330.0, "cy": 230.0}, (-0.28, 0.09, 0.001, -0.0008, -0.01)),
+    "pincushion": ({"fx": 800.0, "fy": 790.0, "cx": 310.0, "cy": 245.0}, (0.08, -0.05, 0.0, 0.0, 0.0)),
+    "mild": ({"fx": 600.0, "fy": 600.0, "cx": 320.0, "cy": 240.0}, (-0.05, 0.01, 0.0005, 0.0005, 0.0)),
+}
+
+
+@pytest.mark.parametrize(
+    "lens,count",
+    [
+        ("barrel", 12),
+        pytest.param("pincushion", 8, marks=pytest.mark.slow),
+        pytest.param("mild", 5, marks=pytest.mark.slow),
+    ],
+)
+def test_calibrate_rendered_boards_through_lenses(lens, count, tmp_path):
+    # Rendered through a known lens: with --distortion the RMS is OpenCV's; the pinhole fit of the
+    # same (distorted) photographs finishes too.
+    from bpnp.apps import chessboard
+
+    camera, coeffs = LENSES[lens]
+    r = chessboard.run_synthetic(
+        str(tmp_path), count=count, seed=3, distortion=True, quiet=True, camera=camera, lens=coeffs
+    )
+    assert r["images_used"] == count
+    assert abs(r["relative_to_opencv"]["rms"]) < 1e-6
+    assert r["max_error_rel_to_truth"] < 5e-3
+    pinhole = chessboard.run_synthetic(
+        str(tmp_path / "pinhole"), count=count, seed=3, quiet=True, camera=camera, lens=coeffs
+    )
+    assert max(abs(pinhole["relative_to_opencv"][k]) for k in ("fx", "fy", "cx", "cy")) < 1e-6

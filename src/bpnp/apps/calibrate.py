@@ -233,8 +233,16 @@ def learn_camera(
     falls below ``loss_floor`` times the first one (noise-free data).
     Returns ``(params, history (T+1, p), losses [T], poses (B, 6))``, one entry per evaluation.
     """
-    # Unknowns of order one: intrinsics relative to the start, distortion in units of 0.1.
-    scale = torch.cat([start[:4].abs(), torch.full_like(start[4:], 0.1)])
+    # Unknowns of order one: intrinsics relative to the start; each distortion coefficient in the
+    # unit that moves the detections as much as a relative change of the focal length (k1, k2,
+    # k3 multiply r^2, r^4, r^6: a fixed unit would leave k3 a thousand times less sensitive and
+    # L-BFGS crawling along it).
+    scale = start[:4].abs()
+    if start.numel() > 4:
+        xn = (x2d - start[2:4]) / start[:2]
+        r2 = xn.pow(2).sum(-1).flatten()
+        unit = torch.stack([r2.mean(), r2.pow(2).mean(), r2.mean(), r2.mean(), r2.pow(3).mean()])
+        scale = torch.cat([scale, 1.0 / unit.clamp_min(1e-12)])
     u = torch.nn.Parameter(start / scale)
     lbfgs = dict(
         lr=1.0,

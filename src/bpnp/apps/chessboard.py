@@ -34,8 +34,13 @@ def render_views(
     blur: float = 0.8,
     noise: float = 2.0,
     supersample: int = 2,
+    dist: np.ndarray | None = None,
 ):
     """Render ``count`` photographs of the board under random poses.
+
+    With ``dist`` (OpenCV's ``k1, k2, p1, p2, k3``), every output pixel is undistorted
+    (``cv2.undistortPoints`` to 1e-10) and looked up on the board through the inverse homography, so
+    the image shows the board through that lens.
 
     Returns ``(images [count] uint8 (h, w), poses (count, 6))``; poses map board points (square
     units, z = 0) to the camera.
@@ -63,22 +68,34 @@ def render_views(
         offset = rng.uniform(-0.12, 0.12, size=2) * depth * np.array([w, h]) / f
         t = -R @ centre + np.array([offset[0], offset[1], depth])
         H = S @ K @ np.column_stack([R[:, 0], R[:, 1], t]) @ A
-        img = cv2.warpPerspective(
-            tex,
-            H,
-            (w * supersample, h * supersample),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=128,
-        )
+        if dist is None:
+            img = cv2.warpPerspective(
+                tex,
+                H,
+                (w * supersample, h * supersample),
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=128,
+            )
+        else:
+            # Each supersampled output pixel, in image pixels, undistorted, then on the texture.
+            ys, xs = np.mgrid[0 : h * supersample, 0 : w * supersample].astype(np.float64)
+            pix = np.stack([(xs - half) / supersample, (ys - half) / supersample], -1).reshape(-1, 1, 2)
+            criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-10)
+            und = cv2.undistortPoints(pix, K, dist, R=None, P=K, criteria=criteria).reshape(-1, 2)
+            Hinv = np.linalg.inv(K @ np.column_stack([R[:, 0], R[:, 1], t]) @ A)
+            uvw = np.concatenate([und, np.ones((und.shape[0], 1))], 1) @ Hinv.T
+            tex_xy = (uvw[:, :2] / uvw[:, 2:]).reshape(h * supersample, w * supersample, 2).astype(np.float32)
+            img = cv2.remap(
+                tex, tex_xy[..., 0], tex_xy[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=128
+            )
         img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA).astype(np.float64)
         if blur > 0:
             img = cv2.GaussianBlur(img, (0, 0), blur)
         img = np.clip(img + rng.normal(0, noise, img.shape), 0, 255).astype(np.uint8)
         # Keep views whose whole board (with margin) is inside the image.
         corners = np.array([[-1.5, -1.5, 0], [cols + 0.5, -1.5, 0], [-1.5, rows + 0.5, 0], [cols + 0.5, rows + 0.5, 0]])
-        pc = (corners @ R.T + t) @ K.T
-        uv = pc[:, :2] / pc[:, 2:]
+        uv = cv2.projectPoints(corners, cv2.Rodrigues(R)[0], t, K, dist)[0].reshape(-1, 2)
         if (uv.min() < 5) or (uv[:, 0].max() > w - 5) or (uv[:, 1].max() > h - 5):
             continue
         images.append(img)
@@ -93,13 +110,20 @@ def run_synthetic(
     iters: int = 30,
     distortion: bool = False,
     quiet: bool = False,
+    camera: dict | None = None,
+    lens: tuple[float, float, float, float, float] | None = None,
 ) -> dict:
-    """The built-in calibration demo: render, detect, learn, and compare with the truth."""
+    """The built-in calibration demo: render, detect, learn, and compare with the truth.
+
+    Args:
+        camera: true ``fx, fy, cx, cy`` (default 620, 610, 323, 236).
+        lens: true distortion ``(k1, k2, p1, p2, k3)`` of the rendering (default none).
+    """
     from .calibrate import calibrate
 
-    truth = {"fx": 620.0, "fy": 610.0, "cx": 323.0, "cy": 236.0}
+    truth = camera or {"fx": 620.0, "fy": 610.0, "cx": 323.0, "cy": 236.0}
     K = np.array([[truth["fx"], 0, truth["cx"]], [0, truth["fy"], truth["cy"]], [0, 0, 1.0]])
-    images, _ = render_views(K, count, seed=seed)
+    images, _ = render_views(K, count, seed=seed, dist=None if lens is None else np.asarray(lens, dtype=np.float64))
     result = calibrate(
         images,
         [f"synthetic{i:02d}" for i in range(count)],
