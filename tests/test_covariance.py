@@ -1,0 +1,39 @@
+"""Pose covariance: Monte-Carlo coverage of the 95% ellipsoid, units, shapes."""
+
+import pytest
+import torch
+
+import bpnp
+from bpnp.synthetic import random_problems
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("planar", [False, True], ids=["3d", "planar"])
+@pytest.mark.parametrize("seed", [10, 11])
+def test_95_percent_ellipsoid_holds_93_to_97_percent(seed, planar, backend):
+    # 2,000 noisy re-solves of one problem (n = 50, weighted, 1.5 px noise over sqrt(weight)): the
+    # Mahalanobis distance of each answer from the truth, under the covariance it reports itself.
+    p = random_problems(1, 50, planar=planar, noise=0.0, seed=seed, weighted=True)
+    N = 2000
+    w = p.weights.expand(N, 50)
+    g = torch.Generator().manual_seed(seed)
+    x2d = p.x2d.expand(N, 50, 2) + 1.5 * torch.randn(N, 50, 2, generator=g, dtype=F64) / w.sqrt()[..., None]
+    res = bpnp.solve_pnp(x2d, p.x3d[0], p.K[0], w, backend=backend)
+    d = res.pose - p.pose
+    mahalanobis = (d[:, None, :] @ torch.linalg.solve(res.covariance, d[..., None]))[:, 0, 0]
+    coverage = float((mahalanobis <= 12.592).double().mean())  # chi-square(6) 95% quantile
+    assert 0.93 <= coverage <= 0.97, coverage
+
+
+def test_covariance_follows_units_and_dtype():
+    p = random_problems(3, 12, seed=1)
+    ref = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights)
+    assert ref.covariance.shape == (3, 6, 6)
+    assert torch.allclose(ref.covariance, ref.covariance.transpose(-1, -2))
+    assert (torch.linalg.eigvalsh(ref.covariance) > 0).all()
+    mm = bpnp.solve_pnp(p.x2d, p.x3d * 1e3, p.K, p.weights)  # millimetres: t-block x 1e6
+    assert torch.allclose(mm.covariance[:, :3, :3], ref.covariance[:, :3, :3], rtol=1e-6)
+    assert torch.allclose(mm.covariance[:, 3:, 3:], ref.covariance[:, 3:, 3:] * 1e6, rtol=1e-6)
+    one = bpnp.solve_pnp(p.x2d[0].float(), p.x3d[0].float(), p.K[0].float())
+    assert one.covariance.shape == (6, 6) and one.covariance.dtype == torch.float32
