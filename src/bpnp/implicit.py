@@ -108,8 +108,12 @@ def input_gradients(
     dv = m11 * db
 
     def reduce_like(g: Tensor, like: Tensor) -> Tensor:
+        # An item whose gradient is not finite (a near-singular problem: weights of 1e-300, say)
+        # contributes exact zeros, before any sum over the batch.
+        ok = torch.isfinite(g).flatten(1).all(-1)
         if keep is not None:
-            g = torch.where(keep.reshape(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
+            ok = ok & keep
+        g = torch.where(ok.reshape(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
         return g.sum(0, keepdim=True) if like.shape[0] == 1 and B > 1 else g
 
     out: list[Tensor | None] = [None, None, None, None]
@@ -187,8 +191,8 @@ def implicit_vjp(
         weights: ``(B|1, n)``.
         needs: which of the four inputs need gradients.
         grad_R: ``(B, 3, 3)`` gradient of the loss w.r.t. the returned rotation matrix, or None.
-        keep: ``(B,)`` bool, items whose gradients count (the others get exact zeros, also in the
-            sums over the batch of shared inputs); default all.
+        keep: ``(B,)`` bool, items whose gradients count (the others, and items whose gradient is
+            not finite, get exact zeros, also in the sums over the batch of shared inputs).
     Returns:
         Gradients shaped like the inputs (None where not needed).
     """

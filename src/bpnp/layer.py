@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -53,6 +53,7 @@ class PnPResult:
         covariance: ``(B, 6, 6)`` covariance of ``pose`` (no gradient), from the exact Hessian and
             the residual variance ``cost / (2 n - 6)`` (weights read as relative inverse variances;
             see :mod:`bpnp.covariance`); the 95% ellipsoid held 93-97% of noisy re-solves.
+            Computed on first access.
         iterations: the most Levenberg-Marquardt iterations any item of the batch needed.
         backend: the forward solver that ran: ``"native"``, ``"torch"`` or ``"opencv"``.
     """
@@ -67,7 +68,13 @@ class PnPResult:
     second_cost: Tensor | None = None
     ambiguous: Tensor | None = None
     trusted: Tensor | None = None
-    covariance: Tensor | None = None
+    _covariance: Any = field(default=None, repr=False)
+
+    @property
+    def covariance(self) -> Tensor:
+        if callable(self._covariance):
+            self._covariance = self._covariance()
+        return self._covariance
 
 
 class _Forward(NamedTuple):
@@ -136,15 +143,21 @@ class _PnPFunction(torch.autograd.Function):
         rvec = sol.rvec if sol.rvec is not None else rotmat_to_rvec(sol.R)
         pose = torch.cat([rvec, sol.t], -1)
         second = sol.second_cost if sol.second_cost is not None else torch.full_like(sol.cost, float("inf"))
-        return pose, sol.cost, sol.converged, sol.R, sol.hess, torch.tensor(sol.iterations), second
+        # trusted: the solver's own check of warm-started answers (the C solver), else unknown (-1)
+        trusted = (
+            sol.trusted.to(torch.int8)
+            if sol.trusted is not None
+            else torch.full_like(sol.converged, -1, dtype=torch.int8)
+        )
+        return pose, sol.cost, sol.converged, sol.R, sol.hess, torch.tensor(sol.iterations), second, trusted
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x2d, x3d, K, weights, _, _ = inputs
-        pose, cost, converged, R, hess, iters, second = output
+        pose, cost, converged, R, hess, iters, second, trusted = output
         ctx.save_for_backward(x2d, x3d, K, weights, pose, R, hess)
         # pose and R are differentiable outputs (R directly, which spares a Rodrigues map).
-        ctx.mark_non_differentiable(cost, converged, hess, iters, second)
+        ctx.mark_non_differentiable(cost, converged, hess, iters, second, trusted)
 
     @staticmethod
     def backward(ctx: Any, grad_pose: Tensor | None, _c: Any, _v: Any, grad_R: Tensor | None, *_: Any):  # type: ignore[override]
@@ -247,7 +260,9 @@ def solve_pnp(
         x2d_n, x3d_n, K_n, w_n = _stand_in(degenerate, x2d_n, x3d_n, K_n, w_n)
         if init_n is not None:
             init_n = torch.where(degenerate[:, None], torch.zeros_like(init_n), init_n)
-    pose_n, cost, converged, R, hess_n, iters, second = _PnPFunction.apply(x2d_n, x3d_n, K_n, w_n, init_n, config)
+    pose_n, cost, converged, R, hess_n, iters, second, checked = _PnPFunction.apply(
+        x2d_n, x3d_n, K_n, w_n, init_n, config
+    )
     # Ambiguity, in the normalised units: the residual variance, floored at float64's resolution
     # of a fit (residuals of 1e-8 focal lengths), so exact fits of several minima count too.
     dof = ((w_n > 0).sum(-1) * 2 - 6).clamp_min(1).to(cost.dtype)
@@ -262,11 +277,14 @@ def solve_pnp(
         R = torch.where(bad[:, None, None], fb_R, R)
         converged = converged & ~bad
     trusted = converged
-    if init_n is not None and not options.global_search and method == "global":
-        data = (x2d_n.detach(), x3d_n.detach(), K_n.detach(), w_n.detach(), R.detach())
-        trusted = converged & warm_start_trusted(*data, options, ratio=options.warm_start_ratio)
+    if init_n is not None and not options.global_search and method == "global" and options.check_warm_start:
+        if bool((checked >= 0).all()):  # the C solver checked them
+            trusted = converged & (checked > 0)
+        else:
+            data = (x2d_n.detach(), x3d_n.detach(), K_n.detach(), w_n.detach(), R.detach())
+            trusted = converged & warm_start_trusted(*data, options, ratio=options.warm_start_ratio)
     pose = pose_from_normalised(pose_n, R, norm)
-    covariance = pose_covariance(hess_n, cost.detach(), dof, pose_n[:, :3].detach(), R.detach(), norm)
+    cov_args = (hess_n, cost.detach(), dof, pose_n[:, :3].detach(), R.detach(), norm)
     unit = norm.weight[:, 0] * norm.focal[:, 0] ** 2
     cost, second = cost * unit, second * unit
     ambiguous = ambiguous & ~bad
@@ -290,26 +308,26 @@ def solve_pnp(
     R = R.to(dtype)
     t = pose[..., 3:]
     cost, second = cost.to(dtype), second.to(dtype)
-    covariance = covariance.to(dtype)
+
+    def covariance() -> Tensor:
+        cov = pose_covariance(*cov_args).to(dtype)
+        return cov[0] if unbatched else cov
+
     if unbatched:
-        pose, R, t, cost, converged, second, ambiguous, trusted, covariance = (
-            x[0] for x in (pose, R, t, cost, converged, second, ambiguous, trusted, covariance)
+        pose, R, t, cost, converged, second, ambiguous, trusted = (
+            x[0] for x in (pose, R, t, cost, converged, second, ambiguous, trusted)
         )
     return PnPResult(pose, R, t, cost, converged, int(iters), config.solver, second, ambiguous, trusted, covariance)
 
 
 def _degenerate(x2d_n: Tensor, x3d_n: Tensor, w_n: Tensor) -> Tensor:
-    """``(B,)`` items with no pose to find: all weighted 3D points in one place, or all weighted
-    pixels on one point (to float64 resolution of the normalised units)."""
+    """``(B,)`` items with no pose to find: all 3D points in one place, or all pixels on one point
+    (to float64 resolution of the normalised units). Degeneracy that only the weights create
+    (e.g. every point but one weighted ~0) is left to the solver's flags and the finite fallback."""
     B = x2d_n.shape[0]
-    w = w_n.expand(B, -1)
-    wsum = w.sum(-1, keepdim=True)
-
-    def spread(x: Tensor) -> Tensor:
-        mean = (w[..., None] * x).sum(1, keepdim=True) / wsum[..., None]
-        return (w * (x - mean).pow(2).sum(-1)).sum(-1) / wsum[:, 0]
-
-    return (spread(x3d_n.expand(B, -1, -1)) <= 1e-24) | (spread(x2d_n) <= 1e-24)
+    spread3 = torch.var(x3d_n, dim=-2, correction=0).sum(-1).expand(B)
+    spread2 = torch.var(x2d_n, dim=-2, correction=0).sum(-1)
+    return (spread3 <= 1e-24) | (spread2 <= 1e-24)
 
 
 def _stand_in(degenerate: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, w: Tensor) -> tuple[Tensor, ...]:

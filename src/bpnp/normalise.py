@@ -44,8 +44,8 @@ def normalise_problem(
         ``x2d_n, x3d_n, K_n, weights_n`` of the same shapes and the :class:`Normalisation`.
     """
     with torch.no_grad():
-        centre = x3d.mean(-2)  # (B|1, 3)
-        scale = (x3d - centre[:, None]).pow(2).sum(-1).mean(-1, keepdim=True).sqrt()
+        var, centre = torch.var_mean(x3d, dim=-2, correction=0)  # (B|1, 3) each
+        scale = var.sum(-1, keepdim=True).sqrt()
         # All points in one place: a degenerate problem; any positive unit keeps it finite.
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         k22 = K[:, 2, 2]
@@ -53,8 +53,9 @@ def normalise_problem(
         principal = K[:, :2, 2] / k22[:, None]
         wmax = weights.amax(-1, keepdim=True)
         wmax = torch.where(wmax > 0, wmax, torch.ones_like(wmax))
-    x3d_n = (x3d - centre[:, None]) / scale[:, :, None]
-    x2d_n = (x2d - principal[:, None]) / focal[:, :, None]
+    # (out-of-place subtraction, then in place: one temporary per input, autograd-safe)
+    x3d_n = (x3d - centre[:, None]).div_(scale[:, :, None])
+    x2d_n = (x2d - principal[:, None]).div_(focal[:, :, None])
     # K_n = A K with A = [[1/f, 0, -m_x/f], [0, 1/f, -m_y/f], [0, 0, 1]]: its principal point is 0.
     top = (K[:, :2, :] - principal[:, :, None] * K[:, 2:3, :]) / focal[:, :, None]
     K_n = torch.cat([top, K[:, 2:3, :]], 1)

@@ -284,7 +284,7 @@ def warm_start_trusted(
     _, vecs = torch.linalg.eigh(omega_n)
     m = min(options.solid_eigvecs, 9)
     e = vecs[..., :m].transpose(-1, -2).reshape(B, m, 3, 3) * 3.0**0.5
-    starts = orthonormalise(torch.cat([torch.stack([e, -e], 2).reshape(B, 2 * m, 3, 3), R[:, None]], 1))
+    starts = orthonormalise(torch.stack([e, -e], 2).reshape(B, 2 * m, 3, 3))
     _, h = minimise_on_so3(omega_n, starts, iters=options.so3_iters, lam0=options.so3_damping)
     r = R.reshape(B, 9, 1)
     h_answer = (r.transpose(-1, -2) @ omega_n @ r)[:, 0, 0]

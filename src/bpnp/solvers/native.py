@@ -104,10 +104,10 @@ def _open(path: Path) -> ctypes.CDLL:
     dp, ip = ctypes.POINTER(ctypes.c_double), ctypes.c_int
     lib.bpnp_solve.restype = ctypes.c_int
     # bpnp_solve(B, n, x2d, x3d, x3d_batched, K, K_batched, w, w_batched, init, options, num_threads,
-    #            forked, R, rvec, t, cost, H, converged, iterations, second_cost)
+    #            forked, R, rvec, t, cost, H, converged, iterations, second_cost, trusted)
     u8, i32 = ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_int32)
     opts = ctypes.POINTER(NativeOptions)
-    lib.bpnp_solve.argtypes = [ip, ip, dp, dp, ip, dp, ip, dp, ip, dp, opts, ip, ip, dp, dp, dp, dp, dp, u8, i32, dp]  # fmt: skip
+    lib.bpnp_solve.argtypes = [ip, ip, dp, dp, ip, dp, ip, dp, ip, dp, opts, ip, ip, dp, dp, dp, dp, dp, u8, i32, dp, u8]  # fmt: skip
     return lib
 
 
@@ -222,6 +222,7 @@ def solve_pnp_native(
     conv = torch.empty(B, dtype=torch.uint8)
     iters = torch.empty(B, dtype=torch.int32)
     second = torch.empty(B, dtype=f64)
+    trusted = torch.empty(B, dtype=torch.uint8)
     status = lib.bpnp_solve(
         B,
         n,
@@ -244,7 +245,8 @@ def solve_pnp_native(
         _ptr(conv, ctypes.c_uint8),
         _ptr(iters, ctypes.c_int32),
         _ptr(second),
+        _ptr(trusted, ctypes.c_uint8),
     )
     if status != 0:  # pragma: no cover - SolverOptions validates the same ranges first
         raise BackendUnavailableError(f"the native solver refused the options {options}")
-    return PnPSolution(R, t, cost, hess, conv.bool(), int(iters.max()) if B else 0, rvec, second)
+    return PnPSolution(R, t, cost, hess, conv.bool(), int(iters.max()) if B else 0, rvec, second, trusted.bool())

@@ -66,9 +66,11 @@ typedef struct {
     double ambiguity_threshold;
     int escalate;
     double escalate_ratio;
+    int check_warm_start;
+    double warm_start_ratio;
 } Options;
 
-#define OPTION_FIELDS 26
+#define OPTION_FIELDS 28
 
 #ifndef BPNP_SOURCE_DIGEST
 #define BPNP_SOURCE_DIGEST "unknown"
@@ -88,7 +90,8 @@ int bpnp_options_layout(int64_t *offsets) {
         offsetof(Options, candidate_cutoff), offsetof(Options, lm_damping), offsetof(Options, lm_rtol),
         offsetof(Options, lm_atol), offsetof(Options, depth_floor), offsetof(Options, polish_steps),
         offsetof(Options, well_posed_ratio), offsetof(Options, depth_margin), offsetof(Options, small_problem),
-        offsetof(Options, ambiguity_threshold), offsetof(Options, escalate), offsetof(Options, escalate_ratio)};
+        offsetof(Options, ambiguity_threshold), offsetof(Options, escalate), offsetof(Options, escalate_ratio),
+        offsetof(Options, check_warm_start), offsetof(Options, warm_start_ratio)};
     for (int k = 0; k < OPTION_FIELDS; k++) offsets[k] = (int64_t)o[k];
     return (int)sizeof(Options);
 }
@@ -100,6 +103,7 @@ typedef struct {
     int evaluated;      /* cost, g, H, depth_floor hold for R, t */
     int conv, iters;
     double second;      /* cost of the best other distinct valid minimum found (INFINITY: none) */
+    int trusted;        /* converged and, for a warm-started local refinement, the object-space check */
 } LMState;
 
 /* ---------------------------------------------------------------- small linear algebra */
@@ -664,17 +668,18 @@ static double minimise_on_so3(const double *Om, double *R, int iters, double lam
     return h;
 }
 
-/* Candidate poses, best first (as bpnp.solvers.init.initial_poses); returns their number. */
-static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], double (*tc)[3], double *keyc) {
+/* The object-space quadratic form Omega divided by its trace (On, 9x9; the trace is returned),
+ * T (3x9, t = T vec(R) for the centred points), the weighted centre and covariance of the points,
+ * and per point v X^T, v, w for the cheirality test (buf, 13 per point; skipped when NULL). */
+static double build_omega(const Problem *p, double *On, double *T, double *centre, double *covs, double *buf) {
     const int n = p->n;
-    double wsum = 0, centre[3] = {0};
+    double wsum = 0;
+    centre[0] = centre[1] = centre[2] = 0;
     for (int i = 0; i < n; i++) {
         wsum += p->w[i];
         for (int k = 0; k < 3; k++) centre[k] += p->w[i] * p->x3d[3 * i + k];
     }
     for (int k = 0; k < 3; k++) centre[k] /= wsum;
-    /* per point: v X^T (9), v (3), w; NULL (recompute on the fly) if out of memory */
-    double *buf = (double *)malloc(sizeof(double) * 13 * (size_t)n);
     double A[6] = {0}, Bs[18] = {0}, M[36] = {0}, cov[6] = {0};
     for (int i = 0; i < n; i++) {
         double w = p->w[i];
@@ -711,7 +716,7 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
             for (int j = 0; j < 3; j++)
                 for (int k = 0; k < 3; k++) full[(a * 3 + j) * 9 + c * 3 + k] = M[sym[a][c] * 6 + sym[j][k]];
         }
-    double Asym[9], covs[9];
+    double Asym[9];
     for (int a = 0; a < 3; a++)
         for (int c = 0; c < 3; c++) {
             Asym[a * 3 + c] = A[sym[a][c]];
@@ -719,7 +724,7 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
         }
 
     /* T = -A^-1 Bm, Omega = full + Bm^T T */
-    double T[27], Om[81];
+    double Om[81];
     for (int col = 0; col < 9; col++) {
         double b[3] = {-Bm[col], -Bm[9 + col], -Bm[18 + col]}, x[3];
         if (!solve3_spd(Asym, b, x)) x[0] = x[1] = x[2] = NAN;
@@ -734,8 +739,18 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
         trace += Om[r * 10];
     }
     double norm = trace > 1e-300 ? trace : 1e-300;
-    double On[81], V[81], ev[9];
     for (int k = 0; k < 81; k++) On[k] = Om[k] / norm;
+    return norm;
+}
+
+/* Candidate poses, best first (as bpnp.solvers.init.initial_poses); returns their number. */
+static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], double (*tc)[3], double *keyc) {
+    const int n = p->n;
+    double centre[3], covs[9], T[27], On[81];
+    /* per point: v X^T (9), v (3), w; NULL (recompute on the fly) if out of memory */
+    double *buf = (double *)malloc(sizeof(double) * 13 * (size_t)n);
+    double norm = build_omega(p, On, T, centre, covs, buf);
+    double V[81], ev[9];
     symmetric_eig(9, On, V, ev);
     double cV[9], spread[3];
     symmetric_eig(3, covs, cV, spread);
@@ -827,6 +842,31 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
         keyc[c] = key2[order2[c]];
     }
     return k;
+}
+
+/* Whether a warm-started answer R sits in the global basin by the object-space error (as
+ * bpnp.solvers.init.warm_start_trusted): its error is at most warm_start_ratio times the best
+ * minimum of the eigenvector starts (solid_eigvecs of them, both signs). */
+static int object_space_trusted(const Problem *p, const Options *o, const double *R) {
+    double centre[3], covs[9], T[27], On[81], V[81], ev[9];
+    build_omega(p, On, T, centre, covs, NULL);
+    int finite = 1;
+    for (int k = 0; k < 81; k++) finite &= isfinite(On[k]);
+    if (!finite) return 0;
+    symmetric_eig(9, On, V, ev);
+    int m = o->solid_eigvecs > 9 ? 9 : o->solid_eigvecs;
+    double best = INFINITY;
+    for (int e = 0; e < m; e++)
+        for (int sg = 0; sg < 2; sg++) {
+            double E[9], Rs[9];
+            for (int k = 0; k < 9; k++) E[k] = (sg ? -1.0 : 1.0) * V[k * 9 + e] * 1.7320508075688772;
+            orthonormalise(E, Rs);
+            double h = minimise_on_so3(On, Rs, o->so3_iters, o->so3_damping);
+            if (h < best) best = h;
+        }
+    double o_r[9];
+    double h_answer = quad9(On, R, o_r);
+    return h_answer <= o->warm_start_ratio * best + 1e-12;
 }
 
 /* ---------------------------------------------------------------- one problem */
@@ -953,8 +993,8 @@ static double kth_smallest(double *v, int m, int k) {
     return v[k];
 }
 
-/* Heavy-tailed residuals at (R, t): the largest weighted squared residual exceeds ratio times
- * the median one (points of positive weight; median: the ((m-1)/2)-th smallest), beyond 1e-16. */
+/* Heavy-tailed residuals at (R, t): the largest squared residual exceeds ratio times the median
+ * one (points of positive weight; median: the ((m-1)/2)-th smallest), beyond 1e-16. */
 static int heavy_tailed(const Problem *p, const double *R, const double *t, double ratio) {
     double *v = (double *)malloc(sizeof(double) * (size_t)p->n);
     if (!v) return 0;
@@ -969,7 +1009,7 @@ static int heavy_tailed(const Problem *p, const double *R, const double *t, doub
         double P2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2] + t[2];
         double a = P0 / P2, b = P1 / P2;
         double ru = p->m00 * a + p->m01 * b + p->c0 - p->x2d[2 * i], rv = p->m11 * b + p->c1 - p->x2d[2 * i + 1];
-        double r2 = w * (ru * ru + rv * rv);
+        double r2 = ru * ru + rv * rv; /* unweighted: weights need not be inverse variances */
         v[m++] = r2;
         if (r2 > top) top = r2;
     }
@@ -999,8 +1039,8 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
     exhaustive(&full);
     if (npos <= o->small_problem && global) {
         solve_pass(p, &full, init, best);
-    } else if ((solve_pass(p, o, init, best) || heavy_tailed(p, best->R, best->t, o->escalate_ratio)) && global &&
-               o->escalate) {
+    } else if (solve_pass(p, o, init, best) ? global && o->escalate
+                                            : global && o->escalate && heavy_tailed(p, best->R, best->t, o->escalate_ratio)) {
         LMState again;
         solve_pass(p, &full, init, &again);
         if (again.cost < best->cost || (isinf(best->cost) && !isinf(again.cost))) {
@@ -1017,6 +1057,7 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
     double top = fabs(ev[5]) > 1e-300 ? fabs(ev[5]) : 1e-300;
     int well_posed = ev[0] > o->well_posed_ratio * top;
     best->conv = best->conv && well_posed && isfinite(best->cost);
+    best->trusted = best->conv && (global || !o->check_warm_start || object_space_trusted(p, o, best->R));
 }
 
 /* ---------------------------------------------------------------- entry point */
@@ -1029,6 +1070,7 @@ typedef struct {
     uint8_t *conv_out;
     int32_t *iter_out;
     double *second_out;
+    uint8_t *trusted_out;
     int next; /* next unclaimed item (shared by the workers) */
 } Batch;
 
@@ -1069,6 +1111,7 @@ static void *solve_items(void *arg) {
             j->conv_out[b] = (uint8_t)s.conv;
             j->iter_out[b] = s.iters;
             j->second_out[b] = s.second;
+            j->trusted_out[b] = (uint8_t)s.trusted;
         }
     }
     return NULL;
@@ -1082,13 +1125,13 @@ static void *solve_items(void *arg) {
 int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
                int K_batched, const double *w, int w_batched, const double *init, const Options *o,
                int num_threads, int forked, double *R_out, double *rvec_out, double *t_out, double *cost_out,
-               double *H_out, uint8_t *conv_out, int32_t *iter_out, double *second_out) {
+               double *H_out, uint8_t *conv_out, int32_t *iter_out, double *second_out, uint8_t *trusted_out) {
     /* The fixed-size buffers bound these; SolverOptions refuses larger values before we get here. */
     if (o->num_candidates < 1 || o->num_candidates > MAX_CAND || o->num_eigvecs < 1 || o->num_eigvecs > 9 ||
         o->solid_eigvecs < 1 || o->solid_eigvecs > 9)
         return -1;
     Batch job = {B, n, x3d_batched, K_batched, w_batched, x2d, x3d, K, w, init, o,
-                 R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, second_out, 0};
+                 R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, second_out, trusted_out, 0};
     int want = num_threads < 1 ? 1 : num_threads;
     if (want > (B + CHUNK - 1) / CHUNK) want = (B + CHUNK - 1) / CHUNK;
     if (want < 1) want = 1;

@@ -26,6 +26,7 @@ class PnPSolution(NamedTuple):
     iterations: int
     rvec: Tensor | None = None  # (B, 3) rotation vector of R, when the solver computed it
     second_cost: Tensor | None = None  # (B,) cost of the best other distinct minimum (inf: none)
+    trusted: Tensor | None = None  # (B,) bool, when the solver checked warm-started answers itself
 
 
 def refine(
@@ -175,13 +176,13 @@ def solve_pnp_forward(
 
 
 def heavy_tailed(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, ratio: float) -> Tensor:
-    """``(B,)``: the largest weighted squared residual at ``(R, t)`` exceeds ``ratio`` times the
+    """``(B,)``: the largest squared residual at ``(R, t)`` exceeds ``ratio`` times the
     median one (points of positive weight; median: the ``(m-1)//2``-th smallest), beyond 1e-16."""
     pt = point_terms(R, t, x2d, x3d, K)
     B = x2d.shape[0]
     w = weights.expand(B, -1)
     pos = w > 0
-    r2 = w * (pt.ru * pt.ru + pt.rv * pt.rv)
+    r2 = pt.ru * pt.ru + pt.rv * pt.rv  # unweighted: weights need not be inverse variances
     m = pos.sum(-1)
     ordered = torch.where(pos, r2, torch.full_like(r2, float("inf"))).sort(-1).values
     med = ordered.gather(-1, ((m - 1).clamp_min(0) // 2)[:, None])[:, 0]
