@@ -325,6 +325,8 @@ def _degenerate(x2d_n: Tensor, x3d_n: Tensor, w_n: Tensor) -> Tensor:
     (to float64 resolution of the normalised units). Degeneracy that only the weights create
     (e.g. every point but one weighted ~0) is left to the solver's flags and the finite fallback."""
     B = x2d_n.shape[0]
+    if B == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x2d_n.device)
     spread3 = torch.var(x3d_n, dim=-2, correction=0).sum(-1).expand(B)
     spread2 = torch.var(x2d_n, dim=-2, correction=0).sum(-1)
     return (spread3 <= 1e-24) | (spread2 <= 1e-24)
