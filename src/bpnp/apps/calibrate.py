@@ -21,7 +21,7 @@ import torch
 from ..geometry import project_points, rotmat_to_rvec, rvec_to_rotmat, transform_points
 from ..layer import solve_pnp
 from . import plots
-from .common import finish_experiment, markdown_table, output_dir, progress
+from .common import finish_experiment, lbfgs, markdown_table, output_dir, progress
 
 INTRINSICS = ("fx", "fy", "cx", "cy")
 DISTORTION = ("k1", "k2", "p1", "p2", "k3")
@@ -244,15 +244,7 @@ def learn_camera(
         unit = torch.stack([r2.mean(), r2.pow(2).mean(), r2.mean(), r2.mean(), r2.pow(3).mean()])
         scale = torch.cat([scale, 1.0 / unit.clamp_min(1e-12)])
     u = torch.nn.Parameter(start / scale)
-    lbfgs = dict(
-        lr=1.0,
-        max_iter=20,
-        history_size=30,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-12,
-        tolerance_change=1e-14,
-    )
-    opt = torch.optim.LBFGS([u], **lbfgs)
+    opt, restart = lbfgs(u, history=30, tolerance_grad=1e-12, tolerance_change=1e-14)
     history, losses = [start.detach().cpu().numpy().copy()], []
 
     def closure():
@@ -286,7 +278,7 @@ def learn_camera(
             resets += 1
             if resets >= 2:
                 break
-            opt = torch.optim.LBFGS([u], **lbfgs)
+            opt = restart()
             continue
         resets = 0
         if prev is not None and abs(prev - losses[-1]) <= rtol * losses[-1]:

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 def output_dir(out: str | os.PathLike | None, name: str) -> Path:
     """``out`` or ``runs/<name>``, created."""
@@ -57,3 +59,22 @@ def finish_experiment(path: Path, report: str, metrics: dict[str, Any], table: s
     if not quiet:
         print(table)
     return metrics
+
+
+def lbfgs(param: torch.nn.Parameter, history: int, tolerance_grad: float, tolerance_change: float):
+    """The experiments' optimiser: full L-BFGS steps (lr 1) with a strong-Wolfe line search,
+    up to 20 evaluations per step; returns ``(optimizer, factory)`` (the factory makes a fresh
+    one, for a restart)."""
+
+    def make():
+        return torch.optim.LBFGS(
+            [param],
+            lr=1.0,
+            max_iter=20,
+            history_size=history,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=tolerance_grad,
+            tolerance_change=tolerance_change,
+        )
+
+    return make(), make

@@ -17,7 +17,7 @@ from ..geometry import project
 from ..layer import solve_pnp
 from ..options import SolverOptions
 from . import data, plots
-from .common import finish_experiment, markdown_table, output_dir, progress
+from .common import finish_experiment, lbfgs, markdown_table, output_dir, progress
 from .metrics_util import similarity_align
 
 SCALE = 5.86e-6
@@ -28,15 +28,7 @@ def learn_points(x2d, K, weights, start, size, iters, rms_rel, quiet, desc):
     """L-BFGS on the points through the layer from ``start (n, 3)``; returns
     ``(points (n, 3), losses, aligned RMS per evaluation)``."""
     u = torch.nn.Parameter(start / size)  # points in units of the object size
-    opt = torch.optim.LBFGS(
-        [u],
-        lr=1.0,
-        max_iter=20,
-        history_size=50,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-20,
-        tolerance_change=1e-30,
-    )
+    opt, _ = lbfgs(u, history=50, tolerance_grad=1e-20, tolerance_change=1e-30)
     losses, rms_hist = [], []
     state = {"pose": None}
 
