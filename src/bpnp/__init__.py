@@ -5,14 +5,17 @@ the implicit function theorem (Chen et al., "End-to-End Learnable Geometric Visi
 Backpropagating PnP Optimization", CVPR 2020).
 """
 
+from . import interop
 from ._version import __version__
 from .errors import BackendUnavailableError, NativeSolverWarning, PnPConvergenceWarning, PnPInputError
 from .geometry import (
+    distort,
     project,
     project_points,
     rotmat_to_rvec,
     rvec_to_rotmat,
     transform_points,
+    undistort,
 )
 from .layer import BPnP, PnPResult, solve_pnp
 from .options import SolverOptions
@@ -31,5 +34,8 @@ __all__ = [
     "SolverOptions",
     "solve_pnp",
     "transform_points",
+    "distort",
+    "undistort",
+    "interop",
     "__version__",
 ]

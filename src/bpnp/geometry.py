@@ -23,6 +23,9 @@ __all__ = [
     "project",
     "pose_to_Rt",
     "Rt_to_pose",
+    "distort",
+    "distort_jacobian",
+    "undistort",
 ]
 
 
@@ -185,13 +188,82 @@ def Rt_to_pose(R: Tensor, t: Tensor) -> Tensor:
     return torch.cat([rotmat_to_rvec(R), t], -1)
 
 
-def project(x3d: Tensor, pose: Tensor, K: Tensor) -> Tensor:
-    """Project object points with a pose and camera matrix; differentiable in all inputs.
+def _coefficients(dist: Tensor) -> tuple[Tensor, ...]:
+    """``k1, k2, p1, p2, k3`` of ``(5,)`` (scalars) or ``(B, 5)`` (each ``(B, 1)``) coefficients."""
+    if dist.shape[-1] != 5 or dist.dim() not in (1, 2):
+        raise ValueError(f"dist: expected shape (5,) or (B, 5) = (k1, k2, p1, p2, k3), got {tuple(dist.shape)}")
+    if dist.dim() == 1:  # shared: scalars broadcast against any leading shape
+        return tuple(dist[k] for k in range(5))
+    return tuple(dist[:, k : k + 1] for k in range(5))  # (B, 1) against (B, n)
+
+
+def distort(xn: Tensor, dist: Tensor) -> Tensor:
+    """OpenCV's radial-tangential lens model on normalised image coordinates; differentiable.
+
+    Args:
+        xn: ``(n, 2)`` or ``(B, n, 2)`` undistorted normalised coordinates ``(X/Z, Y/Z)``.
+        dist: ``(5,)`` or ``(B, 5)`` coefficients ``(k1, k2, p1, p2, k3)``.
+    Returns:
+        Distorted normalised coordinates, the shape of ``xn``.
+    """
+    k1, k2, p1, p2, k3 = _coefficients(dist)
+    x, y = xn[..., 0], xn[..., 1]
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 * r2 + k3 * r2 * r2 * r2
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return torch.stack([xd, yd], -1)
+
+
+def distort_jacobian(xn: Tensor, dist: Tensor) -> Tensor:
+    """``(..., 2, 2)`` Jacobian of :func:`distort` with respect to ``xn``."""
+    k1, k2, p1, p2, k3 = _coefficients(dist)
+    x, y = xn[..., 0], xn[..., 1]
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 * r2 + k3 * r2 * r2 * r2
+    dradial = k1 + 2 * k2 * r2 + 3 * k3 * r2 * r2  # d radial / d r2
+    cross = 2 * x * y * dradial + 2 * p1 * x + 2 * p2 * y
+    return torch.stack(
+        [
+            torch.stack([radial + 2 * x * x * dradial + 2 * p1 * y + 6 * p2 * x, cross], -1),
+            torch.stack([cross, radial + 2 * y * y * dradial + 6 * p1 * y + 2 * p2 * x], -1),
+        ],
+        -2,
+    )
+
+
+def undistort(xd: Tensor, dist: Tensor, iters: int = 20, tol: float = 1e-13) -> Tensor:
+    """Invert :func:`distort` by Newton's method from ``xd`` (differentiable).
+
+    Args:
+        xd: distorted normalised coordinates ``(n, 2)`` or ``(B, n, 2)``; dist: as in :func:`distort`;
+        iters: Newton steps at most; tol: the largest residual accepted (normalised units).
+    Raises:
+        ValueError: when the iteration does not reach ``tol`` (coefficients not invertible there).
+    """
+    xn = xd
+    for _ in range(iters):
+        r = distort(xn, dist) - xd
+        if float(r.detach().abs().max()) <= tol:
+            return xn
+        xn = xn - torch.linalg.solve(distort_jacobian(xn, dist), r[..., None])[..., 0]
+        if not bool(torch.isfinite(xn).all()):
+            break
+    r = distort(xn, dist) - xd
+    if not bool(torch.isfinite(r).all()) or float(r.detach().abs().max()) > tol:
+        raise ValueError("distortion: the coefficients cannot be inverted at these points")
+    return xn
+
+
+def project(x3d: Tensor, pose: Tensor, K: Tensor, dist: Tensor | None = None) -> Tensor:
+    """Project object points with a pose, a camera matrix and (optionally) lens distortion;
+    differentiable in all inputs. Agrees with ``cv2.projectPoints``.
 
     Args:
         x3d: ``(n, 3)`` shared or ``(B, n, 3)`` object points.
         pose: ``(6,)`` or ``(B, 6)`` poses ``[rvec, t]``.
         K: ``(3, 3)`` or ``(B, 3, 3)`` camera matrices.
+        dist: ``(5,)`` or ``(B, 5)`` OpenCV coefficients ``(k1, k2, p1, p2, k3)``, or None.
     Returns:
         ``(B, n, 2)`` pixels, or ``(n, 2)`` when ``pose`` is unbatched.
     """
@@ -205,5 +277,12 @@ def project(x3d: Tensor, pose: Tensor, K: Tensor) -> Tensor:
     p = pose[None] if unbatched else pose
     R, t = pose_to_Rt(p)
     xcam = transform_points(x3d, R, t)
-    out = project_points(xcam, K if K.dim() == 3 else K[None])
+    Kb = K if K.dim() == 3 else K[None]
+    if dist is None:
+        out = project_points(xcam, Kb)
+    else:
+        xn = distort(xcam[..., :2] / xcam[..., 2:], dist)
+        hom = torch.cat([xn, torch.ones_like(xn[..., :1])], -1)
+        uvw = hom @ Kb.transpose(-1, -2)
+        out = uvw[..., :2] / uvw[..., 2:]
     return out[0] if unbatched else out

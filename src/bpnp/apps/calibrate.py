@@ -18,7 +18,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..geometry import project_points, rotmat_to_rvec, rvec_to_rotmat, transform_points
+from ..geometry import (
+    distort,
+    distort_jacobian,
+    project_points,
+    rotmat_to_rvec,
+    rvec_to_rotmat,
+    transform_points,
+    undistort,
+)
 from ..layer import solve_pnp
 from . import plots
 from .common import finish_experiment, lbfgs, markdown_table, output_dir, progress
@@ -71,56 +79,6 @@ def detect_corners(images: Sequence[np.ndarray], board: tuple[int, int]):
         corners = cv2.cornerSubPix(img, corners, (win, win), (-1, -1), criteria)
         found.append(corners.reshape(-1, 2).astype(np.float64))
     return found
-
-
-def distort(xn: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """OpenCV's radial-tangential model on normalised coordinates ``(..., 2)``, ``d (5,)``."""
-    k1, k2, p1, p2, k3 = d.unbind()
-    x, y = xn[..., 0], xn[..., 1]
-    r2 = x * x + y * y
-    radial = 1 + k1 * r2 + k2 * r2 * r2 + k3 * r2 * r2 * r2
-    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
-    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
-    return torch.stack([xd, yd], -1)
-
-
-def distort_jacobian(xn: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``(..., 2, 2)`` Jacobian of :func:`distort` with respect to ``xn``."""
-    k1, k2, p1, p2, k3 = d.unbind()
-    x, y = xn[..., 0], xn[..., 1]
-    r2 = x * x + y * y
-    radial = 1 + k1 * r2 + k2 * r2 * r2 + k3 * r2 * r2 * r2
-    dradial = k1 + 2 * k2 * r2 + 3 * k3 * r2 * r2  # d radial / d r2
-    cross = 2 * x * y * dradial + 2 * p1 * x + 2 * p2 * y
-    return torch.stack(
-        [
-            torch.stack([radial + 2 * x * x * dradial + 2 * p1 * y + 6 * p2 * x, cross], -1),
-            torch.stack([cross, radial + 2 * y * y * dradial + 6 * p1 * y + 2 * p2 * x], -1),
-        ],
-        -2,
-    )
-
-
-def undistort(xd: torch.Tensor, d: torch.Tensor, iters: int = 20, tol: float = 1e-13) -> torch.Tensor:
-    """Invert :func:`distort` by Newton's method (differentiable; starts at ``xd``).
-
-    Raises:
-        ValueError: when the iteration does not reach ``tol`` (normalised units) in ``iters``
-            steps, or leaves the finite numbers (coefficients outside the invertible range).
-    """
-    xn = xd
-    for _ in range(iters):
-        r = distort(xn, d) - xd
-        if float(r.detach().abs().max()) <= tol:
-            return xn
-        step = torch.linalg.solve(distort_jacobian(xn, d), r[..., None])[..., 0]
-        xn = xn - step
-        if not bool(torch.isfinite(xn).all()):
-            break
-    r = distort(xn, d) - xd
-    if not bool(torch.isfinite(r).all()) or float(r.detach().abs().max()) > tol:
-        raise ValueError("distortion: the coefficients cannot be inverted at these points")
-    return xn
 
 
 def camera_from_params(params: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""OpenCV-style helpers: numpy in, numpy out, OpenCV's argument names and shapes.
+
+``solvePnP`` and ``projectPoints`` mirror ``cv2.solvePnP`` and ``cv2.projectPoints`` for code that
+moves between the two libraries; the solve is bpnp's global one (float64) and needs no OpenCV.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import PnPInputError
+from .geometry import project, undistort
+from .layer import solve_pnp
+from .options import SolverOptions
+
+__all__ = ["solvePnP", "projectPoints"]
+
+
+def _points(name: str, a, dim: int) -> torch.Tensor:
+    arr = np.asarray(a, dtype=np.float64)
+    if arr.ndim == 3 and 1 in arr.shape[:2]:  # OpenCV's (N, 1, d) and (1, N, d)
+        arr = arr.reshape(-1, arr.shape[-1])
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise PnPInputError(f"{name}: expected shape (N, {dim}), (N, 1, {dim}) or (1, N, {dim}), got {np.shape(a)}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _dist(distCoeffs) -> torch.Tensor | None:
+    if distCoeffs is None:
+        return None
+    d = np.asarray(distCoeffs, dtype=np.float64).ravel()
+    if d.size == 0 or not d.any():
+        return None
+    if d.size not in (4, 5):
+        raise PnPInputError(f"distCoeffs: bpnp supports (k1, k2, p1, p2[, k3]), got {d.size} coefficients")
+    return torch.from_numpy(np.concatenate([d, np.zeros(5 - d.size)]))
+
+
+def _camera(cameraMatrix) -> torch.Tensor:
+    K = np.asarray(cameraMatrix, dtype=np.float64)
+    if K.shape != (3, 3):
+        raise PnPInputError(f"cameraMatrix: expected shape (3, 3), got {K.shape}")
+    return torch.from_numpy(np.ascontiguousarray(K))
+
+
+def solvePnP(  # noqa: N802 - OpenCV's name
+    objectPoints,  # noqa: N803
+    imagePoints,  # noqa: N803
+    cameraMatrix,  # noqa: N803
+    distCoeffs=None,  # noqa: N803
+    rvec=None,
+    tvec=None,
+    useExtrinsicGuess: bool = False,  # noqa: N803
+    weights=None,
+    options: SolverOptions | None = None,
+) -> tuple[bool, np.ndarray, np.ndarray]:
+    """``cv2.solvePnP`` with bpnp's global solver.
+
+    Args:
+        objectPoints: ``(N, 3)`` (or ``(N, 1, 3)``) object points.
+        imagePoints: ``(N, 2)`` (or ``(N, 1, 2)``) pixels.
+        cameraMatrix: ``(3, 3)``.
+        distCoeffs: None or OpenCV's ``(k1, k2, p1, p2[, k3])``: as OpenCV's SQPNP/EPNP do, the
+            image points are undistorted first, and the pose minimises the reprojection error of
+            the undistorted points.
+        rvec, tvec: ``(3, 1)`` start, used with ``useExtrinsicGuess`` (a warm start: the global
+            search still runs unless ``options.global_search`` is False).
+        weights: optional ``(N,)`` non-negative per-point weights (an addition to OpenCV's API).
+        options: :class:`~bpnp.options.SolverOptions`.
+    Returns:
+        ``(retval, rvec (3, 1), tvec (3, 1))``; ``retval`` is ``converged``.
+    """
+    x3d = _points("objectPoints", objectPoints, 3)
+    x2d = _points("imagePoints", imagePoints, 2)
+    K = _camera(cameraMatrix)
+    dist = _dist(distCoeffs)
+    if dist is not None:
+        xn = (x2d - K[:2, 2] / K[2, 2]) @ torch.linalg.inv(K[:2, :2] / K[2, 2]).T
+        xn = undistort(xn, dist)
+        x2d = xn @ (K[:2, :2] / K[2, 2]).T + K[:2, 2] / K[2, 2]
+    init = None
+    if useExtrinsicGuess:
+        if rvec is None or tvec is None:
+            raise PnPInputError("useExtrinsicGuess: needs rvec and tvec")
+        init = torch.from_numpy(
+            np.concatenate([np.asarray(rvec, np.float64).ravel(), np.asarray(tvec, np.float64).ravel()])
+        )
+    w = None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float64).ravel())
+    res = solve_pnp(x2d, x3d, K, w, init_pose=init, options=options, warn=False)
+    pose = res.pose.numpy()
+    return bool(res.converged), pose[:3].reshape(3, 1).copy(), pose[3:].reshape(3, 1).copy()
+
+
+def projectPoints(objectPoints, rvec, tvec, cameraMatrix, distCoeffs=None) -> tuple[np.ndarray, None]:  # noqa: N802, N803
+    """``cv2.projectPoints``: ``(imagePoints (N, 1, 2), None)`` (no Jacobian: use autograd on
+    :func:`bpnp.project`, which this wraps)."""
+    x3d = _points("objectPoints", objectPoints, 3)
+    pose = torch.from_numpy(
+        np.concatenate([np.asarray(rvec, np.float64).ravel(), np.asarray(tvec, np.float64).ravel()])
+    )
+    if pose.numel() != 6:
+        raise PnPInputError("rvec, tvec: expected 3 values each")
+    uv = project(x3d, pose, _camera(cameraMatrix), _dist(distCoeffs))
+    return uv.numpy().reshape(-1, 1, 2), None
