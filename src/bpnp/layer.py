@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import canonical_pnp_inputs
-from .cost import cost_terms
+from .cost import cost_terms, point_terms
 from .covariance import pose_covariance
 from .errors import BackendUnavailableError, PnPConvergenceWarning, PnPInputError
 from .geometry import rotmat_to_rvec, rvec_to_rotmat
@@ -368,14 +368,12 @@ def _fallback_pose(x2d_n: Tensor, K_n: Tensor, w_n: Tensor) -> tuple[Tensor, Ten
 
 def _plain_cost(pose: Tensor, R: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, w: Tensor) -> Tensor:
     """``(B,)`` weighted squared reprojection error at the poses, points behind the camera
-    projected as they are (a depth of exactly 0 is taken as 1e-300)."""
-    xcam = (R @ x3d.transpose(-1, -2)).transpose(-1, -2) + pose[:, None, 3:]  # BxNx3
-    z = xcam[..., 2:]
-    z = torch.where(z == 0, torch.full_like(z, 1e-300), z)
-    uvw = (K[:, None] @ (xcam / z)[..., None])[..., 0]
-    r = uvw[..., :2] / uvw[..., 2:] - x2d
-    cost = (w * r.pow(2).sum(-1)).sum(-1)
-    return torch.nan_to_num(cost, nan=torch.finfo(cost.dtype).max, posinf=torch.finfo(cost.dtype).max)
+    projected as they are (the shared per-point kernel, unclamped); the largest float where it
+    overflows (a point at depth 0)."""
+    pt = point_terms(R, pose[:, 3:], x2d, x3d, K)
+    cost = (w.expand_as(pt.ru) * (pt.ru * pt.ru + pt.rv * pt.rv)).sum(-1)
+    big = torch.finfo(cost.dtype).max
+    return torch.nan_to_num(cost, nan=big, posinf=big)
 
 
 class BPnP(nn.Module):

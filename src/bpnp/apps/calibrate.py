@@ -28,6 +28,7 @@ from ..geometry import (
     undistort,
 )
 from ..layer import solve_pnp
+from ..solvers.lm import levenberg_marquardt
 from . import plots
 from .common import finish_experiment, lbfgs, markdown_table, output_dir, progress
 
@@ -121,7 +122,7 @@ def refine_poses_distorted(
     """
     f, c, d = params[:2], params[2:4], params[4:]
 
-    def terms(R: torch.Tensor, t: torch.Tensor):
+    def terms(R: torch.Tensor, t: torch.Tensor, x2d: torch.Tensor, x3d: torch.Tensor):
         """Residuals ``(B, 2n)`` and their Jacobian ``(B, 2n, 6)`` in the chart
         ``R <- exp([w]_x) R, t <- t + tau`` (closed form: projection, distortion, rotation)."""
         P = x3d @ R.transpose(-1, -2)  # BxNx3, R X
@@ -146,31 +147,18 @@ def refine_poses_distorted(
         J = torch.cat([dpix @ minus_skew, dpix], -1)  # BxNx2x6
         return r, J.reshape(R.shape[0], -1, 6)
 
-    R, t = rvec_to_rotmat(pose[:, :3].detach()), pose[:, 3:].detach().clone()
-    lam = torch.full((pose.shape[0],), 1e-3, dtype=pose.dtype)
-    r, J = terms(R, t)
-    cost = r.pow(2).sum(-1)
-    eye = torch.eye(6, dtype=pose.dtype)
-    finished = torch.zeros(pose.shape[0], dtype=torch.bool)
-    for _ in range(iters):
-        H = J.transpose(-1, -2) @ J
-        g = (J.transpose(-1, -2) @ r[..., None])[..., 0]
-        damp = lam[:, None, None] * (H.diagonal(dim1=-2, dim2=-1)[..., None] * eye + 1e-30 * eye)
-        step = -torch.linalg.solve(H + damp, g)
-        R_new, t_new = rvec_to_rotmat(step[:, :3]) @ R, t + step[:, 3:]
-        r_new, J_new = terms(R_new, t_new)
-        new = r_new.pow(2).sum(-1)
-        ok = torch.isfinite(new) & (new <= cost) & ~finished
-        # Finished: the cost no longer falls beyond float64 rounding, or the damping blew up.
-        finished = finished | (ok & (cost - new <= 1e-14 * cost + 1e-30)) | (~ok & (lam >= 1e8))
-        R = torch.where(ok[:, None, None], R_new, R)
-        t = torch.where(ok[:, None], t_new, t)
-        r = torch.where(ok[:, None], r_new, r)
-        J = torch.where(ok[:, None, None], J_new, J)
-        cost = torch.where(ok, new, cost)
-        lam = torch.where(ok, lam * 0.2, lam * 10).clamp(1e-12, 1e12)
-        if bool(finished.all()):
-            break
+    def evaluate(state, idx):
+        # Gauss-Newton: cost r.r, gradient 2 J^T r, Hessian 2 J^T J (the generic LM of the solver)
+        data = (x2d, x3d) if idx is None else (x2d[idx], x3d)
+        r, J = terms(*state, *data)
+        Jt = J.transpose(-1, -2)
+        return r.pow(2).sum(-1), 2.0 * (Jt @ r[..., None])[..., 0], 2.0 * (Jt @ J)
+
+    def retract(state, step):
+        return rvec_to_rotmat(step[:, :3]) @ state[0], state[1] + step[:, 3:]
+
+    start = (rvec_to_rotmat(pose[:, :3].detach()), pose[:, 3:].detach().clone())
+    R, t = levenberg_marquardt(start, evaluate, retract, max_iter=iters, rtol=1e-14, atol=1e-30, lam0=1e-3).state
     pose = torch.cat([rotmat_to_rvec(R), t], -1)
     return pose
 

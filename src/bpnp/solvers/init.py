@@ -170,6 +170,25 @@ def minimise_on_so3(
     return orthonormalise(R), h
 
 
+def _object_space(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor) -> tuple[Tensor, ...]:
+    """The object-space problem of every item: ``rays (B,n,3)``, ``w (B,n)``, the weighted
+    ``centre (B,3)`` and ``centred`` points, ``T (B,3,9)``, Omega's trace ``norm (B,1,1)``, Omega
+    divided by it ``(B,9,9)`` and whether it is finite ``(B,)`` (items without a finite Omega,
+    from degenerate data, get the identity, as the eigen-decomposition raises on NaN; their
+    translations stay NaN, so their answers are not finite)."""
+    B, n, _ = x2d.shape
+    rays = normalised_rays(x2d, K)
+    w = weights.expand(B, n)
+    centre = (w[..., None] * x3d).sum(1) / w.sum(-1, keepdim=True)  # Bx3
+    centred = x3d - centre[:, None, :]
+    omega, T = omega_matrix(rays, centred, w)
+    norm = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
+    omega_n = omega / norm
+    finite = torch.isfinite(omega_n).flatten(1).all(-1)
+    omega_n = torch.where(finite[:, None, None], omega_n, torch.eye(9, dtype=omega.dtype, device=omega.device))
+    return rays, w, centre, centred, T, norm, omega_n, finite
+
+
 def initial_poses(
     x2d: Tensor,
     x3d: Tensor,
@@ -190,20 +209,7 @@ def initial_poses(
         slots an item does not use).
     """
     B, n, _ = x2d.shape
-    rays = normalised_rays(x2d, K)
-    w = weights.expand(B, n)
-    wsum = w.sum(-1, keepdim=True)
-    centre = (w[..., None] * x3d).sum(1) / wsum  # Bx3
-    centred = x3d - centre[:, None, :]
-    omega, T = omega_matrix(rays, centred, w)
-    # Omega is normalised by its trace before the eigen-decomposition and the multi-start.
-    norm = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
-    omega_n = omega / norm
-    # Items without a finite Omega (degenerate data) get a stand-in for the eigen-decomposition,
-    # which raises on NaN; their translations stay NaN, so their answers are not finite.
-    finite = torch.isfinite(omega_n).flatten(1).all(-1)
-    eye9 = torch.eye(9, dtype=omega.dtype, device=omega.device)
-    omega_n = torch.where(finite[:, None, None], omega_n, eye9)
+    rays, w, centre, centred, T, norm, omega_n, finite = _object_space(x2d, x3d, K, weights)
     _, vecs = torch.linalg.eigh(omega_n)
     # Flat or thin point sets leave Omega with a (near) null space in which eigenvectors are
     # poor starts; only they get the fixed starts (measured: solid sets lose no optimum with
@@ -272,15 +278,8 @@ def warm_start_trusted(
     Returns:
         ``(B,)`` bool.
     """
-    B, n, _ = x2d.shape
-    rays = normalised_rays(x2d, K)
-    w = weights.expand(B, n)
-    centre = (w[..., None] * x3d).sum(1) / w.sum(-1, keepdim=True)
-    omega, _ = omega_matrix(rays, x3d - centre[:, None, :], w)
-    norm = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
-    omega_n = omega / norm
-    finite = torch.isfinite(omega_n).flatten(1).all(-1)
-    omega_n = torch.where(finite[:, None, None], omega_n, torch.eye(9, dtype=omega.dtype, device=omega.device))
+    B = x2d.shape[0]
+    *_, omega_n, finite = _object_space(x2d, x3d, K, weights)
     _, vecs = torch.linalg.eigh(omega_n)
     m = min(options.solid_eigvecs, 9)
     e = vecs[..., :m].transpose(-1, -2).reshape(B, m, 3, 3) * 3.0**0.5
