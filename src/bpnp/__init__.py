@@ -5,7 +5,7 @@ the implicit function theorem (Chen et al., "End-to-End Learnable Geometric Visi
 Backpropagating PnP Optimization", CVPR 2020).
 """
 
-from . import interop
+from . import interop, metrics
 from ._version import __version__
 from .errors import BackendUnavailableError, NativeSolverWarning, PnPConvergenceWarning, PnPInputError
 from .geometry import (
@@ -37,5 +37,6 @@ __all__ = [
     "distort",
     "undistort",
     "interop",
+    "metrics",
     "__version__",
 ]

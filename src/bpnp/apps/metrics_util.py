@@ -5,25 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..geometry import rvec_to_rotmat
+from ..metrics import rotation_angle_deg, rotation_error_deg
 
-
-def rotation_angle_deg(R: Tensor, R_ref: Tensor) -> Tensor:
-    """Angle of ``R^T R_ref`` in degrees: ``(..., 3, 3), (..., 3, 3) -> (...)``.
-
-    atan2 of the skew and symmetric parts: accurate for small angles, where acos is not.
-    """
-    M = R.transpose(-1, -2) @ R_ref
-    cos = (M.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0
-    sin = 0.5 * torch.stack(
-        [M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]], -1
-    ).norm(dim=-1)
-    return torch.rad2deg(torch.atan2(sin, cos))
-
-
-def rotation_error_deg(pose: Tensor, pose_ref: Tensor) -> Tensor:
-    """Rotation angle between two poses in degrees: ``(..., 6), (..., 6) -> (...)``."""
-    return rotation_angle_deg(rvec_to_rotmat(pose[..., :3]), rvec_to_rotmat(pose_ref[..., :3]))
+__all__ = ["rotation_angle_deg", "rotation_error_deg", "translation_error_rel", "similarity_align"]
 
 
 def translation_error_rel(pose: Tensor, pose_ref: Tensor) -> Tensor:

@@ -1,0 +1,104 @@
+"""Pose-estimation metrics of the field: ADD, ADD-S, 2D projection error, n cm n deg, ADD(-S) AUC.
+
+All functions are batched, differentiable where that makes sense, and take poses as ``[rvec, t]``
+``(B, 6)`` in the OpenCV convention, object points ``(n, 3)`` in the units of the poses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .geometry import project, rvec_to_rotmat, transform_points
+
+__all__ = [
+    "add",
+    "add_s",
+    "projection_error",
+    "rotation_angle_deg",
+    "rotation_error_deg",
+    "translation_error",
+    "cm_deg_accuracy",
+    "auc",
+]
+
+
+def _model_in_camera(pose: Tensor, model: Tensor) -> Tensor:
+    return transform_points(model, rvec_to_rotmat(pose[:, :3]), pose[:, 3:])  # BxNx3
+
+
+def add(pred: Tensor, true: Tensor, model: Tensor) -> Tensor:
+    """ADD: mean distance between the model points under the two poses.
+
+    Args:
+        pred, true: ``(B, 6)`` poses; model: ``(n, 3)`` object points.
+    Returns:
+        ``(B,)`` in the units of the model.
+    """
+    return (_model_in_camera(pred, model) - _model_in_camera(true, model)).norm(dim=-1).mean(-1)
+
+
+def add_s(pred: Tensor, true: Tensor, model: Tensor, chunk: int = 4096) -> Tensor:
+    """ADD-S (symmetric objects): mean distance from each true-pose point to the closest
+    predicted-pose point. O(B n^2) work, in chunks of ``chunk`` points.
+
+    Args:
+        pred, true: ``(B, 6)``; model: ``(n, 3)``.
+    Returns:
+        ``(B,)``.
+    """
+    a, b = _model_in_camera(true, model), _model_in_camera(pred, model)
+    closest = torch.cat([torch.cdist(a[:, i : i + chunk], b).amin(-1) for i in range(0, a.shape[1], chunk)], 1)
+    return closest.mean(-1)
+
+
+def projection_error(pred: Tensor, true: Tensor, model: Tensor, K: Tensor) -> Tensor:
+    """2D projection error: mean pixel distance between the model's projections under the two poses.
+
+    Args:
+        pred, true: ``(B, 6)``; model: ``(n, 3)``; K: ``(3, 3)`` or ``(B, 3, 3)``.
+    Returns:
+        ``(B,)`` pixels.
+    """
+    return (project(model, pred, K) - project(model, true, K)).norm(dim=-1).mean(-1)
+
+
+def rotation_angle_deg(R: Tensor, R_ref: Tensor) -> Tensor:
+    """Angle of ``R^T R_ref`` in degrees: ``(..., 3, 3), (..., 3, 3) -> (...)``.
+
+    atan2 of the skew and symmetric parts: accurate for small angles, where acos is not.
+    """
+    M = R.transpose(-1, -2) @ R_ref
+    cos = (M.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0
+    sin = 0.5 * torch.stack(
+        [M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]], -1
+    ).norm(dim=-1)
+    return torch.rad2deg(torch.atan2(sin, cos))
+
+
+def rotation_error_deg(pose: Tensor, pose_ref: Tensor) -> Tensor:
+    """Rotation angle between two poses in degrees: ``(..., 6), (..., 6) -> (...)``."""
+    return rotation_angle_deg(rvec_to_rotmat(pose[..., :3]), rvec_to_rotmat(pose_ref[..., :3]))
+
+
+def translation_error(pred: Tensor, true: Tensor) -> Tensor:
+    """``|t_pred - t_true|``, ``(B,)`` in the units of the poses."""
+    return (pred[:, 3:] - true[:, 3:]).norm(dim=-1)
+
+
+def cm_deg_accuracy(pred: Tensor, true: Tensor, cm: float = 5.0, deg: float = 5.0, unit_per_cm: float = 10.0) -> Tensor:
+    """``(B,)`` bool: rotation error < ``deg`` degrees and translation error < ``cm`` centimetres
+    (``unit_per_cm``: pose units per centimetre; 10 for millimetres as in BOP)."""
+    return (rotation_error_deg(pred, true) < deg) & (translation_error(pred, true) < cm * unit_per_cm)
+
+
+def auc(errors: Tensor, max_threshold: float, steps: int = 1000) -> float:
+    """Area under the accuracy-threshold curve for thresholds in ``[0, max_threshold]``,
+    normalised to [0, 1] (e.g. ADD(-S) AUC with ``max_threshold`` = 10 cm as for YCB-Video).
+
+    Args:
+        errors: ``(B,)`` per-image errors; max_threshold: the curve's end.
+    """
+    thresholds = torch.linspace(0.0, max_threshold, steps + 1, dtype=torch.float64)
+    acc = (errors.detach().double().cpu()[None, :] <= thresholds[:, None]).double().mean(-1)
+    return float(torch.trapezoid(acc, thresholds) / max_threshold)
