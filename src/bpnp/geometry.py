@@ -26,6 +26,7 @@ __all__ = [
     "distort",
     "distort_jacobian",
     "undistort",
+    "undistort_pixels",
 ]
 
 
@@ -253,6 +254,21 @@ def undistort(xd: Tensor, dist: Tensor, iters: int = 20, tol: float = 1e-13) -> 
     if not bool(torch.isfinite(r).all()) or float(r.detach().abs().max()) > tol:
         raise ValueError("distortion: the coefficients cannot be inverted at these points")
     return xn
+
+
+def undistort_pixels(x2d: Tensor, K: Tensor, dist: Tensor) -> Tensor:
+    """Pixels with the lens distortion removed (the pixels a pinhole camera ``K`` would see).
+
+    Args:
+        x2d: ``(n, 2)`` or ``(B, n, 2)`` distorted pixels; K: ``(3, 3)`` upper-triangular camera
+        matrix; dist: as in :func:`distort`.
+    Raises:
+        ValueError: as :func:`undistort`.
+    """
+    A = K[:2, :2] / K[2, 2]  # focal lengths and skew
+    c = K[:2, 2] / K[2, 2]
+    xn = undistort((x2d - c) @ torch.linalg.inv(A).transpose(-1, -2), dist)
+    return xn @ A.transpose(-1, -2) + c
 
 
 def project(x3d: Tensor, pose: Tensor, K: Tensor, dist: Tensor | None = None) -> Tensor:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import PnPInputError
-from .geometry import project, undistort
+from .geometry import project, undistort_pixels
 from .layer import solve_pnp
 from .options import SolverOptions
 
@@ -76,9 +76,7 @@ def solvePnP(  # noqa: N802 - OpenCV's name
     K = _camera(cameraMatrix)
     dist = _dist(distCoeffs)
     if dist is not None:
-        xn = (x2d - K[:2, 2] / K[2, 2]) @ torch.linalg.inv(K[:2, :2] / K[2, 2]).T
-        xn = undistort(xn, dist)
-        x2d = xn @ (K[:2, :2] / K[2, 2]).T + K[:2, 2] / K[2, 2]
+        x2d = undistort_pixels(x2d, K, dist)
     init = None
     if useExtrinsicGuess:
         if rvec is None or tvec is None:

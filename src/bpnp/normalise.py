@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .geometry import rvec_to_rotmat
+
 __all__ = ["Normalisation", "normalise_problem", "pose_to_normalised", "pose_from_normalised"]
 
 
@@ -64,8 +66,6 @@ def normalise_problem(
 
 def pose_to_normalised(pose: Tensor, norm: Normalisation) -> Tensor:
     """``[rvec, t] (B, 6)`` of the original problem to the normalised one's ``[rvec, t_n]``."""
-    from .geometry import rvec_to_rotmat
-
     R = rvec_to_rotmat(pose[:, :3])
     t_n = (pose[:, 3:] + (R @ norm.centre[..., None])[..., 0]) / norm.scale
     return torch.cat([pose[:, :3], t_n], -1)

@@ -18,15 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..geometry import (
-    distort,
-    distort_jacobian,
-    project_points,
-    rotmat_to_rvec,
-    rvec_to_rotmat,
-    transform_points,
-    undistort,
-)
+from ..geometry import distort, distort_jacobian, project, rotmat_to_rvec, rvec_to_rotmat, undistort_pixels
 from ..layer import solve_pnp
 from ..solvers.lm import levenberg_marquardt
 from . import plots
@@ -91,12 +83,7 @@ def camera_from_params(params: torch.Tensor) -> torch.Tensor:
 
 def reproject(x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Pixels of ``x3d (n,3)`` for poses ``(B,6)`` and ``params`` = intrinsics [+ distortion]."""
-    xcam = transform_points(x3d, rvec_to_rotmat(pose[:, :3]), pose[:, 3:])
-    if params.numel() == 4:
-        return project_points(xcam, camera_from_params(params))
-    xn = xcam[..., :2] / xcam[..., 2:]
-    xd = distort(xn, params[4:])
-    return xd * params[None, None, :2] + params[None, None, 2:4]
+    return project(x3d, pose, camera_from_params(params[:4]), params[4:] if params.numel() > 4 else None)
 
 
 def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -105,9 +92,8 @@ def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor) -> 
     K = camera_from_params(params[:4])
     if params.numel() == 4:
         return solve_pnp(x2d, x3d, K, warn=False).pose
-    xn = (x2d - params[2:4]) / params[:2]
-    x2d_u = undistort(xn, params[4:]) * params[:2] + params[2:4]
-    start = solve_pnp(x2d_u.detach(), x3d, K.detach(), warn=False).pose
+    x2d_u = undistort_pixels(x2d.detach(), K.detach(), params[4:].detach())
+    start = solve_pnp(x2d_u, x3d, K.detach(), warn=False).pose
     return refine_poses_distorted(x2d, x3d, start, params.detach())
 
 
