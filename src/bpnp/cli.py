@@ -23,14 +23,22 @@ def _board(text: str) -> tuple[int, int]:
     return cols, rows
 
 
-def _positive_float(text: str) -> float:
+def _float_where(text: str, accept, rule: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    if not (math.isfinite(value) and accept(value)):
+        raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _float_where(text, lambda v: v > 0, "a finite positive number")
+
+
+def _fraction(text: str) -> float:
+    return _float_where(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _positive_int(text: str) -> int:
@@ -59,6 +67,196 @@ def _device(text: str) -> str:
     return text
 
 
+def _variants(text: str) -> tuple[str, ...]:
+    from .pose.train import VARIANTS
+
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in names if v not in VARIANTS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(VARIANTS)}, got {text!r}")
+    return names
+
+
+def _add_pose_commands(sub) -> None:
+    ren = sub.add_parser("render", help="render a mesh into a BOP-format training/test set")
+    ren.add_argument("--mesh", required=True, help="OBJ/PLY/GLB mesh (any units: --diameter scales it)")
+    ren.add_argument("--count", type=_positive_int, required=True, help="images to render")
+    ren.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default 128)")
+    ren.add_argument("--out", required=True, help="data-set folder (models/, keypoints.json, <split>/)")
+    ren.add_argument("--split", default="train", help="split folder name (default train)")
+    ren.add_argument("--seed", type=int, default=0)
+    ren.add_argument("--diameter", type=_positive_float, default=100.0, help="object diameter in mm (default 100)")
+    ren.add_argument("--keypoints", type=_positive_int, default=8, help="surface keypoints (plus the centre)")
+    ren.add_argument("--occluders", type=_fraction, default=0.3, help="share of images with occluders")
+    ren.add_argument("--texture", default=None, help="texture image for a mesh with UV coordinates")
+    ren.add_argument("--symmetric", action="store_true", help="record the object as symmetric (ADD-S)")
+    ren.add_argument("--quiet", action="store_true")
+    tr = sub.add_parser("train", help="train a keypoint network (optionally through the PnP layer)")
+    tr.add_argument("--config", default=None, help="JSON config (bpnp.pose.train.TrainConfig fields)")
+    tr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    tr.add_argument("--data", default=None, help="BOP split folder to train on")
+    tr.add_argument("--test-data", default=None, help="BOP split folder to evaluate on afterwards")
+    tr.add_argument("--mesh", default=None, help="render a data set of this mesh first (into OUT/data)")
+    tr.add_argument("--count", type=_positive_int, default=4000, help="with --mesh: training renders")
+    tr.add_argument("--test-count", type=_positive_int, default=500, help="with --mesh: test renders")
+    tr.add_argument("--obj-id", type=_positive_int, default=None)
+    tr.add_argument("--variant", type=_variants, default=None, help="heatmap, bpnp or coord")
+    tr.add_argument("--steps", type=_positive_int, default=None)
+    tr.add_argument("--batch-size", type=_positive_int, default=None)
+    tr.add_argument("--lr", type=_positive_float, default=None)
+    tr.add_argument("--size", type=_positive_int, default=None)
+    tr.add_argument("--workers", type=int, default=None)
+    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--device", type=_device, default=None)
+    tr.add_argument("--out", default=None, help="run folder (default runs/train)")
+    tr.add_argument("--quiet", action="store_true")
+    ev = sub.add_parser("evaluate", help="evaluate a trained network on a BOP split")
+    ev.add_argument("--checkpoint", required=True, help="model.pt of a training run")
+    ev.add_argument("--data", required=True, help="BOP split folder")
+    ev.add_argument("--obj-id", type=_positive_int, default=None)
+    ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate at most this many images")
+    ev.add_argument("--device", type=_device, default="cpu")
+    ev.add_argument("--unweighted", action="store_true", help="plain PnP (default: weighted by heatmap confidence)")
+    ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
+    ev.add_argument("--quiet", action="store_true")
+    ex = sub.add_parser("experiment", help="objpose: variants x meshes x seeds, paired comparison report")
+    ex.add_argument("--meshes", nargs="+", default=["spot", "cow", "teapot"], help="spot, cow, teapot or paths")
+    ex.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ex.add_argument("--variants", type=_variants, default=("heatmap", "bpnp", "coord"))
+    ex.add_argument("--steps", type=_positive_int, default=20000)
+    ex.add_argument("--train-count", type=_positive_int, default=20000)
+    ex.add_argument("--test-count", type=_positive_int, default=1000)
+    ex.add_argument("--size", type=_positive_int, default=128)
+    ex.add_argument("--device", type=_device, default="cpu")
+    ex.add_argument("--out", default=None, help="output folder (default runs/objpose_experiment)")
+    ex.add_argument("--quiet", action="store_true")
+
+
+def _existing_dir(path: str | None, option: str) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise UsageError(f"{option}: {path}: no such folder")
+
+
+def _run_pose(args: argparse.Namespace) -> int:
+    """render / train / evaluate / experiment."""
+    if args.command == "render":
+        from .pose.data import RenderSettings, render_dataset
+        from .progress import progress
+
+        if not Path(args.mesh).is_file():
+            raise UsageError(f"--mesh: {args.mesh}: no such file")
+        if args.size % 16:
+            raise UsageError(f"--size: expected a multiple of 16 (the network's stride), got {args.size}")
+        _writable_dir(args.out, args.out)
+        bar = None if args.quiet else (lambda it, total: progress(it, total=total, desc="render"))
+        split = render_dataset(
+            args.mesh,
+            args.out,
+            args.count,
+            RenderSettings(size=args.size, occluder_prob=args.occluders),
+            seed=args.seed,
+            split=args.split,
+            diameter_mm=args.diameter,
+            num_keypoints=args.keypoints,
+            symmetric=args.symmetric,
+            texture=args.texture,
+            progress=bar,
+        )
+        if not args.quiet:
+            print(f"{args.count} images in {split}")
+        return 0
+    if args.command == "train":
+        from .pose.train import TrainConfig, train
+
+        overrides = {
+            "data": args.data,
+            "test_data": args.test_data,
+            "obj_id": args.obj_id,
+            "variant": args.variant[0] if args.variant else None,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "size": args.size,
+            "workers": args.workers,
+            "seed": args.seed,
+            "device": args.device,
+            "out": args.out,
+        }
+        if args.quiet:
+            overrides["progress"] = False
+        if args.variant and len(args.variant) > 1:
+            raise UsageError("--variant: one variant per training run")
+        if args.resume:
+            config_file = Path(args.resume) / "config.json"
+            if not config_file.is_file():
+                raise UsageError(f"--resume: {args.resume} has no config.json (not a training run)")
+            # The folder named on the command line, also where the run was moved after it started.
+            cfg = TrainConfig.from_json(config_file, **{**overrides, "out": args.resume})
+        elif args.config:
+            if not Path(args.config).is_file():
+                raise UsageError(f"--config: {args.config}: no such file")
+            cfg = TrainConfig.from_json(args.config, **overrides)
+        else:
+            cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+        if args.mesh:
+            import os
+
+            from .pose.data import RenderSettings, render_dataset
+
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UsageError("--mesh under torchrun: render the data once with `bpnp render`, then train on it")
+            if not Path(args.mesh).is_file():
+                raise UsageError(f"--mesh: {args.mesh}: no such file")
+            data = Path(cfg.out) / "data"
+            settings = RenderSettings(size=cfg.size)
+            if not (data / "train" / "render_settings.json").is_file():
+                render_dataset(args.mesh, data, args.count, settings, seed=10_000 + cfg.seed, split="train")
+            if not (data / "test" / "render_settings.json").is_file():
+                render_dataset(args.mesh, data, args.test_count, settings, seed=20_000 + cfg.seed, split="test")
+            cfg = TrainConfig(**{**cfg.__dict__, "data": str(data / "train"), "test_data": str(data / "test")})
+        if not cfg.data:
+            raise UsageError("give --data DIR, --mesh PATH, --config FILE or --resume RUN_DIR")
+        _existing_dir(cfg.data, "data")
+        _existing_dir(cfg.test_data, "test_data")
+        _writable_dir(cfg.out, cfg.out)
+        summary = train(cfg, resume=bool(args.resume))
+        if cfg.test_data:
+            from .pose.evaluate import evaluate
+
+            evaluate(
+                Path(cfg.out) / "model.pt", cfg.test_data, Path(cfg.out) / "eval", device=cfg.device, quiet=args.quiet
+            )
+        if not args.quiet:
+            print(
+                f"trained {summary['steps']} steps (from {summary['resumed_from']}); model: {Path(cfg.out) / 'model.pt'}"
+            )
+        return 0
+    if args.command == "evaluate":
+        from .pose.evaluate import evaluate
+
+        if not Path(args.checkpoint).is_file():
+            raise UsageError(f"--checkpoint: {args.checkpoint}: no such file")
+        _existing_dir(args.data, "--data")
+        out = args.out or str(Path(args.checkpoint).parent / "eval")
+        _writable_dir(out, out)
+        evaluate(
+            args.checkpoint, args.data, out, obj_id=args.obj_id, device=args.device, limit=args.limit, quiet=args.quiet
+        )
+        if not args.quiet:
+            print(f"report: {Path(out) / 'report.md'}")
+        return 0
+    if args.command == "experiment":
+        from .apps.objpose import Budget, run_experiment
+
+        out = _writable_dir(args.out, str(Path("runs") / "objpose_experiment"))
+        budget = Budget(train_count=args.train_count, test_count=args.test_count, steps=args.steps, size=args.size)
+        run_experiment(out, args.meshes, args.seeds, args.variants, budget, device=args.device, quiet=args.quiet)
+        if not args.quiet:
+            print(f"report: {Path(out) / 'report.md'}")
+        return 0
+    return 1
+
+
 def _writable_dir(path: str | None, default: str) -> str:
     """Create the output folder now and check that a file can be written there, before the work."""
     target = Path(path or default)
@@ -76,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bpnp", description="bpnp: the PnP solver as a differentiable layer")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a demo experiment (writes metrics.json, plots, report.md)")
-    demo.add_argument("name", choices=["pose", "sfm", "calib", "calibrate", "layer", "all"])
+    demo.add_argument("name", choices=["pose", "sfm", "calib", "calibrate", "layer", "objpose", "all"])
     demo.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     demo.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda")
     demo.add_argument("--seed", type=int, default=0)
@@ -87,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--from-scratch", action="store_true", help="sfm: start from a random cloud (no knowledge of the shape)"
     )
+    demo.add_argument(
+        "--variants",
+        type=_variants,
+        default=None,
+        help="objpose: comma-separated training variants (heatmap, bpnp, coord; default heatmap,bpnp)",
+    )
+    _add_pose_commands(sub)
     cal = sub.add_parser("calibrate", help="calibrate a camera from chessboard photographs")
     cal.add_argument("images", nargs="*", help="photographs; none: render a synthetic set (demo)")
     cal.add_argument("--board", type=_board, default=(9, 6), help="inner corners COLSxROWS (default 9x6)")
@@ -112,9 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # bad data found during the work (e.g. too few boards)
         print(f"bpnp {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:
+        from .errors import BackendUnavailableError
+        from .pose.render import RenderUnavailableError
+
+        if isinstance(exc, (RenderUnavailableError, BackendUnavailableError)):  # this machine lacks something
+            print(f"bpnp {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command in ("render", "train", "evaluate", "experiment"):
+        return _run_pose(args)
     if args.command == "demo":
         args.out = _writable_dir(args.out, str(Path("runs") / args.name))
         kw = {"seed": args.seed, "quiet": args.quiet}
@@ -124,6 +339,10 @@ def _run(args: argparse.Namespace) -> int:
             kw["from_scratch"] = True
         if args.iters is not None and args.name not in ("layer", "all"):
             kw["iters"] = args.iters
+        if args.variants is not None:
+            if args.name != "objpose":
+                raise UsageError("--variants applies to the objpose demo")
+            kw["variants"] = args.variants
         out = args.out or str(Path("runs") / args.name)
         if args.name == "layer":
             from .apps import layer_demo

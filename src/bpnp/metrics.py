@@ -38,9 +38,10 @@ def add(pred: Tensor, true: Tensor, model: Tensor) -> Tensor:
     return (_model_in_camera(pred, model) - _model_in_camera(true, model)).norm(dim=-1).mean(-1)
 
 
-def add_s(pred: Tensor, true: Tensor, model: Tensor, chunk: int = 4096) -> Tensor:
+def add_s(pred: Tensor, true: Tensor, model: Tensor, chunk: int = 1 << 24) -> Tensor:
     """ADD-S (symmetric objects): mean distance from each true-pose point to the closest
-    predicted-pose point. O(B n^2) work, in chunks of ``chunk`` points.
+    predicted-pose point. O(B n^2) work, in blocks of at most ``chunk`` distances (memory stays
+    bounded for any batch and model size).
 
     Args:
         pred, true: ``(B, 6)``; model: ``(n, 3)``.
@@ -48,7 +49,15 @@ def add_s(pred: Tensor, true: Tensor, model: Tensor, chunk: int = 4096) -> Tenso
         ``(B,)``.
     """
     a, b = _model_in_camera(true, model), _model_in_camera(pred, model)
-    closest = torch.cat([torch.cdist(a[:, i : i + chunk], b).amin(-1) for i in range(0, a.shape[1], chunk)], 1)
+    B, n = a.shape[:2]
+    rows = max(1, chunk // max(n, 1))  # true-pose points per block, over one item
+    items = chunk // max(n * n, 1)  # whole items per block, when one fits
+    if n * n <= chunk:
+        closest = torch.cat([torch.cdist(a[i : i + items], b[i : i + items]).amin(-1) for i in range(0, B, items)], 0)
+    else:
+        closest = torch.stack(
+            [torch.cat([torch.cdist(a[i, j : j + rows], b[i]).amin(-1) for j in range(0, n, rows)]) for i in range(B)]
+        )
     return closest.mean(-1)
 
 

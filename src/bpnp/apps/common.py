@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..progress import progress  # noqa: F401 - the experiments' progress bar
+
 
 def output_dir(out: str | os.PathLike | None, name: str) -> Path:
     """``out`` or ``runs/<name>``, created."""
@@ -32,15 +34,6 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def progress(iterable: Iterable, total: int | None = None, desc: str = "", disable: bool = False):
-    """A tqdm progress bar when tqdm is installed, else the bare iterable."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
 class Timer:

@@ -1,0 +1,408 @@
+"""Training a keypoint heatmap network, optionally end to end through the PnP layer.
+
+Variants (``TrainConfig.variant``):
+
+- ``"heatmap"``: the heatmap loss alone (KL to Gaussian targets, :func:`~bpnp.pose.model.heatmap_loss`);
+- ``"bpnp"``: heatmap loss + ``beta`` x :class:`~bpnp.losses.BPnPReprojectionLoss` on the
+  soft-argmax keypoints, after ``warmup_frac`` of the steps with the heatmap loss alone;
+- ``"coord"``: the control, heatmap loss + ``beta`` x the same squared pixel error put on the
+  soft-argmax coordinates directly (no PnP).
+
+``beta=None`` sets beta once, at the first step after the warm-up, so that the two losses'
+gradient norms (over the network's parameters) stand in the ratio ``balance`` (default 0.3).
+
+Every batch is a pure function of ``(seed, step)`` (which images, which augmentation), and
+checkpoints hold the model, the optimiser and beta: ``resume`` after a ``kill -9`` continues to
+the same weights as an uninterrupted run. Under ``torchrun`` (several processes) each rank takes
+its share of every global batch and DistributedDataParallel averages the gradients.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..losses import BPnPReprojectionLoss, keypoint_loss
+from ..progress import progress as progress_bar
+from .data import PoseData, augment_image, load_split
+from .model import KeypointHeatmapNet, heatmap_confidence, heatmap_loss, soft_argmax
+
+__all__ = ["TrainConfig", "train", "load_checkpoint", "normalise_images", "VARIANTS"]
+
+VARIANTS = ("heatmap", "bpnp", "coord")
+MEAN, STD = 0.5, 0.25  # input normalisation of the network
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.json`` beside each run.
+
+    Attributes:
+        data: BOP split folder of the training images; test_data: split to evaluate on at the end
+            (optional); obj_id: the object.
+        out: the run folder (checkpoints, log, plots, config).
+        variant: ``"heatmap"``, ``"bpnp"`` or ``"coord"`` (see the module).
+        steps, batch_size, lr: Adam on ``batch_size`` images per step (the global batch under
+            torchrun), cosine decay to ``lr * lr_final``; clip_grad: gradient-norm clip.
+        warmup_frac: share of the steps before the pose/coordinate loss starts.
+        beta: weight of that loss; None: balanced by gradient norms (``balance``) at the end of
+            the warm-up. balance 0.3 and confidence weights are the best of a sweep on spot
+            (docs/objpose.md).
+        confidence_weights: BPnP weights from the heatmaps' confidences (``bpnp`` variant).
+        size: input image side; width: network width; sigma: heatmap target width (cells).
+        window: keypoint readout, :func:`~bpnp.pose.model.soft_argmax` over this many cells
+            around each heatmap's peak (None: the whole map), in training and evaluation alike.
+        augment: photometric augmentation; workers: data-loading worker processes.
+        seed: weights, batch order and augmentation; device: torch device; threads: torch
+            threads (None: torch's default).
+        log_every, checkpoint_every: steps between CSV rows / checkpoints (a multiple of log_every).
+        progress: show a progress bar.
+    """
+
+    data: str = ""
+    test_data: str | None = None
+    obj_id: int = 1
+    out: str = "runs/train"
+    variant: str = "bpnp"
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    lr_final: float = 0.01
+    clip_grad: float = 10.0
+    warmup_frac: float = 0.3
+    beta: float | None = None
+    balance: float = 0.3
+    confidence_weights: bool = True
+    size: int = 128
+    width: int = 32
+    sigma: float = 1.0
+    window: int | None = 3
+    augment: bool = True
+    workers: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 100
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        for name in ("steps", "batch_size", "size", "width", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.size % 16:
+            raise ValueError(f"size: expected a multiple of 16 (the network's stride), got {self.size}")
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every ({self.log_every})"
+            )
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac: expected in [0, 1), got {self.warmup_frac}")
+        for name in ("lr", "sigma", "balance", "clip_grad"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta: expected a finite number >= 0 or None, got {self.beta!r}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"window: expected a positive integer or None, got {self.window!r}")
+        if self.workers < 0:
+            raise ValueError(f"workers: expected >= 0, got {self.workers}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_frac * self.steps)) if self.variant != "heatmap" else self.steps
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a config file (JSON); ``overrides`` replace its entries. Unknown keys are an error."""
+        data = json.loads(Path(path).read_text())
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {unknown} (known: {sorted(known)})")
+        return cls(**data)
+
+
+def normalise_images(images: Tensor) -> Tensor:
+    """``(B, S, S, 3)`` uint8 or float in [0, 1] -> ``(B, 3, S, S)`` float32 network input."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return ((x - MEAN) / STD).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def _batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
+    per_epoch = max(1, n // batch)
+    epoch, j = divmod(step, per_epoch)
+    if n < batch:
+        return np.random.default_rng([seed, 7, step]).integers(0, n, batch)
+    perm = np.random.default_rng([seed, 11, epoch]).permutation(n)
+    return perm[j * batch : (j + 1) * batch]
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item ``i`` is this rank's share of the global batch of step ``start + i``."""
+
+    def __init__(self, data: PoseData, cfg: TrainConfig, start: int, rank: int, world: int) -> None:
+        self.data, self.cfg, self.start, self.rank, self.world = data, cfg, start, rank, world
+
+    def __len__(self) -> int:
+        return self.cfg.steps - self.start
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        step = self.start + i
+        idx = _batch_indices(self.cfg.seed, step, len(self.data), self.cfg.batch_size)
+        positions = np.arange(len(idx))[self.rank :: self.world]
+        idx = idx[positions]
+        imgs = self.data.images[idx]
+        if self.cfg.augment:
+            imgs = np.stack(
+                [
+                    augment_image(im, np.random.default_rng([self.cfg.seed, 13, step, int(p)]))
+                    for im, p in zip(imgs, positions)
+                ]
+            )
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(imgs)),
+            "kp2d": torch.from_numpy(self.data.keypoints2d[idx]),
+            "K": torch.from_numpy(self.data.K[idx]),
+        }
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("BPNP_DDP_BACKEND") != "gloo" else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    progress = step / max(1, cfg.steps - 1)
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill -9 leaves the old checkpoint or the new one, never half of one
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[KeypointHeatmapNet, dict]:
+    """A trained network (eval mode) and its checkpoint dict (``config``, ``keypoints3d``, ...)."""
+    ckpt = torch.load(Path(path), map_location=device, weights_only=False)
+    cfg = ckpt["config"]
+    net = KeypointHeatmapNet(len(ckpt["keypoints3d"]), cfg["width"]).to(device)
+    net.load_state_dict(ckpt["model"])
+    net.eval()
+    return net, ckpt
+
+
+def _grad_norm(loss: Tensor, params: list[Tensor]) -> float:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or, with ``resume``, continue) the run of ``cfg``; returns a summary dict.
+
+    Writes into ``cfg.out``: ``config.json``, ``log.csv`` (a row per ``log_every`` steps),
+    ``checkpoint.pt`` (every ``checkpoint_every`` steps, atomically), ``model.pt`` (the final
+    network), ``loss.png``. Under torchrun only rank 0 writes.
+    """
+    rank, world = _distributed()
+    out = Path(cfg.out)
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_split(cfg.data, obj_id=cfg.obj_id, size=cfg.size)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    torch.manual_seed(cfg.seed)
+    net = KeypointHeatmapNet(len(data.keypoints3d), cfg.width).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    start, beta = 0, cfg.beta
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, beta = ckpt["step"], ckpt["beta"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(out / "config.json")
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    params = [p for p in net.parameters() if p.requires_grad]
+    kp3d = torch.from_numpy(data.keypoints3d).to(device)
+    pnp_loss = BPnPReprojectionLoss(weight=1.0, confidence_weighted=cfg.confidence_weights)
+    log_path = out / "log.csv"
+    columns = ["step", "lr", "loss", "loss_heatmap", "loss_pose", "kp_error_px", "pnp_failures", "beta", "seconds"]
+    if rank == 0:
+        _truncate_log(log_path, columns, start)
+    batches = _StepBatches(data, cfg, start, rank, world)
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        shuffle=False,
+        num_workers=cfg.workers,
+        persistent_workers=False,
+        prefetch_factor=2 if cfg.workers else None,
+    )
+    bar = progress_bar(loader, total=len(batches), desc=f"train {cfg.variant}", disable=not cfg.progress or rank != 0)
+    window: dict[str, list[float]] = {c: [] for c in ("loss", "loss_heatmap", "loss_pose", "kp_error_px")}
+    failures_window = 0
+    total_failures = 0
+    nonfinite = 0
+    t0 = time.perf_counter()
+    net.train()
+    step = start
+    for step, batch in enumerate(bar, start=start):
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        image = normalise_images(batch["image"].to(device))
+        kp_true = batch["kp2d"].to(device).float()
+        K = batch["K"].to(device)
+        logits = model(image)
+        coords, probs = soft_argmax(logits, net.stride, cfg.window)
+        l_h = heatmap_loss(logits, kp_true, net.stride, cfg.sigma)
+        l_p = torch.zeros((), device=device)
+        pose_phase = cfg.variant != "heatmap" and step >= cfg.warmup_steps
+        if pose_phase:
+            if cfg.variant == "bpnp":
+                w = heatmap_confidence(probs, coords, net.stride).detach().double() if cfg.confidence_weights else None
+                l_p = pnp_loss(coords.double(), kp3d, K, kp_true.double(), weights=w).float()
+                failures_window += pnp_loss.last_failures
+                total_failures += pnp_loss.last_failures
+            else:
+                l_p = keypoint_loss(coords, kp_true)
+            if beta is None:
+                ratio = _grad_norm(l_h, params) / max(_grad_norm(l_p, params), 1e-30)
+                beta_t = torch.tensor(cfg.balance * ratio, dtype=torch.float64)
+                if world > 1:
+                    torch.distributed.all_reduce(beta_t)
+                    beta_t /= world
+                beta = float(beta_t)
+        loss = l_h + (beta or 0.0) * l_p if pose_phase else l_h
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            nonfinite += 1  # skipped, and counted: the run's summary reports it
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            opt.step()
+        with torch.no_grad():
+            kp_err = (coords - kp_true).norm(dim=-1).mean()
+        for key, value in (("loss", loss), ("loss_heatmap", l_h), ("loss_pose", l_p), ("kp_error_px", kp_err)):
+            window[key].append(float(value.detach()))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            row = {k: float(np.mean(v)) for k, v in window.items()}
+            row.update(step=done, lr=_lr(cfg, step), pnp_failures=failures_window, beta=beta or 0.0)
+            row["seconds"] = time.perf_counter() - t0
+            if rank == 0:
+                _append_log(log_path, columns, row)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", kp=f"{row['kp_error_px']:.2f}px")
+            window = {k: [] for k in window}
+            failures_window = 0
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": done, "beta": beta}
+            _save_atomic(state, ckpt_path)
+    summary = {
+        "steps": cfg.steps,
+        "resumed_from": start,
+        "beta": beta,
+        "pnp_failures": total_failures,
+        "nonfinite_steps": nonfinite,
+        "seconds": time.perf_counter() - t0,
+        "world_size": world,
+    }
+    if rank == 0:
+        final = {
+            "model": net.state_dict(),
+            "config": asdict(cfg),
+            "keypoints3d": data.keypoints3d,
+            "summary": summary,
+        }
+        _save_atomic(final, out / "model.pt")
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        plot_log(log_path, out / "loss.png")
+    summary["model"] = net
+    return summary
+
+
+def _truncate_log(path: Path, columns: list[str], start: int) -> None:
+    """Keep the rows up to the resumed step (rows written after the last checkpoint are redone)."""
+    rows = []
+    if start > 0 and path.is_file():
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _append_log(path: Path, columns: list[str], row: dict) -> None:
+    with path.open("a", newline="") as f:
+        csv.DictWriter(f, columns).writerow({c: row[c] for c in columns})
+
+
+def read_log(path: str | Path) -> dict[str, np.ndarray]:
+    """``log.csv`` as columns of floats."""
+    with Path(path).open() as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) for r in rows]) for k in (rows[0] if rows else {})}
+
+
+def plot_log(paths: str | Path | dict[str, str | Path], out: str | Path) -> None:
+    """Loss and keypoint-error curves of one run's ``log.csv`` (or several: ``{label: path}``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - plots are optional
+        return
+    runs = paths if isinstance(paths, dict) else {"": paths}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
+    for i, (label, path) in enumerate(runs.items()):
+        log = read_log(path)
+        if not log:
+            continue
+        colour = f"C{i}"  # one colour per run in every panel
+        axes[0].plot(log["step"], log["loss_heatmap"], color=colour, label=label or "heatmap loss")
+        on = log["loss_pose"] > 0  # the pose/coordinate loss starts after the warm-up
+        if on.any():
+            axes[1].plot(log["step"][on], log["loss_pose"][on], color=colour, label=label)
+        axes[2].plot(log["step"], log["kp_error_px"], color=colour, label=label)
+    axes[0].set_title("heatmap loss (KL)")
+    axes[1].set_title("pose / coordinate loss (px$^2$)")
+    axes[2].set_title("train keypoint error (px)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if isinstance(paths, dict):
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,172 @@
+"""Rendering, meshes, keypoints and the BOP format of bpnp.pose."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bpnp
+
+pytest.importorskip("trimesh")
+pytest.importorskip("moderngl")
+
+from bpnp.apps.objpose import spot_mesh  # noqa: E402
+from bpnp.pose import bop  # noqa: E402
+from bpnp.pose.data import RenderSettings, load_split, render_dataset  # noqa: E402
+from bpnp.pose.mesh import farthest_point_keypoints, load_mesh, mesh_diameter  # noqa: E402
+from bpnp.pose.render import Renderer, RenderUnavailableError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spot():
+    return load_mesh(spot_mesh(), diameter_mm=100.0)
+
+
+@pytest.fixture(scope="module")
+def renderer(spot):
+    try:
+        r = Renderer(spot, 96, 80, supersample=4)
+    except RenderUnavailableError as exc:
+        pytest.skip(f"no OpenGL here: {exc}")
+    yield r
+    r.release()
+
+
+def test_mesh_scaled_centred_textured(spot):
+    assert spot.diameter == pytest.approx(100.0, rel=1e-9)
+    assert np.allclose((spot.vertices.min(0) + spot.vertices.max(0)) / 2, 0, atol=1e-9)
+    assert spot.texture is not None and spot.texture.shape == (1024, 1024, 3)
+    assert spot.uv.shape == (len(spot.vertices), 2)
+    assert np.allclose(np.linalg.norm(spot.normals, axis=1), 1)
+
+
+def test_diameter_exact_against_brute_force():
+    pts = np.random.default_rng(0).normal(size=(900, 3))
+    brute = np.linalg.norm(pts[:, None] - pts[None], axis=-1).max()
+    assert mesh_diameter(pts) == pytest.approx(brute, rel=1e-12)
+
+
+def test_keypoints_farthest_and_deterministic(spot):
+    kp = farthest_point_keypoints(spot, 8, seed=3)
+    assert kp.shape == (9, 3) and np.all(kp[-1] == 0)
+    assert np.array_equal(kp, farthest_point_keypoints(spot, 8, seed=3))
+    d = np.linalg.norm(kp[:8, None] - kp[None, :8], axis=-1) + np.eye(8) * 1e9
+    assert d.min() > 0.2 * spot.diameter  # spread over the surface, not clustered
+    with pytest.raises(ValueError, match="count"):
+        farthest_point_keypoints(spot, 2)
+
+
+@pytest.mark.parametrize("rvec", [(0.0, 0.0, 0.0), (0.3, -2.0, 0.7), (2.5, 0.4, -1.0)])
+def test_silhouette_matches_projection(spot, renderer, rvec):
+    """The shader's camera is OpenCV's: the rendered mask's box equals the projected vertices' box."""
+    K = np.array([[150.0, 0.0, 44.0], [0.0, 140.0, 41.5], [0.0, 0.0, 1.0]])
+    pose = torch.tensor([*rvec, 8.0, -5.0, 260.0], dtype=torch.float64)
+    R = bpnp.rvec_to_rotmat(pose[:3]).numpy()
+    rgb, cover = renderer.render(R, pose[3:].numpy(), K)
+    assert rgb.shape == (80, 96, 3) and cover.shape == (80, 96)
+    uv = bpnp.project(torch.from_numpy(spot.vertices), pose[None], torch.from_numpy(K))[0].numpy()
+    # A pixel is touched when one of its 16 samples is covered: the extreme pixels lie within
+    # 0.5 px (rounding) plus a sample spacing of the extreme vertices, and no shift beyond that.
+    ys, xs = np.nonzero(cover > 0)
+    assert abs(xs.min() - uv[:, 0].min()) < 0.75 and abs(xs.max() - uv[:, 0].max()) < 0.75
+    assert abs(ys.min() - uv[:, 1].min()) < 0.75 and abs(ys.max() - uv[:, 1].max()) < 0.75
+    # Every projected vertex lands on (or next to) a covered pixel.
+    inside = np.round(uv).astype(int)
+    near = np.zeros_like(cover, dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            near |= np.roll(np.roll(cover > 0, dy, 0), dx, 1)
+    assert near[inside[:, 1], inside[:, 0]].all()
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    render_dataset(spot_mesh(), root, 12, RenderSettings(size=64), seed=5, split="train")
+    return root
+
+
+def test_render_writes_bop_and_is_deterministic(rendered, tmp_path):
+    split = rendered / "train"
+    anns = bop.read_scene(split / "000000")
+    assert len(anns) == 12 and {a.obj_id for a in anns} == {1}
+    info = bop.read_models_info(rendered / "models")[1]
+    assert info["diameter"] == pytest.approx(100.0)
+    assert (rendered / "models" / "obj_000001.ply").is_file()
+    gt_info = json.loads((split / "000000" / "scene_gt_info.json").read_text())
+    for entry in gt_info.values():
+        x, y, w, h = entry[0]["bbox_obj"]
+        side = max(w, h) / 64
+        assert 0.3 < side <= 1.0  # the object fills 40-80% of the image (box side, +- AA)
+        assert 0 <= entry[0]["visib_fract"] <= 1
+    data = load_split(split, size=64)
+    assert data.images.shape == (12, 64, 64, 3) and data.keypoints2d.shape == (12, 9, 2)
+    assert (data.keypoints2d > -1).all() and (data.keypoints2d < 65).all()
+    stored = json.loads((split / "000000" / "scene_keypoints.json").read_text())
+    assert np.allclose(np.array([stored[str(i)] for i in range(12)]), data.keypoints2d, atol=1e-9)
+    again = tmp_path / "again"
+    render_dataset(spot_mesh(), again, 12, RenderSettings(size=64), seed=5, split="train")
+    twin = load_split(again / "train", size=64)
+    assert np.array_equal(twin.images, data.images) and np.array_equal(twin.pose, data.pose)
+    other = tmp_path / "other"
+    render_dataset(spot_mesh(), other, 12, RenderSettings(size=64), seed=6, split="train")
+    assert not np.array_equal(load_split(other / "train", size=64).pose, data.pose)
+
+
+def test_cache_matches_fresh_read(rendered):
+    split = rendered / "train"
+    cached = load_split(split, size=64)
+    fresh = load_split(split, size=64, cache=False)
+    for name in ("images", "K", "pose", "keypoints2d", "ids"):
+        assert np.array_equal(getattr(cached, name), getattr(fresh, name)), name
+
+
+def test_bop_crop_keeps_geometry(tmp_path):
+    """Large BOP images are cropped around the object and K follows: the object's pixels in the
+    crop lie where the model projects with the new K."""
+    render_dataset(spot_mesh(), tmp_path, 4, RenderSettings(size=192, background="black", occluder_prob=0), seed=1)
+    data = load_split(tmp_path / "train", size=64, margin=0.2)
+    mesh = load_mesh(spot_mesh())
+    assert data.images.shape == (4, 64, 64, 3)
+    for j in range(4):
+        uv = bpnp.project(
+            torch.from_numpy(mesh.vertices), torch.from_numpy(data.pose[j : j + 1]), torch.from_numpy(data.K[j])
+        )[0]
+        ys, xs = np.nonzero(data.images[j].max(-1) > 10)
+        assert abs(xs.min() - uv[:, 0].min().item()) < 1.5 and abs(xs.max() - uv[:, 0].max().item()) < 1.5
+        assert abs(ys.min() - uv[:, 1].min().item()) < 1.5 and abs(ys.max() - uv[:, 1].max().item()) < 1.5
+        side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+        assert side == pytest.approx(64 / 1.2, abs=2.5)  # the margin
+
+
+def test_results_csv_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "scene_id": 1,
+            "im_id": i,
+            "obj_id": 5,
+            "score": 0.5,
+            "R": np.linalg.qr(rng.normal(size=(3, 3)))[0],
+            "t": rng.normal(size=3) * 100,
+            "time": 0.01,
+        }
+        for i in range(3)
+    ]
+    bop.write_results_csv(tmp_path / "r.csv", rows)
+    back = bop.read_results_csv(tmp_path / "r.csv")
+    assert (tmp_path / "r.csv").read_text().splitlines()[0] == "scene_id,im_id,obj_id,score,R,t,time"
+    for a, b in zip(rows, back):
+        assert (
+            b["im_id"] == a["im_id"]
+            and np.allclose(b["R"], a["R"], atol=1e-8)
+            and np.allclose(b["t"], a["t"], atol=1e-6)
+        )
+
+
+def test_missing_split_and_object(tmp_path, rendered):
+    with pytest.raises(FileNotFoundError, match="no BOP scene"):
+        load_split(tmp_path)
+    with pytest.raises(ValueError, match="no instance of obj_id 7"):
+        load_split(rendered / "train", obj_id=7, size=64, cache=False)

@@ -1,0 +1,291 @@
+"""The keypoint network, its losses, training (loss falls, kill -9 resume, DDP) and evaluation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bpnp.losses import BPnPReprojectionLoss, keypoint_loss
+from bpnp.pose.model import KeypointHeatmapNet, heatmap_confidence, heatmap_loss, heatmap_targets, soft_argmax
+from bpnp.synthetic import random_problems
+
+
+def test_network_shapes_and_soft_argmax():
+    net = KeypointHeatmapNet(9, width=8)
+    out = net(torch.randn(2, 3, 64, 48))
+    assert out.shape == (2, 9, 16, 12)
+    coords = torch.tensor([[[20.3, 31.7], [5.0, 40.2]]], dtype=torch.float64)
+    target = heatmap_targets(coords, (16, 12), stride=4, sigma=1.0)
+    assert torch.allclose(target.flatten(2).sum(-1), torch.ones(1, 2, dtype=torch.float64))
+    # The soft-argmax of the target's own logits is its centre (away from the border).
+    found, probs = soft_argmax(torch.log(target[:, :1]), stride=4)
+    assert torch.allclose(found[0, 0], coords[0, 0], atol=1e-6)
+    conf = heatmap_confidence(probs, found, stride=4)
+    assert 0.5 < float(conf) <= 1.0
+
+
+def test_windowed_readout_ignores_a_second_mode():
+    logits = torch.full((1, 1, 16, 16), -30.0, dtype=torch.float64)
+    logits[0, 0, 3, 3] = 0.0  # the peak, at pixel (13.5, 13.5)
+    logits[0, 0, 12, 12] = -0.5  # a weaker second mode
+    global_uv, _ = soft_argmax(logits, 4)
+    local_uv, _ = soft_argmax(logits, 4, window=2)
+    assert torch.allclose(local_uv[0, 0], torch.tensor([13.5, 13.5], dtype=torch.float64))
+    assert global_uv[0, 0, 0] > 25  # dragged towards the second mode
+    logits.requires_grad_()
+    soft_argmax(logits, 4, window=2)[0].sum().backward()
+    assert torch.isfinite(logits.grad).all() and abs(float(logits.grad[0, 0, 12, 12])) < 1e-12
+
+
+def test_heatmap_loss_zero_at_target_and_ignores_points_off_the_map():
+    coords = torch.tensor([[[20.0, 30.0], [500.0, 10.0]]])
+    target = heatmap_targets(coords, (16, 16), 4, 1.0)
+    assert float(target[0, 1].sum()) == 0.0  # off the map: no target
+    logits = torch.log(target.clamp_min(1e-30))
+    assert float(heatmap_loss(logits, coords)) == pytest.approx(0.0, abs=1e-4)
+    assert float(heatmap_loss(torch.zeros(1, 2, 16, 16), coords)) > 1.0
+
+
+def test_bpnp_reprojection_loss_exact_gradient():
+    p = random_problems(B=3, n=9, noise=0.0, seed=4, dtype=torch.float64)
+    loss_fn = BPnPReprojectionLoss(weight=0.5)
+    x_true = p.x2d.clone()
+    # Noise-free keypoints: the pose is exact, so the reprojection loss vanishes.
+    assert float(loss_fn(x_true, p.x3d, p.K, x_true)) < 1e-12
+    x = (x_true + torch.randn_like(x_true)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: loss_fn(v, p.x3d, p.K, x_true), (x,), eps=1e-6, atol=1e-7, rtol=1e-6)
+    warm = BPnPReprojectionLoss(warmup_steps=10)
+    assert float(warm(x, p.x3d, p.K, x_true, step=3).detach()) == 0.0
+    assert float(warm(x, p.x3d, p.K, x_true, step=10).detach()) > 0.0
+    assert float(keypoint_loss(x_true + 2.0, x_true)) == pytest.approx(8.0)
+
+
+pytest.importorskip("trimesh")
+pytest.importorskip("moderngl")
+
+from bpnp.apps.objpose import spot_mesh  # noqa: E402
+from bpnp.pose.data import RenderSettings, render_dataset  # noqa: E402
+from bpnp.pose.train import TrainConfig, read_log, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from bpnp.pose.render import Renderer, RenderUnavailableError
+
+    try:
+        Renderer(__import__("bpnp.pose.mesh", fromlist=["x"]).load_mesh(spot_mesh()), 8, 8).release()
+    except RenderUnavailableError as exc:
+        pytest.skip(f"no OpenGL here: {exc}")
+    root = tmp_path_factory.mktemp("tiny")
+    settings = RenderSettings(size=32, occluder_prob=0.0)
+    render_dataset(spot_mesh(), root, 24, settings, seed=1, split="train")
+    render_dataset(spot_mesh(), root, 8, settings, seed=2, split="test")
+    return root
+
+
+def _tiny(data, out, **kw):
+    base = dict(
+        data=str(data / "train"),
+        out=str(out),
+        steps=40,
+        batch_size=8,
+        size=32,
+        width=8,
+        lr=1e-2,
+        log_every=4,
+        checkpoint_every=8,
+        workers=0,
+        progress=False,
+        threads=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("variant", ["heatmap", "bpnp", "coord"])
+def test_loss_falls_and_no_pnp_failure(tiny_data, tmp_path, variant):
+    summary = train(_tiny(tiny_data, tmp_path, variant=variant, warmup_frac=0.5, augment=False))
+    log = read_log(tmp_path / "log.csv")
+    assert log["loss_heatmap"][-3:].mean() < 0.85 * log["loss_heatmap"][:2].mean()
+    assert summary["nonfinite_steps"] == 0 and summary["pnp_failures"] == 0
+    if variant == "heatmap":
+        assert summary["beta"] is None and not log["loss_pose"].any()
+    else:
+        assert summary["beta"] > 0 and (log["loss_pose"][log["step"] > 20] > 0).all()
+    for name in ("config.json", "model.pt", "checkpoint.pt", "loss.png", "train_summary.json"):
+        assert (tmp_path / name).is_file(), name
+
+
+def _state(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_data, tmp_path):
+    full = tmp_path / "full"
+    cfg = _tiny(tiny_data, full, variant="bpnp", steps=48, warmup_frac=0.25, workers=1)
+    train(cfg)
+    killed = tmp_path / "killed"
+    cfg_file = tmp_path / "cfg.json"
+    TrainConfig(**{**cfg.__dict__, "out": str(killed)}).to_json(cfg_file)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "bpnp.cli", "train", "--config", str(cfg_file), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.pt").is_file(), "the run finished before it could be killed"
+    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < 48
+    done = subprocess.run([sys.executable, "-m", "bpnp.cli", "train", "--resume", str(killed), "--quiet"], env=env)
+    assert done.returncode == 0
+    a, b = _state(full / "model.pt"), _state(killed / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_log(full / "log.csv")["loss"].tolist() == read_log(killed / "log.csv")["loss"].tolist()
+    assert json.loads((killed / "train_summary.json").read_text())["resumed_from"] == step
+
+
+def test_ddp_two_ranks_hold_identical_weights(tiny_data, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from bpnp.pose.train import TrainConfig, train\n"
+        "cfg = TrainConfig(data=sys.argv[1], out=sys.argv[2], steps=2, batch_size=8, size=32, width=8,\n"
+        "                  log_every=1, checkpoint_every=1, workers=0, progress=False, threads=1, variant='bpnp',\n"
+        "                  warmup_frac=0.0)\n"
+        "net = train(cfg)['model']\n"
+        "torch.save(net.state_dict(), os.path.join(sys.argv[2], f\"rank{os.environ['RANK']}.pt\"))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BPNP_DDP_BACKEND": "gloo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = tmp_path / "run"
+    done = subprocess.run(
+        cmd + [str(script), str(tiny_data / "train"), str(out)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    torch.manual_seed(0)  # the run's seed: its initial weights
+    start = KeypointHeatmapNet(9, 8).state_dict()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0 if "running" not in k and "num_batches" not in k)
+    assert any(not torch.equal(r0[k], start[k]) for k in r0 if k.endswith("weight"))  # a step was taken
+    assert json.loads((out / "train_summary.json").read_text())["world_size"] == 2
+
+
+def test_evaluate_writes_metrics_bop_csv_and_overlays(tiny_data, tmp_path):
+    from bpnp.pose import bop
+    from bpnp.pose.evaluate import evaluate
+
+    train(_tiny(tiny_data, tmp_path / "run", variant="bpnp", steps=8, warmup_frac=0.5))
+    metrics = evaluate(tmp_path / "run" / "model.pt", tiny_data / "test", tmp_path / "eval")
+    assert metrics["images"] == 8
+    for key in ("kp_error_px_mean", "proj2d_5px", "add_0.1d", "adds_0.1d", "5cm5deg", "add_auc_10cm", "pnp_converged"):
+        assert np.isfinite(metrics[key]), key
+    rows = bop.read_results_csv(tmp_path / "eval" / "predictions.csv")
+    assert len(rows) == 8 and all(np.allclose(r["R"] @ r["R"].T, np.eye(3), atol=1e-6) for r in rows)
+    per = np.load(tmp_path / "eval" / "per_image.npz")
+    assert per["add_mm"].shape == (8,) and per["ids"].shape == (8, 3)
+    assert (tmp_path / "eval" / "overlays.png").stat().st_size > 0
+    assert (tmp_path / "eval" / "report.md").read_text().startswith("# Evaluation")
+
+
+def test_config_checks(tmp_path):
+    with pytest.raises(ValueError, match="variant"):
+        TrainConfig(variant="magic")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        TrainConfig(size=100)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainConfig(log_every=10, checkpoint_every=15)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"steps": 5, "colour": "red"}))
+    with pytest.raises(ValueError, match="unknown config keys \\['colour'\\]"):
+        TrainConfig.from_json(path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["render", "--mesh", "nope.obj", "--count", "2", "--out", "{tmp}"], "no such file"),
+        (["render", "--mesh", "{mesh}", "--count", "2", "--size", "50", "--out", "{tmp}"], "multiple of 16"),
+        (["train", "--data", "{tmp}/missing"], "no such folder"),
+        (["train"], "give --data"),
+        (["train", "--resume", "{tmp}"], "no config.json"),
+        (["evaluate", "--checkpoint", "none.pt", "--data", "{tmp}"], "no such file"),
+    ],
+)
+def test_cli_mistakes_are_one_line(tmp_path, capsys, args, message):
+    from bpnp.cli import main
+
+    args = [a.format(tmp=tmp_path, mesh=spot_mesh()) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_render_train_evaluate(tmp_path, capsys):
+    from bpnp.cli import main
+
+    data = tmp_path / "data"
+    assert (
+        main(["render", "--mesh", str(spot_mesh()), "--count", "6", "--size", "32", "--out", str(data), "--quiet"]) == 0
+    )
+    assert (
+        main(
+            [
+                "render",
+                "--mesh",
+                str(spot_mesh()),
+                "--count",
+                "4",
+                "--size",
+                "32",
+                "--out",
+                str(data),
+                "--split",
+                "test",
+                "--seed",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        str(data / "train"),
+        "--test-data",
+        str(data / "test"),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+    ]
+    assert main(args + ["--size", "32", "--workers", "0", "--out", str(run), "--quiet"]) == 0
+    assert json.loads((run / "eval" / "metrics.json").read_text())["images"] == 4
+    assert (
+        main(
+            ["evaluate", "--checkpoint", str(run / "model.pt"), "--data", str(data / "test"), "--limit", "2", "--quiet"]
+        )
+        == 0
+    )
+    assert json.loads((run / "eval" / "metrics.json").read_text())["images"] == 2
+    assert Path(run / "config.json").is_file()
+
+
+def test_library_never_imports_the_apps():
+    code = (
+        "import sys, bpnp, bpnp.losses, bpnp.pose.model, bpnp.pose.train, bpnp.pose.evaluate, bpnp.pose.data, "
+        "bpnp.pose.bop, bpnp.pose.mesh, bpnp.pose.render; "
+        "print(sorted(m for m in sys.modules if m.startswith('bpnp.apps')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
