@@ -179,6 +179,17 @@ def test_ddp_two_ranks_hold_identical_weights(tiny_data, tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["world_size"] == 2
 
 
+def test_cli_train_under_torchrun(tiny_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BPNP_DDP_BACKEND": "gloo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bpnp.cli"]
+    args = ["train", "--data", str(tiny_data / "train"), "--test-data", str(tiny_data / "test"), "--steps", "2"]
+    args += ["--batch-size", "8", "--size", "32", "--workers", "0", "--out", str(tmp_path / "run"), "--quiet"]
+    done = subprocess.run(cmd + args, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["images"] == 8
+
+
 def test_evaluate_writes_metrics_bop_csv_and_overlays(tiny_data, tmp_path):
     from bpnp.pose import bop
     from bpnp.pose.evaluate import evaluate

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -199,8 +200,6 @@ def _run_pose(args: argparse.Namespace) -> int:
         else:
             cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
         if args.mesh:
-            import os
-
             from .pose.data import RenderSettings, render_dataset
 
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -220,6 +219,8 @@ def _run_pose(args: argparse.Namespace) -> int:
         _existing_dir(cfg.test_data, "test_data")
         _writable_dir(cfg.out, cfg.out)
         summary = train(cfg, resume=bool(args.resume))
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 evaluates and reports
+            return 0
         if cfg.test_data:
             from .pose.evaluate import evaluate
 
@@ -262,7 +263,7 @@ def _writable_dir(path: str | None, default: str) -> str:
     target = Path(path or default)
     try:
         target.mkdir(parents=True, exist_ok=True)
-        probe = target / ".bpnp-write-test"
+        probe = target / f".bpnp-write-test-{os.getpid()}"  # ranks of one torchrun job check at once
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
