@@ -100,6 +100,15 @@ def main() -> None:
         "Peak memory (forward+backward, float64, resident set of a fresh process) grows linearly with "
         "B x n; there are no B x n x n terms and no per-item graphs.\n"
     )
+    if (HERE / "results" / "bench_objpose.json").is_file():
+        bo = load("bench_objpose")
+        L.append(
+            f"## Object-pose pipeline (`python benchmarks/bench_objpose.py`, {bo['size']} px images, "
+            f"batch {bo['batch']}, {bo['device']})\n"
+        )
+        L.append("| what | ms | note |\n|---|---|---|")
+        L += [f"| {r['what']} | {fmt(r['ms'])} | {r['note']} |" for r in bo["rows"]]
+        L.append("")
     L.append("## Against the targets of the performance issue\n")
     r128 = next(r for r in bl["rows"] if r["B"] == 128 and r["n"] == 50)
     r1024 = next(r for r in bl["rows"] if r["B"] == 1024 and r["n"] == 50)

@@ -170,3 +170,18 @@ def test_missing_split_and_object(tmp_path, rendered):
         load_split(tmp_path)
     with pytest.raises(ValueError, match="no instance of obj_id 7"):
         load_split(rendered / "train", obj_id=7, size=64, cache=False)
+
+
+def test_keypoints_from_the_model_when_the_data_set_has_none(tmp_path):
+    """A BOP download has no keypoints.json: keypoints are sampled on models/obj_<id>.ply (mm)."""
+    from bpnp.pose.data import load_keypoints
+
+    render_dataset(spot_mesh(), tmp_path, 2, RenderSettings(size=64), seed=0)
+    (tmp_path / "keypoints.json").unlink()
+    kp = load_keypoints(tmp_path / "train", 1)
+    mesh = load_mesh(tmp_path / "models" / "obj_000001.ply", diameter_mm=None)
+    assert kp.shape == (9, 3) and np.allclose(kp[-1], 0, atol=1e-4)  # the model's box centre
+    nearest = np.linalg.norm(kp[:8, None] - mesh.vertices[None], axis=-1).min(1)
+    assert nearest.max() < 5.0  # on the surface (mm; spot's edges are ~3 mm at 10 cm)
+    data = load_split(tmp_path / "train", size=64, cache=False)
+    assert np.allclose(data.keypoints3d, kp)

@@ -90,7 +90,9 @@ def _add_pose_commands(sub) -> None:
     ren.add_argument("--keypoints", type=_positive_int, default=8, help="surface keypoints (plus the centre)")
     ren.add_argument("--occluders", type=_fraction, default=0.3, help="share of images with occluders")
     ren.add_argument("--texture", default=None, help="texture image for a mesh with UV coordinates")
-    ren.add_argument("--symmetric", action="store_true", help="record the object as symmetric (ADD-S)")
+    ren.add_argument(
+        "--symmetric", choices=["x", "y", "z"], default=None, help="axis of a continuous symmetry (evaluation: ADD-S)"
+    )
     ren.add_argument("--quiet", action="store_true")
     tr = sub.add_parser("train", help="train a keypoint network (optionally through the PnP layer)")
     tr.add_argument("--config", default=None, help="JSON config (bpnp.pose.train.TrainConfig fields)")

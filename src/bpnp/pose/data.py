@@ -205,7 +205,7 @@ def render_dataset(
     split: str = "train",
     diameter_mm: float = 100.0,
     num_keypoints: int = 8,
-    symmetric: bool = False,
+    symmetric: str | None = None,
     texture: str | Path | None = None,
     progress: Callable | None = None,
 ) -> Path:
@@ -222,8 +222,8 @@ def render_dataset(
         mesh_path: any mesh trimesh reads; out: the data-set folder; count: images.
         settings: :class:`RenderSettings`; seed: makes the split reproducible.
         diameter_mm: the physical size given to the mesh; num_keypoints: surface keypoints.
-        symmetric: record the object as symmetric (continuous symmetry about its z axis) so that
-            evaluation uses ADD-S.
+        symmetric: ``"x"``, ``"y"`` or ``"z"``: record a continuous symmetry about that axis of
+            the model (through its centre) so that evaluation uses ADD-S; None: not symmetric.
         texture: texture image for a mesh with UV coordinates (default: found beside the mesh).
         progress: wraps the image loop (e.g. a progress bar), called as ``progress(iterable, total)``.
     Returns:
@@ -250,8 +250,11 @@ def render_dataset(
         "size_y": hi[1] - lo[1],
         "size_z": hi[2] - lo[2],
     }
-    if symmetric:
-        info["symmetries_continuous"] = [{"axis": [0, 0, 1], "offset": [0, 0, 0]}]
+    if symmetric is not None:
+        if symmetric not in ("x", "y", "z"):
+            raise ValueError(f"symmetric: expected 'x', 'y', 'z' or None, got {symmetric!r}")
+        axis = [float(symmetric == a) for a in "xyz"]
+        info["symmetries_continuous"] = [{"axis": axis, "offset": [0.0, 0.0, 0.0]}]
     bop.write_models_info(models, {OBJ_ID: info})
     kp_file = out / "keypoints.json"
     if kp_file.is_file():

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,6 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -263,7 +262,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         batch_size=None,
         shuffle=False,
         num_workers=cfg.workers,
-        persistent_workers=False,
         prefetch_factor=2 if cfg.workers else None,
     )
     bar = progress_bar(loader, total=len(batches), desc=f"train {cfg.variant}", disable=not cfg.progress or rank != 0)
