@@ -185,3 +185,16 @@ def test_keypoints_from_the_model_when_the_data_set_has_none(tmp_path):
     assert nearest.max() < 5.0  # on the surface (mm; spot's edges are ~3 mm at 10 cm)
     data = load_split(tmp_path / "train", size=64, cache=False)
     assert np.allclose(data.keypoints3d, kp)
+
+
+def test_render_splits_reuses_only_what_matches(tmp_path):
+    from bpnp.pose.data import render_splits
+
+    settings = RenderSettings(size=32)
+    first = render_splits(spot_mesh(), tmp_path, {"train": 3, "test": 2}, settings, seed=4)
+    stamp = (first["train"] / "000000" / "rgb" / "000000.png").stat().st_mtime_ns
+    again = render_splits(spot_mesh(), tmp_path, {"train": 3, "test": 2}, settings, seed=4)
+    assert again == first and (first["train"] / "000000" / "rgb" / "000000.png").stat().st_mtime_ns == stamp
+    assert not np.array_equal(load_split(first["train"], size=32).pose[:2], load_split(first["test"], size=32).pose)
+    with pytest.raises(ValueError, match="other settings \\(count\\)"):
+        render_splits(spot_mesh(), tmp_path, {"train": 5, "test": 2}, settings, seed=4)

@@ -202,19 +202,15 @@ def _run_pose(args: argparse.Namespace) -> int:
         else:
             cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
         if args.mesh:
-            from .pose.data import RenderSettings, render_dataset
+            from .pose.data import RenderSettings, render_splits
 
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise UsageError("--mesh under torchrun: render the data once with `bpnp render`, then train on it")
             if not Path(args.mesh).is_file():
                 raise UsageError(f"--mesh: {args.mesh}: no such file")
-            data = Path(cfg.out) / "data"
-            settings = RenderSettings(size=cfg.size)
-            if not (data / "train" / "render_settings.json").is_file():
-                render_dataset(args.mesh, data, args.count, settings, seed=10_000 + cfg.seed, split="train")
-            if not (data / "test" / "render_settings.json").is_file():
-                render_dataset(args.mesh, data, args.test_count, settings, seed=20_000 + cfg.seed, split="test")
-            cfg = TrainConfig(**{**cfg.__dict__, "data": str(data / "train"), "test_data": str(data / "test")})
+            counts = {"train": args.count, "test": args.test_count}
+            split = render_splits(args.mesh, Path(cfg.out) / "data", counts, RenderSettings(size=cfg.size), cfg.seed)
+            cfg = TrainConfig(**{**cfg.__dict__, "data": str(split["train"]), "test_data": str(split["test"])})
         if not cfg.data:
             raise UsageError("give --data DIR, --mesh PATH, --config FILE or --resume RUN_DIR")
         _existing_dir(cfg.data, "data")

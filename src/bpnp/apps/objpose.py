@@ -104,7 +104,7 @@ def compare(
 ) -> dict[str, Any]:
     """Render, train every variant for every seed, evaluate: the rows of one mesh (``symmetric``:
     the axis of a continuous symmetry, evaluated with ADD-S)."""
-    from ..pose.data import RenderSettings, render_dataset
+    from ..pose.data import RenderSettings, render_splits
     from ..pose.evaluate import evaluate
     from ..pose.train import TrainConfig, train
     from .common import progress
@@ -113,14 +113,9 @@ def compare(
     settings = RenderSettings(size=budget.size)
     bar = None if quiet else (lambda it, total: progress(it, total=total, desc=f"render {Path(mesh).stem}"))
     t0 = time.perf_counter()
-    if not (data / "train" / "render_settings.json").is_file():
-        render_dataset(
-            mesh, data, budget.train_count, settings, seed=10_000, split="train", symmetric=symmetric, progress=bar
-        )
-    if not (data / "test" / "render_settings.json").is_file():
-        render_dataset(
-            mesh, data, budget.test_count, settings, seed=20_000, split="test", symmetric=symmetric, progress=bar
-        )
+    # One data set for every seed and variant: the comparison is paired on the same images.
+    counts = {"train": budget.train_count, "test": budget.test_count}
+    render_splits(mesh, data, counts, settings, seed=0, symmetric=symmetric, progress=bar)
     render_seconds = time.perf_counter() - t0
     runs: dict[str, dict[int, dict]] = {v: {} for v in variants}
     for seed in seeds:

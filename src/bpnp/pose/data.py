@@ -22,6 +22,7 @@ __all__ = [
     "PoseData",
     "RenderSettings",
     "render_dataset",
+    "render_splits",
     "load_split",
     "load_keypoints",
     "random_rotation",
@@ -319,6 +320,46 @@ def render_dataset(
     )
     load_split(split_dir, size=S)  # writes the packed cache
     return split_dir
+
+
+def render_splits(
+    mesh_path: str | Path,
+    out: str | Path,
+    counts: dict[str, int],
+    settings: RenderSettings | None = None,
+    seed: int = 0,
+    symmetric: str | None = None,
+    progress: Callable | None = None,
+) -> dict[str, Path]:
+    """Render each split of ``counts`` (e.g. ``{"train": 4000, "test": 500}``) into ``out``
+    unless it is already there with the same settings; split ``i`` uses seed
+    ``10000 * (i + 1) + seed``, so that the splits never share an image.
+
+    Returns:
+        ``{split: folder}``.
+    Raises:
+        ValueError: a split exists but was rendered otherwise (another mesh, count, size or seed).
+    """
+    settings = settings or RenderSettings()
+    folders = {}
+    for i, (split, count) in enumerate(counts.items()):
+        split_seed = 10_000 * (i + 1) + seed
+        wanted = {**settings.__dict__, "seed": split_seed, "count": count, "mesh": str(mesh_path)}
+        record = Path(out) / split / "render_settings.json"
+        if record.is_file():
+            found = json.loads(record.read_text())
+            found["fill"] = tuple(found["fill"])
+            if found != wanted:
+                diff = sorted(k for k in wanted if found.get(k) != wanted[k])
+                raise ValueError(
+                    f"{record.parent}: rendered with other settings ({', '.join(diff)}); use another folder"
+                )
+            folders[split] = record.parent
+        else:
+            folders[split] = render_dataset(
+                mesh_path, out, count, settings, seed=split_seed, split=split, symmetric=symmetric, progress=progress
+            )
+    return folders
 
 
 def load_keypoints(dataset_dir: str | Path, obj_id: int, count: int = 8) -> np.ndarray:
