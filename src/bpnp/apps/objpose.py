@@ -71,9 +71,6 @@ class Budget:
     warmup_frac: float = 0.3
 
 
-QUICK = Budget()
-
-
 def paired_interval(diffs_per_seed: list[np.ndarray], seed: int = 0) -> tuple[float, float, float]:
     """Mean and 95% interval of paired differences (variant minus baseline, per test image).
 
@@ -228,7 +225,7 @@ def run(
     projection < 5 px on >= 50% of the held-out renders, a mean keypoint error <= 8 px, no PnP
     failure and no non-finite loss in training.
     """
-    budget = budget or Budget(**{**QUICK.__dict__, **({"steps": iters} if iters else {})})
+    budget = budget or (Budget(steps=iters) if iters else Budget())
     root = output_dir(out, "objpose")
     t0 = time.perf_counter()
     result = compare(spot_mesh(), root, variants, (seed,), budget, device=device, quiet=quiet)

@@ -375,11 +375,7 @@ def load_keypoints(dataset_dir: str | Path, obj_id: int, count: int = 8) -> np.n
     models = bop.find_models_dir(dataset_dir)
     mesh = load_mesh(models / f"obj_{obj_id:06d}.ply", diameter_mm=None)
     # load_mesh centres the mesh on its box; keypoints must be in the model's own frame.
-    import trimesh
-
-    raw = np.asarray(trimesh.load(str(models / f"obj_{obj_id:06d}.ply"), process=False).vertices, dtype=np.float64)
-    centre = (raw.min(0) + raw.max(0)) / 2
-    return farthest_point_keypoints(mesh, count, seed=0) + centre
+    return farthest_point_keypoints(mesh, count, seed=0) + mesh.centre
 
 
 def _crop_matrix(bbox: tuple[int, int, int, int], size: int, margin: float) -> np.ndarray:

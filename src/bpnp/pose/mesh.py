@@ -26,6 +26,9 @@ class Mesh:
         texture: ``(H, W, 3)`` uint8 texture image (rows from the top) or None.
         colors: ``(V, 3)`` float vertex colours in [0, 1] or None.
         name: a short name (the file's stem).
+        centre: ``(3,)`` the file's coordinates of the bounding-box centre that was subtracted
+            (before any scaling): with ``diameter_mm=None``, ``vertices + centre`` are the file's
+            own coordinates.
     """
 
     vertices: np.ndarray
@@ -35,6 +38,7 @@ class Mesh:
     texture: np.ndarray | None = None
     colors: np.ndarray | None = None
     name: str = "object"
+    centre: np.ndarray | None = None
 
     @property
     def diameter(self) -> float:
@@ -102,7 +106,7 @@ def load_mesh(path: str | Path, diameter_mm: float | None = 100.0, texture: str 
     if diameter_mm is not None:
         vertices = vertices * (float(diameter_mm) / mesh_diameter(vertices))
     normals = _vertex_normals(vertices, faces)
-    return Mesh(vertices, faces, normals, uv, texture, colors, path.stem)
+    return Mesh(vertices, faces, normals, uv, texture, colors, path.stem, centre)
 
 
 def _texture_image(path: Path, given: str | Path | None, material_image) -> np.ndarray | None:
