@@ -18,7 +18,7 @@ from .geometry import (
     undistort,
 )
 from .layer import BPnP, PnPResult, solve_pnp
-from .options import SolverOptions
+from .options import RansacOptions, SolverOptions
 
 __all__ = [
     "BPnP",
@@ -32,6 +32,7 @@ __all__ = [
     "rotmat_to_rvec",
     "rvec_to_rotmat",
     "SolverOptions",
+    "RansacOptions",
     "solve_pnp",
     "transform_points",
     "distort",

@@ -101,6 +101,42 @@ def gradient_in_chart(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor,
     return cost_terms(R, t, x2d, x3d, K, weights, hessian=False).grad
 
 
+LOSSES = ("l2", "huber", "cauchy")
+
+
+def robust_loss(s: Tensor, loss: str, scale: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """``rho(s)``, ``rho'(s)`` and ``rho''(s)`` of a loss of the squared residual ``s``.
+
+    The conventions of Ceres' loss functions, with ``c = scale`` (the residual in pixels where
+    the loss leaves the quadratic): ``"l2"``: ``rho = s``; ``"huber"``: ``s`` for ``s <= c^2``,
+    ``2 c sqrt(s) - c^2`` beyond; ``"cauchy"``: ``c^2 log(1 + s / c^2)``. Each has ``rho(s) ~ s``
+    for small ``s``, so a robust cost equals the least-squares one on inliers.
+
+    Args:
+        s: ``(B, n)`` squared residual norms (>= 0); loss: one of :data:`LOSSES`;
+        scale: ``(B|1, 1)`` tensor or a float, > 0.
+    Returns:
+        Three ``(B, n)`` tensors.
+    """
+    if loss == "l2":
+        one = torch.ones_like(s)
+        return s, one, torch.zeros_like(s)
+    c2 = scale * scale
+    if loss == "huber":
+        inside = s <= c2
+        # sqrt of the clamped s: the branch not taken must not produce inf/NaN gradients.
+        root = torch.where(inside, c2 * torch.ones_like(s), s).sqrt()
+        rho = torch.where(inside, s, 2.0 * scale * root - c2)
+        d1 = torch.where(inside, torch.ones_like(s), scale / root)
+        d2 = torch.where(inside, torch.zeros_like(s), -0.5 * d1 / (root * root))
+        return rho, d1, d2
+    if loss == "cauchy":
+        q = 1.0 + s / c2
+        d1 = 1.0 / q
+        return c2 * torch.log1p(s / c2), d1, -d1 * d1 / c2
+    raise ValueError(f"unknown loss {loss!r}")
+
+
 def cost_terms(
     R: Tensor,
     t: Tensor,
@@ -110,16 +146,22 @@ def cost_terms(
     weights: Tensor,
     hessian: bool | str = True,
     min_depth: Tensor | float = 0.0,
+    loss: str = "l2",
+    loss_scale: Tensor | float = 1.0,
 ) -> CostTerms:
     """Cost, chart gradient and exact chart Hessian (or its Gauss-Newton part), in closed form.
 
     Points whose depth falls below ``min_depth`` are clamped to it (so a pose with points behind
     the camera gets a large finite cost rather than NaN); callers see this in ``min_depth``.
+    With a robust ``loss`` the cost is ``sum_i w_i rho(s_i)`` (``s_i`` the squared residual):
+    its gradient is the least-squares one with weights ``w rho'(s)``, and its exact Hessian adds
+    ``sum_i w_i rho''(s_i) ds_i ds_i^T`` to that (IRLS drops this term; the backward needs it).
 
     Args:
         R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``;
         K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; min_depth: scalar or ``(B, 1)``;
         hessian: True (exact), ``"gauss-newton"`` (without the residual curvature) or False.
+        loss: one of :data:`LOSSES`; loss_scale: ``(B|1, 1)`` or a float, in the units of x2d.
     Returns:
         :class:`CostTerms`.
     """
@@ -127,12 +169,17 @@ def cost_terms(
     # the elementwise work on fast paths; the sums over points are batched matmuls.
     pt = point_terms(R, t, x2d, x3d, K, min_depth)
     P, P0, P1, P2, depth, iz, a, b, ma, ru, rv, m00, m01, m11, c0, c1 = pt
-    w = weights.expand(depth.shape)
+    w0 = weights.expand(depth.shape)
     big = torch.finfo(depth.dtype).max
-    seen_depth = torch.where(w > 0, depth, torch.full_like(depth, big)).amin(-1)
+    seen_depth = torch.where(w0 > 0, depth, torch.full_like(depth, big)).amin(-1)
+    if loss == "l2":
+        w = w0
+    else:
+        rho, d1, d2 = robust_loss(ru * ru + rv * rv, loss, loss_scale)
+        w = w0 * d1
     wru = w * ru
     wrv = w * rv
-    cost = (wru * ru + wrv * rv).sum(-1)
+    cost = (wru * ru + wrv * rv).sum(-1) if loss == "l2" else (w0 * rho).sum(-1)
     # d pixel / d X rows (gu, gv), and d pixel / d xi = [P x g, g].
     gu0, gu1, gu2 = m00 * iz, m01 * iz, -ma * iz
     gv1, gv2 = m11 * iz, -(m11 * b) * iz
@@ -160,6 +207,11 @@ def cost_terms(
     if not hessian:
         return CostTerms(cost, grad, None, seen_depth)
     hess = (Jt * torch.cat([w, w], -1)[:, None, :]) @ Jt.transpose(-1, -2)  # Gauss-Newton / 2
+    if loss != "l2":
+        # rho'' term: ds_i/dxi = 2 J_i^T r_i, so (1/2) sum w rho'' (2 J^T r)(2 J^T r)^T.
+        n = depth.shape[-1]
+        G = Jt[..., :n] * ru[:, None] + Jt[..., n:] * rv[:, None]  # Bx6xN
+        hess = hess + (G * (2.0 * w0 * d2)[:, None]) @ G.transpose(-1, -2)
     if hessian == "gauss-newton":
         return CostTerms(cost, grad, 2.0 * hess, seen_depth)
 

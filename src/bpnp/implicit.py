@@ -204,3 +204,65 @@ def implicit_vjp(
     rhs = torch.cat([rot, grad_pose[:, 3:]], -1)
     u, _ = solve_hessian(hess, rhs)
     return input_gradients(u, R, t, x2d, x3d, K, weights, needs, keep)
+
+
+def robust_vjp(
+    grad_pose: Tensor,
+    rvec: Tensor,
+    R: Tensor,
+    t: Tensor,
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor,
+    loss_scale: Tensor,
+    loss: str,
+    needs: tuple[bool, ...],
+    grad_R: Tensor | None = None,
+    keep: Tensor | None = None,
+) -> tuple[Tensor | None, ...]:
+    """:func:`implicit_vjp` for a robust cost, also w.r.t. ``loss_scale``.
+
+    ``u = H^-1 rhs`` with the robust cost's exact Hessian (its ``rho''`` term included), then
+    ``-d (u . g) / d theta`` by one reverse pass through the closed-form chart gradient ``g``
+    (:func:`bpnp.cost.cost_terms`): exact, and differentiable again when a double backward asks
+    (``torch.is_grad_enabled()`` inside the backward).
+
+    Args:
+        as :func:`implicit_vjp`, plus loss_scale: ``(B|1, 1)``; loss: ``"huber"`` or ``"cauchy"``;
+        needs: five flags, for ``(x2d, x3d, K, weights, loss_scale)``.
+    Returns:
+        Five gradients shaped like the inputs (None where not needed).
+    """
+    from .cost import cost_terms
+
+    rot = inverse_left_jacobian_transpose_apply(rvec, grad_pose[:, :3])
+    if grad_R is not None:
+        M = grad_R @ R.transpose(-1, -2)
+        rot = rot + torch.stack([M[:, 2, 1] - M[:, 1, 2], M[:, 0, 2] - M[:, 2, 0], M[:, 1, 0] - M[:, 0, 1]], -1)
+    rhs = torch.cat([rot, grad_pose[:, 3:]], -1)
+    create = torch.is_grad_enabled()
+    inputs = (x2d, x3d, K, weights, loss_scale)
+    with torch.enable_grad():
+        leaves = [
+            x if create and x.requires_grad else x.detach().requires_grad_(bool(need)) for x, need in zip(inputs, needs)
+        ]
+        Rg, tg = (R, t) if create else (R.detach(), t.detach())
+        ct = cost_terms(Rg, tg, *leaves[:4], hessian=True, loss=loss, loss_scale=leaves[4])
+        u, _ = solve_hessian(ct.hess if create else ct.hess.detach(), rhs)
+        ok = torch.isfinite(u).all(-1) & torch.isfinite(ct.grad).all(-1)
+        if keep is not None:
+            ok = ok & keep
+        u = torch.where(ok[:, None], u, torch.zeros_like(u))
+        g = torch.where(ok[:, None], ct.grad, torch.zeros_like(ct.grad))
+        wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+        got = torch.autograd.grad(g, wanted, grad_outputs=-u, create_graph=create, allow_unused=True)
+    out: list[Tensor | None] = []
+    it = iter(got)
+    for x, need in zip(inputs, needs):
+        if not need:
+            out.append(None)
+            continue
+        gx = next(it)
+        out.append(torch.zeros_like(x) if gx is None else torch.nan_to_num(gx, nan=0.0, posinf=0.0, neginf=0.0))
+    return tuple(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -10,16 +12,17 @@ import torch
 from torch import Tensor, nn
 
 from .checks import canonical_pnp_inputs
-from .cost import cost_terms, point_terms
+from .cost import LOSSES, cost_terms, point_terms
 from .covariance import pose_covariance
 from .errors import BackendUnavailableError, PnPConvergenceWarning, PnPInputError
 from .geometry import rotmat_to_rvec, rvec_to_rotmat
-from .implicit import implicit_vjp
+from .implicit import implicit_vjp, robust_vjp
 from .normalise import normalise_problem, pose_from_normalised, pose_to_normalised
-from .options import SolverOptions
+from .options import RansacOptions, SolverOptions
 from .solvers.init import normalised_rays, warm_start_trusted
 from .solvers.native import native_available, native_unavailable_reason, solve_pnp_native, warn_unavailable_once
-from .solvers.pnp import PnPSolution, solve_pnp_forward
+from .solvers.pnp import PnPSolution, refine_robust, solve_pnp_forward
+from .solvers.ransac import ransac as run_ransac
 
 __all__ = ["PnPResult", "solve_pnp", "BPnP"]
 
@@ -56,6 +59,9 @@ class PnPResult:
             Computed on first access.
         iterations: the most Levenberg-Marquardt iterations any item of the batch needed.
         backend: the forward solver that ran: ``"native"``, ``"torch"`` or ``"opencv"``.
+        inliers: ``(B, n)`` bool, the final inlier set of ``ransac`` (None without RANSAC): the
+            points of positive weight within the threshold at RANSAC's pose (at least 6 where the
+            problem has them: with fewer inliers, the 6 nearest; ``converged`` is then False).
     """
 
     pose: Tensor
@@ -69,6 +75,7 @@ class PnPResult:
     ambiguous: Tensor | None = None
     trusted: Tensor | None = None
     _covariance: Any = field(default=None, repr=False)
+    inliers: Tensor | None = None
 
     @property
     def covariance(self) -> Tensor:
@@ -84,6 +91,7 @@ class _Forward(NamedTuple):
     solver: str  # "native", "torch" or "opencv"
     options: SolverOptions
     check_every: int
+    loss: str = "l2"
 
 
 def _pick_solver(method: str, backend: str, device: torch.device) -> str:
@@ -110,6 +118,25 @@ def _pick_solver(method: str, backend: str, device: torch.device) -> str:
 
 
 def _forward_solve(
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor,
+    init_pose: Tensor | None,
+    config: _Forward,
+    loss_scale: Tensor | None = None,
+) -> PnPSolution:
+    sol = _least_squares_solve(x2d, x3d, K, weights, init_pose, config)
+    if config.loss == "l2" or x2d.shape[0] == 0:
+        return sol
+    # The robust cost: Levenberg-Marquardt from the least-squares answer (a robust cost's
+    # minimum near it; with outliers, RANSAC's pose and inliers are that start).
+    return refine_robust(
+        sol.R, sol.t, x2d, x3d, K, weights, config.loss, loss_scale, config.options, config.check_every
+    )
+
+
+def _least_squares_solve(
     x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, init_pose: Tensor | None, config: _Forward
 ) -> PnPSolution:
     init_R = init_t = None
@@ -138,8 +165,8 @@ class _PnPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x2d, x3d, K, weights, init_pose, config):  # type: ignore[override]
-        sol = _forward_solve(x2d, x3d, K, weights, init_pose, config)
+    def forward(x2d, x3d, K, weights, loss_scale, init_pose, config):  # type: ignore[override]
+        sol = _forward_solve(x2d, x3d, K, weights, init_pose, config, loss_scale)
         rvec = sol.rvec if sol.rvec is not None else rotmat_to_rvec(sol.R)
         pose = torch.cat([rvec, sol.t], -1)
         second = sol.second_cost if sol.second_cost is not None else torch.full_like(sol.cost, float("inf"))
@@ -153,18 +180,19 @@ class _PnPFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x2d, x3d, K, weights, _, _ = inputs
+        x2d, x3d, K, weights, loss_scale, _, config = inputs
         pose, cost, converged, R, hess, iters, second, trusted = output
-        ctx.save_for_backward(x2d, x3d, K, weights, pose, R, hess)
+        ctx.save_for_backward(x2d, x3d, K, weights, loss_scale, pose, R, hess)
+        ctx.loss = config.loss
         # pose and R are differentiable outputs (R directly, which spares a Rodrigues map).
         ctx.mark_non_differentiable(cost, converged, hess, iters, second, trusted)
 
     @staticmethod
     def backward(ctx: Any, grad_pose: Tensor | None, _c: Any, _v: Any, grad_R: Tensor | None, *_: Any):  # type: ignore[override]
-        x2d, x3d, K, weights, pose, R, hess = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:4])
+        x2d, x3d, K, weights, loss_scale, pose, R, hess = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:5])
         if (grad_pose is None and grad_R is None) or not any(needs):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if grad_pose is None:
             grad_pose = torch.zeros_like(pose)
         # An item whose answer is not finite (a degenerate problem the solver could not handle) gets
@@ -184,11 +212,16 @@ class _PnPFunction(torch.autograd.Function):
             if grad_R is not None:
                 grad_R = torch.where(keep[:, None, None], grad_R, torch.zeros_like(grad_R))
         t = pose[:, 3:]
+        if ctx.loss != "l2":
+            grads = robust_vjp(
+                grad_pose, pose[:, :3], R, t, x2d, x3d, K, weights, loss_scale, ctx.loss, needs, grad_R, keep
+            )
+            return (*grads, None, None)
         if torch.is_grad_enabled():
             # create_graph: the Hessian as a differentiable function of the optimum and the inputs.
             hess = cost_terms(R, t, x2d, x3d, K, weights).hess
-        grads = implicit_vjp(grad_pose, pose[:, :3], R, t, hess, x2d, x3d, K, weights, needs, grad_R, keep)
-        return (*grads, None, None)
+        grads = implicit_vjp(grad_pose, pose[:, :3], R, t, hess, x2d, x3d, K, weights, needs[:4], grad_R, keep)
+        return (*grads, None, None, None)
 
 
 def solve_pnp(
@@ -201,14 +234,25 @@ def solve_pnp(
     method: str = "global",
     backend: str = "auto",
     options: SolverOptions | None = None,
+    loss: str = "l2",
+    loss_scale: float | Tensor = 1.0,
+    ransac: bool | RansacOptions = False,
     warn: bool = True,
 ) -> PnPResult:
     """Pose that minimises the weighted reprojection error; differentiable in every input.
 
-    Minimises ``sum_i w_i ||pi(R x3d_i + t; K) - x2d_i||^2`` (pixels). The forward solve is
-    batched and global (object-space multi-start, then exact-Hessian Levenberg-Marquardt in
-    float64); the backward is exact, by the implicit function theorem at the optimum, and so is
-    the double backward.
+    Minimises ``sum_i w_i rho(||pi(R x3d_i + t; K) - x2d_i||^2)`` (pixels; ``rho(s) = s`` for
+    the default ``loss="l2"``). The least-squares forward solve is batched and global
+    (object-space multi-start, then exact-Hessian Levenberg-Marquardt in float64); the backward
+    is exact, by the implicit function theorem at the optimum, and so is the double backward.
+
+    Outliers: ``ransac=True`` (or a :class:`~bpnp.options.RansacOptions`) first finds the inliers
+    by batched RANSAC (P3P samples, MSAC scores, local optimisation; see
+    :mod:`bpnp.solvers.ransac`), then solves on them (weights ``w * inliers``, warm-started at
+    RANSAC's pose); the gradient is exact for that inlier set (``PnPResult.inliers``), held fixed.
+    A robust ``loss`` (``"huber"`` or ``"cauchy"``, with ``loss_scale`` in pixels) is minimised by
+    exact-Hessian LM from the least-squares (or RANSAC) answer, and its backward uses the robust
+    cost's exact Hessian; gradients also flow to ``loss_scale`` when it is a tensor.
 
     Args:
         x2d: ``(B, n, 2)`` or ``(n, 2)`` image points in pixels, n >= 4.
@@ -224,6 +268,11 @@ def solve_pnp(
             solver otherwise, e.g. on GPU), ``"torch"`` (batched tensor ops on any device) or
             ``"native"`` (CPU only). Same algorithm, same options, same answers.
         options: :class:`~bpnp.options.SolverOptions` (default: ``SolverOptions()``).
+        loss: ``"l2"`` (default), ``"huber"`` or ``"cauchy"`` (see :func:`bpnp.cost.robust_loss`).
+        loss_scale: the robust loss's scale in pixels (the units of x2d): a positive float, or a
+            tensor of shape ``()`` or ``(B,)`` (differentiable). Ignored for ``"l2"``.
+        ransac: False (default), True (``RansacOptions()``) or a :class:`~bpnp.options.RansacOptions`
+            (``method="global"`` only).
         warn: emit a :class:`~bpnp.errors.PnPConvergenceWarning` when some items did not converge.
     Returns:
         :class:`PnPResult` in the dtype and on the device of the inputs (unbatched if ``x2d``
@@ -244,7 +293,16 @@ def solve_pnp(
         raise PnPInputError(f"options: expected a bpnp.SolverOptions, got {type(options).__name__}")
     if not isinstance(warn, bool):
         raise PnPInputError(f"warn: expected a bool, got {warn!r}")
+    if loss not in LOSSES:
+        raise PnPInputError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    if ransac is True:
+        ransac = RansacOptions()
+    elif ransac is not False and not isinstance(ransac, RansacOptions):
+        raise PnPInputError(f"ransac: expected a bool or a bpnp.RansacOptions, got {ransac!r}")
+    if ransac and method != "global":
+        raise PnPInputError("ransac: runs with method='global'")
     x2d_b, x3d_b, K_b, w_b, pose_b, unbatched = canonical_pnp_inputs(x2d, x3d, K, weights, init_pose)
+    scale_b = _loss_scale(loss_scale, x2d_b, unbatched)
     dtype = x2d_b.dtype
     f64 = torch.float64
     if w_b is None:
@@ -260,9 +318,33 @@ def solve_pnp(
         x2d_n, x3d_n, K_n, w_n = _stand_in(degenerate, x2d_n, x3d_n, K_n, w_n)
         if init_n is not None:
             init_n = torch.where(degenerate[:, None], torch.zeros_like(init_n), init_n)
+    scale_n = scale_b.to(f64) / norm.focal  # (B|1, 1): pixels to the normalised units
+    inliers = None
+    w_solve = w_n
+    if ransac:
+        with torch.no_grad():
+            found = run_ransac(
+                x2d_n.detach(),
+                x3d_n.detach(),
+                K_n.detach(),
+                w_n.detach(),
+                ransac.threshold / norm.focal,
+                ransac,
+                _local_solver(config),
+                native=config.solver == "native",
+            )
+        inliers = found.inliers
+        w_solve = w_n * inliers.to(f64)
+        init_n = torch.cat([rotmat_to_rvec(found.R), found.t], -1)
+        # The final solve refines RANSAC's pose on its inliers (a global search there could
+        # choose another basin than the one the inliers were read in).
+        config = config._replace(options=dataclasses.replace(options, global_search=False, check_warm_start=False))
     pose_n, cost, converged, R, hess_n, iters, second, checked = _PnPFunction.apply(
-        x2d_n, x3d_n, K_n, w_n, init_n, config
+        x2d_n, x3d_n, K_n, w_solve, scale_n, init_n, config._replace(loss=loss)
     )
+    if inliers is not None:
+        converged = converged & found.enough
+        w_n = w_solve
     # Ambiguity, in the normalised units: the residual variance, floored at float64's resolution
     # of a fit (residuals of 1e-8 focal lengths), so exact fits of several minima count too.
     dof = ((w_n > 0).sum(-1) * 2 - 6).clamp_min(1).to(cost.dtype)
@@ -317,7 +399,47 @@ def solve_pnp(
         pose, R, t, cost, converged, second, ambiguous, trusted = (
             x[0] for x in (pose, R, t, cost, converged, second, ambiguous, trusted)
         )
-    return PnPResult(pose, R, t, cost, converged, int(iters), config.solver, second, ambiguous, trusted, covariance)
+        inliers = None if inliers is None else inliers[0]
+    return PnPResult(
+        pose, R, t, cost, converged, int(iters), config.solver, second, ambiguous, trusted, covariance, inliers
+    )
+
+
+def _loss_scale(loss_scale: float | Tensor, x2d: Tensor, unbatched: bool) -> Tensor:
+    """``(B|1, 1)`` loss scale tensor (differentiable when given as a tensor), checked."""
+    if isinstance(loss_scale, Tensor):
+        if loss_scale.device != x2d.device:
+            raise PnPInputError(f"loss_scale: expected a tensor on {x2d.device}, got {loss_scale.device}")
+        if not loss_scale.is_floating_point():
+            raise PnPInputError(f"loss_scale: expected a floating-point tensor, got {loss_scale.dtype}")
+        B = x2d.shape[0]
+        if loss_scale.dim() == 0:
+            scale = loss_scale.reshape(1, 1)
+        elif loss_scale.dim() == 1 and loss_scale.shape[0] == B and not unbatched:
+            scale = loss_scale[:, None]
+        else:
+            raise PnPInputError(f"loss_scale: expected shape () or ({B},), got {tuple(loss_scale.shape)}")
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise PnPInputError("loss_scale: expected positive finite values")
+        return scale
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)):
+        raise PnPInputError(f"loss_scale: expected a positive number or a tensor, got {loss_scale!r}")
+    if not math.isfinite(loss_scale) or loss_scale <= 0:
+        raise PnPInputError(f"loss_scale: expected a positive finite number, got {loss_scale!r}")
+    return torch.full((1, 1), float(loss_scale), dtype=x2d.dtype, device=x2d.device)
+
+
+def _local_solver(config: _Forward):
+    """Least squares from a warm start with the layer's forward solver (RANSAC's local step)."""
+    local = config._replace(
+        options=dataclasses.replace(config.options, global_search=False, check_warm_start=False), loss="l2"
+    )
+
+    def solve(x2d: Tensor, x3d: Tensor, K: Tensor, w: Tensor, R: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        sol = _least_squares_solve(x2d, x3d, K, w, torch.cat([rotmat_to_rvec(R), t], -1), local)
+        return sol.R, sol.t
+
+    return solve
 
 
 def _degenerate(x2d_n: Tensor, x3d_n: Tensor, w_n: Tensor) -> Tensor:
@@ -386,10 +508,26 @@ class BPnP(nn.Module):
         options: :class:`~bpnp.options.SolverOptions` (default: ``SolverOptions()``).
         backend: as in :func:`solve_pnp`.
         method: as in :func:`solve_pnp`.
+        loss, loss_scale, ransac: as in :func:`solve_pnp`.
     """
 
-    def __init__(self, options: SolverOptions | None = None, backend: str = "auto", method: str = "global") -> None:
+    def __init__(
+        self,
+        options: SolverOptions | None = None,
+        backend: str = "auto",
+        method: str = "global",
+        loss: str = "l2",
+        loss_scale: float = 1.0,
+        ransac: bool | RansacOptions = False,
+    ) -> None:
         super().__init__()
+        if loss not in LOSSES:
+            raise PnPInputError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        if ransac is not False and ransac is not True and not isinstance(ransac, RansacOptions):
+            raise PnPInputError(f"ransac: expected a bool or a bpnp.RansacOptions, got {ransac!r}")
+        self.loss = loss
+        self.loss_scale = loss_scale
+        self.ransac = ransac
         if options is not None and not isinstance(options, SolverOptions):
             raise PnPInputError(f"options: expected a bpnp.SolverOptions, got {type(options).__name__}")
         if backend not in BACKENDS:
@@ -406,8 +544,20 @@ class BPnP(nn.Module):
         """Solve and return the pose ``(B, 6)`` (or ``(6,)`` for unbatched input); shapes as in
         :func:`solve_pnp`."""
         return solve_pnp(
-            x2d, x3d, K, weights, init_pose=init_pose, method=self.method, backend=self.backend, options=self.options
+            x2d,
+            x3d,
+            K,
+            weights,
+            init_pose=init_pose,
+            method=self.method,
+            backend=self.backend,
+            options=self.options,
+            loss=self.loss,
+            loss_scale=self.loss_scale,
+            ransac=self.ransac,
         ).pose
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, backend={self.backend!r}, options={self.options}"
+        robust = "" if self.loss == "l2" else f", loss={self.loss!r}, loss_scale={self.loss_scale}"
+        ransac = "" if self.ransac is False else f", ransac={self.ransac}"
+        return f"method={self.method!r}, backend={self.backend!r}{robust}{ransac}, options={self.options}"

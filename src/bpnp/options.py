@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 from .errors import PnPInputError
 
-__all__ = ["SolverOptions", "NATIVE_FIELDS", "MAX_CANDIDATES"]
+__all__ = ["SolverOptions", "RansacOptions", "NATIVE_FIELDS", "MAX_CANDIDATES"]
 
 #: Candidates one problem may refine (the C solver's fixed-size buffers).
 MAX_CANDIDATES = 9
@@ -155,6 +155,44 @@ class SolverOptions:
         _check_float("ambiguity_threshold", self.ambiguity_threshold, strictly_positive=False)
         if self.screen_ratio < 1:
             raise PnPInputError(f"screen_ratio: expected >= 1, got {self.screen_ratio!r}")
+
+
+@dataclass(frozen=True)
+class RansacOptions:
+    """Options of the batched RANSAC in :func:`~bpnp.solve_pnp` (``ransac=True`` takes these
+    defaults). Frozen: make a variant with ``dataclasses.replace``.
+
+    Attributes:
+        threshold: inlier threshold on the reprojection error, in pixels (the units of x2d).
+        confidence: stop a problem once an all-inlier sample has been drawn with this
+            probability (from its best inlier ratio so far; the usual adaptive count).
+        max_iterations: most minimal samples per problem.
+        min_iterations: fewest minimal samples per problem (a floor against a lucky early stop).
+        samples_per_round: minimal samples drawn per problem and round; a round is one batched
+            step for the whole batch, and problems drop out of later rounds once done.
+        local_iterations: rounds of local optimisation: least-squares refinement on the inliers
+            of the best hypothesis, re-reading the inliers at the refined pose.
+        seed: the random stream (the same seed, inputs and device give the same answer).
+    """
+
+    threshold: float = 4.0
+    confidence: float = 0.999
+    max_iterations: int = 1000
+    min_iterations: int = 16
+    samples_per_round: int = 16
+    local_iterations: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_float("threshold", self.threshold, strictly_positive=True)
+        _check_float("confidence", self.confidence, strictly_positive=True)
+        if not self.confidence < 1:
+            raise PnPInputError(f"confidence: expected a number in (0, 1), got {self.confidence!r}")
+        _check_int("max_iterations", self.max_iterations, 1, 10_000_000)
+        _check_int("min_iterations", self.min_iterations, 0, 10_000_000)
+        _check_int("samples_per_round", self.samples_per_round, 1, 100_000)
+        _check_int("local_iterations", self.local_iterations, 0, 100)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:

@@ -9,7 +9,14 @@ from torch import Tensor
 
 from .geometry import project
 
-__all__ = ["PnPProblems", "random_problems", "random_rotations", "stress_problems", "STRESS_KINDS"]
+__all__ = [
+    "PnPProblems",
+    "random_problems",
+    "random_rotations",
+    "outlier_problems",
+    "stress_problems",
+    "STRESS_KINDS",
+]
 
 
 class PnPProblems(NamedTuple):
@@ -88,6 +95,50 @@ def random_problems(
     weights = uniform(B, n, lo=0.2, hi=2.0) if weighted else torch.ones(B, n, dtype=f64)
     out = PnPProblems(x2d, x3d, K, weights, pose)
     return PnPProblems(*(x.to(dtype=dtype, device=device) for x in out))
+
+
+def outlier_problems(
+    B: int,
+    n: int = 50,
+    outlier_ratio: float = 0.3,
+    planar_fraction: float = 0.3,
+    noise: float = 1.0,
+    focal: tuple[float, float] = (500.0, 1500.0),
+    image_size: tuple[int, int] = (640, 480),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> tuple[PnPProblems, Tensor]:
+    """Unweighted problems of :func:`random_problems` whose outliers are image points replaced by
+    uniform random points of the image (the setting of bpnp's robust benchmark).
+
+    Args:
+        B: problems; n: points each; outlier_ratio: fraction of each problem's points replaced
+            (``round(outlier_ratio * n)``, chosen at random); planar_fraction: fraction of the
+            problems whose object points lie on a plane; noise: pixel noise std of the inliers;
+        focal: focal length range in pixels; image_size: ``(width, height)`` of the image the
+            outliers are drawn in; seed: random seed (CPU generator).
+    Returns:
+        The :class:`PnPProblems` and the ``(B, n)`` bool mask of true inliers.
+    """
+    if not 0.0 <= outlier_ratio <= 1.0:
+        raise ValueError(f"outlier_ratio: expected a fraction in [0, 1], got {outlier_ratio!r}")
+    n_planar = round(planar_fraction * B)
+    parts = [
+        random_problems(b, n, planar=planar, noise=noise, focal=focal, weighted=False, seed=seed + k)
+        for k, (b, planar) in enumerate(((n_planar, True), (B - n_planar, False)))
+        if b > 0
+    ]
+    x2d, x3d, K, weights, pose = (torch.cat(xs, 0) for xs in zip(*parts))
+    g = torch.Generator().manual_seed(seed + 1000)
+    k = round(outlier_ratio * n)
+    order = torch.rand(B, n, generator=g).argsort(-1)
+    outlier = torch.zeros(B, n, dtype=torch.bool).scatter_(-1, order[:, :k], True)
+    size = torch.tensor(image_size, dtype=torch.float64)
+    random_pixels = torch.rand(B, n, 2, generator=g, dtype=torch.float64) * size
+    x2d = torch.where(outlier[..., None], random_pixels, x2d)
+    out = PnPProblems(x2d, x3d, K, weights, pose)
+    return PnPProblems(*(x.to(dtype=dtype, device=device) for x in out)), (~outlier).to(device)
 
 
 STRESS_KINDS = ("noisy", "outliers10", "outliers30", "outliers50", "thin", "near_planar", "distant", "wide", "n4")

@@ -30,7 +30,14 @@ from ..errors import BackendUnavailableError, NativeSolverWarning
 from ..options import NATIVE_FIELDS, SolverOptions
 from .pnp import PnPSolution
 
-__all__ = ["native_available", "native_unavailable_reason", "native_build", "solve_pnp_native"]
+__all__ = [
+    "native_available",
+    "native_unavailable_reason",
+    "native_build",
+    "solve_pnp_native",
+    "msac_score_native",
+    "ransac_round_native",
+]
 
 _HERE = Path(__file__).parent
 _SOURCE = _HERE / "native_pnp.c"
@@ -108,6 +115,15 @@ def _open(path: Path) -> ctypes.CDLL:
     u8, i32 = ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_int32)
     opts = ctypes.POINTER(NativeOptions)
     lib.bpnp_solve.argtypes = [ip, ip, dp, dp, ip, dp, ip, dp, ip, dp, opts, ip, ip, dp, dp, dp, dp, dp, u8, i32, dp, u8]  # fmt: skip
+    lib.bpnp_msac_score.restype = None
+    # bpnp_msac_score(B, H, n, R, t, x2d, x3d, x3d_batched, K, K_batched, w, w_batched, tau2,
+    #                 num_threads, forked, score, count)
+    lib.bpnp_msac_score.argtypes = [ip, ip, ip, dp, dp, dp, dp, ip, dp, ip, dp, ip, dp, ip, ip, dp, i32]  # fmt: skip
+    i64 = ctypes.POINTER(ctypes.c_int64)
+    lib.bpnp_ransac_round.restype = None
+    # bpnp_ransac_round(A, S, n, ids, samples, rays, x2d, x3d, x3d_batched, K, K_batched, w,
+    #                   w_batched, tau2, num_threads, forked, R, t, score, count)
+    lib.bpnp_ransac_round.argtypes = [ip, ip, ip, i64, i64, dp, dp, dp, ip, dp, ip, dp, ip, dp, ip, ip, dp, dp, dp, i32]  # fmt: skip
     return lib
 
 
@@ -250,3 +266,113 @@ def solve_pnp_native(
     if status != 0:  # pragma: no cover - SolverOptions validates the same ranges first
         raise BackendUnavailableError(f"the native solver refused the options {options}")
     return PnPSolution(R, t, cost, hess, conv.bool(), int(iters.max()) if B else 0, rvec, second, trusted.bool())
+
+
+def msac_score_native(
+    R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, tau2: Tensor
+) -> tuple[Tensor, Tensor]:
+    """RANSAC's MSAC scores in compiled C (CPU tensors; see :mod:`bpnp.solvers.ransac`).
+
+    Args:
+        R: ``(B, H, 3, 3)``; t: ``(B, H, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``;
+        K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; tau2: ``(B,)`` squared thresholds.
+    Returns:
+        ``score (B, H)`` (``sum_i w_i min(e_i, tau2)``, float64) and ``count (B, H)`` (int32,
+        points of positive weight within the threshold).
+    """
+    lib = _load()
+    if lib is None:
+        raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
+    f64 = torch.float64
+    B, H = R.shape[:2]
+    n = x2d.shape[1]
+
+    def prep(x: Tensor) -> Tensor:
+        return x.detach().to(f64).contiguous()
+
+    R, t, x2d, x3d, K, weights, tau2 = (prep(x) for x in (R, t, x2d, x3d, K, weights, tau2))
+    score = torch.empty(B, H, dtype=f64)
+    count = torch.empty(B, H, dtype=torch.int32)
+    lib.bpnp_msac_score(
+        B,
+        H,
+        n,
+        _ptr(R),
+        _ptr(t),
+        _ptr(x2d),
+        _ptr(x3d),
+        int(x3d.shape[0] != 1 or B == 1),
+        _ptr(K),
+        int(K.shape[0] != 1 or B == 1),
+        _ptr(weights),
+        int(weights.shape[0] != 1 or B == 1),
+        _ptr(tau2),
+        torch.get_num_threads(),
+        int(_in_forked_child),
+        _ptr(score),
+        _ptr(count, ctypes.c_int32),
+    )
+    return score, count
+
+
+def ransac_round_native(
+    ids: Tensor,
+    samples: Tensor,
+    rays: Tensor,
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor,
+    tau2: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One RANSAC round in compiled C: P3P for every minimal sample, MSAC scores, the best pose
+    per problem (:func:`bpnp.solvers.ransac.p3p` and :func:`~bpnp.solvers.ransac.msac_score`,
+    the same formulas).
+
+    Args:
+        ids: ``(A,)`` rows of the batch in this round; samples: ``(A, S, 3)`` point indices;
+        rays: ``(B, n, 3)`` unit bearings; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``;
+        K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; tau2: ``(B,)`` squared thresholds.
+    Returns:
+        ``R (A, 3, 3)``, ``t (A, 3)``, ``score (A,)`` (inf: no sample gave a pose) and ``count (A,)``.
+    """
+    lib = _load()
+    if lib is None:
+        raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
+    f64 = torch.float64
+    A, S, _ = samples.shape
+    B, n = x2d.shape[:2]
+
+    def prep(x: Tensor) -> Tensor:
+        return x.detach().to(f64).contiguous()
+
+    rays, x2d, x3d, K, weights, tau2 = (prep(x) for x in (rays, x2d, x3d, K, weights, tau2))
+    ids = ids.to(torch.int64).contiguous()
+    samples = samples.to(torch.int64).contiguous()
+    R = torch.empty(A, 3, 3, dtype=f64)
+    t = torch.empty(A, 3, dtype=f64)
+    score = torch.empty(A, dtype=f64)
+    count = torch.empty(A, dtype=torch.int32)
+    lib.bpnp_ransac_round(
+        A,
+        S,
+        n,
+        _ptr(ids, ctypes.c_int64),
+        _ptr(samples, ctypes.c_int64),
+        _ptr(rays),
+        _ptr(x2d),
+        _ptr(x3d),
+        int(x3d.shape[0] != 1 or B == 1),
+        _ptr(K),
+        int(K.shape[0] != 1 or B == 1),
+        _ptr(weights),
+        int(weights.shape[0] != 1 or B == 1),
+        _ptr(tau2),
+        torch.get_num_threads(),
+        int(_in_forked_child),
+        _ptr(R),
+        _ptr(t),
+        _ptr(score),
+        _ptr(count, ctypes.c_int32),
+    )
+    return R, t, score, count

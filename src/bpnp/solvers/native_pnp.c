@@ -17,6 +17,7 @@
  * pthreads, over the batch) and called through ctypes by bpnp.solvers.native.
  */
 #include <math.h>
+#include <complex.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1159,4 +1160,201 @@ int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batch
     solve_items(&job);
 #endif
     return 0;
+}
+
+/* MSAC score sum_i w_i min(e_i, tau2) of one pose (e_i the squared reprojection error; tau2 for
+ * points behind the camera or non-finite errors) and the count of points of positive weight with
+ * e_i < tau2. Stops early (score only a lower bound, count partial) once the score exceeds stop. */
+static void msac_one(const double *r, const double *tt, const double *xy, const double *X, const double *k,
+                     const double *ww, int n, double tau, double stop, double *score_out, int *count_out) {
+    double m00 = k[0] / k[8], m01 = k[1] / k[8], m11 = k[4] / k[8], c0 = k[2] / k[8], c1 = k[5] / k[8];
+    double score = 0.0;
+    int count = 0;
+    for (int i = 0; i < n; i++) {
+        const double *p = X + 3 * i;
+        double z = r[6] * p[0] + r[7] * p[1] + r[8] * p[2] + tt[2];
+        double x = r[0] * p[0] + r[1] * p[1] + r[2] * p[2] + tt[0];
+        double y = r[3] * p[0] + r[4] * p[1] + r[5] * p[2] + tt[1];
+        double iz = 1.0 / z, a = x * iz, bb = y * iz;
+        double du = m00 * a + m01 * bb + c0 - xy[2 * i], dv = m11 * bb + c1 - xy[2 * i + 1];
+        double e = du * du + dv * dv;
+        int in = z > 0 && e < tau; /* false for NaN */
+        score += ww[i] * (in ? e : tau);
+        count += in && ww[i] > 0;
+        if ((i & 7) == 7 && score > stop) break;
+    }
+    *score_out = score;
+    *count_out = count;
+}
+
+/* RANSAC scoring (bpnp.solvers.ransac): msac_one for B problems with H poses each (R row-major
+ * B x H x 9, t B x H x 3) into score (B x H) and count (B x H). Inputs as bpnp_solve's. */
+void bpnp_msac_score(int B, int H, int n, const double *R, const double *t, const double *x2d, const double *x3d,
+                     int x3d_batched, const double *K, int K_batched, const double *w, int w_batched,
+                     const double *tau2, int num_threads, int forked, double *score_out, int32_t *count_out) {
+    long total = (long)B * H;
+    int want = num_threads < 1 ? 1 : num_threads;
+    (void)forked;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(want) if (want > 1 && !forked && !in_forked_child && total > 256)
+#endif
+    for (long bh = 0; bh < total; bh++) {
+        long b = bh / H;
+        int cnt;
+        msac_one(R + bh * 9, t + bh * 3, x2d + b * n * 2, x3d + (x3d_batched ? b * n * 3 : 0),
+                 K + (K_batched ? b * 9 : 0), w + (w_batched ? b * n : 0), n, tau2[b], INFINITY, score_out + bh, &cnt);
+        count_out[bh] = cnt;
+    }
+}
+
+/* Complex roots of a4 x^4 + ... + a0 (Ferrari; bpnp.solvers.ransac.solve_quartic step for step). */
+static void solve_quartic(const double *a, double complex *roots) {
+    double complex b3 = a[3] / a[4], b2 = a[2] / a[4], b1 = a[1] / a[4], b0 = a[0] / a[4];
+    double complex p = b2 - 3.0 * b3 * b3 / 8.0;
+    double complex q = b1 - b3 * b2 / 2.0 + b3 * b3 * b3 / 8.0;
+    double complex r = b0 - b3 * b1 / 4.0 + b3 * b3 * b2 / 16.0 - 3.0 * b3 * b3 * b3 * b3 / 256.0;
+    double complex c2 = p, c1 = p * p / 4.0 - r, c0 = -q * q / 8.0;
+    double complex P = c1 - c2 * c2 / 3.0, Q = 2.0 * c2 * c2 * c2 / 27.0 - c2 * c1 / 3.0 + c0;
+    double complex disc = csqrt(Q * Q / 4.0 + P * P * P / 27.0);
+    double complex u3 = cabs(-Q / 2.0 + disc) >= cabs(-Q / 2.0 - disc) ? -Q / 2.0 + disc : -Q / 2.0 - disc;
+    double complex u = cpow(u3, 1.0 / 3.0);
+    const double complex omega = -0.5 + 0.8660254037844386 * I;
+    double complex best = 0.0, wk = 1.0;
+    for (int k = 0; k < 3; k++, wk *= omega) {
+        double complex uk = u * wk;
+        double complex m = (cabs(uk) > 0 ? uk - P / (3.0 * uk) : 0.0) - c2 / 3.0;
+        if (k == 0 || cabs(m) > cabs(best)) best = m;
+    }
+    double complex sq = csqrt(2.0 * best);
+    double complex h = cabs(sq) > 0 ? q / (2.0 * sq) : 0.0;
+    for (int k = 0; k < 2; k++) {
+        double sign = k == 0 ? 1.0 : -1.0;
+        double complex bq = -sign * sq, cq = p / 2.0 + best + sign * h;
+        double complex d = csqrt(bq * bq - 4.0 * cq);
+        roots[2 * k] = (-bq + d) / 2.0 - b3 / 4.0;
+        roots[2 * k + 1] = (-bq - d) / 2.0 - b3 / 4.0;
+    }
+}
+
+static void triple_frame(const double *p0, const double *p1, const double *p2, double *F) {
+    double e0[3] = {p1[0] - p0[0], p1[1] - p0[1], p1[2] - p0[2]};
+    double d[3] = {p2[0] - p0[0], p2[1] - p0[1], p2[2] - p0[2]};
+    double l = sqrt(e0[0] * e0[0] + e0[1] * e0[1] + e0[2] * e0[2]);
+    for (int k = 0; k < 3; k++) e0[k] /= l;
+    double nv[3] = {e0[1] * d[2] - e0[2] * d[1], e0[2] * d[0] - e0[0] * d[2], e0[0] * d[1] - e0[1] * d[0]};
+    l = sqrt(nv[0] * nv[0] + nv[1] * nv[1] + nv[2] * nv[2]);
+    for (int k = 0; k < 3; k++) nv[k] /= l;
+    double e1[3] = {nv[1] * e0[2] - nv[2] * e0[1], nv[2] * e0[0] - nv[0] * e0[2], nv[0] * e0[1] - nv[1] * e0[0]};
+    for (int k = 0; k < 3; k++) { F[3 * k] = e0[k]; F[3 * k + 1] = e1[k]; F[3 * k + 2] = nv[k]; }
+}
+
+/* P3P (bpnp.solvers.ransac.p3p step for step): up to 4 poses (R row-major, t) mapping the
+ * object points X (3 x 3, rows) onto the unit bearings f (3 x 3, rows); returns how many. */
+static int p3p_solve(const double *f, const double *X, double (*Rs)[9], double (*ts)[3]) {
+    const double *f1 = f, *f2 = f + 3, *f3 = f + 6, *X1 = X, *X2 = X + 3, *X3 = X + 6;
+    double c12 = f1[0] * f2[0] + f1[1] * f2[1] + f1[2] * f2[2];
+    double c13 = f1[0] * f3[0] + f1[1] * f3[1] + f1[2] * f3[2];
+    double c23 = f2[0] * f3[0] + f2[1] * f3[1] + f2[2] * f3[2];
+    double D12 = 0, D13 = 0, D23 = 0;
+    for (int k = 0; k < 3; k++) {
+        D12 += (X1[k] - X2[k]) * (X1[k] - X2[k]);
+        D13 += (X1[k] - X3[k]) * (X1[k] - X3[k]);
+        D23 += (X2[k] - X3[k]) * (X2[k] - X3[k]);
+    }
+    double a[5];
+    a[0] = D12 * D12 - 2 * D12 * D13 - 2 * D12 * D23 + D13 * D13 - 4 * D13 * D23 * c12 * c12 + 2 * D13 * D23 + D23 * D23;
+    a[1] = 4 * (-(D12 * D12) * c13 + D12 * D13 * c12 * c23 + D12 * D13 * c13 + 2 * D12 * D23 * c13 -
+                D13 * D13 * c12 * c23 + 2 * D13 * D23 * c12 * c12 * c13 + D13 * D23 * c12 * c23 - D13 * D23 * c13 -
+                D23 * D23 * c13);
+    a[2] = 2 * (2 * D12 * D12 * c13 * c13 + D12 * D12 - 4 * D12 * D13 * c12 * c13 * c23 - 2 * D12 * D13 * c23 * c23 -
+                4 * D12 * D23 * c13 * c13 - 2 * D12 * D23 + 2 * D13 * D13 * c12 * c12 + 2 * D13 * D13 * c23 * c23 -
+                D13 * D13 - 2 * D13 * D23 * c12 * c12 - 4 * D13 * D23 * c12 * c13 * c23 + 2 * D23 * D23 * c13 * c13 +
+                D23 * D23);
+    a[3] = 4 * (-(D12 * D12) * c13 + D12 * D13 * c12 * c23 + 2 * D12 * D13 * c13 * c23 * c23 - D12 * D13 * c13 +
+                2 * D12 * D23 * c13 - D13 * D13 * c12 * c23 + D13 * D23 * c12 * c23 + D13 * D23 * c13 -
+                D23 * D23 * c13);
+    a[4] = D12 * D12 - 4 * D12 * D13 * c23 * c23 + 2 * D12 * D13 - 2 * D12 * D23 + D13 * D13 - 2 * D13 * D23 + D23 * D23;
+    double complex z[4];
+    solve_quartic(a, z);
+    double Fw[9];
+    triple_frame(X1, X2, X3, Fw);
+    int count = 0;
+    for (int k = 0; k < 4; k++) {
+        double v = creal(z[k]);
+        if (!(fabs(cimag(z[k])) <= 1e-4 * (1.0 + fabs(v)))) continue;
+        for (int it = 0; it < 3; it++) {
+            double fv = (((a[4] * v + a[3]) * v + a[2]) * v + a[1]) * v + a[0];
+            double df = ((4.0 * a[4] * v + 3.0 * a[3]) * v + 2.0 * a[2]) * v + a[1];
+            if (fabs(df) > 0) v -= fv / df;
+        }
+        double num = (D12 + D13 - D23) * v * v + 2.0 * (D23 - D12) * c13 * v + D12 - D13 - D23;
+        double u = num / (2.0 * D13 * (c23 * v - c12));
+        double den = 1.0 + u * u - 2.0 * u * c12;
+        double l1 = sqrt(D12 / den);
+        if (!(v > 0 && u > 0 && den > 0 && isfinite(u) && isfinite(l1) && isfinite(v))) continue;
+        double P1[3], P2[3], P3[3], Fc[9];
+        for (int c = 0; c < 3; c++) { P1[c] = l1 * f1[c]; P2[c] = u * l1 * f2[c]; P3[c] = v * l1 * f3[c]; }
+        triple_frame(P1, P2, P3, Fc);
+        double *R = Rs[count], *t = ts[count];
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 3; j++)
+                R[3 * i + j] = Fc[3 * i] * Fw[3 * j] + Fc[3 * i + 1] * Fw[3 * j + 1] + Fc[3 * i + 2] * Fw[3 * j + 2];
+        int ok = 1;
+        for (int i = 0; i < 3; i++) {
+            t[i] = P1[i] - (R[3 * i] * X1[0] + R[3 * i + 1] * X1[1] + R[3 * i + 2] * X1[2]);
+            ok &= isfinite(t[i]) && isfinite(R[3 * i]) && isfinite(R[3 * i + 1]) && isfinite(R[3 * i + 2]);
+        }
+        if (ok) count++;
+    }
+    return count;
+}
+
+/* One RANSAC round for A problems (ids: their rows in the batch): S minimal samples each
+ * (samples: A x S x 3 point indices), P3P for every sample, every pose scored as in
+ * bpnp_msac_score; per problem the best pose (first of the lowest score) in R_out (A x 9),
+ * t_out (A x 3), its score (inf when no sample gave a pose) and count. rays: B x n x 3 unit
+ * bearings of the image points. */
+void bpnp_ransac_round(int A, int S, int n, const int64_t *ids, const int64_t *samples, const double *rays,
+                       const double *x2d, const double *x3d, int x3d_batched, const double *K, int K_batched,
+                       const double *w, int w_batched, const double *tau2, int num_threads, int forked,
+                       double *R_out, double *t_out, double *score_out, int32_t *count_out) {
+    int want = num_threads < 1 ? 1 : num_threads;
+    (void)forked;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(want) if (want > 1 && !forked && !in_forked_child && A > 8)
+#endif
+    for (int i = 0; i < A; i++) {
+        long b = ids[i];
+        const double *xy = x2d + b * n * 2, *ry = rays + b * n * 3;
+        const double *X = x3d + (x3d_batched ? b * n * 3 : 0);
+        const double *k = K + (K_batched ? b * 9 : 0);
+        const double *ww = w + (w_batched ? b * n : 0);
+        double best = INFINITY;
+        int best_count = 0;
+        double bestR[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1}, bestt[3] = {0, 0, 1};
+        for (int s = 0; s < S; s++) {
+            const int64_t *idx = samples + ((long)i * S + s) * 3;
+            double f[9], Xs[9], Rs[4][9], ts[4][3];
+            for (int c = 0; c < 3; c++) {
+                memcpy(f + 3 * c, ry + 3 * idx[c], 3 * sizeof(double));
+                memcpy(Xs + 3 * c, X + 3 * idx[c], 3 * sizeof(double));
+            }
+            int m = p3p_solve(f, Xs, Rs, ts);
+            for (int h = 0; h < m; h++) {
+                double sc;
+                int cnt;
+                msac_one(Rs[h], ts[h], xy, X, k, ww, n, tau2[b], best, &sc, &cnt);
+                if (sc < best) {
+                    best = sc;
+                    best_count = cnt;
+                    memcpy(bestR, Rs[h], sizeof bestR);
+                    memcpy(bestt, ts[h], sizeof bestt);
+                }
+            }
+        }
+        memcpy(R_out + (long)i * 9, bestR, sizeof bestR);
+        memcpy(t_out + (long)i * 3, bestt, sizeof bestt);
+        score_out[i] = best;
+        count_out[i] = best_count;
+    }
 }

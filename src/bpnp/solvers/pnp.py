@@ -43,6 +43,8 @@ def refine(
     polish_steps: int | None = None,
     exact_hessian: bool = True,
     depth_floor: Tensor | None = None,
+    loss: str = "l2",
+    loss_scale: Tensor | float = 1.0,
 ) -> LMResult:
     """Exact-Hessian Levenberg-Marquardt on the reprojection cost from ``(R, t)``.
 
@@ -58,6 +60,8 @@ def refine(
         depth_floor: ``(M, 1)`` trial poses with a weighted point at a depth <= it are rejected;
             default ``options.depth_floor * |t|`` of the start (a continued run passes the floor of
             its first run, as the C solver keeps it).
+        loss, loss_scale: the robust loss of :func:`~bpnp.cost.cost_terms` (``loss_scale``
+            ``(M|1, 1)`` or a float).
     Returns:
         The :class:`~bpnp.solvers.lm.LMResult` with state ``(R, t)``.
     """
@@ -73,11 +77,18 @@ def refine(
         depth_floor = start_depth_floor(t, options)
 
     def evaluate(state, idx):
-        data = (x2d, x3d, K, weights, depth_floor)
+        scale = loss_scale if isinstance(loss_scale, Tensor) else torch.full_like(depth_floor, loss_scale)
+        data = (x2d, x3d, K, weights, depth_floor, scale)
         if idx is not None:
             data = tuple(x if x.shape[0] == 1 else x[idx] for x in data)
         ct = cost_terms(
-            state[0], state[1], *data[:4], hessian=True if exact_hessian else "gauss-newton", min_depth=data[4]
+            state[0],
+            state[1],
+            *data[:4],
+            hessian=True if exact_hessian else "gauss-newton",
+            min_depth=data[4],
+            loss=loss,
+            loss_scale=data[5],
         )
         bad = ct.min_depth <= data[4][:, 0]
         # A pose that puts weighted points behind the camera is not a valid trial point.
@@ -173,6 +184,34 @@ def solve_pnp_forward(
             better = second_pass[2] < result[2][again]
             result = _merge(result, second_pass, again[better], B, rows=better.nonzero()[:, 0])
     return _finish(*result[:7], o)
+
+
+def refine_robust(
+    R: Tensor,
+    t: Tensor,
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor,
+    loss: str,
+    loss_scale: Tensor,
+    options: SolverOptions,
+    check_every: int = 1,
+) -> PnPSolution:
+    """Minimise the robust cost ``sum_i w_i rho(s_i)`` from ``(R, t)`` (e.g. the least-squares
+    answer) by Levenberg-Marquardt with its exact Hessian (``rho''`` term included).
+
+    Args:
+        R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``;
+        weights: ``(B|1, n)``; loss: ``"huber"`` or ``"cauchy"``; loss_scale: ``(B|1, 1)``;
+        options, check_every: as in :func:`refine`.
+    Returns:
+        :class:`PnPSolution` (``converged`` also requires a positive definite robust Hessian).
+    """
+    out = refine(R, t, x2d, x3d, K, weights, options, check_every=check_every, loss=loss, loss_scale=loss_scale)
+    R, t = out.state
+    inf = torch.full_like(out.cost, float("inf"))
+    return _finish(R, t, out.cost, out.hess, out.converged, out.iterations, inf, options)
 
 
 def heavy_tailed(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, ratio: float) -> Tensor:
