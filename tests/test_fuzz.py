@@ -50,7 +50,7 @@ def problems(draw):
         torch.tensor([0.1, -0.2, depth], dtype=torch.float64) * scale
         - (bpnp.rvec_to_rotmat(rvec) @ torch.full((3, 1), offset, dtype=torch.float64))[..., 0]
     )
-    kind2 = draw(st.sampled_from(["projected", "noisy", "random", "identical", "outliers"]))
+    kind2 = draw(st.sampled_from(["projected", "noisy", "random", "identical", "outliers", "all_outliers"]))
     with torch.no_grad():
         x2d = bpnp.project(x3d, torch.cat([rvec, t], -1), K)
     x2d = torch.nan_to_num(x2d, nan=0.0, posinf=1e300, neginf=-1e300).clamp(-1e12, 1e12)
@@ -60,8 +60,8 @@ def problems(draw):
         x2d = torch.rand(x2d.shape, generator=g, dtype=torch.float64) * f
     elif kind2 == "identical":
         x2d[:] = x2d[:, :1].clone()
-    elif kind2 == "outliers":
-        swap = torch.rand(B, n, generator=g) < 0.5
+    elif kind2 in ("outliers", "all_outliers"):
+        swap = torch.rand(B, n, generator=g) < (0.5 if kind2 == "outliers" else 2.0)
         x2d = torch.where(swap[..., None], torch.rand(x2d.shape, generator=g, dtype=torch.float64) * f, x2d)
     wkind = draw(st.sampled_from(["none", "random", "tiny", "huge", "sparse"]))
     weights = None
@@ -92,7 +92,18 @@ def problems(draw):
     if unbatched:
         x2d = x2d[0]
     cast = [None if x is None else x.to(dtype) for x in (x2d, x3d, K, weights)]
-    return cast
+    # Half the examples least squares; the others a robust loss and/or RANSAC, with a loss
+    # scale and threshold from a thousandth to a thousand times a hundredth of the focal length.
+    mode = draw(st.sampled_from(["l2"] * 4 + ["huber", "cauchy", "ransac", "ransac_cauchy"]))
+    pixel = 0.01 * f * 10.0 ** draw(st.floats(-3, 3))
+    extra = {}
+    if mode in ("huber", "cauchy"):
+        extra = {"loss": mode, "loss_scale": pixel}
+    elif mode.startswith("ransac"):
+        extra = {"ransac": bpnp.RansacOptions(threshold=pixel, max_iterations=64)}
+        if mode == "ransac_cauchy":
+            extra.update(loss="cauchy", loss_scale=pixel)
+    return cast, extra
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
@@ -104,18 +115,20 @@ def test_fuzz(problem, backend):
 
         if not native_available():
             pytest.skip("native solver unavailable")
-    x2d, x3d, K, weights = problem
+    (x2d, x3d, K, weights), extra = problem
     x2d = x2d.clone().requires_grad_()
     Kg = K.clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bpnp.PnPConvergenceWarning)
         try:
-            res = bpnp.solve_pnp(x2d, x3d, Kg, weights, backend=backend)
+            res = bpnp.solve_pnp(x2d, x3d, Kg, weights, backend=backend, **extra)
         except bpnp.PnPInputError:
             return
     for name in ("pose", "R", "t", "cost"):
         out = getattr(res, name)
         assert torch.isfinite(out).all(), (name, out)
     assert res.converged.dtype == torch.bool and res.trusted.dtype == torch.bool
+    if "ransac" in extra:
+        assert res.inliers is not None and res.inliers.shape == x2d.shape[:-1]
     (res.pose.sum() + res.R.sum()).backward()
     assert torch.isfinite(x2d.grad).all() and torch.isfinite(Kg.grad).all()

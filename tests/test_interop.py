@@ -55,11 +55,18 @@ def test_solvepnp_matches_opencv():
         assert uv.shape == ref.shape and np.abs(uv - ref).max() < 1e-9
 
 
-def test_solvepnp_with_distortion_undistorts_first():
+def test_solvepnp_with_distortion_minimises_the_distorted_error():
     p = random_problems(1, 30, noise=0.0, weighted=False, seed=3)
     obj, K = p.x3d[0].numpy(), p.K[0].numpy()
     img, _ = cv2.projectPoints(obj, p.pose[0, :3].numpy(), p.pose[0, 3:].numpy(), K, DIST)
     ok, r, t = bpnp.interop.solvePnP(obj, img, K, DIST)
     assert ok and np.allclose(np.r_[r.ravel(), t.ravel()], p.pose[0].numpy(), atol=1e-8)
+    # with noise: OpenCV's LM refinement in distorted pixels reaches the same pose
+    noisy = img + np.random.default_rng(0).normal(size=img.shape)
+    ok, r, t = bpnp.interop.solvePnP(obj, noisy, K, DIST)
+    _, r0, t0 = cv2.solvePnP(obj, noisy, K, DIST, flags=cv2.SOLVEPNP_SQPNP)
+    crit = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_COUNT, 200, 1e-15)
+    r0, t0 = cv2.solvePnPRefineLM(obj, noisy, K, DIST, r0, t0, crit)
+    assert ok and np.allclose(r, r0, atol=1e-6) and np.allclose(t, t0, rtol=1e-6, atol=1e-6)
     with pytest.raises(bpnp.PnPInputError, match="distCoeffs"):
         bpnp.interop.solvePnP(obj, img, K, np.zeros(8) + 0.1)

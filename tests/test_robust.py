@@ -294,3 +294,66 @@ def test_float32_and_unbatched_inputs():
     res = bpnp.solve_pnp(p.x2d[0].float(), p.x3d[0].float(), p.K[0].float(), ransac=True, loss="cauchy", loss_scale=2.0)
     assert res.pose.dtype == torch.float32 and res.pose.shape == (6,) and res.inliers.shape == (30,)
     assert bool(success(res.pose.double()[None], p.pose).all())
+
+
+# ---- lens distortion in the layer ----
+
+DIST = torch.tensor([-0.2, 0.05, 0.001, -0.002, 0.01], dtype=f64)
+
+
+def _distorted_problem(B=3, n=12, seed=0):
+    from bpnp.synthetic import random_problems
+
+    p = random_problems(B, n, noise=0.0, seed=seed, weighted=True)
+    g = torch.Generator().manual_seed(seed)
+    x2d = bpnp.project(p.x3d, p.pose, p.K, DIST) + torch.randn(B, n, 2, generator=g, dtype=f64)
+    return p, x2d
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distorted_solve_matches_opencv(backend):
+    cv2 = pytest.importorskip("cv2")
+    p, x2d = _distorted_problem(B=6, n=20, seed=1)
+    res = bpnp.solve_pnp(x2d, p.x3d, p.K, dist=DIST, backend=backend)
+    assert bool(res.converged.all())
+    own = (bpnp.project(p.x3d, res.pose, p.K, DIST) - x2d).pow(2).sum(-1).sum(-1)
+    torch.testing.assert_close(res.cost, own)  # the cost in distorted pixels
+    for b in range(6):
+        obj, img, K = p.x3d[b].numpy(), x2d[b].numpy(), p.K[b].numpy()
+        _, rv, tv = cv2.solvePnP(obj, img, K, DIST.numpy(), flags=cv2.SOLVEPNP_SQPNP)
+        rv, tv = cv2.solvePnPRefineLM(obj, img, K, DIST.numpy(), rv, tv)
+        cv_pose = torch.from_numpy(np.concatenate([rv[:, 0], tv[:, 0]]))[None]
+        cv_cost = (bpnp.project(p.x3d[b : b + 1], cv_pose, p.K[b : b + 1], DIST) - x2d[b]).pow(2).sum()
+        ours = (bpnp.project(p.x3d[b : b + 1], res.pose[b : b + 1], p.K[b : b + 1], DIST) - x2d[b]).pow(2).sum()
+        assert float(ours) <= float(cv_cost) * (1 + 1e-9)
+        assert float((cv_pose[0] - res.pose[b]).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["l2", "cauchy"])
+def test_distortion_gradients_match_finite_differences(backend, loss):
+    p, x2d = _distorted_problem()
+    dist = DIST.expand(3, 5).clone()
+
+    def fun(x2d, x3d, K, w, d):
+        return bpnp.solve_pnp(x2d, x3d, K, w, dist=d, loss=loss, loss_scale=2.0, backend=backend, warn=False).pose
+
+    _finite_difference_check(fun, [x2d, p.x3d, p.K, p.weights, dist], which=(0, 1, 2, 3, 4))
+
+
+def test_distortion_with_ransac_and_input_checks():
+    p, x2d = _distorted_problem(B=4, n=40, seed=3)
+    g = torch.Generator().manual_seed(0)
+    out = torch.rand(4, 40, generator=g) < 0.3
+    x2d = torch.where(out[..., None], torch.rand(4, 40, 2, generator=g, dtype=f64) * 500, x2d)
+    res = bpnp.solve_pnp(x2d, p.x3d, p.K, ransac=True, dist=DIST)
+    assert bool((res.inliers == ~out).all()) and bool(res.converged.all())
+    bound = bpnp.solve_pnp(x2d, p.x3d, p.K, (~out).to(f64), dist=DIST)  # the true inliers
+    torch.testing.assert_close(res.pose, bound.pose, rtol=1e-9, atol=1e-9)
+    for bad in (torch.zeros(4, dtype=f64), torch.zeros(3, 5, dtype=f64), torch.full((5,), float("nan"), dtype=f64)):
+        with pytest.raises(bpnp.PnPInputError):
+            bpnp.solve_pnp(x2d, p.x3d, p.K, dist=bad)
+    with pytest.raises(bpnp.PnPInputError):
+        bpnp.solve_pnp(x2d, p.x3d, p.K, dist=DIST.float())
+    layer = bpnp.BPnP()
+    torch.testing.assert_close(layer(x2d, p.x3d, p.K, dist=DIST), bpnp.solve_pnp(x2d, p.x3d, p.K, dist=DIST).pose)

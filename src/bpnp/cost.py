@@ -241,3 +241,65 @@ def cost_terms(
 def cost_only(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor) -> Tensor:
     """Weighted squared reprojection error ``(B,)`` of poses ``R (B,3,3), t (B,3)``."""
     return cost_terms(R, t, x2d, x3d, K, weights, hessian=False).cost
+
+
+def distorted_cost_terms(
+    R: Tensor,
+    t: Tensor,
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor,
+    dist: Tensor,
+    hessian: bool = True,
+    min_depth: Tensor | float = 0.0,
+    loss: str = "l2",
+    loss_scale: Tensor | float = 1.0,
+    create_graph: bool = False,
+) -> CostTerms:
+    """:func:`cost_terms` for a camera with OpenCV's lens distortion, by automatic differentiation.
+
+    The pixel of a point is ``K [distort(x/z, y/z; dist), 1]`` (:func:`bpnp.geometry.distort`).
+    The chart derivatives are taken by reverse passes through a second-order chart
+    ``R <- (I + [w] + [w]^2 / 2) R, t <- t + tau`` (it agrees with the exponential map to second
+    order at ``xi = 0``, so gradient and Hessian there are exact): one pass for the gradient, six
+    for the Hessian.
+
+    Args:
+        as :func:`cost_terms`, plus dist: ``(B|1, 5)`` coefficients ``(k1, k2, p1, p2, k3)``;
+        create_graph: keep the graph from the inputs to the gradient and Hessian (the backward
+            differentiates the gradient once more); otherwise every output is detached.
+    Returns:
+        :class:`CostTerms` (``hess`` None when ``hessian`` is False).
+    """
+    from .geometry import distort, skew
+
+    B = R.shape[0]
+    with torch.enable_grad():
+        xi = torch.zeros(B, 6, dtype=R.dtype, device=R.device, requires_grad=True)
+        S = skew(xi[:, :3])
+        Rx = R + S @ R + 0.5 * (S @ S) @ R
+        P = x3d @ Rx.transpose(-1, -2) + (t + xi[:, 3:])[:, None]  # BxNx3
+        depth = P[..., 2]
+        z = depth if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(depth, min_depth)
+        xd = distort(P[..., :2] / z[..., None], dist)
+        k22 = K[:, 2:3, 2:3]
+        pix = xd @ (K[:, :2, :2] / k22).transpose(-1, -2) + (K[:, :2, 2] / K[:, 2:3, 2])[:, None]
+        r = pix - x2d
+        w = weights.expand(depth.shape)
+        rho = robust_loss((r * r).sum(-1), loss, loss_scale)[0]
+        cost = (w * rho).sum(-1)
+        (grad,) = torch.autograd.grad(cost.sum(), xi, create_graph=True)
+        hess = None
+        if hessian:
+            rows = [
+                torch.autograd.grad(grad[:, k].sum(), xi, retain_graph=True, create_graph=create_graph)[0]
+                for k in range(6)
+            ]
+            hess = torch.stack(rows, 1)
+    big = torch.finfo(depth.dtype).max
+    seen_depth = torch.where(w > 0, depth, torch.full_like(depth, big)).amin(-1).detach()
+    if not create_graph:
+        cost, grad = cost.detach(), grad.detach()
+        hess = None if hess is None else hess.detach()
+    return CostTerms(cost, grad, hess, seen_depth)

@@ -220,8 +220,10 @@ def robust_vjp(
     needs: tuple[bool, ...],
     grad_R: Tensor | None = None,
     keep: Tensor | None = None,
+    dist: Tensor | None = None,
 ) -> tuple[Tensor | None, ...]:
-    """:func:`implicit_vjp` for a robust cost, also w.r.t. ``loss_scale``.
+    """:func:`implicit_vjp` for a robust cost (and lens distortion), also w.r.t. ``loss_scale``
+    (and ``dist``).
 
     ``u = H^-1 rhs`` with the robust cost's exact Hessian (its ``rho''`` term included), then
     ``-d (u . g) / d theta`` by one reverse pass through the closed-form chart gradient ``g``
@@ -229,12 +231,13 @@ def robust_vjp(
     (``torch.is_grad_enabled()`` inside the backward).
 
     Args:
-        as :func:`implicit_vjp`, plus loss_scale: ``(B|1, 1)``; loss: ``"huber"`` or ``"cauchy"``;
-        needs: five flags, for ``(x2d, x3d, K, weights, loss_scale)``.
+        as :func:`implicit_vjp`, plus loss_scale: ``(B|1, 1)``; loss: one of
+        :data:`~bpnp.cost.LOSSES`; dist: ``(B|1, 5)`` or None (:func:`~bpnp.cost.distorted_cost_terms`);
+        needs: six flags, for ``(x2d, x3d, K, weights, loss_scale, dist)``.
     Returns:
-        Five gradients shaped like the inputs (None where not needed).
+        Six gradients shaped like the inputs (None where not needed).
     """
-    from .cost import cost_terms
+    from .cost import cost_terms, distorted_cost_terms
 
     rot = inverse_left_jacobian_transpose_apply(rvec, grad_pose[:, :3])
     if grad_R is not None:
@@ -242,13 +245,20 @@ def robust_vjp(
         rot = rot + torch.stack([M[:, 2, 1] - M[:, 1, 2], M[:, 0, 2] - M[:, 2, 0], M[:, 1, 0] - M[:, 0, 1]], -1)
     rhs = torch.cat([rot, grad_pose[:, 3:]], -1)
     create = torch.is_grad_enabled()
-    inputs = (x2d, x3d, K, weights, loss_scale)
+    inputs = (x2d, x3d, K, weights, loss_scale, dist)
+    needs = tuple(needs) + (False,) * (6 - len(needs))
     with torch.enable_grad():
         leaves = [
-            x if create and x.requires_grad else x.detach().requires_grad_(bool(need)) for x, need in zip(inputs, needs)
+            x if x is None or (create and x.requires_grad) else x.detach().requires_grad_(bool(need))
+            for x, need in zip(inputs, needs)
         ]
         Rg, tg = (R, t) if create else (R.detach(), t.detach())
-        ct = cost_terms(Rg, tg, *leaves[:4], hessian=True, loss=loss, loss_scale=leaves[4])
+        if dist is None:
+            ct = cost_terms(Rg, tg, *leaves[:4], hessian=True, loss=loss, loss_scale=leaves[4])
+        else:
+            ct = distorted_cost_terms(
+                Rg, tg, *leaves[:4], leaves[5], hessian=True, loss=loss, loss_scale=leaves[4], create_graph=True
+            )
         u, _ = solve_hessian(ct.hess if create else ct.hess.detach(), rhs)
         ok = torch.isfinite(u).all(-1) & torch.isfinite(ct.grad).all(-1)
         if keep is not None:

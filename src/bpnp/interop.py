@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import PnPInputError
-from .geometry import project, undistort_pixels
+from .geometry import project
 from .layer import solve_pnp
 from .options import SolverOptions
 
@@ -61,9 +61,9 @@ def solvePnP(  # noqa: N802 - OpenCV's name
         objectPoints: ``(N, 3)`` (or ``(N, 1, 3)``) object points.
         imagePoints: ``(N, 2)`` (or ``(N, 1, 2)``) pixels.
         cameraMatrix: ``(3, 3)``.
-        distCoeffs: None or OpenCV's ``(k1, k2, p1, p2[, k3])``: as OpenCV's SQPNP/EPNP do, the
-            image points are undistorted first, and the pose minimises the reprojection error of
-            the undistorted points.
+        distCoeffs: None or OpenCV's ``(k1, k2, p1, p2[, k3])``: the pose minimises the
+            reprojection error in the distorted pixels (as ``solvePnPRefineLM`` and the default
+            ``SOLVEPNP_ITERATIVE`` do; ``solve_pnp(..., dist=...)``).
         rvec, tvec: ``(3, 1)`` start, used with ``useExtrinsicGuess`` (a warm start: the global
             search still runs unless ``options.global_search`` is False).
         weights: optional ``(N,)`` non-negative per-point weights (an addition to OpenCV's API).
@@ -75,8 +75,6 @@ def solvePnP(  # noqa: N802 - OpenCV's name
     x2d = _points("imagePoints", imagePoints, 2)
     K = _camera(cameraMatrix)
     dist = _dist(distCoeffs)
-    if dist is not None:
-        x2d = undistort_pixels(x2d, K, dist)
     init = None
     if useExtrinsicGuess:
         if rvec is None or tvec is None:
@@ -85,7 +83,7 @@ def solvePnP(  # noqa: N802 - OpenCV's name
             np.concatenate([np.asarray(rvec, np.float64).ravel(), np.asarray(tvec, np.float64).ravel()])
         )
     w = None if weights is None else torch.from_numpy(np.asarray(weights, dtype=np.float64).ravel())
-    res = solve_pnp(x2d, x3d, K, w, init_pose=init, options=options, warn=False)
+    res = solve_pnp(x2d, x3d, K, w, init_pose=init, options=options, dist=dist, warn=False)
     pose = res.pose.numpy()
     return bool(res.converged), pose[:3].reshape(3, 1).copy(), pose[3:].reshape(3, 1).copy()
 

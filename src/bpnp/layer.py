@@ -15,7 +15,7 @@ from .checks import canonical_pnp_inputs
 from .cost import LOSSES, cost_terms, point_terms
 from .covariance import pose_covariance
 from .errors import BackendUnavailableError, PnPConvergenceWarning, PnPInputError
-from .geometry import rotmat_to_rvec, rvec_to_rotmat
+from .geometry import rotmat_to_rvec, rvec_to_rotmat, undistort
 from .implicit import implicit_vjp, robust_vjp
 from .normalise import normalise_problem, pose_from_normalised, pose_to_normalised
 from .options import RansacOptions, SolverOptions
@@ -125,14 +125,17 @@ def _forward_solve(
     init_pose: Tensor | None,
     config: _Forward,
     loss_scale: Tensor | None = None,
+    dist: Tensor | None = None,
+    x2d_start: Tensor | None = None,
 ) -> PnPSolution:
-    sol = _least_squares_solve(x2d, x3d, K, weights, init_pose, config)
-    if config.loss == "l2" or x2d.shape[0] == 0:
+    # With distortion the least-squares search runs on the undistorted pixels (x2d_start).
+    sol = _least_squares_solve(x2d if dist is None else x2d_start, x3d, K, weights, init_pose, config)
+    if (config.loss == "l2" and dist is None) or x2d.shape[0] == 0:
         return sol
-    # The robust cost: Levenberg-Marquardt from the least-squares answer (a robust cost's
+    # The robust (or distorted) cost: Levenberg-Marquardt from the least-squares answer (a
     # minimum near it; with outliers, RANSAC's pose and inliers are that start).
     return refine_robust(
-        sol.R, sol.t, x2d, x3d, K, weights, config.loss, loss_scale, config.options, config.check_every
+        sol.R, sol.t, x2d, x3d, K, weights, config.loss, loss_scale, config.options, config.check_every, dist
     )
 
 
@@ -165,8 +168,8 @@ class _PnPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x2d, x3d, K, weights, loss_scale, init_pose, config):  # type: ignore[override]
-        sol = _forward_solve(x2d, x3d, K, weights, init_pose, config, loss_scale)
+    def forward(x2d, x3d, K, weights, loss_scale, dist, x2d_start, init_pose, config):  # type: ignore[override]
+        sol = _forward_solve(x2d, x3d, K, weights, init_pose, config, loss_scale, dist, x2d_start)
         rvec = sol.rvec if sol.rvec is not None else rotmat_to_rvec(sol.R)
         pose = torch.cat([rvec, sol.t], -1)
         second = sol.second_cost if sol.second_cost is not None else torch.full_like(sol.cost, float("inf"))
@@ -180,19 +183,20 @@ class _PnPFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x2d, x3d, K, weights, loss_scale, _, config = inputs
+        x2d, x3d, K, weights, loss_scale, dist, _, _, config = inputs
         pose, cost, converged, R, hess, iters, second, trusted = output
-        ctx.save_for_backward(x2d, x3d, K, weights, loss_scale, pose, R, hess)
+        ctx.save_for_backward(x2d, x3d, K, weights, loss_scale, dist, pose, R, hess)
         ctx.loss = config.loss
         # pose and R are differentiable outputs (R directly, which spares a Rodrigues map).
         ctx.mark_non_differentiable(cost, converged, hess, iters, second, trusted)
 
     @staticmethod
     def backward(ctx: Any, grad_pose: Tensor | None, _c: Any, _v: Any, grad_R: Tensor | None, *_: Any):  # type: ignore[override]
-        x2d, x3d, K, weights, loss_scale, pose, R, hess = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:5])
+        x2d, x3d, K, weights, loss_scale, dist, pose, R, hess = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:6])
+        none = (None,) * 9
         if (grad_pose is None and grad_R is None) or not any(needs):
-            return None, None, None, None, None, None, None
+            return none
         if grad_pose is None:
             grad_pose = torch.zeros_like(pose)
         # An item whose answer is not finite (a degenerate problem the solver could not handle) gets
@@ -212,16 +216,16 @@ class _PnPFunction(torch.autograd.Function):
             if grad_R is not None:
                 grad_R = torch.where(keep[:, None, None], grad_R, torch.zeros_like(grad_R))
         t = pose[:, 3:]
-        if ctx.loss != "l2":
+        if ctx.loss != "l2" or dist is not None:
             grads = robust_vjp(
-                grad_pose, pose[:, :3], R, t, x2d, x3d, K, weights, loss_scale, ctx.loss, needs, grad_R, keep
+                grad_pose, pose[:, :3], R, t, x2d, x3d, K, weights, loss_scale, ctx.loss, needs, grad_R, keep, dist
             )
-            return (*grads, None, None)
+            return (*grads, *none[6:])
         if torch.is_grad_enabled():
             # create_graph: the Hessian as a differentiable function of the optimum and the inputs.
             hess = cost_terms(R, t, x2d, x3d, K, weights).hess
         grads = implicit_vjp(grad_pose, pose[:, :3], R, t, hess, x2d, x3d, K, weights, needs[:4], grad_R, keep)
-        return (*grads, None, None, None)
+        return (*grads, *none[4:])
 
 
 def solve_pnp(
@@ -237,6 +241,7 @@ def solve_pnp(
     loss: str = "l2",
     loss_scale: float | Tensor = 1.0,
     ransac: bool | RansacOptions = False,
+    dist: Tensor | None = None,
     warn: bool = True,
 ) -> PnPResult:
     """Pose that minimises the weighted reprojection error; differentiable in every input.
@@ -253,6 +258,11 @@ def solve_pnp(
     A robust ``loss`` (``"huber"`` or ``"cauchy"``, with ``loss_scale`` in pixels) is minimised by
     exact-Hessian LM from the least-squares (or RANSAC) answer, and its backward uses the robust
     cost's exact Hessian; gradients also flow to ``loss_scale`` when it is a tensor.
+
+    Lens distortion: with ``dist`` (OpenCV's ``k1, k2, p1, p2, k3``) the cost is the error in the
+    distorted pixels ``K [distort(x/z, y/z), 1]`` (as ``cv2.solvePnP`` with ``distCoeffs``): the
+    global search runs on the undistorted pixels, then exact-Hessian LM on the distorted cost;
+    the backward differentiates that cost, also with respect to ``dist``.
 
     Args:
         x2d: ``(B, n, 2)`` or ``(n, 2)`` image points in pixels, n >= 4.
@@ -273,6 +283,8 @@ def solve_pnp(
             tensor of shape ``()`` or ``(B,)`` (differentiable). Ignored for ``"l2"``.
         ransac: False (default), True (``RansacOptions()``) or a :class:`~bpnp.options.RansacOptions`
             (``method="global"`` only).
+        dist: ``(5,)`` or ``(B, 5)`` distortion coefficients ``(k1, k2, p1, p2, k3)`` (or None);
+            differentiable. ``method="global"`` only.
         warn: emit a :class:`~bpnp.errors.PnPConvergenceWarning` when some items did not converge.
     Returns:
         :class:`PnPResult` in the dtype and on the device of the inputs (unbatched if ``x2d``
@@ -303,6 +315,9 @@ def solve_pnp(
         raise PnPInputError("ransac: runs with method='global'")
     x2d_b, x3d_b, K_b, w_b, pose_b, unbatched = canonical_pnp_inputs(x2d, x3d, K, weights, init_pose)
     scale_b = _loss_scale(loss_scale, x2d_b, unbatched)
+    dist_b = _distortion(dist, x2d_b, unbatched)
+    if dist_b is not None and method != "global":
+        raise PnPInputError("dist: runs with method='global'")
     dtype = x2d_b.dtype
     f64 = torch.float64
     if w_b is None:
@@ -319,12 +334,14 @@ def solve_pnp(
         if init_n is not None:
             init_n = torch.where(degenerate[:, None], torch.zeros_like(init_n), init_n)
     scale_n = scale_b.to(f64) / norm.focal  # (B|1, 1): pixels to the normalised units
+    dist_n = None if dist_b is None else dist_b.to(f64)  # acts on x/z: no change of units
+    x2d_start = None if dist_n is None else _undistorted(x2d_n.detach(), K_n.detach(), dist_n.detach())
     inliers = None
     w_solve = w_n
     if ransac:
         with torch.no_grad():
             found = run_ransac(
-                x2d_n.detach(),
+                x2d_n.detach() if x2d_start is None else x2d_start,
                 x3d_n.detach(),
                 K_n.detach(),
                 w_n.detach(),
@@ -340,7 +357,7 @@ def solve_pnp(
         # choose another basin than the one the inliers were read in).
         config = config._replace(options=dataclasses.replace(options, global_search=False, check_warm_start=False))
     pose_n, cost, converged, R, hess_n, iters, second, checked = _PnPFunction.apply(
-        x2d_n, x3d_n, K_n, w_solve, scale_n, init_n, config._replace(loss=loss)
+        x2d_n, x3d_n, K_n, w_solve, scale_n, dist_n, x2d_start, init_n, config._replace(loss=loss)
     )
     if inliers is not None:
         converged = converged & found.enough
@@ -427,6 +444,36 @@ def _loss_scale(loss_scale: float | Tensor, x2d: Tensor, unbatched: bool) -> Ten
     if not math.isfinite(loss_scale) or loss_scale <= 0:
         raise PnPInputError(f"loss_scale: expected a positive finite number, got {loss_scale!r}")
     return torch.full((1, 1), float(loss_scale), dtype=x2d.dtype, device=x2d.device)
+
+
+def _distortion(dist: Tensor | None, x2d: Tensor, unbatched: bool) -> Tensor | None:
+    """``(B|1, 5)`` distortion coefficients, checked (None stays None)."""
+    if dist is None:
+        return None
+    if not isinstance(dist, Tensor):
+        raise PnPInputError(f"dist: expected a tensor of shape (5,) or (B, 5), got {type(dist).__name__}")
+    if dist.device != x2d.device or dist.dtype != x2d.dtype:
+        raise PnPInputError(f"dist: expected {x2d.dtype} on {x2d.device} like x2d, got {dist.dtype} on {dist.device}")
+    B = x2d.shape[0]
+    if dist.dim() == 1 and dist.shape[0] == 5:
+        dist = dist[None]
+    elif not (dist.dim() == 2 and dist.shape == (B, 5) and not unbatched):
+        raise PnPInputError(f"dist: expected shape (5,) or ({B}, 5) = (k1, k2, p1, p2, k3), got {tuple(dist.shape)}")
+    if not bool(torch.isfinite(dist).all()):
+        raise PnPInputError("dist: expected finite coefficients")
+    return dist
+
+
+def _undistorted(x2d_n: Tensor, K_n: Tensor, dist: Tensor) -> Tensor:
+    """``(B, n, 2)`` normalised pixels with the distortion removed (the start of the search);
+    where the model cannot be inverted, the distorted pixels themselves (LM corrects the start)."""
+    xd = normalised_rays(x2d_n, K_n)[..., :2]
+    try:
+        xu = undistort(xd, dist)
+    except ValueError:
+        return x2d_n
+    k22 = K_n[:, 2:3, 2:3]
+    return xu @ (K_n[:, :2, :2] / k22).transpose(-1, -2) + (K_n[:, :2, 2] / K_n[:, 2:3, 2])[:, None]
 
 
 def _local_solver(config: _Forward):
@@ -539,10 +586,16 @@ class BPnP(nn.Module):
         self.method = method
 
     def forward(
-        self, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None = None, init_pose: Tensor | None = None
+        self,
+        x2d: Tensor,
+        x3d: Tensor,
+        K: Tensor,
+        weights: Tensor | None = None,
+        init_pose: Tensor | None = None,
+        dist: Tensor | None = None,
     ) -> Tensor:
         """Solve and return the pose ``(B, 6)`` (or ``(6,)`` for unbatched input); shapes as in
-        :func:`solve_pnp`."""
+        :func:`solve_pnp` (``dist``: the lens distortion, a per-call input like ``K``)."""
         return solve_pnp(
             x2d,
             x3d,
@@ -555,6 +608,7 @@ class BPnP(nn.Module):
             loss=self.loss,
             loss_scale=self.loss_scale,
             ransac=self.ransac,
+            dist=dist,
         ).pose
 
     def extra_repr(self) -> str:

@@ -5,9 +5,9 @@ Corners are detected with OpenCV; the intrinsics (and, with ``distortion=True``,
 layer for the current intrinsics, the loss is the mean squared reprojection error, and L-BFGS
 follows its gradient. OpenCV's ``calibrateCamera`` on the same detections is reported beside it.
 
-With distortion, the layer solves PnP on the detections undistorted by the current
-coefficients (a differentiable fixed-point inversion), and the loss reprojects with
-distortion; the pinhole layer itself stays distortion-free.
+With distortion, the layer itself takes the coefficients (``solve_pnp(..., dist=...)``): its
+poses minimise the error in distorted pixels, and its gradient reaches the coefficients
+exactly.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..geometry import distort, distort_jacobian, project, rotmat_to_rvec, rvec_to_rotmat, undistort_pixels
+from ..geometry import project
 from ..layer import solve_pnp
-from ..solvers.lm import levenberg_marquardt
 from . import plots
 from .common import finish_experiment, lbfgs, markdown_table, output_dir, progress
 
@@ -87,66 +86,11 @@ def reproject(x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor) -> to
 
 
 def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Poses ``(B, 6)``: the layer's global solve (on the undistorted detections with distortion,
-    then refined in distorted pixels, see :func:`refine_poses_distorted`)."""
+    """Poses ``(B, 6)`` from the layer for the current camera (with its lens distortion: the
+    layer minimises the error in distorted pixels and differentiates it w.r.t. ``dist`` too)."""
     K = camera_from_params(params[:4])
-    if params.numel() == 4:
-        return solve_pnp(x2d, x3d, K, warn=False).pose
-    x2d_u = undistort_pixels(x2d.detach(), K.detach(), params[4:].detach())
-    start = solve_pnp(x2d_u, x3d, K.detach(), warn=False).pose
-    return refine_poses_distorted(x2d, x3d, start, params.detach())
-
-
-def refine_poses_distorted(
-    x2d: torch.Tensor, x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor, iters: int = 50
-) -> torch.Tensor:
-    """Poses ``(B, 6)`` minimising the reprojection error in distorted pixels (batched LM, no graph).
-
-    The loss is a sum over images of ``min_pose`` of that error, so at these poses its gradient
-    with respect to the intrinsics and distortion is the partial one (the poses held fixed): the
-    poses enter the loss detached, and the gradient is exact (envelope theorem).
-    """
-    f, c, d = params[:2], params[2:4], params[4:]
-
-    def terms(R: torch.Tensor, t: torch.Tensor, x2d: torch.Tensor, x3d: torch.Tensor):
-        """Residuals ``(B, 2n)`` and their Jacobian ``(B, 2n, 6)`` in the chart
-        ``R <- exp([w]_x) R, t <- t + tau`` (closed form: projection, distortion, rotation)."""
-        P = x3d @ R.transpose(-1, -2)  # BxNx3, R X
-        X = P + t[:, None]
-        xn = X[..., :2] / X[..., 2:]
-        r = (distort(xn, d) * f + c - x2d).reshape(R.shape[0], -1)
-        iz = 1.0 / X[..., 2]
-        dproj = torch.zeros(*X.shape[:2], 2, 3, dtype=X.dtype)
-        dproj[..., 0, 0], dproj[..., 1, 1] = iz, iz
-        dproj[..., :, 2] = -xn * iz[..., None]
-        dpix = (f[:, None] * distort_jacobian(xn, d)) @ dproj  # BxNx2x3, d pixel / d X
-        zero = torch.zeros_like(P[..., 0])
-        # d X / d w = -[P]_x, d X / d tau = I
-        minus_skew = torch.stack(
-            [
-                torch.stack([zero, P[..., 2], -P[..., 1]], -1),
-                torch.stack([-P[..., 2], zero, P[..., 0]], -1),
-                torch.stack([P[..., 1], -P[..., 0], zero], -1),
-            ],
-            -2,
-        )
-        J = torch.cat([dpix @ minus_skew, dpix], -1)  # BxNx2x6
-        return r, J.reshape(R.shape[0], -1, 6)
-
-    def evaluate(state, idx):
-        # Gauss-Newton: cost r.r, gradient 2 J^T r, Hessian 2 J^T J (the generic LM of the solver)
-        data = (x2d, x3d) if idx is None else (x2d[idx], x3d)
-        r, J = terms(*state, *data)
-        Jt = J.transpose(-1, -2)
-        return r.pow(2).sum(-1), 2.0 * (Jt @ r[..., None])[..., 0], 2.0 * (Jt @ J)
-
-    def retract(state, step):
-        return rvec_to_rotmat(step[:, :3]) @ state[0], state[1] + step[:, 3:]
-
-    start = (rvec_to_rotmat(pose[:, :3].detach()), pose[:, 3:].detach().clone())
-    R, t = levenberg_marquardt(start, evaluate, retract, max_iter=iters, rtol=1e-14, atol=1e-30, lam0=1e-3).state
-    pose = torch.cat([rotmat_to_rvec(R), t], -1)
-    return pose
+    dist = params[4:] if params.numel() > 4 else None
+    return solve_pnp(x2d, x3d, K, dist=dist, warn=False).pose
 
 
 def learn_camera(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..cost import cost_terms, point_terms
+from ..cost import cost_terms, distorted_cost_terms, point_terms
 from ..geometry import rvec_to_rotmat
 from ..options import MAX_CANDIDATES, SolverOptions
 from .init import initial_poses
@@ -45,6 +46,7 @@ def refine(
     depth_floor: Tensor | None = None,
     loss: str = "l2",
     loss_scale: Tensor | float = 1.0,
+    dist: Tensor | None = None,
 ) -> LMResult:
     """Exact-Hessian Levenberg-Marquardt on the reprojection cost from ``(R, t)``.
 
@@ -62,6 +64,7 @@ def refine(
             its first run, as the C solver keeps it).
         loss, loss_scale: the robust loss of :func:`~bpnp.cost.cost_terms` (``loss_scale``
             ``(M|1, 1)`` or a float).
+        dist: ``(M|1, 5)`` lens distortion (:func:`~bpnp.cost.distorted_cost_terms`), or None.
     Returns:
         The :class:`~bpnp.solvers.lm.LMResult` with state ``(R, t)``.
     """
@@ -78,10 +81,11 @@ def refine(
 
     def evaluate(state, idx):
         scale = loss_scale if isinstance(loss_scale, Tensor) else torch.full_like(depth_floor, loss_scale)
-        data = (x2d, x3d, K, weights, depth_floor, scale)
+        data = (x2d, x3d, K, weights, depth_floor, scale) + (() if dist is None else (dist,))
         if idx is not None:
             data = tuple(x if x.shape[0] == 1 else x[idx] for x in data)
-        ct = cost_terms(
+        terms = cost_terms if dist is None else partial(distorted_cost_terms, dist=data[6])
+        ct = terms(
             state[0],
             state[1],
             *data[:4],
@@ -197,18 +201,22 @@ def refine_robust(
     loss_scale: Tensor,
     options: SolverOptions,
     check_every: int = 1,
+    dist: Tensor | None = None,
 ) -> PnPSolution:
     """Minimise the robust cost ``sum_i w_i rho(s_i)`` from ``(R, t)`` (e.g. the least-squares
-    answer) by Levenberg-Marquardt with its exact Hessian (``rho''`` term included).
+    answer) by Levenberg-Marquardt with its exact Hessian (``rho''`` term included); with
+    ``dist``, the cost in distorted pixels (:func:`~bpnp.cost.distorted_cost_terms`).
 
     Args:
         R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``;
-        weights: ``(B|1, n)``; loss: ``"huber"`` or ``"cauchy"``; loss_scale: ``(B|1, 1)``;
+        weights: ``(B|1, n)``; loss: one of :data:`~bpnp.cost.LOSSES`; loss_scale: ``(B|1, 1)``;
         options, check_every: as in :func:`refine`.
     Returns:
         :class:`PnPSolution` (``converged`` also requires a positive definite robust Hessian).
     """
-    out = refine(R, t, x2d, x3d, K, weights, options, check_every=check_every, loss=loss, loss_scale=loss_scale)
+    out = refine(
+        R, t, x2d, x3d, K, weights, options, check_every=check_every, loss=loss, loss_scale=loss_scale, dist=dist
+    )
     R, t = out.state
     inf = torch.full_like(out.cost, float("inf"))
     return _finish(R, t, out.cost, out.hess, out.converged, out.iterations, inf, options)
