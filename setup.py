@@ -27,7 +27,14 @@ VARIANTS = {  # extension name -> (compile flags, link flags) to try, best first
         (BASE, []),
     ],
 }
-EXPORTS = ["bpnp_solve", "bpnp_options_layout", "bpnp_source_digest", "bpnp_symmetric_eig", "bpnp_msac_score", "bpnp_ransac_round"]
+EXPORTS = [
+    "bpnp_solve",
+    "bpnp_options_layout",
+    "bpnp_source_digest",
+    "bpnp_symmetric_eig",
+    "bpnp_msac_score",
+    "bpnp_ransac_round",
+]
 
 
 class BuildNative(build_ext):

@@ -109,6 +109,27 @@ def main() -> None:
         L.append("| what | ms | note |\n|---|---|---|")
         L += [f"| {r['what']} | {fmt(r['ms'])} | {r['note']} |" for r in bo["rows"]]
         L.append("")
+    if (HERE / "results" / "robust.json").is_file():
+        rb = load("robust")
+        L.append(
+            f"## Outliers (`python benchmarks/bench_robust.py`, {rb['problems']} problems per outlier ratio, "
+            "n = 50, 1 px noise, 30% planar, one thread)\n"
+        )
+        L.append(
+            "Success: rotation < 1 deg and translation < 1%. Times per problem; the ratio is to the "
+            "least-squares bpnp solve of the same problems in the same run.\n"
+        )
+        L.append(
+            "| method | outliers | success | planar | non-planar | median rot. err (deg) | us / problem | vs LS |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
+        for r in rb["rows"]:
+            L.append(
+                f"| {r['method']} | {r['outlier_ratio']:.0%} | {r['success']:.1%} | {r['success_planar']:.1%} | "
+                f"{r['success_nonplanar']:.1%} | {r['median_rotation_error_deg']:.4f} | "
+                f"{r['time_per_problem_us']:.0f} | {r['time_vs_least_squares']:.2f}x |"
+            )
+        L.append("")
     L.append("## Against the targets of the performance issue\n")
     r128 = next(r for r in bl["rows"] if r["B"] == 128 and r["n"] == 50)
     r1024 = next(r for r in bl["rows"] if r["B"] == 1024 and r["n"] == 50)
