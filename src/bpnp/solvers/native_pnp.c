@@ -69,9 +69,11 @@ typedef struct {
     double escalate_ratio;
     int check_warm_start;
     double warm_start_ratio;
+    int cube_starts;
+    double escalate_misfit;
 } Options;
 
-#define OPTION_FIELDS 28
+#define OPTION_FIELDS 30
 
 #ifndef BPNP_SOURCE_DIGEST
 #define BPNP_SOURCE_DIGEST "unknown"
@@ -92,7 +94,8 @@ int bpnp_options_layout(int64_t *offsets) {
         offsetof(Options, lm_atol), offsetof(Options, depth_floor), offsetof(Options, polish_steps),
         offsetof(Options, well_posed_ratio), offsetof(Options, depth_margin), offsetof(Options, small_problem),
         offsetof(Options, ambiguity_threshold), offsetof(Options, escalate), offsetof(Options, escalate_ratio),
-        offsetof(Options, check_warm_start), offsetof(Options, warm_start_ratio)};
+        offsetof(Options, check_warm_start), offsetof(Options, warm_start_ratio), offsetof(Options, cube_starts),
+        offsetof(Options, escalate_misfit)};
     for (int k = 0; k < OPTION_FIELDS; k++) offsets[k] = (int64_t)o[k];
     return (int)sizeof(Options);
 }
@@ -1019,6 +1022,24 @@ static int heavy_tailed(const Problem *p, const double *R, const double *t, doub
     return m > 0 && top > ratio * med + 1e-16;
 }
 
+/* The fit explains little of the image: the RMS residual at (R, t) exceeds ratio times the RMS
+ * spread of the pixels about their weighted mean (points of positive weight). */
+static int misfit(const Problem *p, double cost, double ratio) {
+    double wsum = 0, m0 = 0, m1 = 0, spread = 0;
+    for (int i = 0; i < p->n; i++) {
+        wsum += p->w[i];
+        m0 += p->w[i] * p->x2d[2 * i];
+        m1 += p->w[i] * p->x2d[2 * i + 1];
+    }
+    m0 /= wsum;
+    m1 /= wsum;
+    for (int i = 0; i < p->n; i++) {
+        double d0 = p->x2d[2 * i] - m0, d1 = p->x2d[2 * i + 1] - m1;
+        spread += p->w[i] * (d0 * d0 + d1 * d1);
+    }
+    return isfinite(cost) && cost > ratio * ratio * spread;
+}
+
 static void exhaustive(Options *o) {
     o->num_candidates = MAX_CAND;
     o->object_ratio = 0;
@@ -1026,6 +1047,79 @@ static void exhaustive(Options *o) {
     o->num_eigvecs = 9;
     o->solid_eigvecs = 9;
     o->thin_ratio = 2.0; /* every point set gets the fixed starts too */
+}
+
+/* The k-th of the 24 rotations of the cube (signed permutation matrices of determinant +1), in
+ * the order of bpnp.solvers.init._rotation_group: permutations in lexicographic order, signs
+ * (+,+,+), (+,+,-), ... per row. */
+static void cube_rotation(int k, double *R) {
+    static const int perms[6][3] = {{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}};
+    int found = 0;
+    for (int a = 0; a < 6; a++)
+        for (int sgn = 0; sgn < 8; sgn++) {
+            double M[9] = {0};
+            for (int r = 0; r < 3; r++) M[3 * r + perms[a][r]] = (sgn >> (2 - r)) & 1 ? -1.0 : 1.0;
+            double det = M[0] * (M[4] * M[8] - M[5] * M[7]) - M[1] * (M[3] * M[8] - M[5] * M[6]) +
+                         M[2] * (M[3] * M[7] - M[4] * M[6]);
+            if (det > 0 && found++ == k) {
+                memcpy(R, M, sizeof M);
+                return;
+            }
+        }
+}
+
+/* The third pass of an escalated problem (bpnp.solvers.pnp._cube_pass): LM from the 24 cube
+ * rotations with the object on the mean ray of its pixels at the depth that matches their
+ * spread (moved in front of the camera where needed), screened as the candidates are; the
+ * first lowest of the refined starts. */
+static void cube_pass(const Problem *p, const Options *o, LMState *out) {
+    double wsum = 0, mean[3] = {0, 0, 0};
+    for (int i = 0; i < p->n; i++) {
+        double va, vb;
+        point_ray(p, i, &va, &vb);
+        wsum += p->w[i];
+        mean[0] += p->w[i] * va; mean[1] += p->w[i] * vb; mean[2] += p->w[i];
+    }
+    for (int c = 0; c < 3; c++) mean[c] /= wsum;
+    double spread = 0;
+    for (int i = 0; i < p->n; i++) {
+        double va, vb;
+        point_ray(p, i, &va, &vb);
+        spread += p->w[i] * ((va - mean[0]) * (va - mean[0]) + (vb - mean[1]) * (vb - mean[1]) +
+                             (1.0 - mean[2]) * (1.0 - mean[2]));
+    }
+    spread = sqrt(spread / wsum);
+    if (spread < 1e-12) spread = 1e-12;
+    double margin = o->depth_margin * object_size(p);
+    LMState cand[24];
+    for (int k = 0; k < 24; k++) {
+        cube_rotation(k, cand[k].R);
+        for (int c = 0; c < 3; c++) cand[k].t[c] = mean[c] / spread;
+        repair_depth(p, margin, cand[k].R, cand[k].t);
+        cand[k].evaluated = 0;
+    }
+    int alive[24];
+    for (int k = 0; k < 24; k++) alive[k] = 1;
+    if (o->screen_iter > 0) {
+        double bestc = INFINITY;
+        for (int k = 0; k < 24; k++) {
+            levenberg_marquardt(p, o, &cand[k], o->screen_iter, 0);
+            if (isnan(cand[k].cost)) cand[k].cost = INFINITY;
+            if (cand[k].cost < bestc) bestc = cand[k].cost;
+        }
+        for (int k = 0; k < 24; k++) alive[k] = cand[k].cost <= o->screen_ratio * bestc + 1e-12;
+    }
+    int sel = -1, iters = 0;
+    for (int k = 0; k < 24; k++) {
+        if (!alive[k]) continue;
+        levenberg_marquardt(p, o, &cand[k], o->max_iter, o->polish_steps);
+        if (cand[k].iters > iters) iters = cand[k].iters;
+        if (isnan(cand[k].cost)) cand[k].cost = INFINITY;
+        if (sel < 0 || cand[k].cost < cand[sel].cost) sel = k;
+    }
+    *out = cand[sel];
+    out->iters = iters;
+    out->second = INFINITY;
 }
 
 /* The global solve of one problem. Problems with few points (where the shortcuts of the search
@@ -1041,12 +1135,24 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
     if (npos <= o->small_problem && global) {
         solve_pass(p, &full, init, best);
     } else if (solve_pass(p, o, init, best) ? global && o->escalate
-                                            : global && o->escalate && heavy_tailed(p, best->R, best->t, o->escalate_ratio)) {
+                                            : global && o->escalate &&
+                                                  (heavy_tailed(p, best->R, best->t, o->escalate_ratio) ||
+                                                   misfit(p, best->cost, o->escalate_misfit))) {
         LMState again;
         solve_pass(p, &full, init, &again);
         if (again.cost < best->cost || (isinf(best->cost) && !isinf(again.cost))) {
             if (best->iters > again.iters) again.iters = best->iters;
             *best = again;
+        }
+        if (o->cube_starts) {
+            LMState third;
+            cube_pass(p, o, &third);
+            if (third.cost < best->cost) {
+                /* the answer it replaces is another minimum */
+                third.second = best->second < best->cost ? best->second : best->cost;
+                if (best->iters > third.iters) third.iters = best->iters;
+                *best = third;
+            }
         }
     }
     /* A finite cost from the LM means every weighted point is in front of the camera; a (near)

@@ -182,12 +182,87 @@ def solve_pnp_forward(
                 result = _merge(result, run(idx, opts), idx, B)
     if o.escalate:
         heavy = heavy_tailed(result[0], result[1], x2d, x3d, K, weights, o.escalate_ratio)
+        heavy = heavy | misfit(result[2], x2d, weights, o.escalate_misfit)
         again = ((result[7] | heavy) & ~small).nonzero()[:, 0]
         if again.numel():
             second_pass = run(again, full)
             better = second_pass[2] < result[2][again]
             result = _merge(result, second_pass, again[better], B, rows=better.nonzero()[:, 0])
+            if o.cube_starts:
+                take = lambda x: x if x.shape[0] == 1 else x[again]  # noqa: E731
+                third = list(_cube_pass(x2d[again], take(x3d), take(K), take(weights), o, check_every))
+                better = third[2] < result[2][again]
+                # The answer it replaces is another minimum: the best other one, unless a lower was known.
+                third[6] = torch.minimum(result[6][again], result[2][again])
+                result = _merge(result, third, again[better], B, rows=better.nonzero()[:, 0])
     return _finish(*result[:7], o)
+
+
+def cube_rotations(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(24, 3, 3)`` the rotations of the cube (signed permutation matrices of determinant +1),
+    in the order the C solver builds them."""
+    from .init import _rotation_group
+
+    return _rotation_group(dtype, device, 24)
+
+
+def _cube_pass(x2d, x3d, K, weights, o: SolverOptions, check_every: int):
+    """LM from the 24 cube rotations, the object on the mean ray of its pixels at the depth that
+    matches their spread (moved in front of the camera where needed); screened, then refined;
+    returns ``_solve_pass``'s tuple for the best start of each problem."""
+    from .init import normalised_rays
+
+    B, n, _ = x2d.shape
+    w = weights.expand(B, n)
+    rays = normalised_rays(x2d, K)
+    wsum = w.sum(-1, keepdim=True)
+    mean = (w[..., None] * rays).sum(1) / wsum
+    spread = ((w * (rays - mean[:, None]).pow(2).sum(-1)).sum(-1, keepdim=True) / wsum).sqrt()
+    t_guess = mean / spread.clamp_min(1e-12)
+    G = cube_rotations(x2d.dtype, x2d.device)
+    S = G.shape[0]
+    item = torch.arange(B, device=x2d.device).repeat_interleave(S)
+    R0 = G.repeat(B, 1, 1)
+    t0 = t_guess[item].clone()
+    depth = (R0[:, 2:3, :] @ x3d.expand(B, n, 3)[item].transpose(-1, -2))[:, 0] + t0[:, 2:3]
+    nearest = torch.where(w[item] > 0, depth, torch.full_like(depth, float("inf"))).amin(-1)
+    margin = o.depth_margin * object_size(x3d, weights).expand(B, 1)[item, 0]
+    t0[:, 2] = torch.where(nearest <= 0, t0[:, 2] + (margin - nearest), t0[:, 2])
+
+    def take(x: Tensor) -> Tensor:
+        return x if x.shape[0] == 1 else x[item]
+
+    floor = start_depth_floor(t0, o)
+    if o.screen_iter > 0:
+        pre = refine(
+            R0, t0, x2d[item], take(x3d), take(K), take(weights), o, max_iter=o.screen_iter,
+            check_every=check_every, polish_steps=0, depth_floor=floor,
+        )  # fmt: skip
+        c = torch.nan_to_num(pre.cost, nan=float("inf"))
+        item_best = torch.full((B,), float("inf"), dtype=c.dtype, device=c.device).scatter_reduce(
+            0, item, c, reduce="amin"
+        )
+        keep = c <= o.screen_ratio * item_best[item] + 1e-12
+        R0, t0, floor, item = pre.state[0][keep], pre.state[1][keep], floor[keep], item[keep]
+    out = refine(R0, t0, x2d[item], take(x3d), take(K), take(weights), o, check_every=check_every, depth_floor=floor)
+    cost = torch.nan_to_num(out.cost, nan=float("inf"))
+    # first lowest per problem (the C solver's order)
+    item_best = torch.full((B,), float("inf"), dtype=cost.dtype, device=cost.device).scatter_reduce(
+        0, item, cost, reduce="amin"
+    )
+    ar = torch.arange(item.numel(), device=x2d.device)
+    is_best = cost == item_best[item]
+    first = torch.full((B,), item.numel(), dtype=torch.long, device=x2d.device)
+    first = first.scatter_reduce(0, item[is_best], ar[is_best], reduce="amin")
+    # problems none of whose starts survived (all inf): take their first start
+    none = first >= item.numel()
+    any_row = torch.full((B,), item.numel(), dtype=torch.long, device=x2d.device).scatter_reduce(
+        0, item, ar, reduce="amin"
+    )
+    sel = torch.where(none, any_row, first)
+    ok = out.converged[sel] & torch.isfinite(cost[sel])
+    inf = torch.full((B,), float("inf"), dtype=x2d.dtype, device=x2d.device)
+    return out.state[0][sel], out.state[1][sel], cost[sel], out.hess[sel], ok, out.iterations, inf, none
 
 
 def refine_robust(
@@ -220,6 +295,15 @@ def refine_robust(
     R, t = out.state
     inf = torch.full_like(out.cost, float("inf"))
     return _finish(R, t, out.cost, out.hess, out.converged, out.iterations, inf, options)
+
+
+def misfit(cost: Tensor, x2d: Tensor, weights: Tensor, ratio: float) -> Tensor:
+    """``(B,)``: the fit explains little of the image: the RMS residual (``cost`` ``(B,)``) exceeds
+    ``ratio`` times the RMS spread of the pixels ``(B, n, 2)`` about their weighted mean."""
+    w = weights.expand(x2d.shape[:2])
+    mean = (w[..., None] * x2d).sum(1) / w.sum(-1, keepdim=True)
+    spread = (w * (x2d - mean[:, None]).pow(2).sum(-1)).sum(-1)
+    return torch.isfinite(cost) & (cost > ratio * ratio * spread)
 
 
 def heavy_tailed(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, ratio: float) -> Tensor:
