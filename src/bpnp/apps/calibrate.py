@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..geometry import project
+from ..geometry import project, undistort_pixels
 from ..layer import solve_pnp
 from . import plots
 from .common import finish_experiment, lbfgs, markdown_table, output_dir, progress
@@ -90,6 +90,10 @@ def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor) -> 
     layer minimises the error in distorted pixels and differentiates it w.r.t. ``dist`` too)."""
     K = camera_from_params(params[:4])
     dist = params[4:] if params.numel() > 4 else None
+    if dist is not None:
+        # Coefficients whose lens model cannot be inverted at the detections are outside the
+        # valid region (ValueError: the caller's line search backs off from them).
+        undistort_pixels(x2d.detach(), K.detach(), dist.detach())
     return solve_pnp(x2d, x3d, K, dist=dist, warn=False).pose
 
 

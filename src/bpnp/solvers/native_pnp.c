@@ -1148,8 +1148,15 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
             LMState third;
             cube_pass(p, o, &third);
             if (third.cost < best->cost) {
-                /* the answer it replaces is another minimum */
-                third.second = best->second < best->cost ? best->second : best->cost;
+                /* the answer it replaces is another minimum, when its pose differs */
+                double dR = 0, dt = 0, tn = 0;
+                for (int j = 0; j < 9; j++) dR += (third.R[j] - best->R[j]) * (third.R[j] - best->R[j]);
+                for (int j = 0; j < 3; j++) {
+                    dt += (third.t[j] - best->t[j]) * (third.t[j] - best->t[j]);
+                    tn += third.t[j] * third.t[j];
+                }
+                int distinct = sqrt(dR) > o->dedupe || sqrt(dt) > o->dedupe * sqrt(tn);
+                third.second = distinct && best->cost < best->second ? best->cost : best->second;
                 if (best->iters > third.iters) third.iters = best->iters;
                 *best = third;
             }

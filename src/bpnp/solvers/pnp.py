@@ -192,8 +192,12 @@ def solve_pnp_forward(
                 take = lambda x: x if x.shape[0] == 1 else x[again]  # noqa: E731
                 third = list(_cube_pass(x2d[again], take(x3d), take(K), take(weights), o, check_every))
                 better = third[2] < result[2][again]
-                # The answer it replaces is another minimum: the best other one, unless a lower was known.
-                third[6] = torch.minimum(result[6][again], result[2][again])
+                # The answer it replaces is another minimum, when its pose differs.
+                dR = (third[0] - result[0][again]).flatten(1).norm(dim=-1)
+                dt = (third[1] - result[1][again]).norm(dim=-1)
+                distinct = (dR > o.dedupe) | (dt > o.dedupe * third[1].norm(dim=-1))
+                old_cost = torch.where(distinct, result[2][again], torch.full_like(dR, float("inf")))
+                third[6] = torch.minimum(result[6][again], old_cost)
                 result = _merge(result, third, again[better], B, rows=better.nonzero()[:, 0])
     return _finish(*result[:7], o)
 
