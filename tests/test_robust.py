@@ -357,3 +357,29 @@ def test_distortion_with_ransac_and_input_checks():
         bpnp.solve_pnp(x2d, p.x3d, p.K, dist=DIST.float())
     layer = bpnp.BPnP()
     torch.testing.assert_close(layer(x2d, p.x3d, p.K, dist=DIST), bpnp.solve_pnp(x2d, p.x3d, p.K, dist=DIST).pose)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["cauchy", "distortion"])
+def test_double_backward_matches_finite_differences_of_the_gradient(backend, case):
+    """``create_graph=True``: the derivative of a gradient along a direction equals central
+    differences of that gradient (robust loss, and lens distortion)."""
+    p, _ = outlier_problems(2, 10, 0.2, seed=3)
+    kw = {"loss": "cauchy", "loss_scale": 3.0} if case == "cauchy" else {"dist": DIST * 0.5}
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(2, 6, generator=g, dtype=f64)
+
+    def inner(x2d, create):
+        x2d = x2d if create else x2d.detach().clone().requires_grad_()
+        pose = bpnp.solve_pnp(x2d, p.x3d, p.K, backend=backend, warn=False, **kw).pose
+        (grad,) = torch.autograd.grad((pose * v).sum(), x2d, create_graph=create)
+        return grad
+
+    x2d = p.x2d.clone().requires_grad_()
+    grad = inner(x2d, True)
+    u = torch.randn(grad.shape, generator=g, dtype=f64)
+    (second,) = torch.autograd.grad((grad * u).sum(), x2d)
+    d = torch.randn(x2d.shape, generator=g, dtype=f64)
+    eps = 1e-5
+    fd = ((inner(p.x2d + eps * d, False) - inner(p.x2d - eps * d, False)) * u).sum() / (2 * eps)
+    assert abs(float((second * d).sum()) - float(fd)) <= 1e-6 * abs(float(fd))

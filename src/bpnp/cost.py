@@ -243,6 +243,33 @@ def cost_only(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights
     return cost_terms(R, t, x2d, x3d, K, weights, hessian=False).cost
 
 
+def _distorted_item_cost(
+    xi: Tensor,
+    R: Tensor,
+    t: Tensor,
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor,
+    dist: Tensor,
+    loss_scale: Tensor,
+    min_depth: Tensor,
+    loss: str,
+) -> Tensor:
+    """The cost of one problem with lens distortion at ``(I + [w] + [w]^2/2) R, t + tau`` (``xi``
+    ``(6,)``; the other arguments unbatched: ``(3,3), (3,), (n,2), (n,3), (3,3), (n,), (5,), (1,), ()``)."""
+    from .geometry import distort, skew
+
+    S = skew(xi[:3])
+    Rx = R + S @ R + 0.5 * (S @ S) @ R
+    P = x3d @ Rx.transpose(-1, -2) + (t + xi[3:])
+    z = torch.maximum(P[:, 2], min_depth)
+    xd = distort(P[:, :2] / z[:, None], dist)
+    pix = xd @ (K[:2, :2] / K[2, 2]).transpose(-1, -2) + K[:2, 2] / K[2, 2]
+    r = pix - x2d
+    return (weights * robust_loss((r * r).sum(-1), loss, loss_scale)[0]).sum()
+
+
 def distorted_cost_terms(
     R: Tensor,
     t: Tensor,
@@ -302,4 +329,59 @@ def distorted_cost_terms(
     if not create_graph:
         cost, grad = cost.detach(), grad.detach()
         hess = None if hess is None else hess.detach()
+    return CostTerms(cost, grad, hess, seen_depth)
+
+
+def distorted_cost_terms_composable(
+    R: Tensor,
+    t: Tensor,
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor,
+    dist: Tensor,
+    hessian: bool = True,
+    min_depth: Tensor | float = 0.0,
+    loss: str = "l2",
+    loss_scale: Tensor | float = 1.0,
+) -> CostTerms:
+    """:func:`distorted_cost_terms` by ``torch.func`` (slower; for the double backward).
+
+    The pixel of a point is ``K [distort(x/z, y/z; dist), 1]`` (:func:`bpnp.geometry.distort`).
+    The chart derivatives are those of a second-order chart ``R <- (I + [w] + [w]^2 / 2) R,
+    t <- t + tau`` (it agrees with the exponential map to second order at ``xi = 0``, so gradient
+    and Hessian there are exact), per problem (``vmap`` of ``grad`` and ``hessian``). The outputs
+    are differentiable functions of every input (``torch.func`` composes with autograd): the
+    backward and its double backward differentiate them.
+
+    Args:
+        as :func:`cost_terms`, plus dist: ``(B|1, 5)`` coefficients ``(k1, k2, p1, p2, k3)``.
+    Returns:
+        :class:`CostTerms` (``hess`` None when ``hessian`` is False).
+    """
+    B, n = x2d.shape[:2]
+    dt = x2d.dtype
+    floor = torch.as_tensor(min_depth, dtype=dt, device=x2d.device).reshape(-1)
+    floor = floor if floor.numel() > 1 else floor.reshape(())
+    scale = torch.as_tensor(loss_scale, dtype=dt, device=x2d.device).reshape(-1, 1)
+    batched = [R, t, x2d, x3d, K, weights.expand(-1, n) if weights.dim() == 2 else weights, dist, scale, floor]
+    args, dims = [], []
+    for x in batched:
+        shared = x.dim() == 0 or x.shape[0] == 1 and B > 1 or (x is floor and x.dim() == 0)
+        args.append(x[0] if shared and x.dim() > 0 else x)
+        dims.append(None if shared else 0)
+    xi = torch.zeros(B, 6, dtype=dt, device=x2d.device)
+
+    def cost_fn(xi_, *a):
+        return _distorted_item_cost(xi_, *a, loss)
+
+    in_dims = (0, *dims)
+    cost = torch.func.vmap(cost_fn, in_dims=in_dims)(xi, *args)
+    grad = torch.func.vmap(torch.func.grad(cost_fn), in_dims=in_dims)(xi, *args)
+    hess = torch.func.vmap(torch.func.hessian(cost_fn), in_dims=in_dims)(xi, *args) if hessian else None
+    with torch.no_grad():
+        depth = (x3d @ R.transpose(-1, -2))[..., 2] + t[:, None, 2]
+        w = weights.expand(depth.shape)
+        big = torch.finfo(depth.dtype).max
+        seen_depth = torch.where(w > 0, depth, torch.full_like(depth, big)).amin(-1)
     return CostTerms(cost, grad, hess, seen_depth)

@@ -247,6 +247,8 @@ def robust_vjp(
     create = torch.is_grad_enabled()
     inputs = (x2d, x3d, K, weights, loss_scale, dist)
     needs = tuple(needs) + (False,) * (6 - len(needs))
+    if create:
+        return _robust_vjp_differentiable(rhs, R, t, inputs, loss, needs, keep)
     with torch.enable_grad():
         leaves = [
             x if x is None or (create and x.requires_grad) else x.detach().requires_grad_(bool(need))
@@ -276,3 +278,35 @@ def robust_vjp(
         gx = next(it)
         out.append(torch.zeros_like(x) if gx is None else torch.nan_to_num(gx, nan=0.0, posinf=0.0, neginf=0.0))
     return tuple(out)
+
+
+def _robust_vjp_differentiable(rhs, R, t, inputs, loss, needs, keep):
+    """:func:`robust_vjp` as a differentiable function of the inputs and the optimum (for a double
+    backward). The partial derivatives w.r.t. the inputs hold ``R, t`` fixed: ``torch.func.vjp``
+    differentiates only its primals, while ``R, t`` (outputs of the layer) stay connected to the
+    outer graph, so a second backward runs through them (and the Hessian) exactly."""
+    from .cost import cost_terms, distorted_cost_terms_composable
+
+    dist = inputs[5]
+
+    def terms(*full, hessian):
+        if dist is None:
+            return cost_terms(R, t, *full[:4], hessian=hessian, loss=loss, loss_scale=full[4])
+        return distorted_cost_terms_composable(R, t, *full[:4], full[5], hessian=hessian, loss=loss, loss_scale=full[4])
+
+    u, _ = solve_hessian(terms(*inputs, hessian=True).hess, rhs)
+    ok = torch.isfinite(u).all(-1)
+    if keep is not None:
+        ok = ok & keep
+    u = torch.where(ok[:, None], u, torch.zeros_like(u))
+    idx = [i for i in range(6) if needs[i] and inputs[i] is not None]
+
+    def chart_gradient(*primals):
+        full = list(inputs)
+        for i, x in zip(idx, primals):
+            full[i] = x
+        return terms(*full, hessian=False).grad
+
+    _, pullback = torch.func.vjp(chart_gradient, *[inputs[i] for i in idx])
+    got = dict(zip(idx, pullback(-u)))
+    return tuple(got.get(i) for i in range(6))
