@@ -383,3 +383,20 @@ def test_double_backward_matches_finite_differences_of_the_gradient(backend, cas
     eps = 1e-5
     fd = ((inner(p.x2d + eps * d, False) - inner(p.x2d - eps * d, False)) * u).sum() / (2 * eps)
     assert abs(float((second * d).sum()) - float(fd)) <= 1e-6 * abs(float(fd))
+
+
+def test_minimal_samples_are_distinct_uniform_and_of_positive_weight():
+    from bpnp.solvers.ransac import _minimal_samples
+
+    g = torch.Generator().manual_seed(0)
+    order = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 2, 4, 6, 1, 3, 5]])  # row 1: 4 points weighted
+    picks = _minimal_samples(order, torch.tensor([7, 4]), 100_000, g)
+    assert bool((picks[..., 0] != picks[..., 1]).all() & (picks[..., 0] != picks[..., 2]).all())
+    assert bool((picks[..., 1] != picks[..., 2]).all())
+    assert set(picks[1].unique().tolist()) == {0, 2, 4, 6}
+    triples = picks[0].sort(-1).values
+    counts = torch.bincount(triples[:, 0] * 49 + triples[:, 1] * 7 + triples[:, 2])
+    counts = counts[counts > 0].to(f64)
+    assert (
+        counts.numel() == 35 and float(counts.min() / counts.mean()) > 0.9 and float(counts.max() / counts.mean()) < 1.1
+    )

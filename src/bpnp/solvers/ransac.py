@@ -280,11 +280,10 @@ def ransac(
     drawn = torch.zeros(B, dtype=torch.long, device=dev)
     active = torch.arange(B, device=dev)
     S = options.samples_per_round
+    order = (~pos).to(torch.int8).argsort(dim=-1, stable=True)  # points of positive weight first
     while active.numel():
         a = active
-        keys = torch.rand(a.numel(), S, n, generator=gen, dtype=dt, device=dev)
-        keys = torch.where(pos[a, None], keys, torch.full_like(keys, -1.0))
-        pick = keys.topk(3, dim=-1).indices  # AxSx3
+        pick = _minimal_samples(order[a], m[a], S, gen)  # AxSx3
         if native:
             from .native import ransac_round_native
 
@@ -325,6 +324,24 @@ def ransac(
     e = _squared_errors(R[:, None], t[:, None], x2d, x3d_b, K_b)[:, 0]
     enough = (pos & (e < tau2)).sum(-1) >= m.clamp(max=MIN_INLIERS)
     return RansacResult(R, t, inl, score, drawn, enough)
+
+
+def _minimal_samples(order: Tensor, m: Tensor, S: int, gen: torch.Generator) -> Tensor:
+    """``(A, S, 3)`` indices of 3 distinct points of positive weight per sample, uniformly: three
+    uniform draws from ``m``, ``m - 1`` and ``m - 2`` values, shifted past the ones already drawn,
+    then mapped through ``order`` ``(A, n)`` (the positive-weight points first; ``m (A,)`` of them)."""
+    A = order.shape[0]
+    u = torch.rand(A, S, 3, generator=gen, dtype=torch.float64, device=order.device)
+    mm = m.to(torch.float64)[:, None]
+    r0 = torch.minimum((u[..., 0] * mm).long(), (m - 1)[:, None])
+    r1 = torch.minimum((u[..., 1] * (mm - 1)).long(), (m - 2)[:, None])
+    r2 = torch.minimum((u[..., 2] * (mm - 2)).long(), (m - 3)[:, None])
+    r1 = r1 + (r1 >= r0).long()
+    lo, hi = torch.minimum(r0, r1), torch.maximum(r0, r1)
+    r2 = r2 + (r2 >= lo).long()
+    r2 = r2 + (r2 >= hi).long()
+    ranks = torch.stack([r0, r1, r2], -1).reshape(A, S * 3)
+    return order.gather(1, ranks).reshape(A, S, 3)
 
 
 def _round(
