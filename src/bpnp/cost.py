@@ -243,7 +243,7 @@ def cost_only(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights
     return cost_terms(R, t, x2d, x3d, K, weights, hessian=False).cost
 
 
-def _distorted_item_cost(
+def distorted_cost(
     xi: Tensor,
     R: Tensor,
     t: Tensor,
@@ -252,22 +252,36 @@ def _distorted_item_cost(
     K: Tensor,
     weights: Tensor,
     dist: Tensor,
-    loss_scale: Tensor,
-    min_depth: Tensor,
+    loss_scale: Tensor | float,
+    min_depth: Tensor | float,
     loss: str,
 ) -> Tensor:
-    """The cost of one problem with lens distortion at ``(I + [w] + [w]^2/2) R, t + tau`` (``xi``
-    ``(6,)``; the other arguments unbatched: ``(3,3), (3,), (n,2), (n,3), (3,3), (n,), (5,), (1,), ()``)."""
+    """Cost with lens distortion at ``(I + [w] + [w]^2/2) R, t + tau`` for ``xi = (w, tau)``.
+
+    Batched (``xi (B, 6), R (B, 3, 3), t (B, 3), x2d (B, n, 2), x3d (B|1, n, 3), K (B|1, 3, 3),
+    weights (B|1, n), dist (B|1, 5)``, scale and floor ``(B|1, 1)`` or floats: returns ``(B,)``) or
+    one problem (the same without the leading dimension, ``dist (5,)``: returns a scalar). Points
+    nearer than ``min_depth`` are clamped to it.
+    """
     from .geometry import distort, skew
 
-    S = skew(xi[:3])
+    S = skew(xi[..., :3])
     Rx = R + S @ R + 0.5 * (S @ S) @ R
-    P = x3d @ Rx.transpose(-1, -2) + (t + xi[3:])
-    z = torch.maximum(P[:, 2], min_depth)
-    xd = distort(P[:, :2] / z[:, None], dist)
-    pix = xd @ (K[:2, :2] / K[2, 2]).transpose(-1, -2) + K[:2, 2] / K[2, 2]
+    P = x3d @ Rx.transpose(-1, -2) + (t + xi[..., 3:])[..., None, :]
+    z = P[..., 2] if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(P[..., 2], min_depth)
+    xd = distort(P[..., :2] / z[..., None], dist)
+    k22 = K[..., 2:3, 2:3]
+    pix = xd @ (K[..., :2, :2] / k22).transpose(-1, -2) + (K[..., :2, 2] / K[..., 2:3, 2])[..., None, :]
     r = pix - x2d
-    return (weights * robust_loss((r * r).sum(-1), loss, loss_scale)[0]).sum()
+    return (weights * robust_loss((r * r).sum(-1), loss, loss_scale)[0]).sum(-1)
+
+
+def _nearest_weighted_depth(R: Tensor, t: Tensor, x3d: Tensor, weights: Tensor) -> Tensor:
+    """``(B,)`` smallest camera-frame depth among the points of positive weight (detached)."""
+    with torch.no_grad():
+        depth = (x3d @ R.transpose(-1, -2))[..., 2] + t[:, None, 2]
+        w = weights.expand(depth.shape)
+        return torch.where(w > 0, depth, torch.full_like(depth, torch.finfo(depth.dtype).max)).amin(-1)
 
 
 def distorted_cost_terms(
@@ -299,23 +313,10 @@ def distorted_cost_terms(
     Returns:
         :class:`CostTerms` (``hess`` None when ``hessian`` is False).
     """
-    from .geometry import distort, skew
-
     B = R.shape[0]
     with torch.enable_grad():
         xi = torch.zeros(B, 6, dtype=R.dtype, device=R.device, requires_grad=True)
-        S = skew(xi[:, :3])
-        Rx = R + S @ R + 0.5 * (S @ S) @ R
-        P = x3d @ Rx.transpose(-1, -2) + (t + xi[:, 3:])[:, None]  # BxNx3
-        depth = P[..., 2]
-        z = depth if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(depth, min_depth)
-        xd = distort(P[..., :2] / z[..., None], dist)
-        k22 = K[:, 2:3, 2:3]
-        pix = xd @ (K[:, :2, :2] / k22).transpose(-1, -2) + (K[:, :2, 2] / K[:, 2:3, 2])[:, None]
-        r = pix - x2d
-        w = weights.expand(depth.shape)
-        rho = robust_loss((r * r).sum(-1), loss, loss_scale)[0]
-        cost = (w * rho).sum(-1)
+        cost = distorted_cost(xi, R, t, x2d, x3d, K, weights, dist, loss_scale, min_depth, loss)
         (grad,) = torch.autograd.grad(cost.sum(), xi, create_graph=True)
         hess = None
         if hessian:
@@ -324,8 +325,7 @@ def distorted_cost_terms(
                 for k in range(6)
             ]
             hess = torch.stack(rows, 1)
-    big = torch.finfo(depth.dtype).max
-    seen_depth = torch.where(w > 0, depth, torch.full_like(depth, big)).amin(-1).detach()
+    seen_depth = _nearest_weighted_depth(R, t, x3d, weights)
     if not create_graph:
         cost, grad = cost.detach(), grad.detach()
         hess = None if hess is None else hess.detach()
@@ -373,15 +373,11 @@ def distorted_cost_terms_composable(
     xi = torch.zeros(B, 6, dtype=dt, device=x2d.device)
 
     def cost_fn(xi_, *a):
-        return _distorted_item_cost(xi_, *a, loss)
+        return distorted_cost(xi_, *a, loss)
 
     in_dims = (0, *dims)
     cost = torch.func.vmap(cost_fn, in_dims=in_dims)(xi, *args)
     grad = torch.func.vmap(torch.func.grad(cost_fn), in_dims=in_dims)(xi, *args)
     hess = torch.func.vmap(torch.func.hessian(cost_fn), in_dims=in_dims)(xi, *args) if hessian else None
-    with torch.no_grad():
-        depth = (x3d @ R.transpose(-1, -2))[..., 2] + t[:, None, 2]
-        w = weights.expand(depth.shape)
-        big = torch.finfo(depth.dtype).max
-        seen_depth = torch.where(w > 0, depth, torch.full_like(depth, big)).amin(-1)
+    seen_depth = _nearest_weighted_depth(R, t, x3d, weights)
     return CostTerms(cost, grad, hess, seen_depth)
