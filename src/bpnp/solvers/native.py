@@ -268,6 +268,11 @@ def solve_pnp_native(
     return PnPSolution(R, t, cost, hess, conv.bool(), int(iters.max()) if B else 0, rvec, second, trusted.bool())
 
 
+def _f64(x: Tensor) -> Tensor:
+    """A detached, contiguous float64 copy (or view) of a CPU tensor, for the C entry points."""
+    return x.detach().to(torch.float64).contiguous()
+
+
 def msac_score_native(
     R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, tau2: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -287,10 +292,7 @@ def msac_score_native(
     B, H = R.shape[:2]
     n = x2d.shape[1]
 
-    def prep(x: Tensor) -> Tensor:
-        return x.detach().to(f64).contiguous()
-
-    R, t, x2d, x3d, K, weights, tau2 = (prep(x) for x in (R, t, x2d, x3d, K, weights, tau2))
+    R, t, x2d, x3d, K, weights, tau2 = (_f64(x) for x in (R, t, x2d, x3d, K, weights, tau2))
     score = torch.empty(B, H, dtype=f64)
     count = torch.empty(B, H, dtype=torch.int32)
     lib.bpnp_msac_score(
@@ -343,10 +345,7 @@ def ransac_round_native(
     A, S, _ = samples.shape
     B, n = x2d.shape[:2]
 
-    def prep(x: Tensor) -> Tensor:
-        return x.detach().to(f64).contiguous()
-
-    rays, x2d, x3d, K, weights, tau2 = (prep(x) for x in (rays, x2d, x3d, K, weights, tau2))
+    rays, x2d, x3d, K, weights, tau2 = (_f64(x) for x in (rays, x2d, x3d, K, weights, tau2))
     ids = ids.to(torch.int64).contiguous()
     samples = samples.to(torch.int64).contiguous()
     R = torch.empty(A, 3, 3, dtype=f64)
