@@ -32,7 +32,6 @@ EXPORTS = [
     "bpnp_options_layout",
     "bpnp_source_digest",
     "bpnp_symmetric_eig",
-    "bpnp_msac_score",
     "bpnp_ransac_round",
 ]
 

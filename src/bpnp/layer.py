@@ -305,12 +305,7 @@ def solve_pnp(
         raise PnPInputError(f"options: expected a bpnp.SolverOptions, got {type(options).__name__}")
     if not isinstance(warn, bool):
         raise PnPInputError(f"warn: expected a bool, got {warn!r}")
-    if loss not in LOSSES:
-        raise PnPInputError(f"loss: expected one of {LOSSES}, got {loss!r}")
-    if ransac is True:
-        ransac = RansacOptions()
-    elif ransac is not False and not isinstance(ransac, RansacOptions):
-        raise PnPInputError(f"ransac: expected a bool or a bpnp.RansacOptions, got {ransac!r}")
+    ransac = _robust_options(loss, ransac)
     if ransac and method != "global":
         raise PnPInputError("ransac: runs with method='global'")
     x2d_b, x3d_b, K_b, w_b, pose_b, unbatched = canonical_pnp_inputs(x2d, x3d, K, weights, init_pose)
@@ -420,6 +415,19 @@ def solve_pnp(
     return PnPResult(
         pose, R, t, cost, converged, int(iters), config.solver, second, ambiguous, trusted, covariance, inliers
     )
+
+
+def _robust_options(loss: str, ransac: bool | RansacOptions) -> RansacOptions | None:
+    """Check ``loss`` and ``ransac``; the RANSAC options to run (None: no RANSAC)."""
+    if loss not in LOSSES:
+        raise PnPInputError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    if ransac is True:
+        return RansacOptions()
+    if ransac is False:
+        return None
+    if not isinstance(ransac, RansacOptions):
+        raise PnPInputError(f"ransac: expected a bool or a bpnp.RansacOptions, got {ransac!r}")
+    return ransac
 
 
 def _loss_scale(loss_scale: float | Tensor, x2d: Tensor, unbatched: bool) -> Tensor:
@@ -568,10 +576,7 @@ class BPnP(nn.Module):
         ransac: bool | RansacOptions = False,
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise PnPInputError(f"loss: expected one of {LOSSES}, got {loss!r}")
-        if ransac is not False and ransac is not True and not isinstance(ransac, RansacOptions):
-            raise PnPInputError(f"ransac: expected a bool or a bpnp.RansacOptions, got {ransac!r}")
+        _robust_options(loss, ransac)
         self.loss = loss
         self.loss_scale = loss_scale
         self.ransac = ransac

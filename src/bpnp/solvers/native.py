@@ -35,7 +35,6 @@ __all__ = [
     "native_unavailable_reason",
     "native_build",
     "solve_pnp_native",
-    "msac_score_native",
     "ransac_round_native",
 ]
 
@@ -115,10 +114,6 @@ def _open(path: Path) -> ctypes.CDLL:
     u8, i32 = ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_int32)
     opts = ctypes.POINTER(NativeOptions)
     lib.bpnp_solve.argtypes = [ip, ip, dp, dp, ip, dp, ip, dp, ip, dp, opts, ip, ip, dp, dp, dp, dp, dp, u8, i32, dp, u8]  # fmt: skip
-    lib.bpnp_msac_score.restype = None
-    # bpnp_msac_score(B, H, n, R, t, x2d, x3d, x3d_batched, K, K_batched, w, w_batched, tau2,
-    #                 num_threads, forked, score, count)
-    lib.bpnp_msac_score.argtypes = [ip, ip, ip, dp, dp, dp, dp, ip, dp, ip, dp, ip, dp, ip, ip, dp, i32]  # fmt: skip
     i64 = ctypes.POINTER(ctypes.c_int64)
     lib.bpnp_ransac_round.restype = None
     # bpnp_ransac_round(A, S, n, ids, samples, rays, x2d, x3d, x3d_batched, K, K_batched, w,
@@ -271,50 +266,6 @@ def solve_pnp_native(
 def _f64(x: Tensor) -> Tensor:
     """A detached, contiguous float64 copy (or view) of a CPU tensor, for the C entry points."""
     return x.detach().to(torch.float64).contiguous()
-
-
-def msac_score_native(
-    R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, tau2: Tensor
-) -> tuple[Tensor, Tensor]:
-    """RANSAC's MSAC scores in compiled C (CPU tensors; see :mod:`bpnp.solvers.ransac`).
-
-    Args:
-        R: ``(B, H, 3, 3)``; t: ``(B, H, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``;
-        K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; tau2: ``(B,)`` squared thresholds.
-    Returns:
-        ``score (B, H)`` (``sum_i w_i min(e_i, tau2)``, float64) and ``count (B, H)`` (int32,
-        points of positive weight within the threshold).
-    """
-    lib = _load()
-    if lib is None:
-        raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
-    f64 = torch.float64
-    B, H = R.shape[:2]
-    n = x2d.shape[1]
-
-    R, t, x2d, x3d, K, weights, tau2 = (_f64(x) for x in (R, t, x2d, x3d, K, weights, tau2))
-    score = torch.empty(B, H, dtype=f64)
-    count = torch.empty(B, H, dtype=torch.int32)
-    lib.bpnp_msac_score(
-        B,
-        H,
-        n,
-        _ptr(R),
-        _ptr(t),
-        _ptr(x2d),
-        _ptr(x3d),
-        int(x3d.shape[0] != 1 or B == 1),
-        _ptr(K),
-        int(K.shape[0] != 1 or B == 1),
-        _ptr(weights),
-        int(weights.shape[0] != 1 or B == 1),
-        _ptr(tau2),
-        torch.get_num_threads(),
-        int(_in_forked_child),
-        _ptr(score),
-        _ptr(count, ctypes.c_int32),
-    )
-    return score, count
 
 
 def ransac_round_native(

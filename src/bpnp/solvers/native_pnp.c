@@ -1300,26 +1300,6 @@ static void msac_one(const double *r, const double *tt, const double *xy, const 
     *count_out = count;
 }
 
-/* RANSAC scoring (bpnp.solvers.ransac): msac_one for B problems with H poses each (R row-major
- * B x H x 9, t B x H x 3) into score (B x H) and count (B x H). Inputs as bpnp_solve's. */
-void bpnp_msac_score(int B, int H, int n, const double *R, const double *t, const double *x2d, const double *x3d,
-                     int x3d_batched, const double *K, int K_batched, const double *w, int w_batched,
-                     const double *tau2, int num_threads, int forked, double *score_out, int32_t *count_out) {
-    long total = (long)B * H;
-    int want = num_threads < 1 ? 1 : num_threads;
-    (void)forked;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(want) if (want > 1 && !forked && !in_forked_child && total > 256)
-#endif
-    for (long bh = 0; bh < total; bh++) {
-        long b = bh / H;
-        int cnt;
-        msac_one(R + bh * 9, t + bh * 3, x2d + b * n * 2, x3d + (x3d_batched ? b * n * 3 : 0),
-                 K + (K_batched ? b * 9 : 0), w + (w_batched ? b * n : 0), n, tau2[b], INFINITY, score_out + bh, &cnt);
-        count_out[bh] = cnt;
-    }
-}
-
 /* Complex roots of a4 x^4 + ... + a0 (Ferrari; bpnp.solvers.ransac.solve_quartic step for step). */
 static void solve_quartic(const double *a, double complex *roots) {
     double complex b3 = a[3] / a[4], b2 = a[2] / a[4], b1 = a[1] / a[4], b0 = a[0] / a[4];
@@ -1423,8 +1403,8 @@ static int p3p_solve(const double *f, const double *X, double (*Rs)[9], double (
 }
 
 /* One RANSAC round for A problems (ids: their rows in the batch): S minimal samples each
- * (samples: A x S x 3 point indices), P3P for every sample, every pose scored as in
- * bpnp_msac_score; per problem the best pose (first of the lowest score) in R_out (A x 9),
+ * (samples: A x S x 3 point indices), P3P for every sample, every pose scored by msac_one
+ * (bpnp.solvers.ransac.msac_score); per problem the best pose (first of the lowest score) in R_out (A x 9),
  * t_out (A x 3), its score (inf when no sample gave a pose) and count. rays: B x n x 3 unit
  * bearings of the image points. */
 void bpnp_ransac_round(int A, int S, int n, const int64_t *ids, const int64_t *samples, const double *rays,

@@ -207,16 +207,20 @@ def _squared_errors(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor) -
     return torch.where((z > 0) & torch.isfinite(e), e, torch.full_like(e, float("inf")))
 
 
-def _msac(e: Tensor, w: Tensor, tau2: Tensor) -> Tensor:
-    """``(B, H)`` MSAC cost: ``sum_i w_i min(e_i, tau^2)`` (lower is better)."""
-    return (w[:, None] * torch.minimum(e, tau2[:, :, None])).sum(-1)
+def _msac_terms(e: Tensor, weights: Tensor, tau2: Tensor) -> tuple[Tensor, Tensor]:
+    """MSAC scores ``sum_i w_i min(e_i, tau^2)`` ``(B, H)`` (lower is better) and the counts of
+    points of positive weight within the threshold, from squared errors ``e (B, H, n)``,
+    ``weights (B, n)`` and ``tau2 (B,)``."""
+    within = e < tau2[:, None, None]
+    score = (weights[:, None] * torch.where(within, e, tau2[:, None, None].expand_as(e))).sum(-1)
+    return score, (within & (weights[:, None] > 0)).sum(-1)
 
 
 def msac_score(
     R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, tau2: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """MSAC scores and inlier counts of ``H`` poses per problem, in tensor ops (any device);
-    :func:`bpnp.solvers.native.msac_score_native` is the same in C.
+    """MSAC scores and inlier counts of ``H`` poses per problem, in tensor ops (any device; the C
+    library's ``bpnp_ransac_round`` scores the same way).
 
     Args:
         R: ``(B, H, 3, 3)``; t: ``(B, H, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B, n, 3)``; K: ``(B, 3, 3)``;
@@ -224,10 +228,7 @@ def msac_score(
     Returns:
         ``score (B, H)`` and ``count (B, H)``.
     """
-    e = _squared_errors(R, t, x2d, x3d, K)
-    within = e < tau2[:, None, None]
-    score = (weights[:, None] * torch.where(within, e, tau2[:, None, None].expand_as(e))).sum(-1)
-    return score, (within & (weights[:, None] > 0)).sum(-1)
+    return _msac_terms(_squared_errors(R, t, x2d, x3d, K), weights, tau2)
 
 
 def _needed(inlier_ratio: Tensor, confidence: float) -> Tensor:
@@ -311,7 +312,7 @@ def ransac(
         R_lo = torch.where(ok[:, None, None], R_lo, R)
         t_lo = torch.where(ok[:, None], t_lo, t)
         e_lo = _squared_errors(R_lo[:, None], t_lo[:, None], x2d, x3d_b, K_b)[:, 0]
-        s_lo = _msac(e_lo[:, None], w, tau2)[:, 0]
+        s_lo = _msac_terms(e_lo[:, None], w, tau2[:, 0])[0][:, 0]
         inl_lo = _inlier_set(e_lo, pos, tau2)
         improved = ok & (s_lo <= score)
         changed = improved & (inl_lo != inl).any(-1)
@@ -319,9 +320,9 @@ def ransac(
         t = torch.where(improved[:, None], t_lo, t)
         score = torch.where(improved, s_lo, score)
         inl = torch.where(improved[:, None], inl_lo, inl)
+        e = torch.where(improved[:, None], e_lo, e)
         if not bool(changed.any()):
             break
-    e = _squared_errors(R[:, None], t[:, None], x2d, x3d_b, K_b)[:, 0]
     enough = (pos & (e < tau2)).sum(-1) >= m.clamp(max=MIN_INLIERS)
     return RansacResult(R, t, inl, score, drawn, enough)
 
