@@ -153,6 +153,52 @@ def test_resume_after_kill_equals_uninterrupted(tiny_data, tmp_path):
     assert json.loads((killed / "train_summary.json").read_text())["resumed_from"] == step
 
 
+def test_warm_start_from_a_heatmap_snapshot_equals_training_from_scratch(tiny_data, tmp_path):
+    # The experiment trains a seed's warm-up once, in the heatmap run, and starts the pose variants
+    # from its snapshot: that must give the very weights of a pose run trained from step 0.
+    common = dict(steps=24, warmup_frac=0.5, augment=True)
+    heat = train(_tiny(tiny_data, tmp_path / "heat", variant="heatmap", snapshot_steps=[12], **common))
+    snapshot = tmp_path / "heat" / "checkpoint_step000012.pt"
+    assert heat["pnp_failures"] == 0 and snapshot.is_file()
+    scratch = tmp_path / "scratch"
+    train(_tiny(tiny_data, scratch, variant="bpnp", **common))
+    forked = tmp_path / "forked"
+    summary = train(_tiny(tiny_data, forked, variant="bpnp", warm_start=str(snapshot), **common))
+    assert summary["resumed_from"] == 12 and summary["beta"] > 0
+    a, b = _state(scratch / "model.pt"), _state(forked / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The log holds the shared warm-up's rows (from the heatmap run), then its own.
+    log_a, log_b = read_log(scratch / "log.csv"), read_log(forked / "log.csv")
+    assert log_a["step"].tolist() == log_b["step"].tolist()
+    assert log_a["loss"].tolist() == log_b["loss"].tolist()
+    # A snapshot this run would not have reached by itself is refused, saying why.
+    with pytest.raises(ValueError, match="other seed"):
+        train(_tiny(tiny_data, tmp_path / "x", variant="bpnp", warm_start=str(snapshot), **{**common, "seed": 1}))
+    with pytest.raises(ValueError, match="past the heatmap-only phase"):
+        train(_tiny(tiny_data, tmp_path / "y", variant="bpnp", warm_start=str(snapshot), **{**common, "warmup_frac": 0.25}))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        train(_tiny(tiny_data, tmp_path / "z", variant="bpnp", warm_start=str(tmp_path / "none.pt"), **common))
+    with pytest.raises(ValueError, match="snapshot_steps"):
+        _tiny(tiny_data, tmp_path, snapshot_steps=[100])
+
+
+def test_experiment_shares_the_warm_up_and_continues_where_it_stopped(tmp_path):
+    from bpnp.apps.objpose import Budget, compare
+
+    budget = Budget(train_count=16, test_count=8, steps=10, size=32, batch_size=8, width=8, workers=0)
+    first = compare(spot_mesh(), tmp_path, ("heatmap", "bpnp"), (0,), budget, quiet=True)
+    bpnp_run = first["runs"]["bpnp"][0]["train"]
+    assert bpnp_run["resumed_from"] == 3 and bpnp_run["warm_start"].endswith("checkpoint_step000003.pt")
+    assert first["runs"]["heatmap"][0]["metrics"]["kp_error_px_mean"] > 0
+    # The same command again reads the finished runs back instead of training them anew.
+    stamps = {v: (tmp_path / f"{v}_seed0" / "model.pt").stat().st_mtime_ns for v in ("heatmap", "bpnp")}
+    again = compare(spot_mesh(), tmp_path, ("heatmap", "bpnp"), (0,), budget, quiet=True)
+    assert stamps == {v: (tmp_path / f"{v}_seed0" / "model.pt").stat().st_mtime_ns for v in stamps}
+    assert again["runs"]["bpnp"][0]["metrics"] == first["runs"]["bpnp"][0]["metrics"]
+    with pytest.raises(ValueError, match="a run with other .*steps is there"):
+        compare(spot_mesh(), tmp_path, ("heatmap",), (0,), Budget(**{**budget.__dict__, "steps": 12}), quiet=True)
+
+
 def test_ddp_two_ranks_hold_identical_weights(tiny_data, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(

@@ -102,8 +102,7 @@ def compare(
     """Render, train every variant for every seed, evaluate: the rows of one mesh (``symmetric``:
     the axis of a continuous symmetry, evaluated with ADD-S)."""
     from ..pose.data import RenderSettings, render_splits
-    from ..pose.evaluate import evaluate
-    from ..pose.train import TrainConfig, train
+    from ..pose.train import TrainConfig
     from .common import progress
 
     data = out / "data"
@@ -115,8 +114,13 @@ def compare(
     render_splits(mesh, data, counts, settings, seed=0, symmetric=symmetric, progress=bar)
     render_seconds = time.perf_counter() - t0
     runs: dict[str, dict[int, dict]] = {v: {} for v in variants}
+    # The pose variants' warm-up is the heatmap run's first steps: trained once, then shared.
+    warmup = int(round(budget.warmup_frac * budget.steps))
+    share = "heatmap" in variants and len(variants) > 1 and warmup > 0
+    order = sorted(variants, key=lambda v: v != "heatmap") if share else list(variants)
     for seed in seeds:
-        for variant in variants:
+        snapshot = out / f"heatmap_seed{seed}" / f"checkpoint_step{warmup:06d}.pt"
+        for variant in order:
             run_dir = out / f"{variant}_seed{seed}"
             cfg = TrainConfig(
                 data=str(data / "train"),
@@ -133,13 +137,41 @@ def compare(
                 device=device,
                 checkpoint_every=max(10, (budget.steps // 10) // 10 * 10),
                 progress=not quiet,
+                snapshot_steps=[warmup] if share and variant == "heatmap" else [],
+                warm_start=str(snapshot) if share and variant != "heatmap" else None,
             )
-            summary = train(cfg)
-            summary.pop("model")
-            metrics = evaluate(run_dir / "model.pt", data / "test", run_dir / "eval", device=device)
+            summary, metrics = _train_and_evaluate(cfg, data / "test", run_dir, device)
             per = np.load(run_dir / "eval" / "per_image.npz")
             runs[variant][seed] = {"train": summary, "metrics": metrics, "per_image": {k: per[k] for k in per.files}}
     return {"runs": runs, "render_seconds": render_seconds, "data": str(data)}
+
+
+def _train_and_evaluate(cfg, test: Path, run_dir: Path, device: str) -> tuple[dict, dict]:
+    """Train and evaluate one run, or continue it: a run folder that holds a finished run of the
+    same config is read back, one with a checkpoint resumes, so that an experiment stopped
+    (or killed) part way is continued by the same command."""
+    import json
+
+    from ..pose.evaluate import evaluate
+    from ..pose.train import TrainConfig, train
+
+    record = run_dir / "config.json"
+    if record.is_file():
+        found = TrainConfig.from_json(record).__dict__
+        differ = sorted(k for k, v in cfg.__dict__.items() if k != "progress" and found[k] != v)
+        if differ:
+            raise ValueError(f"{run_dir}: a run with other {', '.join(differ)} is there; use another --out")
+    done = run_dir / "train_summary.json"
+    metrics_file = run_dir / "eval" / "metrics.json"
+    if done.is_file() and (run_dir / "model.pt").is_file():
+        summary = json.loads(done.read_text())
+    else:
+        summary = train(cfg, resume=True)
+        summary.pop("model")
+        metrics_file.unlink(missing_ok=True)
+    if metrics_file.is_file() and (run_dir / "eval" / "per_image.npz").is_file():
+        return summary, json.loads(metrics_file.read_text())
+    return summary, evaluate(run_dir / "model.pt", test, run_dir / "eval", device=device)
 
 
 METRIC_ROWS = [

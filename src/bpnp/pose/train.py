@@ -15,6 +15,11 @@ Every batch is a pure function of ``(seed, step)`` (which images, which augmenta
 checkpoints hold the model, the optimiser and beta: ``resume`` after a ``kill -9`` continues to
 the same weights as an uninterrupted run. Under ``torchrun`` (several processes) each rank takes
 its share of every global batch and DistributedDataParallel averages the gradients.
+
+The warm-up of a pose variant is step for step the heatmap-only run with the same seed and
+schedule, so it need not be trained twice: a heatmap run with ``snapshot_steps=[k]`` keeps its
+checkpoint of step ``k``, and a run with ``warm_start=<that file>`` starts there (to the same
+weights as training from scratch; tested). ``bpnp experiment`` does this for every seed.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +72,9 @@ class TrainConfig:
             threads (None: torch's default).
         log_every, checkpoint_every: steps between CSV rows / checkpoints (a multiple of log_every).
         progress: show a progress bar.
+        snapshot_steps: steps whose checkpoints are also kept, as ``checkpoint_step{N:06d}.pt``.
+        warm_start: a checkpoint (e.g. such a snapshot) of a run with the same data, seed and
+            schedule, taken in this run's heatmap-only phase; training starts at its step.
     """
 
     data: str = ""
@@ -95,6 +103,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     progress: bool = True
+    snapshot_steps: list[int] = field(default_factory=list)
+    warm_start: str | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -121,6 +131,9 @@ class TrainConfig:
             raise ValueError(f"window: expected a positive integer or None, got {self.window!r}")
         if self.workers < 0:
             raise ValueError(f"workers: expected >= 0, got {self.workers}")
+        self.snapshot_steps = [int(k) for k in self.snapshot_steps]
+        if any(not 0 < k <= self.steps for k in self.snapshot_steps):
+            raise ValueError(f"snapshot_steps: expected steps in [1, {self.steps}], got {self.snapshot_steps}")
 
     @property
     def warmup_steps(self) -> int:
@@ -215,6 +228,34 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[KeypointHeat
     return net, ckpt
 
 
+# The settings that decide the weights of the heatmap-only steps: a warm start must agree on them.
+_SHARED_BY_WARMUP = (
+    "data", "obj_id", "steps", "batch_size", "lr", "lr_final", "clip_grad",
+    "size", "width", "sigma", "window", "augment", "seed", "device",
+)  # fmt: skip
+
+
+def _warm_start_state(cfg: TrainConfig, device: torch.device) -> dict:
+    """The checkpoint ``cfg.warm_start``, checked to be a state this run would have reached itself."""
+    path = Path(cfg.warm_start)
+    if not path.is_file():
+        raise FileNotFoundError(f"warm_start: {path}: no such checkpoint")
+    state = torch.load(path, map_location=device, weights_only=False)
+    source = state.get("config")
+    if source is None:
+        raise ValueError(f"warm_start: {path} records no config (written by an older version?)")
+    differ = [k for k in _SHARED_BY_WARMUP if source.get(k) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"warm_start: {path} was trained with other {', '.join(differ)}")
+    source_warmup = TrainConfig(**{**source, "snapshot_steps": [], "warm_start": None}).warmup_steps
+    if state["step"] > min(cfg.warmup_steps, source_warmup):
+        raise ValueError(
+            f"warm_start: {path} is of step {state['step']}, past the heatmap-only phase "
+            f"(this run's warm-up ends at step {cfg.warmup_steps})"
+        )
+    return state
+
+
 def _grad_norm(loss: Tensor, params: list[Tensor]) -> float:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
@@ -238,13 +279,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     net = KeypointHeatmapNet(len(data.keypoints3d), cfg.width).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    start, beta = 0, cfg.beta
+    start, beta, seconds_before = 0, cfg.beta, 0.0
     ckpt_path = out / "checkpoint.pt"
+    warm = None
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    elif cfg.warm_start:
+        ckpt = warm = _warm_start_state(cfg, device)
+    else:
+        ckpt = None
+    if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        start, beta = ckpt["step"], ckpt["beta"]
+        start, beta, seconds_before = ckpt["step"], ckpt["beta"], ckpt.get("seconds", 0.0)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_json(out / "config.json")
@@ -255,7 +302,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     log_path = out / "log.csv"
     columns = ["step", "lr", "loss", "loss_heatmap", "loss_pose", "kp_error_px", "pnp_failures", "beta", "seconds"]
     if rank == 0:
-        _truncate_log(log_path, columns, start)
+        source_log = Path(cfg.warm_start).parent / "log.csv" if warm is not None else log_path
+        _truncate_log(source_log, columns, start, log_path)
     batches = _StepBatches(data, cfg, start, rank, world)
     loader = torch.utils.data.DataLoader(
         batches,
@@ -314,23 +362,35 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if done % cfg.log_every == 0 or done == cfg.steps:
             row = {k: float(np.mean(v)) for k, v in window.items()}
             row.update(step=done, lr=_lr(cfg, step), pnp_failures=failures_window, beta=beta or 0.0)
-            row["seconds"] = time.perf_counter() - t0
+            row["seconds"] = seconds_before + time.perf_counter() - t0
             if rank == 0:
                 _append_log(log_path, columns, row)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{row['loss']:.3f}", kp=f"{row['kp_error_px']:.2f}px")
             window = {k: [] for k in window}
             failures_window = 0
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": done, "beta": beta}
+        snapshot = done in cfg.snapshot_steps
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps or snapshot):
+            state = {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": done,
+                "beta": beta,
+                "seconds": seconds_before + time.perf_counter() - t0,
+                "config": asdict(cfg),
+            }
             _save_atomic(state, ckpt_path)
+            if snapshot:
+                _save_atomic(state, out / f"checkpoint_step{done:06d}.pt")
     summary = {
         "steps": cfg.steps,
         "resumed_from": start,
+        "warm_start": cfg.warm_start,
         "beta": beta,
         "pnp_failures": total_failures,
         "nonfinite_steps": nonfinite,
-        "seconds": time.perf_counter() - t0,
+        # A resumed or warm-started run counts the seconds of the steps it took over.
+        "seconds": seconds_before + time.perf_counter() - t0,
         "world_size": world,
     }
     if rank == 0:
@@ -347,11 +407,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
-def _truncate_log(path: Path, columns: list[str], start: int) -> None:
-    """Keep the rows up to the resumed step (rows written after the last checkpoint are redone)."""
+def _truncate_log(source: Path, columns: list[str], start: int, path: Path) -> None:
+    """Write ``path`` with the rows of ``source`` up to the step the run starts from (rows written
+    after the last checkpoint are redone; a warm start takes the rows of its source run)."""
     rows = []
-    if start > 0 and path.is_file():
-        with path.open() as f:
+    if start > 0 and source.is_file():
+        with source.open() as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
