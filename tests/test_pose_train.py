@@ -175,7 +175,11 @@ def test_warm_start_from_a_heatmap_snapshot_equals_training_from_scratch(tiny_da
     with pytest.raises(ValueError, match="other seed"):
         train(_tiny(tiny_data, tmp_path / "x", variant="bpnp", warm_start=str(snapshot), **{**common, "seed": 1}))
     with pytest.raises(ValueError, match="past the heatmap-only phase"):
-        train(_tiny(tiny_data, tmp_path / "y", variant="bpnp", warm_start=str(snapshot), **{**common, "warmup_frac": 0.25}))
+        train(
+            _tiny(
+                tiny_data, tmp_path / "y", variant="bpnp", warm_start=str(snapshot), **{**common, "warmup_frac": 0.25}
+            )
+        )
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         train(_tiny(tiny_data, tmp_path / "z", variant="bpnp", warm_start=str(tmp_path / "none.pt"), **common))
     with pytest.raises(ValueError, match="snapshot_steps"):
