@@ -278,6 +278,7 @@ def test_config_checks(tmp_path):
         (["train", "--data", "{tmp}/missing"], "no such folder"),
         (["train"], "give --data"),
         (["train", "--resume", "{tmp}"], "no config.json"),
+        (["train", "--data", "{tmp}", "--warm-start", "{tmp}/none.pt"], "no such checkpoint"),
         (["evaluate", "--checkpoint", "none.pt", "--data", "{tmp}"], "no such file"),
     ],
 )

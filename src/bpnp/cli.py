@@ -112,6 +112,12 @@ def _add_pose_commands(sub) -> None:
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--device", type=_device, default=None)
     tr.add_argument("--out", default=None, help="run folder (default runs/train)")
+    tr.add_argument(
+        "--warm-start",
+        default=None,
+        metavar="CHECKPOINT",
+        help="start from this checkpoint of a run with the same data, seed and schedule (its heatmap-only phase)",
+    )
     tr.add_argument("--quiet", action="store_true")
     ev = sub.add_parser("evaluate", help="evaluate a trained network on a BOP split")
     ev.add_argument("--checkpoint", required=True, help="model.pt of a training run")
@@ -184,6 +190,7 @@ def _run_pose(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "device": args.device,
             "out": args.out,
+            "warm_start": args.warm_start,
         }
         if args.quiet:
             overrides["progress"] = False
@@ -215,6 +222,8 @@ def _run_pose(args: argparse.Namespace) -> int:
             raise UsageError("give --data DIR, --mesh PATH, --config FILE or --resume RUN_DIR")
         _existing_dir(cfg.data, "data")
         _existing_dir(cfg.test_data, "test_data")
+        if cfg.warm_start and not Path(cfg.warm_start).is_file():
+            raise UsageError(f"--warm-start: {cfg.warm_start}: no such checkpoint")
         _writable_dir(cfg.out, cfg.out)
         summary = train(cfg, resume=bool(args.resume))
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 evaluates and reports
