@@ -156,10 +156,14 @@ def test_resume_after_kill_equals_uninterrupted(tiny_data, tmp_path):
 def test_warm_start_from_a_heatmap_snapshot_equals_training_from_scratch(tiny_data, tmp_path):
     # The experiment trains a seed's warm-up once, in the heatmap run, and starts the pose variants
     # from its snapshot: that must give the very weights of a pose run trained from step 0.
+    from bpnp.pose.evaluate import evaluate
+
     common = dict(steps=24, warmup_frac=0.5, augment=True)
     heat = train(_tiny(tiny_data, tmp_path / "heat", variant="heatmap", snapshot_steps=[12], **common))
     snapshot = tmp_path / "heat" / "checkpoint_step000012.pt"
     assert heat["pnp_failures"] == 0 and snapshot.is_file()
+    # A snapshot is a model to evaluate like any other.
+    assert evaluate(snapshot, tiny_data / "test", tmp_path / "eval", overlays=0)["kp_error_px_mean"] > 0
     scratch = tmp_path / "scratch"
     train(_tiny(tiny_data, scratch, variant="bpnp", **common))
     forked = tmp_path / "forked"

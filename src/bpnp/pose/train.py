@@ -219,7 +219,8 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[KeypointHeatmapNet, dict]:
-    """A trained network (eval mode) and its checkpoint dict (``config``, ``keypoints3d``, ...)."""
+    """A trained network (eval mode) and its checkpoint dict (``config``, ``keypoints3d``, ...):
+    ``model.pt`` of a run, or one of its checkpoints (``checkpoint.pt``, snapshots)."""
     ckpt = torch.load(Path(path), map_location=device, weights_only=False)
     cfg = ckpt["config"]
     net = KeypointHeatmapNet(len(ckpt["keypoints3d"]), cfg["width"]).to(device)
@@ -378,6 +379,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 "beta": beta,
                 "seconds": seconds_before + time.perf_counter() - t0,
                 "config": asdict(cfg),
+                "keypoints3d": data.keypoints3d,  # so that `bpnp evaluate` takes a checkpoint too
             }
             _save_atomic(state, ckpt_path)
             if snapshot:
