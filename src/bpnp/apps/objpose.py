@@ -14,11 +14,14 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .common import markdown_table, output_dir, write_json
+
+if TYPE_CHECKING:
+    from ..pose.train import TrainConfig
 
 SPOT = "spot/spot_triangulated.obj"
 
@@ -146,7 +149,7 @@ def compare(
     return {"runs": runs, "render_seconds": render_seconds, "data": str(data)}
 
 
-def _train_and_evaluate(cfg, test: Path, run_dir: Path, device: str) -> tuple[dict, dict]:
+def _train_and_evaluate(cfg: TrainConfig, test: Path, run_dir: Path, device: str) -> tuple[dict, dict]:
     """Train and evaluate one run, or continue it: a run folder that holds a finished run of the
     same config is read back, one with a checkpoint resumes, so that an experiment stopped
     (or killed) part way is continued by the same command."""
