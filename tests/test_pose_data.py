@@ -198,3 +198,74 @@ def test_render_splits_reuses_only_what_matches(tmp_path):
     assert not np.array_equal(load_split(first["train"], size=32).pose[:2], load_split(first["test"], size=32).pose)
     with pytest.raises(ValueError, match="other settings \\(count\\)"):
         render_splits(spot_mesh(), tmp_path, {"train": 5, "test": 2}, settings, seed=4)
+
+
+def _write_obj(path, parts):
+    """An OBJ of the union of trimesh primitives (mm)."""
+    import trimesh
+
+    trimesh.util.concatenate(parts).export(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mug(tmp_path_factory):
+    """A cylinder about y (radius 30, height 60 mm) with a box handle on +x: its box centre lies
+    off the cylinder's axis, as a teapot's does."""
+    import trimesh
+
+    body = trimesh.creation.cylinder(radius=30.0, height=60.0, sections=96)
+    body.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, [1, 0, 0]))  # axis z -> y
+    handle = trimesh.creation.box(extents=[16.0, 36.0, 8.0])
+    handle.apply_translation([37.0, 0.0, 0.0])
+    path = _write_obj(tmp_path_factory.mktemp("mug") / "mug.obj", [body, handle])
+    return load_mesh(path, diameter_mm=None)
+
+
+def test_symmetry_axis_found_off_the_box_centre(mug):
+    from bpnp.pose.mesh import symmetry_axis_point
+
+    # Box x from -30 to 45: centre 7.5 mm from the cylinder's axis, which load_mesh moved to x=-7.5.
+    axis_point = symmetry_axis_point(mug, "y")
+    assert axis_point[1] == 0.0 and np.allclose(axis_point, [-7.5, 0.0, 0.0], atol=1.0)
+
+
+def test_distinctive_keypoints_break_the_symmetry(mug):
+    from bpnp.pose.mesh import distinctive_keypoints
+
+    kp = distinctive_keypoints(mug, 8, axis="y")
+    assert kp.shape == (9, 3)
+    radius = np.hypot(kp[:, 0] + 7.5, kp[:, 2])  # distance from the cylinder's axis
+    on_handle = kp[:, 0] > 30.0 - 7.5 - 1e-6
+    assert np.all(on_handle[:8] | (radius[:8] < 2.5)), kp  # never on the body's look-alike wall
+    assert on_handle.sum() >= 4  # and spread over the handle
+    assert radius[8] < 1.0 and abs(kp[8, 1]) < 1e-9  # the last: on the axis, level with the centre
+    assert np.array_equal(kp, distinctive_keypoints(mug, 8, axis=np.array([0.0, 2.0, 0.0])))
+    assert np.array_equal(distinctive_keypoints(mug, 8, axis=None), farthest_point_keypoints(mug, 8))
+    fps = farthest_point_keypoints(mug, 8)
+    assert not np.all((fps[:8, 0] > 22.5) | (np.hypot(fps[:8, 0] + 7.5, fps[:8, 2]) < 2.5))  # fps: on the wall
+
+
+def test_distinctive_keypoints_refuse_a_symmetric_object(tmp_path):
+    import trimesh
+
+    from bpnp.pose.mesh import distinctive_keypoints
+
+    body = trimesh.creation.cylinder(radius=30.0, height=60.0, sections=96)
+    mesh = load_mesh(_write_obj(tmp_path / "can.obj", [body]), diameter_mm=None)
+    with pytest.raises(ValueError, match="symmetric throughout"):
+        distinctive_keypoints(mesh, 8, axis="z")
+    with pytest.raises(ValueError, match="axis"):
+        distinctive_keypoints(mesh, 8, axis="w")
+
+
+def test_keypoint_method_recorded_and_checked(tmp_path):
+    from bpnp.pose.data import render_splits
+
+    settings = RenderSettings(size=32)
+    render_splits(spot_mesh(), tmp_path, {"train": 2}, settings, keypoint_method="distinctive")
+    assert json.loads((tmp_path / "keypoints.json").read_text())["method"] == "distinctive"
+    with pytest.raises(ValueError, match="chosen by 'distinctive', not 'fps'"):
+        render_splits(spot_mesh(), tmp_path, {"train": 2}, settings)
+    with pytest.raises(ValueError, match="keypoint_method"):
+        render_splits(spot_mesh(), tmp_path / "other", {"train": 2}, settings, keypoint_method="random")

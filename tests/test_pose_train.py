@@ -205,6 +205,8 @@ def test_experiment_shares_the_warm_up_and_continues_where_it_stopped(tmp_path):
     assert again["runs"]["bpnp"][0]["metrics"] == first["runs"]["bpnp"][0]["metrics"]
     with pytest.raises(ValueError, match="a run with other .*steps is there"):
         compare(spot_mesh(), tmp_path, ("heatmap",), (0,), Budget(**{**budget.__dict__, "steps": 12}), quiet=True)
+    with pytest.raises(ValueError, match="keypoints chosen by 'fps', not 'distinctive'"):
+        compare(spot_mesh(), tmp_path, ("heatmap",), (0,), budget, quiet=True, keypoints="distinctive")
 
 
 def test_ddp_two_ranks_hold_identical_weights(tiny_data, tmp_path):
@@ -257,6 +259,9 @@ def test_evaluate_writes_metrics_bop_csv_and_overlays(tiny_data, tmp_path):
     assert len(rows) == 8 and all(np.allclose(r["R"] @ r["R"].T, np.eye(3), atol=1e-6) for r in rows)
     per = np.load(tmp_path / "eval" / "per_image.npz")
     assert per["add_mm"].shape == (8,) and per["ids"].shape == (8, 3)
+    each = metrics["kp_error_px_per_keypoint"]
+    assert len(each) == 9 and np.mean(each) == pytest.approx(metrics["kp_error_px_mean"], abs=1e-2)
+    assert np.allclose(per["kp_error_px_each"].mean(-1), per["kp_error_px"])
     assert (tmp_path / "eval" / "overlays.png").stat().st_size > 0
     assert (tmp_path / "eval" / "report.md").read_text().startswith("# Evaluation")
 
@@ -279,6 +284,10 @@ def test_config_checks(tmp_path):
     [
         (["render", "--mesh", "nope.obj", "--count", "2", "--out", "{tmp}"], "no such file"),
         (["render", "--mesh", "{mesh}", "--count", "2", "--size", "50", "--out", "{tmp}"], "multiple of 16"),
+        (
+            ["render", "--mesh", "{mesh}", "--count", "2", "--keypoint-method", "distinctive", "--out", "{tmp}"],
+            "--symmetric",
+        ),
         (["train", "--data", "{tmp}/missing"], "no such folder"),
         (["train"], "give --data"),
         (["train", "--resume", "{tmp}"], "no config.json"),

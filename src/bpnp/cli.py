@@ -88,6 +88,12 @@ def _add_pose_commands(sub) -> None:
     ren.add_argument("--seed", type=int, default=0)
     ren.add_argument("--diameter", type=_positive_float, default=100.0, help="object diameter in mm (default 100)")
     ren.add_argument("--keypoints", type=_positive_int, default=8, help="surface keypoints (plus the centre)")
+    ren.add_argument(
+        "--keypoint-method",
+        choices=["fps", "distinctive"],
+        default="fps",
+        help="fps: farthest points over the surface; distinctive: over the points that break the --symmetric axis",
+    )
     ren.add_argument("--occluders", type=_fraction, default=0.3, help="share of images with occluders")
     ren.add_argument("--texture", default=None, help="texture image for a mesh with UV coordinates")
     ren.add_argument(
@@ -137,6 +143,12 @@ def _add_pose_commands(sub) -> None:
     ex.add_argument("--test-count", type=_positive_int, default=1000)
     ex.add_argument("--size", type=_positive_int, default=128)
     ex.add_argument("--device", type=_device, default="cpu")
+    ex.add_argument(
+        "--keypoints",
+        choices=["fps", "distinctive"],
+        default="fps",
+        help="keypoints of symmetric meshes (teapot): fps over the surface, or distinctive (on what breaks the symmetry)",
+    )
     ex.add_argument("--out", default=None, help="output folder (default runs/objpose_experiment)")
     ex.add_argument("--quiet", action="store_true")
 
@@ -156,6 +168,8 @@ def _run_pose(args: argparse.Namespace) -> int:
             raise UsageError(f"--mesh: {args.mesh}: no such file")
         if args.size % 16:
             raise UsageError(f"--size: expected a multiple of 16 (the network's stride), got {args.size}")
+        if args.keypoint_method == "distinctive" and args.symmetric is None:
+            raise UsageError("--keypoint-method distinctive: give the axis it breaks with --symmetric x|y|z")
         _writable_dir(args.out, args.out)
         bar = None if args.quiet else (lambda it, total: progress(it, total=total, desc="render"))
         split = render_dataset(
@@ -170,6 +184,7 @@ def _run_pose(args: argparse.Namespace) -> int:
             symmetric=args.symmetric,
             texture=args.texture,
             progress=bar,
+            keypoint_method=args.keypoint_method,
         )
         if not args.quiet:
             print(f"{args.count} images in {split}")
@@ -258,7 +273,16 @@ def _run_pose(args: argparse.Namespace) -> int:
 
         out = _writable_dir(args.out, str(Path("runs") / "objpose_experiment"))
         budget = Budget(train_count=args.train_count, test_count=args.test_count, steps=args.steps, size=args.size)
-        run_experiment(out, args.meshes, args.seeds, args.variants, budget, device=args.device, quiet=args.quiet)
+        run_experiment(
+            out,
+            args.meshes,
+            args.seeds,
+            args.variants,
+            budget,
+            device=args.device,
+            quiet=args.quiet,
+            keypoints=args.keypoints,
+        )
         if not args.quiet:
             print(f"report: {Path(out) / 'report.md'}")
         return 0

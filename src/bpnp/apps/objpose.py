@@ -101,9 +101,11 @@ def compare(
     symmetric: str | None = None,
     device: str = "cpu",
     quiet: bool = False,
+    keypoints: str = "fps",
 ) -> dict[str, Any]:
     """Render, train every variant for every seed, evaluate: the rows of one mesh (``symmetric``:
-    the axis of a continuous symmetry, evaluated with ADD-S)."""
+    the axis of a continuous symmetry, evaluated with ADD-S; ``keypoints``: ``"fps"`` or
+    ``"distinctive"``, see :func:`bpnp.pose.data.render_dataset`)."""
     from ..pose.data import RenderSettings, render_splits
     from ..pose.train import TrainConfig
     from .common import progress
@@ -114,7 +116,7 @@ def compare(
     t0 = time.perf_counter()
     # One data set for every seed and variant: the comparison is paired on the same images.
     counts = {"train": budget.train_count, "test": budget.test_count}
-    render_splits(mesh, data, counts, settings, seed=0, symmetric=symmetric, progress=bar)
+    render_splits(mesh, data, counts, settings, seed=0, symmetric=symmetric, progress=bar, keypoint_method=keypoints)
     render_seconds = time.perf_counter() - t0
     runs: dict[str, dict[int, dict]] = {v: {} for v in variants}
     # The pose variants' warm-up is the heatmap run's first steps: trained once, then shared.
@@ -312,15 +314,20 @@ def run_experiment(
     budget: Budget | None = None,
     device: str = "cpu",
     quiet: bool = False,
+    keypoints: str = "fps",
 ) -> dict[str, Any]:
-    """The comparison on several meshes and seeds (the longer experiment): one report."""
+    """The comparison on several meshes and seeds (the longer experiment): one report.
+    ``keypoints="distinctive"`` chooses the keypoints of a symmetric mesh among the points that
+    break its symmetry (the others are unchanged)."""
     budget = budget or Budget(train_count=20000, test_count=1000, steps=20000)
     root = output_dir(out, "objpose_experiment")
     sections, results = [], {}
     for name in meshes:
         path = Path(name) if Path(name).suffix else mesh_path(name)
         symmetric = MESHES.get(name, {}).get("symmetric")
-        result = compare(path, root / Path(name).stem, tuple(variants), tuple(seeds), budget, symmetric, device, quiet)
+        result = compare(
+            path, root / Path(name).stem, tuple(variants), tuple(seeds), budget, symmetric, device, quiet, keypoints
+        )
         rows, summary = summarise(result)
         results[Path(name).stem] = summary
         sections += [f"## {Path(name).stem}" + (" (symmetric: ADD-S)" if symmetric else ""), ""]
@@ -330,11 +337,16 @@ def run_experiment(
         "# Object pose: heatmap-only vs + BPnP loss vs coordinate control",
         "",
         f"{budget.train_count} training / {budget.test_count} test renders per mesh, {budget.steps} steps of "
-        f"{budget.batch_size}, seeds {list(seeds)}; brackets: paired difference to heatmap-only on the same test "
+        f"{budget.batch_size}, seeds {list(seeds)}"
+        + ("; keypoints of symmetric meshes among the points that break the symmetry" if keypoints != "fps" else "")
+        + "; brackets: paired difference to heatmap-only on the same test "
         "images, mean [95% interval: "
         + ("t over the seeds' mean differences]." if len(seeds) > 1 else "bootstrap over the test images, one seed]."),
         "",
     ] + sections
     (root / "report.md").write_text("\n".join(report))
-    write_json(root / "metrics.json", {"meshes": results, "budget": budget.__dict__, "seeds": list(seeds)})
+    write_json(
+        root / "metrics.json",
+        {"meshes": results, "budget": budget.__dict__, "seeds": list(seeds), "keypoints": keypoints},
+    )
     return results

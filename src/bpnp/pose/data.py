@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bop
-from .mesh import farthest_point_keypoints, load_mesh, write_ply
+from .mesh import distinctive_keypoints, farthest_point_keypoints, load_mesh, write_ply
 
 __all__ = [
     "PoseData",
@@ -209,6 +209,7 @@ def render_dataset(
     symmetric: str | None = None,
     texture: str | Path | None = None,
     progress: Callable | None = None,
+    keypoint_method: str = "fps",
 ) -> Path:
     """Render ``count`` images of a mesh into ``out/<split>`` in BOP format.
 
@@ -227,8 +228,13 @@ def render_dataset(
             the model (through its centre) so that evaluation uses ADD-S; None: not symmetric.
         texture: texture image for a mesh with UV coordinates (default: found beside the mesh).
         progress: wraps the image loop (e.g. a progress bar), called as ``progress(iterable, total)``.
+        keypoint_method: ``"fps"`` (farthest point sampling over the whole surface) or
+            ``"distinctive"`` (over the points that no turn about the ``symmetric`` axis maps
+            onto the surface elsewhere: :func:`bpnp.pose.mesh.distinctive_keypoints`).
     Returns:
         the split folder.
+    Raises:
+        ValueError: ``out`` holds keypoints chosen by another method.
     """
     import cv2
 
@@ -258,11 +264,15 @@ def render_dataset(
         info["symmetries_continuous"] = [{"axis": axis, "offset": [0.0, 0.0, 0.0]}]
     bop.write_models_info(models, {OBJ_ID: info})
     kp_file = out / "keypoints.json"
-    if kp_file.is_file():
+    if _check_keypoint_method(out, keypoint_method):
         keypoints = load_keypoints(out, OBJ_ID)
     else:
-        keypoints = farthest_point_keypoints(mesh, num_keypoints, seed=0)
-        kp_file.write_text(json.dumps({str(OBJ_ID): keypoints.tolist(), "source": Path(mesh_path).name}, indent=1))
+        if keypoint_method == "distinctive":
+            keypoints = distinctive_keypoints(mesh, num_keypoints, axis=symmetric, seed=0)
+        else:
+            keypoints = farthest_point_keypoints(mesh, num_keypoints, seed=0)
+        record = {str(OBJ_ID): keypoints.tolist(), "source": Path(mesh_path).name, "method": keypoint_method}
+        kp_file.write_text(json.dumps(record, indent=1))
     S = settings.size
     f = settings.focal * S
     K = np.array([[f, 0.0, (S - 1) / 2], [0.0, f, (S - 1) / 2], [0.0, 0.0, 1.0]])
@@ -322,6 +332,23 @@ def render_dataset(
     return split_dir
 
 
+KEYPOINT_METHODS = ("fps", "distinctive")
+
+
+def _check_keypoint_method(out: Path, method: str) -> bool:
+    """Whether ``out/keypoints.json`` exists; ValueError when it was chosen by another method
+    (files without a method were written by farthest point sampling)."""
+    if method not in KEYPOINT_METHODS:
+        raise ValueError(f"keypoint_method: expected one of {KEYPOINT_METHODS}, got {method!r}")
+    kp_file = Path(out) / "keypoints.json"
+    if not kp_file.is_file():
+        return False
+    found = json.loads(kp_file.read_text()).get("method", "fps")
+    if found != method:
+        raise ValueError(f"{kp_file}: keypoints chosen by {found!r}, not {method!r}; use another folder")
+    return True
+
+
 def render_splits(
     mesh_path: str | Path,
     out: str | Path,
@@ -330,6 +357,7 @@ def render_splits(
     seed: int = 0,
     symmetric: str | None = None,
     progress: Callable | None = None,
+    keypoint_method: str = "fps",
 ) -> dict[str, Path]:
     """Render each split of ``counts`` (e.g. ``{"train": 4000, "test": 500}``) into ``out``
     unless it is already there with the same settings; split ``i`` uses seed
@@ -338,9 +366,11 @@ def render_splits(
     Returns:
         ``{split: folder}``.
     Raises:
-        ValueError: a split exists but was rendered otherwise (another mesh, count, size or seed).
+        ValueError: a split exists but was rendered otherwise (another mesh, count, size or seed),
+            or the keypoints there were chosen by another ``keypoint_method``.
     """
     settings = settings or RenderSettings()
+    _check_keypoint_method(Path(out), keypoint_method)
     folders = {}
     for i, (split, count) in enumerate(counts.items()):
         split_seed = 10_000 * (i + 1) + seed
@@ -357,7 +387,15 @@ def render_splits(
             folders[split] = record.parent
         else:
             folders[split] = render_dataset(
-                mesh_path, out, count, settings, seed=split_seed, split=split, symmetric=symmetric, progress=progress
+                mesh_path,
+                out,
+                count,
+                settings,
+                seed=split_seed,
+                split=split,
+                symmetric=symmetric,
+                progress=progress,
+                keypoint_method=keypoint_method,
             )
     return folders
 

@@ -4,7 +4,7 @@ Metrics (per image, saved in ``per_image.npz`` for paired comparisons; summarise
 ``metrics.json``): keypoint error (px), 2D projection error of the model's vertices (px) and its
 accuracy at 5 px, ADD and ADD-S (mm) and their accuracy at 10% of the diameter (ADD-0.1d;
 ``add_or_adds_0.1d`` uses ADD-S for symmetric objects), 5 cm 5 deg, the ADD(-S) AUC up to 10 cm, PnP
-convergence. Predictions are also written as a BOP result CSV.
+convergence, and the mean error of each keypoint. Predictions are also written as a BOP result CSV.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ def evaluate(
     symmetric = bool(info.get("symmetries_continuous") or info.get("symmetries_discrete"))
     pred = predict(net, data, kp3d, batch_size, device, confidence_weights, cfg.get("window"))
     per = pose_metrics(pred["pose"], data.pose, data.K, points, float(info["diameter"]), symmetric)
-    per["kp_error_px"] = np.linalg.norm(pred["kp2d"] - data.keypoints2d, axis=-1).mean(-1)
+    kp_errors = np.linalg.norm(pred["kp2d"] - data.keypoints2d, axis=-1)  # NxK
+    per["kp_error_px"] = kp_errors.mean(-1)
+    per["kp_error_px_each"] = kp_errors
     per["converged"] = pred["converged"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +154,8 @@ def evaluate(
         "diameter_mm": float(info["diameter"]),
         "kp_error_px_mean": float(per["kp_error_px"].mean()),
         "kp_error_px_median": float(np.median(per["kp_error_px"])),
+        # Which keypoints the network cannot place (e.g. the look-alikes of a symmetric object).
+        "kp_error_px_per_keypoint": [round(float(e), 3) for e in kp_errors.mean(0)],
         "proj2d_px_median": float(np.median(per["proj2d_px"])),
         "proj2d_5px": float(per["proj2d_5px"].mean()),
         "add_0.1d": float(per["add_0.1d"].mean()),

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Mesh", "load_mesh", "mesh_diameter", "farthest_point_keypoints", "write_ply"]
+__all__ = [
+    "Mesh",
+    "load_mesh",
+    "mesh_diameter",
+    "farthest_point_keypoints",
+    "distinctive_keypoints",
+    "symmetry_axis_point",
+    "symmetry_look_alikes",
+    "write_ply",
+]
 
 
 @dataclass
@@ -165,12 +174,175 @@ def farthest_point_keypoints(mesh: Mesh, count: int = 8, seed: int = 0, samples:
     if count < 3:
         raise ValueError(f"count: PnP needs at least 4 keypoints with the centre, got count={count}")
     pts = _sample_surface(mesh, samples, np.random.default_rng(seed))
+    return np.concatenate([_farthest_points(pts, count), np.zeros((1, 3))], 0)
+
+
+def _farthest_points(pts: np.ndarray, count: int) -> np.ndarray:
+    """``count`` rows of ``pts (N, 3)``: the one farthest from the origin, then each next the
+    farthest from those chosen."""
     chosen = [int(np.argmax(np.linalg.norm(pts, axis=1)))]
     dist = np.linalg.norm(pts - pts[chosen[0]], axis=1)
     for _ in range(count - 1):
         chosen.append(int(np.argmax(dist)))
         dist = np.minimum(dist, np.linalg.norm(pts - pts[chosen[-1]], axis=1))
-    return np.concatenate([pts[chosen], np.zeros((1, 3))], 0)
+    return pts[chosen]
+
+
+# Rotations about the axis that decide whether a point has a look-alike elsewhere on the surface.
+_SYMMETRY_ANGLES_DEG = np.arange(20.0, 360.0, 20.0)
+
+
+def _unit_axis(axis: str | np.ndarray) -> np.ndarray:
+    if isinstance(axis, str):
+        if axis not in ("x", "y", "z"):
+            raise ValueError(f"axis: expected 'x', 'y', 'z' or a 3-vector, got {axis!r}")
+        return np.array([float(axis == a) for a in "xyz"])
+    a = np.asarray(axis, dtype=np.float64).reshape(-1)
+    if a.shape != (3,) or not np.linalg.norm(a) > 0:
+        raise ValueError(f"axis: expected a non-zero 3-vector, got {axis!r}")
+    return a / np.linalg.norm(a)
+
+
+def _rotations_about(axis: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:
+    """``(A, 3, 3)`` rotations by each angle about the unit ``axis`` (Rodrigues)."""
+    th = np.deg2rad(angles_deg)[:, None, None]
+    k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return np.eye(3) + np.sin(th) * k + (1 - np.cos(th)) * (k @ k)
+
+
+def _rotated_gaps(pts: np.ndarray, tree, rotations: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """``(A, N)``: distance from each point, turned about the axis through ``point``, to the
+    nearest surface sample."""
+    turned = (pts - point) @ rotations.transpose(0, 2, 1) + point  # AxNx3
+    return tree.query(turned.reshape(-1, 3))[0].reshape(len(rotations), len(pts))
+
+
+def symmetry_axis_point(mesh: Mesh, axis: str | np.ndarray, seed: int = 0, samples: int = 20000) -> np.ndarray:
+    """Where a near-symmetry axis of the given direction passes: the point ``(3,)`` (mm), in the
+    plane through the origin normal to the axis, about which turning the surface moves it least.
+
+    A teapot's bounding-box centre is off its body's axis, because the spout reaches further
+    than the handle; turning about the box centre would find no look-alike points at all.
+    The median gap (robust to the parts that break the symmetry) is minimised from the origin.
+
+    Args:
+        mesh: the object; axis: ``"x"``, ``"y"``, ``"z"`` or a direction ``(3,)``.
+    Returns:
+        ``(3,)`` float64 (mm).
+    """
+    from scipy.optimize import minimize
+    from scipy.spatial import cKDTree
+
+    a = _unit_axis(axis)
+    pts = _sample_surface(mesh, samples, np.random.default_rng(seed))
+    tree = cKDTree(pts)
+    rotations = _rotations_about(a, _SYMMETRY_ANGLES_DEG)
+    # Two directions spanning the plane normal to the axis.
+    u = np.cross(a, [1.0, 0.0, 0.0] if abs(a[0]) < 0.9 else [0.0, 1.0, 0.0])
+    u /= np.linalg.norm(u)
+    v = np.cross(a, u)
+    probe = pts[np.random.default_rng(seed + 1).choice(len(pts), size=min(2000, len(pts)), replace=False)]
+
+    def median_gap(c: np.ndarray) -> float:
+        return float(np.median(_rotated_gaps(probe, tree, rotations, c[0] * u + c[1] * v)))
+
+    scale = mesh.diameter * 0.05
+    best = minimize(
+        median_gap,
+        np.zeros(2),
+        method="Nelder-Mead",
+        options={
+            "initial_simplex": [[0, 0], [scale, 0], [0, scale]],
+            "xatol": 1e-3 * mesh.diameter,
+            "fatol": 1e-4 * mesh.diameter,
+        },
+    )
+    return best.x[0] * u + best.x[1] * v
+
+
+def symmetry_look_alikes(
+    mesh: Mesh,
+    points: np.ndarray,
+    axis: str | np.ndarray,
+    tolerance: float = 0.02,
+    seed: int = 0,
+    samples: int = 20000,
+    axis_point: np.ndarray | None = None,
+) -> np.ndarray:
+    """Which of ``points`` have a look-alike: a turn about the axis (20 to 340 degrees) that moves
+    the point further than ``2 * tolerance * diameter`` and lands it within ``tolerance *
+    diameter`` of the surface. A network cannot tell such a point from its look-alikes by the
+    geometry alone.
+
+    Args:
+        mesh: the object; points: ``(N, 3)`` (mm), usually on its surface.
+        axis: ``"x"``, ``"y"``, ``"z"`` or a direction ``(3,)``; it passes through
+            ``axis_point`` (default: :func:`symmetry_axis_point`).
+        tolerance: as a fraction of the diameter; seed, samples: of the surface sampling.
+    Returns:
+        ``(N,)`` bool.
+    """
+    from scipy.spatial import cKDTree
+
+    a = _unit_axis(axis)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    tree = cKDTree(_sample_surface(mesh, samples, np.random.default_rng(seed)))
+    point = symmetry_axis_point(mesh, a, seed=seed, samples=samples) if axis_point is None else axis_point
+    tol = tolerance * mesh.diameter
+    gaps = _rotated_gaps(pts, tree, _rotations_about(a, _SYMMETRY_ANGLES_DEG), point)  # AxN
+    radius = np.linalg.norm(np.cross(pts - point, a), axis=1)
+    moved = 2 * radius[None, :] * np.sin(np.deg2rad(_SYMMETRY_ANGLES_DEG)[:, None] / 2)
+    return ((moved > 2 * tol) & (gaps < tol)).any(0)
+
+
+def distinctive_keypoints(
+    mesh: Mesh,
+    count: int = 8,
+    axis: str | np.ndarray | None = None,
+    seed: int = 0,
+    samples: int = 20000,
+    tolerance: float = 0.02,
+) -> np.ndarray:
+    """Keypoints for an object that is (nearly) symmetric about an axis: farthest point
+    sampling over the surface points that have no look-alike, then a point on the axis.
+
+    On a near-symmetric object (a teapot's body) most surface points look like other surface
+    points turned about the axis, so a network cannot tell where such a keypoint is, and its
+    heatmap spreads over every look-alike. Kept are the points without a look-alike
+    (:func:`symmetry_look_alikes`): the parts that break the symmetry (spout, handle) and the
+    points on the axis (knob, base). The last keypoint, instead of the box centre, is the axis
+    point nearest to it, which is unambiguous as well.
+
+    Args:
+        mesh: the object; count: surface keypoints.
+        axis: ``"x"``, ``"y"``, ``"z"`` or a direction ``(3,)`` of the near-symmetry; None: the
+            object has none, every point is distinctive, and this is :func:`farthest_point_keypoints`.
+        seed: of the surface sampling; samples: surface samples to choose from.
+        tolerance: as a fraction of the diameter (see :func:`symmetry_look_alikes`).
+    Returns:
+        ``(count + 1, 3)`` float64 (mm); the last row lies on the axis.
+    Raises:
+        ValueError: no distinctive surface point off the axis (the object is symmetric
+            throughout: use :func:`farthest_point_keypoints`, and ADD-S to evaluate).
+    """
+    if axis is None:
+        return farthest_point_keypoints(mesh, count, seed=seed, samples=samples)
+    if count < 3:
+        raise ValueError(f"count: PnP needs at least 4 keypoints with the centre, got count={count}")
+    a = _unit_axis(axis)
+    pts = _sample_surface(mesh, samples, np.random.default_rng(seed))
+    point = symmetry_axis_point(mesh, a, seed=seed, samples=samples)
+    look_alike = symmetry_look_alikes(mesh, pts, a, tolerance, seed, samples, axis_point=point)
+    distinct = pts[~look_alike]
+    radius = np.linalg.norm(np.cross(distinct - point, a), axis=1)
+    # Points on the axis alone would put every keypoint on one line: PnP could not turn them.
+    if len(distinct) < count or not (radius > 2 * tolerance * mesh.diameter).any():
+        raise ValueError(
+            f"no surface point off the axis {a.tolist()} is without a look-alike under turns about it: "
+            "the object is symmetric throughout; use farthest_point_keypoints (and ADD-S)"
+        )
+    on_axis = point + a * float(np.dot(-point, a))  # the axis point nearest the box centre
+    return np.concatenate([_farthest_points(distinct, count), on_axis[None]], 0)
 
 
 def write_ply(mesh: Mesh, path: str | Path) -> None:
