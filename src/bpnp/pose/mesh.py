@@ -230,12 +230,22 @@ def symmetry_axis_point(mesh: Mesh, axis: str | np.ndarray, seed: int = 0, sampl
     Returns:
         ``(3,)`` float64 (mm).
     """
-    from scipy.optimize import minimize
+    a = _unit_axis(axis)
+    pts, tree = _surface_samples(mesh, seed, samples)
+    return _axis_point(pts, tree, a, mesh.diameter, seed)
+
+
+def _surface_samples(mesh: Mesh, seed: int, samples: int):
+    """Surface samples ``(N, 3)`` and a k-d tree over them."""
     from scipy.spatial import cKDTree
 
-    a = _unit_axis(axis)
     pts = _sample_surface(mesh, samples, np.random.default_rng(seed))
-    tree = cKDTree(pts)
+    return pts, cKDTree(pts)
+
+
+def _axis_point(pts: np.ndarray, tree, a: np.ndarray, diameter: float, seed: int) -> np.ndarray:
+    from scipy.optimize import minimize
+
     rotations = _rotations_about(a, _SYMMETRY_ANGLES_DEG)
     # Two directions spanning the plane normal to the axis.
     u = np.cross(a, [1.0, 0.0, 0.0] if abs(a[0]) < 0.9 else [0.0, 1.0, 0.0])
@@ -246,18 +256,25 @@ def symmetry_axis_point(mesh: Mesh, axis: str | np.ndarray, seed: int = 0, sampl
     def median_gap(c: np.ndarray) -> float:
         return float(np.median(_rotated_gaps(probe, tree, rotations, c[0] * u + c[1] * v)))
 
-    scale = mesh.diameter * 0.05
+    scale = diameter * 0.05
     best = minimize(
         median_gap,
         np.zeros(2),
         method="Nelder-Mead",
         options={
             "initial_simplex": [[0, 0], [scale, 0], [0, scale]],
-            "xatol": 1e-3 * mesh.diameter,
-            "fatol": 1e-4 * mesh.diameter,
+            "xatol": 1e-3 * diameter,
+            "fatol": 1e-4 * diameter,
         },
     )
     return best.x[0] * u + best.x[1] * v
+
+
+def _look_alike_mask(pts: np.ndarray, tree, a: np.ndarray, point: np.ndarray, tol: float) -> np.ndarray:
+    gaps = _rotated_gaps(pts, tree, _rotations_about(a, _SYMMETRY_ANGLES_DEG), point)  # AxN
+    radius = np.linalg.norm(np.cross(pts - point, a), axis=1)
+    moved = 2 * radius[None, :] * np.sin(np.deg2rad(_SYMMETRY_ANGLES_DEG)[:, None] / 2)
+    return ((moved > 2 * tol) & (gaps < tol)).any(0)
 
 
 def symmetry_look_alikes(
@@ -282,17 +299,11 @@ def symmetry_look_alikes(
     Returns:
         ``(N,)`` bool.
     """
-    from scipy.spatial import cKDTree
-
     a = _unit_axis(axis)
+    surface, tree = _surface_samples(mesh, seed, samples)
+    point = _axis_point(surface, tree, a, mesh.diameter, seed) if axis_point is None else axis_point
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    tree = cKDTree(_sample_surface(mesh, samples, np.random.default_rng(seed)))
-    point = symmetry_axis_point(mesh, a, seed=seed, samples=samples) if axis_point is None else axis_point
-    tol = tolerance * mesh.diameter
-    gaps = _rotated_gaps(pts, tree, _rotations_about(a, _SYMMETRY_ANGLES_DEG), point)  # AxN
-    radius = np.linalg.norm(np.cross(pts - point, a), axis=1)
-    moved = 2 * radius[None, :] * np.sin(np.deg2rad(_SYMMETRY_ANGLES_DEG)[:, None] / 2)
-    return ((moved > 2 * tol) & (gaps < tol)).any(0)
+    return _look_alike_mask(pts, tree, a, np.asarray(point, dtype=np.float64), tolerance * mesh.diameter)
 
 
 def distinctive_keypoints(
@@ -330,10 +341,9 @@ def distinctive_keypoints(
     if count < 3:
         raise ValueError(f"count: PnP needs at least 4 keypoints with the centre, got count={count}")
     a = _unit_axis(axis)
-    pts = _sample_surface(mesh, samples, np.random.default_rng(seed))
-    point = symmetry_axis_point(mesh, a, seed=seed, samples=samples)
-    look_alike = symmetry_look_alikes(mesh, pts, a, tolerance, seed, samples, axis_point=point)
-    distinct = pts[~look_alike]
+    pts, tree = _surface_samples(mesh, seed, samples)
+    point = _axis_point(pts, tree, a, mesh.diameter, seed)
+    distinct = pts[~_look_alike_mask(pts, tree, a, point, tolerance * mesh.diameter)]
     radius = np.linalg.norm(np.cross(distinct - point, a), axis=1)
     # Points on the axis alone would put every keypoint on one line: PnP could not turn them.
     if len(distinct) < count or not (radius > 2 * tolerance * mesh.diameter).any():
