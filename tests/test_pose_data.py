@@ -260,7 +260,10 @@ def test_distinctive_keypoints_refuse_a_symmetric_object(tmp_path):
 
 
 def test_keypoint_method_recorded_and_checked(tmp_path):
-    from bpnp.pose.data import render_splits
+    from bpnp import cli
+    from bpnp.pose.data import KEYPOINT_METHODS, render_splits
+
+    assert cli.KEYPOINT_METHODS == KEYPOINT_METHODS  # the CLI's copy, kept to spare torch at start-up
 
     settings = RenderSettings(size=32)
     render_splits(spot_mesh(), tmp_path, {"train": 2}, settings, keypoint_method="distinctive")

@@ -68,6 +68,10 @@ def _device(text: str) -> str:
     return text
 
 
+# bpnp.pose.data.KEYPOINT_METHODS, spelt out: importing it would load torch for every --help.
+KEYPOINT_METHODS = ("fps", "distinctive")
+
+
 def _variants(text: str) -> tuple[str, ...]:
     from .pose.train import VARIANTS
 
@@ -90,7 +94,7 @@ def _add_pose_commands(sub) -> None:
     ren.add_argument("--keypoints", type=_positive_int, default=8, help="surface keypoints (plus the centre)")
     ren.add_argument(
         "--keypoint-method",
-        choices=["fps", "distinctive"],
+        choices=KEYPOINT_METHODS,
         default="fps",
         help="fps: farthest points over the surface; distinctive: over the points that break the --symmetric axis",
     )
@@ -145,7 +149,7 @@ def _add_pose_commands(sub) -> None:
     ex.add_argument("--device", type=_device, default="cpu")
     ex.add_argument(
         "--keypoints",
-        choices=["fps", "distinctive"],
+        choices=KEYPOINT_METHODS,
         default="fps",
         help="keypoints of symmetric meshes (teapot): fps over the surface, or distinctive (on what breaks the symmetry)",
     )
