@@ -272,3 +272,63 @@ def test_keypoint_method_recorded_and_checked(tmp_path):
         render_splits(spot_mesh(), tmp_path, {"train": 2}, settings)
     with pytest.raises(ValueError, match="keypoint_method"):
         render_splits(spot_mesh(), tmp_path / "other", {"train": 2}, settings, keypoint_method="random")
+
+
+def test_hidden_by_surface_agrees_with_the_normals_on_a_convex_body():
+    """On a convex body a surface point can be seen exactly when its outward normal faces the
+    camera: an oracle that shares nothing with ray casting."""
+    import trimesh
+
+    from bpnp.pose.mesh import Mesh, hidden_by_surface
+
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=40.0)
+    mesh = Mesh(np.asarray(sphere.vertices), np.asarray(sphere.faces), np.asarray(sphere.vertex_normals))
+    points = np.asarray(sphere.triangles_center)[::4]
+    normals = np.asarray(sphere.face_normals)[::4]
+    rng = np.random.default_rng(0)
+    R = bpnp.rvec_to_rotmat(torch.from_numpy(rng.normal(size=(6, 3)))).numpy()
+    t = np.column_stack([rng.uniform(-30, 30, (6, 2)), rng.uniform(150, 400, 6)])
+    hidden = hidden_by_surface(mesh, points, R, t)
+    centres = -np.einsum("nji,nj->ni", R, t)
+    towards = centres[:, None, :] - points[None]
+    cos = np.einsum("nkc,kc->nk", towards, normals) / np.linalg.norm(towards, axis=-1)
+    clear = np.abs(cos) > 0.05  # grazing views are decided by rounding
+    assert clear.mean() > 0.9 and 0.2 < hidden.mean() < 0.8
+    assert np.array_equal(hidden[clear], (cos < 0)[clear])
+    assert hidden_by_surface(mesh, np.zeros((1, 3)), R, t).all()  # the centre lies inside
+    with pytest.raises(ValueError, match="points"):
+        hidden_by_surface(mesh, np.zeros(3), R, t)
+    with pytest.raises(ValueError, match="R, t"):
+        hidden_by_surface(mesh, points, R, t[:2])
+
+
+def test_keypoint_visibility_codes(tmp_path):
+    import cv2
+
+    from bpnp.pose.data import COVERED, HIDDEN_BY_OBJECT, OUTSIDE, VISIBLE, keypoint_visibility
+
+    render_dataset(spot_mesh(), tmp_path, 6, RenderSettings(size=64, occluder_prob=0.0), seed=3, split="test")
+    split = tmp_path / "test"
+    data = load_split(split, size=64)
+    codes = keypoint_visibility(split, data.keypoints3d)
+    assert codes.shape == (6, 9) and codes.dtype == np.uint8
+    assert np.all(codes[:, -1] == HIDDEN_BY_OBJECT)  # the centre, inside the body
+    assert not np.isin(codes, (COVERED, OUTSIDE)).any()  # no occluders, the object in the frame
+    seen = codes[:, :-1] == VISIBLE
+    assert 0.2 < seen.mean() < 0.9
+    # A keypoint the object does not hide lies on its silhouette (mask), up to a pixel.
+    masks = [cv2.imread(str(split / "000000" / "mask" / f"{i:06d}_000000.png"), 0) > 0 for i in range(6)]
+    dilated = [cv2.dilate(m.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0 for m in masks]
+    uv = np.rint(data.keypoints2d).astype(int)
+    assert all(dilated[i][uv[i, j, 1], uv[i, j, 0]] for i, j in zip(*np.nonzero(seen)))
+    # Something in front of image 2 (its visible mask emptied): its seen keypoints become covered.
+    cv2.imwrite(str(split / "000000" / "mask_visib" / "000002_000000.png"), np.zeros((64, 64), np.uint8))
+    covered = keypoint_visibility(split, data.keypoints3d)
+    assert np.array_equal(covered[2] == COVERED, codes[2] == VISIBLE) and codes[2].tolist().count(VISIBLE) > 0
+    assert np.array_equal(np.delete(covered, 2, 0), np.delete(codes, 2, 0))
+    # A keypoint off the image: the object moved far to the side in the annotations.
+    gt = json.loads((split / "000000" / "scene_gt.json").read_text())
+    gt["0"][0]["cam_t_m2c"][0] += 1000.0
+    (split / "000000" / "scene_gt.json").write_text(json.dumps(gt))
+    assert np.all(keypoint_visibility(split, data.keypoints3d)[0] == OUTSIDE)
+    assert keypoint_visibility(split, data.keypoints3d, limit=2).shape == (2, 9)

@@ -262,6 +262,12 @@ def test_evaluate_writes_metrics_bop_csv_and_overlays(tiny_data, tmp_path):
     each = metrics["kp_error_px_per_keypoint"]
     assert len(each) == 9 and np.mean(each) == pytest.approx(metrics["kp_error_px_mean"], abs=1e-2)
     assert np.allclose(per["kp_error_px_each"].mean(-1), per["kp_error_px"])
+    codes = per["kp_visibility"]
+    assert codes.shape == (8, 9) and np.all(codes[:, -1] == 1)  # the centre: inside the object
+    assert metrics["kp_hidden_fraction"] == pytest.approx(float((codes == 1).mean()), abs=1e-4)
+    seen = per["kp_error_px_each"][codes == 0]
+    assert metrics["kp_error_px_visible"] == pytest.approx(float(seen.mean()), abs=1e-3)
+    assert metrics["kp_unseen_fraction_per_keypoint"][-1] == 1.0
     assert (tmp_path / "eval" / "overlays.png").stat().st_size > 0
     assert (tmp_path / "eval" / "report.md").read_text().startswith("# Evaluation")
 
@@ -352,7 +358,12 @@ def test_cli_render_train_evaluate(tmp_path, capsys):
         )
         == 0
     )
-    assert json.loads((run / "eval" / "metrics.json").read_text())["images"] == 2
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == 2 and metrics["pnp_weights"] == "confidence" and "kp_hidden_fraction" in metrics
+    plain = ["evaluate", "--checkpoint", str(run / "model.pt"), "--data", str(data / "test")]
+    assert main(plain + ["--out", str(tmp_path / "e"), "--unweighted", "--no-visibility", "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["pnp_weights"] == "none" and "kp_hidden_fraction" not in metrics
     assert Path(run / "config.json").is_file()
 
 

@@ -136,6 +136,9 @@ def _add_pose_commands(sub) -> None:
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate at most this many images")
     ev.add_argument("--device", type=_device, default="cpu")
     ev.add_argument("--unweighted", action="store_true", help="plain PnP (default: weighted by heatmap confidence)")
+    ev.add_argument(
+        "--no-visibility", action="store_true", help="skip the keypoints' visibility (ray casting the model)"
+    )
     ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
     ev.add_argument("--quiet", action="store_true")
     ex = sub.add_parser("experiment", help="objpose: variants x meshes x seeds, paired comparison report")
@@ -267,7 +270,15 @@ def _run_pose(args: argparse.Namespace) -> int:
         out = args.out or str(Path(args.checkpoint).parent / "eval")
         _writable_dir(out, out)
         evaluate(
-            args.checkpoint, args.data, out, obj_id=args.obj_id, device=args.device, limit=args.limit, quiet=args.quiet
+            args.checkpoint,
+            args.data,
+            out,
+            obj_id=args.obj_id,
+            device=args.device,
+            limit=args.limit,
+            quiet=args.quiet,
+            confidence_weights=not args.unweighted,
+            visibility=not args.no_visibility,
         )
         if not args.quiet:
             print(f"report: {Path(out) / 'report.md'}")

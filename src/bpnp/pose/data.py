@@ -25,6 +25,7 @@ __all__ = [
     "render_splits",
     "load_split",
     "load_keypoints",
+    "keypoint_visibility",
     "random_rotation",
     "augment_image",
 ]
@@ -456,20 +457,11 @@ def load_split(
     from ..geometry import rotmat_to_rvec
 
     split_dir = Path(split_dir)
-    scenes = bop.scene_dirs(split_dir) if split_dir.is_dir() else []
-    if not scenes:
-        raise FileNotFoundError(f"{split_dir}: no BOP scene folders (NNNNNN/scene_gt.json)")
+    scenes = _scenes(split_dir)
     stamp = [(p.name, (p / "scene_gt.json").stat().st_size, (p / "scene_gt.json").stat().st_mtime_ns) for p in scenes]
     key = json.dumps([stamp, obj_id, size, margin, min_visib])
     cache_file = split_dir / f"bpnp_cache_obj{obj_id}_{size}.npz"
-    anns = [
-        (scene_dir, ann)
-        for scene_dir in scenes
-        for ann in bop.read_scene(scene_dir)
-        if ann.obj_id == obj_id and (ann.visib_fract is None or ann.visib_fract >= min_visib)
-    ]
-    if not anns:
-        raise ValueError(f"{split_dir}: no instance of obj_id {obj_id}")
+    anns = _instances(split_dir, scenes, obj_id, min_visib)
     keypoints3d = load_keypoints(split_dir, obj_id)
     if cache and limit is None and cache_file.is_file():
         with np.load(cache_file) as z:
@@ -503,6 +495,86 @@ def load_split(
         except OSError:  # a read-only data set: keep it in memory
             pass
     return _with_keypoints(*arrays, keypoints3d)
+
+
+def _scenes(split_dir: Path) -> list[Path]:
+    scenes = bop.scene_dirs(split_dir) if split_dir.is_dir() else []
+    if not scenes:
+        raise FileNotFoundError(f"{split_dir}: no BOP scene folders (NNNNNN/scene_gt.json)")
+    return scenes
+
+
+def _instances(split_dir: Path, scenes: list[Path], obj_id: int, min_visib: float) -> list:
+    """``(scene_dir, annotation)`` of every instance that :func:`load_split` reads, in its order."""
+    anns = [
+        (scene_dir, ann)
+        for scene_dir in scenes
+        for ann in bop.read_scene(scene_dir)
+        if ann.obj_id == obj_id and (ann.visib_fract is None or ann.visib_fract >= min_visib)
+    ]
+    if not anns:
+        raise ValueError(f"{split_dir}: no instance of obj_id {obj_id}")
+    return anns
+
+
+# Codes of keypoint_visibility.
+VISIBLE, HIDDEN_BY_OBJECT, COVERED, OUTSIDE = 0, 1, 2, 3
+
+
+def keypoint_visibility(
+    split_dir: str | Path,
+    keypoints3d: np.ndarray,
+    obj_id: int = OBJ_ID,
+    min_visib: float = 0.0,
+    limit: int | None = None,
+) -> np.ndarray:
+    """Whether each keypoint can be seen in each image of a BOP split, row for row as
+    :func:`load_split` reads it (same ``obj_id``, ``min_visib``, ``limit``).
+
+    Codes: ``VISIBLE`` (0); ``HIDDEN_BY_OBJECT`` (1): behind the object's own surface, or inside
+    it (the centre), by ray casting the model (:func:`~bpnp.pose.mesh.hidden_by_surface`);
+    ``COVERED`` (2): in the object's mask but not in its visible mask (``mask/``,
+    ``mask_visib/``; within a pixel): something else lies in front; ``OUTSIDE`` (3): off the image. Where the
+    masks are missing, nothing counts as covered.
+
+    Args:
+        split_dir: a folder of BOP scenes; keypoints3d: ``(k, 3)`` object points (mm).
+    Returns:
+        ``(N, k)`` uint8 codes.
+    Raises:
+        FileNotFoundError: no scenes or no models; ValueError: no instance of ``obj_id``.
+    """
+    import cv2
+
+    from .mesh import hidden_by_surface
+
+    split_dir = Path(split_dir)
+    anns = _instances(split_dir, _scenes(split_dir), obj_id, min_visib)[:limit]
+    kp = np.asarray(keypoints3d, dtype=np.float64)
+    models = bop.find_models_dir(split_dir)
+    mesh = load_mesh(models / f"obj_{obj_id:06d}.ply", diameter_mm=None)
+    # load_mesh centres the model: rays must be cast in the file's (the poses') coordinates.
+    mesh.vertices = mesh.vertices + mesh.centre
+    R = np.stack([a.R for _, a in anns])
+    t = np.stack([a.t for _, a in anns])
+    codes = np.where(hidden_by_surface(mesh, kp, R, t), HIDDEN_BY_OBJECT, VISIBLE).astype(np.uint8)
+    for row, (scene_dir, ann) in enumerate(anns):
+        name = f"{ann.im_id:06d}_{ann.instance:06d}.png"
+        full = cv2.imread(str(scene_dir / "mask" / name), cv2.IMREAD_GRAYSCALE)
+        visib = cv2.imread(str(scene_dir / "mask_visib" / name), cv2.IMREAD_GRAYSCALE)
+        if full is None or visib is None:
+            continue
+        uv = np.rint(_project(kp, ann.R, ann.t, ann.K)).astype(np.int64)
+        H, W = full.shape
+        inside = (uv[:, 0] >= 0) & (uv[:, 0] < W) & (uv[:, 1] >= 0) & (uv[:, 1] < H)
+        # Over the pixel's 3x3 neighbourhood: a keypoint on the silhouette may round to just outside.
+        kernel = np.ones((3, 3), np.uint8)
+        near_full, near_visib = cv2.dilate(full, kernel) > 127, cv2.dilate(visib, kernel) > 127
+        u, v = np.clip(uv[:, 0], 0, W - 1), np.clip(uv[:, 1], 0, H - 1)
+        covered = near_full[v, u] & ~near_visib[v, u]
+        codes[row, covered & (codes[row] == VISIBLE)] = COVERED
+        codes[row, ~inside] = OUTSIDE
+    return codes
 
 
 def _with_keypoints(images, K, pose, ids, visib, keypoints3d) -> PoseData:

@@ -19,6 +19,7 @@ __all__ = [
     "distinctive_keypoints",
     "symmetry_axis_point",
     "symmetry_look_alikes",
+    "hidden_by_surface",
     "write_ply",
 ]
 
@@ -353,6 +354,58 @@ def distinctive_keypoints(
         )
     on_axis = point + a * float(np.dot(-point, a))  # the axis point nearest the box centre
     return np.concatenate([_farthest_points(distinct, count), on_axis[None]], 0)
+
+
+def hidden_by_surface(
+    mesh: Mesh, points: np.ndarray, R: np.ndarray, t: np.ndarray, tol: float | None = None, chunk: int = 256
+) -> np.ndarray:
+    """Which object points the object itself hides from the camera (self-occlusion).
+
+    A point is hidden when the segment from the camera centre to it crosses a face of ``mesh``
+    more than ``tol`` before the point (ray casting, Moller-Trumbore, over every face). Points
+    inside the object (such as the centre) are always hidden.
+
+    Args:
+        mesh: the object (mm); points: ``(k, 3)`` object points (mm), e.g. keypoints.
+        R: ``(N, 3, 3)`` rotations and t: ``(N, 3)`` translations (mm), object to camera.
+        tol: distance (mm) before the point within which a crossing does not count (the face the
+            point lies on); default 0.5% of the diameter.
+        chunk: rays per block (memory: ``chunk x F`` floats a block).
+    Returns:
+        ``(N, k)`` bool, True where the point is hidden.
+    Raises:
+        ValueError: shapes that do not fit.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    R, t = np.asarray(R, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"points: expected (k, 3), got {pts.shape}")
+    if R.ndim != 3 or R.shape[1:] != (3, 3) or t.shape != (R.shape[0], 3):
+        raise ValueError(f"R, t: expected (N, 3, 3) and (N, 3), got {R.shape} and {t.shape}")
+    tol = 0.005 * mesh.diameter if tol is None else float(tol)
+    # The camera centre in object coordinates: R^T (0 - t).
+    centres = -np.einsum("nji,nj->ni", R, t)
+    origins = np.repeat(centres, len(pts), axis=0)  # (N*k, 3)
+    seg = np.tile(pts, (len(R), 1)) - origins
+    length = np.linalg.norm(seg, axis=1)
+    tri = mesh.vertices[mesh.faces]  # (F, 3, 3)
+    v0, e1, e2 = tri[:, 0], tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+    hidden = np.zeros(len(origins), dtype=bool)
+    for a in range(0, len(origins), chunk):
+        d, o = seg[a : a + chunk, None, :], origins[a : a + chunk, None, :]
+        p = np.cross(d, e2)
+        det = np.einsum("rfc,fc->rf", p, e1)
+        # Rays parallel to a face cannot cross it; the sign of det does not matter (both sides).
+        inv = np.divide(1.0, det, out=np.zeros_like(det), where=np.abs(det) > 1e-12)
+        s = o - v0
+        u = np.einsum("rfc,rfc->rf", s, p) * inv
+        q = np.cross(s, e1)
+        v = np.einsum("rc,rfc->rf", d[:, 0], q) * inv
+        along = np.einsum("rfc,fc->rf", q, e2) * inv  # 0 at the camera, 1 at the point
+        before = 1.0 - tol / np.maximum(length[a : a + chunk, None], 1e-12)
+        crossing = (inv != 0) & (u >= 0) & (v >= 0) & (u + v <= 1) & (along > 0) & (along < before)
+        hidden[a : a + chunk] = crossing.any(1)
+    return hidden.reshape(len(R), len(pts))
 
 
 def write_ply(mesh: Mesh, path: str | Path) -> None:
