@@ -305,15 +305,15 @@ def test_hidden_by_surface_agrees_with_the_normals_on_a_convex_body():
 def test_keypoint_visibility_codes(tmp_path):
     import cv2
 
-    from bpnp.pose.data import COVERED, HIDDEN_BY_OBJECT, OUTSIDE, VISIBLE, keypoint_visibility
+    from bpnp.pose.data import COVERED, INTERIOR, OFF_IMAGE, VISIBLE, keypoint_visibility
 
     render_dataset(spot_mesh(), tmp_path, 6, RenderSettings(size=64, occluder_prob=0.0), seed=3, split="test")
     split = tmp_path / "test"
     data = load_split(split, size=64)
     codes = keypoint_visibility(split, data.keypoints3d)
     assert codes.shape == (6, 9) and codes.dtype == np.uint8
-    assert np.all(codes[:, -1] == HIDDEN_BY_OBJECT)  # the centre, inside the body
-    assert not np.isin(codes, (COVERED, OUTSIDE)).any()  # no occluders, the object in the frame
+    assert np.all(codes[:, -1] == INTERIOR) and not np.any(codes[:, :-1] == INTERIOR)  # the centre
+    assert not np.isin(codes, (COVERED, OFF_IMAGE)).any()  # no occluders, the object in the frame
     seen = codes[:, :-1] == VISIBLE
     assert 0.2 < seen.mean() < 0.9
     # A keypoint the object does not hide lies on its silhouette (mask), up to a pixel.
@@ -330,5 +330,33 @@ def test_keypoint_visibility_codes(tmp_path):
     gt = json.loads((split / "000000" / "scene_gt.json").read_text())
     gt["0"][0]["cam_t_m2c"][0] += 1000.0
     (split / "000000" / "scene_gt.json").write_text(json.dumps(gt))
-    assert np.all(keypoint_visibility(split, data.keypoints3d)[0] == OUTSIDE)
+    assert np.all(keypoint_visibility(split, data.keypoints3d)[0, :-1] == OFF_IMAGE)
     assert keypoint_visibility(split, data.keypoints3d, limit=2).shape == (2, 9)
+
+
+def test_keypoints_are_never_chosen_where_nothing_sees_them(tmp_path):
+    """Surface inside the object (a plate in a box; a handle sunk into a mug's body) has no
+    look-alike and lies far from the outer points, so the sampling would pick it if let."""
+    import trimesh
+
+    from bpnp.pose.mesh import distinctive_keypoints, seen_share
+
+    box, plate = trimesh.creation.box(extents=[100.0] * 3), trimesh.creation.box(extents=[60.0, 60.0, 2.0])
+    boxed = load_mesh(_write_obj(tmp_path / "boxed.obj", [box, plate]), diameter_mm=None)
+    blind = farthest_point_keypoints(boxed, 9, min_seen=0.0)
+    assert seen_share(boxed, blind[:9]).min() == 0.0  # the plate's centre, 87 mm from every corner
+    chosen = farthest_point_keypoints(boxed, 9)
+    assert seen_share(boxed, chosen[:9]).min() >= 0.05 and np.all(np.abs(chosen[:9]).max(1) > 49.0)
+
+    body = trimesh.creation.cylinder(radius=30.0, height=60.0, sections=96)
+    body.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, [1, 0, 0]))
+    handle = trimesh.creation.box(extents=[40.0, 36.0, 8.0])
+    handle.apply_translation([30.0, 0.0, 0.0])  # half of it inside the body
+    mug = load_mesh(_write_obj(tmp_path / "sunk.obj", [body, handle]), diameter_mm=None)
+    assert seen_share(mug, distinctive_keypoints(mug, 8, axis="y", min_seen=0.0)[:8]).min() == 0.0
+    assert seen_share(mug, distinctive_keypoints(mug, 8, axis="y")[:8]).min() >= 0.05
+    # A mesh without hidden surface keeps its keypoints: the filter changes nothing on spot.
+    spot = load_mesh(spot_mesh(), diameter_mm=100.0)
+    assert np.array_equal(farthest_point_keypoints(spot, 8), farthest_point_keypoints(spot, 8, min_seen=0.0))
+    with pytest.raises(ValueError, match="seen from"):
+        farthest_point_keypoints(boxed, 9, min_seen=0.99)

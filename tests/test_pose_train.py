@@ -263,7 +263,7 @@ def test_evaluate_writes_metrics_bop_csv_and_overlays(tiny_data, tmp_path):
     assert len(each) == 9 and np.mean(each) == pytest.approx(metrics["kp_error_px_mean"], abs=1e-2)
     assert np.allclose(per["kp_error_px_each"].mean(-1), per["kp_error_px"])
     codes = per["kp_visibility"]
-    assert codes.shape == (8, 9) and np.all(codes[:, -1] == 1)  # the centre: inside the object
+    assert codes.shape == (8, 9) and np.all(codes[:, -1] == 4)  # the centre: inside the object
     assert metrics["kp_hidden_fraction"] == pytest.approx(float((codes == 1).mean()), abs=1e-4)
     seen = per["kp_error_px_each"][codes == 0]
     assert metrics["kp_error_px_visible"] == pytest.approx(float(seen.mean()), abs=1e-3)

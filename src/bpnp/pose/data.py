@@ -518,7 +518,7 @@ def _instances(split_dir: Path, scenes: list[Path], obj_id: int, min_visib: floa
 
 
 # Codes of keypoint_visibility.
-VISIBLE, HIDDEN_BY_OBJECT, COVERED, OUTSIDE = 0, 1, 2, 3
+VISIBLE, HIDDEN_BY_OBJECT, COVERED, OFF_IMAGE, INTERIOR = 0, 1, 2, 3, 4
 
 
 def keypoint_visibility(
@@ -531,11 +531,12 @@ def keypoint_visibility(
     """Whether each keypoint can be seen in each image of a BOP split, row for row as
     :func:`load_split` reads it (same ``obj_id``, ``min_visib``, ``limit``).
 
-    Codes: ``VISIBLE`` (0); ``HIDDEN_BY_OBJECT`` (1): behind the object's own surface, or inside
-    it (the centre), by ray casting the model (:func:`~bpnp.pose.mesh.hidden_by_surface`);
-    ``COVERED`` (2): in the object's mask but not in its visible mask (``mask/``,
-    ``mask_visib/``; within a pixel): something else lies in front; ``OUTSIDE`` (3): off the image. Where the
-    masks are missing, nothing counts as covered.
+    Codes: ``VISIBLE`` (0); ``HIDDEN_BY_OBJECT`` (1): behind the object's own surface, by ray
+    casting the model (:func:`~bpnp.pose.mesh.hidden_by_surface`); ``COVERED`` (2): in the
+    object's mask but not in its visible mask (``mask/``, ``mask_visib/``; within a pixel):
+    something else lies in front; ``OFF_IMAGE`` (3); ``INTERIOR`` (4): seen from no viewpoint at
+    all (inside the object, as the centre is; :func:`~bpnp.pose.mesh.seen_share`), in every row.
+    Where the masks are missing, nothing counts as covered.
 
     Args:
         split_dir: a folder of BOP scenes; keypoints3d: ``(k, 3)`` object points (mm).
@@ -546,7 +547,7 @@ def keypoint_visibility(
     """
     import cv2
 
-    from .mesh import hidden_by_surface
+    from .mesh import hidden_by_surface, seen_share
 
     split_dir = Path(split_dir)
     anns = _instances(split_dir, _scenes(split_dir), obj_id, min_visib)[:limit]
@@ -573,7 +574,8 @@ def keypoint_visibility(
         u, v = np.clip(uv[:, 0], 0, W - 1), np.clip(uv[:, 1], 0, H - 1)
         covered = near_full[v, u] & ~near_visib[v, u]
         codes[row, covered & (codes[row] == VISIBLE)] = COVERED
-        codes[row, ~inside] = OUTSIDE
+        codes[row, ~inside] = OFF_IMAGE
+    codes[:, seen_share(mesh, kp) == 0] = INTERIOR
     return codes
 
 

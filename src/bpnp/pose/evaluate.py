@@ -21,7 +21,7 @@ from .. import metrics as M
 from ..geometry import project, rvec_to_rotmat
 from ..layer import solve_pnp
 from . import bop
-from .data import COVERED, HIDDEN_BY_OBJECT, VISIBLE, PoseData, keypoint_visibility, load_split
+from .data import COVERED, HIDDEN_BY_OBJECT, INTERIOR, VISIBLE, PoseData, keypoint_visibility, load_split
 from .model import heatmap_confidence, soft_argmax
 from .train import load_checkpoint, normalise_images
 
@@ -214,9 +214,9 @@ def _visibility_summary(codes: np.ndarray, kp_errors: np.ndarray) -> dict[str, A
         "kp_error_px_visible": mean_where(codes == VISIBLE),
         "kp_error_px_hidden": mean_where(codes == HIDDEN_BY_OBJECT),
         "kp_error_px_covered": mean_where(codes == COVERED),
-        # Per keypoint, the share of images where it is hidden by the object or covered.
+        # Per keypoint, the share of images where it cannot be seen (1 for the centre).
         "kp_unseen_fraction_per_keypoint": [
-            round(float(f), 3) for f in np.isin(codes, (HIDDEN_BY_OBJECT, COVERED)).mean(0)
+            round(float(f), 3) for f in np.isin(codes, (HIDDEN_BY_OBJECT, COVERED, INTERIOR)).mean(0)
         ],
     }
 

@@ -20,6 +20,7 @@ __all__ = [
     "symmetry_axis_point",
     "symmetry_look_alikes",
     "hidden_by_surface",
+    "seen_share",
     "write_ply",
 ]
 
@@ -160,22 +161,78 @@ def _sample_surface(mesh: Mesh, count: int, rng: np.random.Generator) -> np.ndar
     return t[:, 0] + a[:, None] * (t[:, 1] - t[:, 0]) + b[:, None] * (t[:, 2] - t[:, 0])
 
 
-def farthest_point_keypoints(mesh: Mesh, count: int = 8, seed: int = 0, samples: int = 20000) -> np.ndarray:
+def farthest_point_keypoints(
+    mesh: Mesh, count: int = 8, seed: int = 0, samples: int = 20000, min_seen: float = 0.05
+) -> np.ndarray:
     """Keypoints: ``count`` surface points by farthest point sampling, then the centre.
 
     Sampling starts from the surface point farthest from the centre; each next point is the
-    sample farthest from those chosen. Deterministic for a seed.
+    sample farthest from those chosen. A point that the object itself hides from almost every
+    viewpoint (surface inside the object, where parts of a mesh intersect, or deep in a cavity)
+    is given up with the samples near it, and the sampling is run again. Deterministic for a seed.
 
     Args:
         mesh: the object; count: surface keypoints; seed: of the surface sampling; samples:
             surface samples to choose from.
+        min_seen: the least share of 64 viewpoints around the object (3 diameters away) from
+            which every keypoint must be seen (:func:`seen_share`); 0 keeps every point.
     Returns:
         ``(count + 1, 3)`` float64 (mm); the last row is the centre (the origin).
+    Raises:
+        ValueError: ``count < 3``, or too few surface points are seen from ``min_seen`` of the views.
     """
     if count < 3:
         raise ValueError(f"count: PnP needs at least 4 keypoints with the centre, got count={count}")
     pts = _sample_surface(mesh, samples, np.random.default_rng(seed))
-    return np.concatenate([_farthest_points(pts, count), np.zeros((1, 3))], 0)
+    return np.concatenate([_farthest_seen_points(mesh, pts, count, min_seen), np.zeros((1, 3))], 0)
+
+
+def _fibonacci_sphere(count: int) -> np.ndarray:
+    """``(count, 3)`` unit vectors spread evenly over the sphere."""
+    i = np.arange(count) + 0.5
+    z = 1.0 - 2.0 * i / count
+    phi = np.pi * (1.0 + 5.0**0.5) * i
+    r = np.sqrt(1.0 - z * z)
+    return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
+
+
+def seen_share(mesh: Mesh, points: np.ndarray, views: int = 64, distance: float = 3.0) -> np.ndarray:
+    """The share of viewpoints from which the object does not hide each point.
+
+    Args:
+        mesh: the object (mm); points: ``(k, 3)`` (mm).
+        views: camera centres spread evenly over a sphere about the box centre, ``distance``
+            diameters away, each looking at the centre (the renders' range of distances).
+    Returns:
+        ``(k,)`` float64 in [0, 1] (0 for a point inside the object).
+    """
+    eye = _fibonacci_sphere(views) * distance * mesh.diameter  # camera centres, object frame
+    # Cameras looking at the origin: any rotation whose third row points from the eye to it.
+    forward = -eye / np.linalg.norm(eye, axis=1, keepdims=True)
+    helper = np.where(np.abs(forward[:, 2:3]) < 0.9, [[0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0]])
+    right = np.cross(helper, forward)
+    right /= np.linalg.norm(right, axis=1, keepdims=True)
+    R = np.stack([right, np.cross(forward, right), forward], axis=1)
+    t = -np.einsum("nij,nj->ni", R, eye)
+    return 1.0 - hidden_by_surface(mesh, points, R, t).mean(0)
+
+
+def _farthest_seen_points(mesh: Mesh, pts: np.ndarray, count: int, min_seen: float) -> np.ndarray:
+    """Farthest point sampling over ``pts``, giving up the points (and the samples within 5% of
+    the diameter of them) seen from less than ``min_seen`` of the views."""
+    if min_seen <= 0:
+        return _farthest_points(pts, count)
+    from scipy.spatial import cKDTree
+
+    tree, keep = cKDTree(pts), np.ones(len(pts), dtype=bool)
+    while keep.sum() >= count:
+        chosen = _farthest_points(pts[keep], count)
+        unseen = seen_share(mesh, chosen) < min_seen
+        if not unseen.any():
+            return chosen
+        for near in tree.query_ball_point(chosen[unseen], r=0.05 * mesh.diameter):
+            keep[near] = False
+    raise ValueError(f"fewer than {count} surface points are seen from {min_seen:.0%} of the views")
 
 
 def _farthest_points(pts: np.ndarray, count: int) -> np.ndarray:
@@ -314,6 +371,7 @@ def distinctive_keypoints(
     seed: int = 0,
     samples: int = 20000,
     tolerance: float = 0.02,
+    min_seen: float = 0.05,
 ) -> np.ndarray:
     """Keypoints for an object that is (nearly) symmetric about an axis: farthest point
     sampling over the surface points that have no look-alike, then a point on the axis.
@@ -331,6 +389,8 @@ def distinctive_keypoints(
             object has none, every point is distinctive, and this is :func:`farthest_point_keypoints`.
         seed: of the surface sampling; samples: surface samples to choose from.
         tolerance: as a fraction of the diameter (see :func:`symmetry_look_alikes`).
+        min_seen: as for :func:`farthest_point_keypoints` (where a spout meets a body, the body's
+            surface inside the spout has no look-alike and is seen from nowhere).
     Returns:
         ``(count + 1, 3)`` float64 (mm); the last row lies on the axis.
     Raises:
@@ -338,7 +398,7 @@ def distinctive_keypoints(
             throughout: use :func:`farthest_point_keypoints`, and ADD-S to evaluate).
     """
     if axis is None:
-        return farthest_point_keypoints(mesh, count, seed=seed, samples=samples)
+        return farthest_point_keypoints(mesh, count, seed=seed, samples=samples, min_seen=min_seen)
     if count < 3:
         raise ValueError(f"count: PnP needs at least 4 keypoints with the centre, got count={count}")
     a = _unit_axis(axis)
@@ -353,7 +413,7 @@ def distinctive_keypoints(
             "the object is symmetric throughout; use farthest_point_keypoints (and ADD-S)"
         )
     on_axis = point + a * float(np.dot(-point, a))  # the axis point nearest the box centre
-    return np.concatenate([_farthest_points(distinct, count), on_axis[None]], 0)
+    return np.concatenate([_farthest_seen_points(mesh, distinct, count, min_seen), on_axis[None]], 0)
 
 
 def hidden_by_surface(
