@@ -207,14 +207,7 @@ def seen_share(mesh: Mesh, points: np.ndarray, views: int = 64, distance: float 
         ``(k,)`` float64 in [0, 1] (0 for a point inside the object).
     """
     eye = _fibonacci_sphere(views) * distance * mesh.diameter  # camera centres, object frame
-    # Cameras looking at the origin: any rotation whose third row points from the eye to it.
-    forward = -eye / np.linalg.norm(eye, axis=1, keepdims=True)
-    helper = np.where(np.abs(forward[:, 2:3]) < 0.9, [[0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0]])
-    right = np.cross(helper, forward)
-    right /= np.linalg.norm(right, axis=1, keepdims=True)
-    R = np.stack([right, np.cross(forward, right), forward], axis=1)
-    t = -np.einsum("nij,nj->ni", R, eye)
-    return 1.0 - hidden_by_surface(mesh, points, R, t).mean(0)
+    return 1.0 - _hidden_from(mesh, np.asarray(points, dtype=np.float64), eye).mean(0)
 
 
 def _farthest_seen_points(mesh: Mesh, pts: np.ndarray, count: int, min_seen: float) -> np.ndarray:
@@ -442,11 +435,18 @@ def hidden_by_surface(
         raise ValueError(f"points: expected (k, 3), got {pts.shape}")
     if R.ndim != 3 or R.shape[1:] != (3, 3) or t.shape != (R.shape[0], 3):
         raise ValueError(f"R, t: expected (N, 3, 3) and (N, 3), got {R.shape} and {t.shape}")
-    tol = 0.005 * mesh.diameter if tol is None else float(tol)
     # The camera centre in object coordinates: R^T (0 - t).
-    centres = -np.einsum("nji,nj->ni", R, t)
+    return _hidden_from(mesh, pts, -np.einsum("nji,nj->ni", R, t), tol, chunk)
+
+
+def _hidden_from(
+    mesh: Mesh, pts: np.ndarray, centres: np.ndarray, tol: float | None = None, chunk: int = 256
+) -> np.ndarray:
+    """``(N, k)``: whether the segment from camera centre ``centres[n]`` to ``pts[j]`` crosses a
+    face of ``mesh`` more than ``tol`` before the point (see :func:`hidden_by_surface`)."""
+    tol = 0.005 * mesh.diameter if tol is None else float(tol)
     origins = np.repeat(centres, len(pts), axis=0)  # (N*k, 3)
-    seg = np.tile(pts, (len(R), 1)) - origins
+    seg = np.tile(pts, (len(centres), 1)) - origins
     length = np.linalg.norm(seg, axis=1)
     tri = mesh.vertices[mesh.faces]  # (F, 3, 3)
     v0, e1, e2 = tri[:, 0], tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
@@ -465,7 +465,7 @@ def hidden_by_surface(
         before = 1.0 - tol / np.maximum(length[a : a + chunk, None], 1e-12)
         crossing = (inv != 0) & (u >= 0) & (v >= 0) & (u + v <= 1) & (along > 0) & (along < before)
         hidden[a : a + chunk] = crossing.any(1)
-    return hidden.reshape(len(R), len(pts))
+    return hidden.reshape(len(centres), len(pts))
 
 
 def write_ply(mesh: Mesh, path: str | Path) -> None:
