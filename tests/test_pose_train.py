@@ -209,6 +209,46 @@ def test_experiment_shares_the_warm_up_and_continues_where_it_stopped(tmp_path):
         compare(spot_mesh(), tmp_path, ("heatmap",), (0,), budget, quiet=True, keypoints="distinctive")
 
 
+def test_experiment_reports_only_the_seeds_that_have_finished(tmp_path):
+    # An experiment spread over sessions: report what has finished, train and render nothing.
+    import shutil
+
+    from bpnp.apps.objpose import Budget, compare, run_experiment
+
+    budget = Budget(train_count=16, test_count=8, steps=10, size=32, batch_size=8, width=8, workers=0)
+    mesh_dir = tmp_path / "spot_triangulated"
+    first = compare(spot_mesh(), mesh_dir, ("heatmap", "bpnp"), (0, 1), budget, quiet=True)
+    assert first["seeds"] == [0, 1]
+    # Seed 1's bpnp run stopped before its evaluation, seed 2 never started.
+    shutil.rmtree(mesh_dir / "bpnp_seed1" / "eval")
+    before = sorted(p.name for p in mesh_dir.iterdir())
+    read = compare(spot_mesh(), mesh_dir, ("heatmap", "bpnp"), (0, 1, 2), budget, quiet=True, finished_only=True)
+    assert read["seeds"] == [0] and sorted(read["runs"]["bpnp"]) == [0] and read["render_seconds"] is None
+    assert read["runs"]["bpnp"][0]["metrics"] == first["runs"]["bpnp"][0]["metrics"]
+    assert sorted(p.name for p in mesh_dir.iterdir()) == before  # nothing trained, nothing rendered
+    assert not (mesh_dir / "bpnp_seed1" / "eval").exists()
+    results = run_experiment(
+        str(tmp_path), [str(spot_mesh())], [0, 1, 2], ("heatmap", "bpnp"), budget, quiet=True, finished_only=True
+    )
+    assert sorted(results["spot_triangulated"]) == ["bpnp", "heatmap"]
+    assert results["spot_triangulated"]["bpnp"]["seeds"] == [0]
+    assert json.loads((tmp_path / "metrics.json").read_text())["seeds"] == {"spot_triangulated": [0]}
+    assert "Seeds [0]" in (tmp_path / "report.md").read_text()
+    # A budget other than the runs' is refused, not mixed in.
+    with pytest.raises(ValueError, match="a run with other .*steps is there"):
+        compare(
+            spot_mesh(), mesh_dir, ("heatmap",), (0,), Budget(**{**budget.__dict__, "steps": 12}), finished_only=True
+        )
+    # The heatmap runs alone (they saved the shared warm-up; that changes nothing else).
+    alone = compare(spot_mesh(), mesh_dir, ("heatmap",), (0, 1), budget, quiet=True, finished_only=True)
+    assert alone["seeds"] == [0, 1]
+    # A mesh with no finished seed is named in the report and left out of the metrics.
+    shutil.rmtree(mesh_dir / "heatmap_seed0" / "eval")
+    none = run_experiment(str(tmp_path), [str(spot_mesh())], [0], ("heatmap",), budget, quiet=True, finished_only=True)
+    assert none == {}
+    assert "No seed of [0] has finished" in (tmp_path / "report.md").read_text()
+
+
 def test_ddp_two_ranks_hold_identical_weights(tiny_data, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(

@@ -157,6 +157,11 @@ def _add_pose_commands(sub) -> None:
         help="keypoints of symmetric meshes (teapot): fps over the surface, or distinctive (on what breaks the symmetry)",
     )
     ex.add_argument("--out", default=None, help="output folder (default runs/objpose_experiment)")
+    ex.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: report the seeds whose every variant has finished in --out",
+    )
     ex.add_argument("--quiet", action="store_true")
 
 
@@ -297,6 +302,7 @@ def _run_pose(args: argparse.Namespace) -> int:
             device=args.device,
             quiet=args.quiet,
             keypoints=args.keypoints,
+            finished_only=args.finished_only,
         )
         if not args.quiet:
             print(f"report: {Path(out) / 'report.md'}")

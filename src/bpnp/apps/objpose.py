@@ -102,10 +102,17 @@ def compare(
     device: str = "cpu",
     quiet: bool = False,
     keypoints: str = "fps",
+    finished_only: bool = False,
 ) -> dict[str, Any]:
     """Render, train every variant for every seed, evaluate: the rows of one mesh (``symmetric``:
     the axis of a continuous symmetry, evaluated with ADD-S; ``keypoints``: ``"fps"`` or
-    ``"distinctive"``, see :func:`bpnp.pose.data.render_dataset`)."""
+    ``"distinctive"``, see :func:`bpnp.pose.data.render_dataset`).
+
+    ``finished_only``: render and train nothing; read back the seeds whose every variant has
+    finished (trained and evaluated) in ``out`` with this budget, skipping the others, so that an
+    experiment spread over several sessions can be reported at any point. ``"seeds"`` of the
+    result lists the seeds read.
+    """
     from ..pose.data import RenderSettings, render_splits
     from ..pose.train import TrainConfig
     from .common import progress
@@ -116,15 +123,20 @@ def compare(
     t0 = time.perf_counter()
     # One data set for every seed and variant: the comparison is paired on the same images.
     counts = {"train": budget.train_count, "test": budget.test_count}
-    render_splits(mesh, data, counts, settings, seed=0, symmetric=symmetric, progress=bar, keypoint_method=keypoints)
-    render_seconds = time.perf_counter() - t0
+    if not finished_only:
+        render_splits(
+            mesh, data, counts, settings, seed=0, symmetric=symmetric, progress=bar, keypoint_method=keypoints
+        )
+    render_seconds = None if finished_only else time.perf_counter() - t0
     runs: dict[str, dict[int, dict]] = {v: {} for v in variants}
     # The pose variants' warm-up is the heatmap run's first steps: trained once, then shared.
     warmup = int(round(budget.warmup_frac * budget.steps))
     share = "heatmap" in variants and len(variants) > 1 and warmup > 0
     order = sorted(variants, key=lambda v: v != "heatmap") if share else list(variants)
+    read: list[int] = []
     for seed in seeds:
         snapshot = out / f"heatmap_seed{seed}" / f"checkpoint_step{warmup:06d}.pt"
+        found: dict[str, dict] = {}
         for variant in order:
             run_dir = out / f"{variant}_seed{seed}"
             cfg = TrainConfig(
@@ -145,10 +157,45 @@ def compare(
                 snapshot_steps=[warmup] if share and variant == "heatmap" else [],
                 warm_start=str(snapshot) if share and variant != "heatmap" else None,
             )
-            summary, metrics = _train_and_evaluate(cfg, data / "test", run_dir, device)
+            if finished_only:
+                finished = _finished_run(cfg, run_dir)
+                if finished is None:
+                    break
+                summary, metrics = finished
+            else:
+                summary, metrics = _train_and_evaluate(cfg, data / "test", run_dir, device)
             per = np.load(run_dir / "eval" / "per_image.npz")
-            runs[variant][seed] = {"train": summary, "metrics": metrics, "per_image": {k: per[k] for k in per.files}}
-    return {"runs": runs, "render_seconds": render_seconds, "data": str(data)}
+            found[variant] = {"train": summary, "metrics": metrics, "per_image": {k: per[k] for k in per.files}}
+        # A seed is paired across variants: one missing a variant is left out whole.
+        if len(found) == len(order):
+            read.append(seed)
+            for variant, run in found.items():
+                runs[variant][seed] = run
+    return {"runs": runs, "render_seconds": render_seconds, "data": str(data), "seeds": read}
+
+
+def _finished_run(cfg: TrainConfig, run_dir: Path) -> tuple[dict, dict] | None:
+    """The training summary and metrics of ``run_dir`` when it holds a finished and evaluated run
+    of ``cfg``; None when it holds none or an unfinished one; ValueError when it holds a run of
+    another config (the check that keeps budgets from being mixed in one report)."""
+    import json
+
+    from ..pose.train import TrainConfig
+
+    record = run_dir / "config.json"
+    if record.is_file():
+        found = TrainConfig.from_json(record).__dict__
+        # A snapshot adds a file and changes nothing else: a heatmap run that saved the shared
+        # warm-up is the heatmap run of a report without pose variants too.
+        ignored = ("progress", "snapshot_steps")
+        differ = sorted(k for k, v in cfg.__dict__.items() if k not in ignored and found[k] != v)
+        if differ:
+            raise ValueError(f"{run_dir}: a run with other {', '.join(differ)} is there; use another --out")
+    files = [run_dir / "train_summary.json", run_dir / "model.pt"]
+    files += [run_dir / "eval" / "metrics.json", run_dir / "eval" / "per_image.npz"]
+    if not all(f.is_file() for f in files):
+        return None
+    return json.loads(files[0].read_text()), json.loads(files[2].read_text())
 
 
 def _train_and_evaluate(cfg: TrainConfig, test: Path, run_dir: Path, device: str) -> tuple[dict, dict]:
@@ -158,14 +205,11 @@ def _train_and_evaluate(cfg: TrainConfig, test: Path, run_dir: Path, device: str
     import json
 
     from ..pose.evaluate import evaluate
-    from ..pose.train import TrainConfig, train
+    from ..pose.train import train
 
-    record = run_dir / "config.json"
-    if record.is_file():
-        found = TrainConfig.from_json(record).__dict__
-        differ = sorted(k for k, v in cfg.__dict__.items() if k != "progress" and found[k] != v)
-        if differ:
-            raise ValueError(f"{run_dir}: a run with other {', '.join(differ)} is there; use another --out")
+    finished = _finished_run(cfg, run_dir)
+    if finished is not None:
+        return finished
     done = run_dir / "train_summary.json"
     metrics_file = run_dir / "eval" / "metrics.json"
     if done.is_file() and (run_dir / "model.pt").is_file():
@@ -174,8 +218,6 @@ def _train_and_evaluate(cfg: TrainConfig, test: Path, run_dir: Path, device: str
         summary = train(cfg, resume=True)
         summary.pop("model")
         metrics_file.unlink(missing_ok=True)
-    if metrics_file.is_file() and (run_dir / "eval" / "per_image.npz").is_file():
-        return summary, json.loads(metrics_file.read_text())
     return summary, evaluate(run_dir / "model.pt", test, run_dir / "eval", device=device)
 
 
@@ -315,38 +357,52 @@ def run_experiment(
     device: str = "cpu",
     quiet: bool = False,
     keypoints: str = "fps",
+    finished_only: bool = False,
 ) -> dict[str, Any]:
     """The comparison on several meshes and seeds (the longer experiment): one report.
     ``keypoints="distinctive"`` chooses the keypoints of a symmetric mesh among the points that
-    break its symmetry (the others are unchanged)."""
+    break its symmetry (the others are unchanged). ``finished_only``: train nothing, report the
+    seeds of each mesh that have finished in ``out`` (see :func:`compare`); a mesh without one is
+    named in the report and left out of the metrics."""
     budget = budget or Budget(train_count=20000, test_count=1000, steps=20000)
     root = output_dir(out, "objpose_experiment")
-    sections, results = [], {}
+    sections, results, seeds_read = [], {}, {}
     for name in meshes:
+        stem = Path(name).stem
         path = Path(name) if Path(name).suffix else mesh_path(name)
         symmetric = MESHES.get(name, {}).get("symmetric")
         result = compare(
-            path, root / Path(name).stem, tuple(variants), tuple(seeds), budget, symmetric, device, quiet, keypoints
+            path, root / stem, tuple(variants), tuple(seeds), budget, symmetric, device, quiet, keypoints, finished_only
         )
+        sections += [f"## {stem}" + (" (symmetric: ADD-S)" if symmetric else ""), ""]
+        if not result["seeds"]:
+            sections += [f"No seed of {list(seeds)} has finished every variant in {root / stem}.", ""]
+            continue
+        seeds_read[stem] = result["seeds"]
         rows, summary = summarise(result)
-        results[Path(name).stem] = summary
-        sections += [f"## {Path(name).stem}" + (" (symmetric: ADD-S)" if symmetric else ""), ""]
+        results[stem] = summary
+        many = len(result["seeds"]) > 1
+        sections += [
+            f"Seeds {result['seeds']}; brackets: paired difference to heatmap-only on the same test images, "
+            "mean [95% interval: "
+            + ("t over the seeds' mean differences]." if many else "bootstrap over the test images, one seed]."),
+            "",
+        ]
         sections += [markdown_table(_header("heatmap"), rows), ""]
-        sections += _figures(result, root / Path(name).stem, Path(name).stem, link=f"{Path(name).stem}/")
+        sections += _figures(result, root / stem, stem, link=f"{stem}/")
     report = [
         "# Object pose: heatmap-only vs + BPnP loss vs coordinate control",
         "",
         f"{budget.train_count} training / {budget.test_count} test renders per mesh, {budget.steps} steps of "
-        f"{budget.batch_size}, seeds {list(seeds)}"
+        f"{budget.batch_size}"
         + ("; keypoints of symmetric meshes among the points that break the symmetry" if keypoints != "fps" else "")
-        + "; brackets: paired difference to heatmap-only on the same test "
-        "images, mean [95% interval: "
-        + ("t over the seeds' mean differences]." if len(seeds) > 1 else "bootstrap over the test images, one seed]."),
+        + ("; the runs that had finished, nothing trained for this report" if finished_only else "")
+        + ".",
         "",
     ] + sections
     (root / "report.md").write_text("\n".join(report))
     write_json(
         root / "metrics.json",
-        {"meshes": results, "budget": budget.__dict__, "seeds": list(seeds), "keypoints": keypoints},
+        {"meshes": results, "budget": budget.__dict__, "seeds": seeds_read, "keypoints": keypoints},
     )
     return results
