@@ -182,18 +182,20 @@ def _finished_run(cfg: TrainConfig, run_dir: Path) -> tuple[dict, dict] | None:
 
     from ..pose.train import TrainConfig
 
+    files = [run_dir / "train_summary.json", run_dir / "model.pt"]
+    files += [run_dir / "eval" / "metrics.json", run_dir / "eval" / "per_image.npz"]
+    finished = all(f.is_file() for f in files)
     record = run_dir / "config.json"
     if record.is_file():
         found = TrainConfig.from_json(record).__dict__
-        # A snapshot adds a file and changes nothing else: a heatmap run that saved the shared
-        # warm-up is the heatmap run of a report without pose variants too.
-        ignored = ("progress", "snapshot_steps")
+        # Once a run has finished, its snapshots are files beside it and change nothing: a heatmap
+        # run that saved the shared warm-up is the heatmap run of a report without pose variants
+        # too. A run still to be continued must save the snapshots asked of it.
+        ignored = ("progress", "snapshot_steps") if finished else ("progress",)
         differ = sorted(k for k, v in cfg.__dict__.items() if k not in ignored and found[k] != v)
         if differ:
             raise ValueError(f"{run_dir}: a run with other {', '.join(differ)} is there; use another --out")
-    files = [run_dir / "train_summary.json", run_dir / "model.pt"]
-    files += [run_dir / "eval" / "metrics.json", run_dir / "eval" / "per_image.npz"]
-    if not all(f.is_file() for f in files):
+    if not finished:
         return None
     return json.loads(files[0].read_text()), json.loads(files[2].read_text())
 
