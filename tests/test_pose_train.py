@@ -244,7 +244,9 @@ def test_experiment_reports_only_the_seeds_that_have_finished(tmp_path):
     assert alone["seeds"] == [0, 1]
     # A mesh with no finished seed is named in the report and left out of the metrics.
     shutil.rmtree(mesh_dir / "heatmap_seed0" / "eval")
-    none = run_experiment(str(tmp_path), [str(spot_mesh())], [0], ("heatmap",), budget, quiet=True, finished_only=True)
+    none = run_experiment(
+        str(tmp_path), [str(spot_mesh())], [0], ("heatmap", "bpnp"), budget, quiet=True, finished_only=True
+    )
     assert none == {}
     assert "No seed of [0] has finished" in (tmp_path / "report.md").read_text()
 
