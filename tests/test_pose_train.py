@@ -251,6 +251,36 @@ def test_experiment_reports_only_the_seeds_that_have_finished(tmp_path):
     assert "No seed of [0] has finished" in (tmp_path / "report.md").read_text()
 
 
+def test_a_kept_record_of_an_experiment_reports_and_continues_like_the_runs(tmp_path):
+    # What the repository keeps of the longer experiment: the runs' records moved to another
+    # folder, without weights, checkpoints or renders.
+    import shutil
+
+    from bpnp.apps.objpose import Budget, compare
+
+    budget = Budget(train_count=16, test_count=8, steps=10, size=32, batch_size=8, width=8, workers=0)
+    made = compare(spot_mesh(), tmp_path / "a" / "spot", ("heatmap", "bpnp"), (0,), budget, quiet=True)
+    kept = tmp_path / "b" / "spot"
+    shutil.copytree(tmp_path / "a" / "spot", kept, ignore=shutil.ignore_patterns("*.pt", "data"))
+    shutil.rmtree(tmp_path / "a")
+    assert not list(kept.rglob("*.pt")) and not (kept / "data").exists()
+    read = compare(spot_mesh(), kept, ("heatmap", "bpnp"), (0,), budget, quiet=True, finished_only=True)
+    assert read["seeds"] == [0]
+    for variant in ("heatmap", "bpnp"):
+        assert read["runs"][variant][0]["metrics"] == made["runs"][variant][0]["metrics"]
+        assert read["runs"][variant][0]["train"] == made["runs"][variant][0]["train"]
+    # Continuing the experiment there trains only the seed it lacks.
+    more = compare(spot_mesh(), kept, ("heatmap", "bpnp"), (0, 1), budget, quiet=True)
+    assert more["seeds"] == [0, 1]
+    assert more["runs"]["bpnp"][0]["metrics"] == made["runs"]["bpnp"][0]["metrics"]
+    assert not (kept / "bpnp_seed0" / "model.pt").exists() and (kept / "bpnp_seed1" / "model.pt").is_file()
+    # A record of another place inside the mesh folder is not this experiment's run.
+    record = kept / "bpnp_seed0" / "config.json"
+    record.write_text(record.read_text().replace("data/test", "data/other"))
+    with pytest.raises(ValueError, match="a run with other test_data is there"):
+        compare(spot_mesh(), kept, ("heatmap", "bpnp"), (0,), budget, quiet=True, finished_only=True)
+
+
 def test_ddp_two_ranks_hold_identical_weights(tiny_data, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(
@@ -417,3 +447,33 @@ def test_library_never_imports_the_apps():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+KEPT = Path(__file__).resolve().parents[1] / "results" / "objpose_long"
+
+
+@pytest.mark.skipif(not (KEPT / "metrics.json").is_file(), reason="no kept record of the longer experiment")
+def test_the_kept_longer_experiment_gives_its_committed_report(tmp_path):
+    # The report in the repository is what its runs' records give, whatever machine reads them.
+    import shutil
+
+    from bpnp.apps.objpose import Budget, run_experiment
+
+    committed = json.loads((KEPT / "metrics.json").read_text())
+    assert committed["seeds"], "the kept report names no finished seed"
+    copy = tmp_path / "kept"
+    shutil.copytree(KEPT, copy, ignore=shutil.ignore_patterns("*.pt", "data", "*.log"))
+    budget = Budget(**committed["budget"])
+    assert (budget.train_count, budget.test_count, budget.steps) == (20000, 1000, 16000)
+    meshes = sorted(committed["seeds"])
+    seeds = sorted({s for found in committed["seeds"].values() for s in found})
+    variants = tuple(sorted({v for found in committed["meshes"].values() for v in found}, key=lambda v: v != "heatmap"))
+    results = run_experiment(str(copy), meshes, seeds, variants, budget, quiet=True, finished_only=True)
+    again = json.loads((copy / "metrics.json").read_text())
+    assert again["seeds"] == committed["seeds"]
+    assert again["meshes"] == committed["meshes"] and sorted(results) == meshes
+    for mesh in meshes:
+        for variant in variants:
+            for seed in committed["seeds"][mesh]:
+                record = json.loads((KEPT / mesh / f"{variant}_seed{seed}" / "train_summary.json").read_text())
+                assert record["steps"] == 16000 and record["pnp_failures"] == 0

@@ -177,13 +177,17 @@ def compare(
 def _finished_run(cfg: TrainConfig, run_dir: Path) -> tuple[dict, dict] | None:
     """The training summary and metrics of ``run_dir`` when it holds a finished and evaluated run
     of ``cfg``; None when it holds none or an unfinished one; ValueError when it holds a run of
-    another config (the check that keeps budgets from being mixed in one report)."""
+    another config (the check that keeps budgets from being mixed in one report).
+
+    A finished run is its record: ``config.json``, ``train_summary.json`` and the evaluation's
+    ``metrics.json`` and ``per_image.npz``. Its weights and the renders may be gone and the
+    experiment folder may have moved (a record kept in the repository, see
+    ``results/objpose_long``): the paths a run recorded count up to the folder of its mesh."""
     import json
 
     from ..pose.train import TrainConfig
 
-    files = [run_dir / "train_summary.json", run_dir / "model.pt"]
-    files += [run_dir / "eval" / "metrics.json", run_dir / "eval" / "per_image.npz"]
+    files = [run_dir / "train_summary.json", run_dir / "eval" / "metrics.json", run_dir / "eval" / "per_image.npz"]
     finished = all(f.is_file() for f in files)
     record = run_dir / "config.json"
     if record.is_file():
@@ -192,12 +196,29 @@ def _finished_run(cfg: TrainConfig, run_dir: Path) -> tuple[dict, dict] | None:
         # run that saved the shared warm-up is the heatmap run of a report without pose variants
         # too. A run still to be continued must save the snapshots asked of it.
         ignored = ("progress", "snapshot_steps") if finished else ("progress",)
-        differ = sorted(k for k, v in cfg.__dict__.items() if k not in ignored and found[k] != v)
+        differ = sorted(
+            k
+            for k, v in cfg.__dict__.items()
+            if k not in ignored and not (_same_place(found[k], v, run_dir.parent) if k in _PLACES else found[k] == v)
+        )
         if differ:
             raise ValueError(f"{run_dir}: a run with other {', '.join(differ)} is there; use another --out")
     if not finished:
         return None
-    return json.loads(files[0].read_text()), json.loads(files[2].read_text())
+    return json.loads(files[0].read_text()), json.loads(files[1].read_text())
+
+
+# The config's paths: where the experiment lies, not what it ran.
+_PLACES = ("data", "test_data", "out", "warm_start")
+
+
+def _same_place(found: str | None, wanted: str | None, root: Path) -> bool:
+    """Whether ``found``, a path a run recorded, is ``wanted`` (a path under ``root``) up to where
+    ``root`` lay when the run was made."""
+    if found is None or wanted is None:
+        return found == wanted
+    tail = Path(wanted).relative_to(root).parts
+    return Path(found).parts[-len(tail) :] == tail
 
 
 def _train_and_evaluate(cfg: TrainConfig, test: Path, run_dir: Path, device: str) -> tuple[dict, dict]:
@@ -371,7 +392,8 @@ def run_experiment(
     sections, results, seeds_read = [], {}, {}
     for name in meshes:
         stem = Path(name).stem
-        path = Path(name) if Path(name).suffix else mesh_path(name)
+        # A report of finished runs reads no mesh: kept records report where the mesh is absent.
+        path = Path(name) if Path(name).suffix or finished_only else mesh_path(name)
         symmetric = MESHES.get(name, {}).get("symmetric")
         result = compare(
             path, root / stem, tuple(variants), tuple(seeds), budget, symmetric, device, quiet, keypoints, finished_only

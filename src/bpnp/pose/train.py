@@ -394,6 +394,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         # A resumed or warm-started run counts the seconds of the steps it took over.
         "seconds": seconds_before + time.perf_counter() - t0,
         "world_size": world,
+        # What the seconds and the bitwise result depend on, for a record read in another sitting.
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
     if rank == 0:
         final = {
