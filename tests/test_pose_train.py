@@ -233,7 +233,8 @@ def test_experiment_reports_only_the_seeds_that_have_finished(tmp_path):
     assert sorted(results["spot_triangulated"]) == ["bpnp", "heatmap"]
     assert results["spot_triangulated"]["bpnp"]["seeds"] == [0]
     assert json.loads((tmp_path / "metrics.json").read_text())["seeds"] == {"spot_triangulated": [0]}
-    assert "Seeds [0]" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "Seeds [0]" in report and "only with it / only without" in report
     # A budget other than the runs' is refused, not mixed in.
     with pytest.raises(ValueError, match="a run with other .*steps is there"):
         compare(
@@ -249,6 +250,42 @@ def test_experiment_reports_only_the_seeds_that_have_finished(tmp_path):
     )
     assert none == {}
     assert "No seed of [0] has finished" in (tmp_path / "report.md").read_text()
+
+
+def test_per_seed_rows_count_the_images_each_variant_alone_passes():
+    from bpnp.apps.objpose import SEED_HEADER, per_seed_rows
+
+    def run(passes, proj, transl, beta):
+        n = len(passes)
+        per = {
+            "add_or_adds_0.1d": np.array(passes, dtype=bool),
+            "proj2d_5px": np.array(proj, dtype=bool),
+            "kp_error_px": np.full(n, 2.0),
+            "5cm5deg": np.zeros(n, dtype=bool),
+        }
+        metrics = {
+            "kp_error_px_mean": 2.0,
+            "proj2d_5px": float(np.mean(proj)),
+            "add_or_adds_0.1d": float(np.mean(passes)),
+            "5cm5deg": 0.0,
+            "translation_error_mm_median": transl,
+            "rotation_error_deg_median": 1.5,
+        }
+        return {"per_image": per, "metrics": metrics, "train": {"beta": beta}}
+
+    result = {
+        "runs": {
+            "heatmap": {3: run([1, 1, 0, 0, 1], [1, 1, 1, 1, 1], 4.0, None)},
+            "bpnp": {3: run([1, 0, 1, 1, 1], [1, 1, 1, 1, 0], 3.5, 0.008)},
+        }
+    }
+    rows = per_seed_rows(result)
+    assert [r[:2] for r in rows] == [[3, "heatmap"], [3, "bpnp"]] and all(len(r) == len(SEED_HEADER) for r in rows)
+    heatmap, bpnp = rows
+    assert heatmap[4] == "60.0%" and heatmap[6] == "" and heatmap[9] == ""
+    # Two images pass only with bpnp (2 and 3), one only without (1): +20 points.
+    assert bpnp[4].startswith("80.0% (+20.0 [") and bpnp[6] == "2 / 1"
+    assert bpnp[3].startswith("80.0% (-20.0 [") and bpnp[7] == "3.50" and bpnp[9] == "0.008"
 
 
 def test_a_kept_record_of_an_experiment_reports_and_continues_like_the_runs(tmp_path):

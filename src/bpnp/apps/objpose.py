@@ -273,17 +273,64 @@ def summarise(result: dict, baseline: str = "heatmap") -> tuple[list[list], dict
         entry["nonfinite_steps"] = int(sum(by_seed[s]["train"]["nonfinite_steps"] for s in seeds))
         entry["train_seconds"] = float(np.mean([by_seed[s]["train"]["seconds"] for s in seeds]))
         out[variant] = entry
-        cells = [variant]
-        for key, _label, _p, is_rate in METRIC_ROWS:
-            text = f"{100 * entry[key]:.1f}%" if is_rate else f"{entry[key]:.2f}"
-            if f"{key}_diff" in entry:
-                m, lo, hi = entry[f"{key}_diff"]
-                k = 100 if is_rate else 1
-                text += f" ({k * m:+.1f} [{k * lo:+.1f}, {k * hi:+.1f}])"
-            cells.append(text)
+        cells = [variant] + [_cell(entry[key], rate, entry.get(f"{key}_diff")) for key, _l, _p, rate in METRIC_ROWS]
         cells += [entry["pnp_failures_train"], f"{entry['train_seconds']:.0f}"]
         rows.append(cells)
     return rows, out
+
+
+def _cell(value: float, is_rate: bool, diff: tuple[float, float, float] | None = None) -> str:
+    """``value`` (a percentage when ``is_rate``), with the paired difference ``(mean, lo, hi)``."""
+    text = f"{100 * value:.1f}%" if is_rate else f"{value:.2f}"
+    if diff is not None:
+        k = 100 if is_rate else 1
+        text += f" ({k * diff[0]:+.1f} [{k * diff[1]:+.1f}, {k * diff[2]:+.1f}])"
+    return text
+
+
+SEED_HEADER = [
+    "seed",
+    "variant",
+    "keypoint error (px)",
+    "2D projection < 5 px",
+    "ADD(-S)-0.1d",
+    "5 cm 5 deg",
+    "ADD(-S)-0.1d only with it / only without",
+    "median translation error (mm)",
+    "median rotation error (deg)",
+    "beta",
+]
+
+
+def per_seed_rows(result: dict, baseline: str = "heatmap") -> list[list]:
+    """One row per seed and variant: its metrics; for a variant other than ``baseline``, the
+    paired difference on that seed's test images (bootstrap) and how many images pass
+    ADD(-S)-0.1d with it and not with the baseline, and the other way round (the spread of one
+    seed that the mean over seeds hides)."""
+    runs = result["runs"]
+    rows = []
+    for seed in sorted(next(iter(runs.values()))):
+        for variant, by_seed in runs.items():
+            run, cells = by_seed[seed], [seed, variant]
+            paired = variant != baseline and baseline in runs
+            for key, _label, per_key, rate in METRIC_ROWS:
+                diff = None
+                if paired and key != "kp_error_px_mean":
+                    mine = run["per_image"][per_key].astype(np.float64)
+                    diff = paired_interval([mine - runs[baseline][seed]["per_image"][per_key].astype(np.float64)])
+                cells.append(_cell(run["metrics"][key], rate, diff))
+            if paired:
+                mine = run["per_image"]["add_or_adds_0.1d"].astype(bool)
+                theirs = runs[baseline][seed]["per_image"]["add_or_adds_0.1d"].astype(bool)
+                cells.append(f"{int((mine & ~theirs).sum())} / {int((theirs & ~mine).sum())}")
+            else:
+                cells.append("")
+            cells += [f"{run['metrics']['translation_error_mm_median']:.2f}"]
+            cells += [f"{run['metrics']['rotation_error_deg_median']:.2f}"]
+            beta = run["train"].get("beta")
+            cells.append(f"{beta:.3g}" if beta else "")
+            rows.append(cells)
+    return rows
 
 
 def _header(baseline: str) -> list[str]:
@@ -292,8 +339,10 @@ def _header(baseline: str) -> list[str]:
 
 def _figures(result: dict, root: Path, name: str, link: str = "") -> list[str]:
     """Loss curves of every variant's first seed and each variant's overlays, copied into
-    ``root``; markdown lines whose image links start with ``link``."""
-    import shutil
+    ``root`` (as JPEG: a run's 1024 px PNG of renders is 1.5 MB); markdown lines whose image
+    links start with ``link``. A copy made before is linked when the run's own overlays are
+    gone (a kept record has none)."""
+    from PIL import Image
 
     from ..pose.train import plot_log
 
@@ -303,12 +352,14 @@ def _figures(result: dict, root: Path, name: str, link: str = "") -> list[str]:
     lines = [f"![loss curves]({link}{name}_loss.png)", ""]
     for variant in runs:
         src = root / f"{variant}_seed{seed}" / "eval" / "overlays.png"
+        copy = f"{name}_{variant}_seed{seed}_overlays.jpg"
         if src.is_file():
-            shutil.copy(src, root / f"{name}_{variant}_overlays.png")
+            Image.open(src).convert("RGB").save(root / copy, quality=85)
+        if (root / copy).is_file():
             lines.append(
                 f"{variant} (seed {seed}): the model's box under the true pose (green) and the predicted (red)\n"
             )
-            lines.append(f"![{variant} overlays]({link}{name}_{variant}_overlays.png)\n")
+            lines.append(f"![{variant} overlays]({link}{copy})\n")
     return lines
 
 
@@ -352,6 +403,8 @@ def run(
         "brackets: mean [95% bootstrap interval over the images].",
         "",
         table,
+        "",
+        markdown_table(SEED_HEADER, per_seed_rows(result)),
         "",
         "Acceptance: " + "; ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in acceptance.items()),
         "",
@@ -413,6 +466,8 @@ def run_experiment(
             "",
         ]
         sections += [markdown_table(_header("heatmap"), rows), ""]
+        sections += ["Per seed (brackets: bootstrap over that seed's test images):", ""]
+        sections += [markdown_table(SEED_HEADER, per_seed_rows(result)), ""]
         sections += _figures(result, root / stem, stem, link=f"{stem}/")
     report = [
         "# Object pose: heatmap-only vs + BPnP loss vs coordinate control",
