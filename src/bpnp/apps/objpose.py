@@ -263,11 +263,7 @@ def summarise(result: dict, baseline: str = "heatmap") -> tuple[list[list], dict
             vals = [by_seed[s]["metrics"][key] for s in seeds]
             entry[key] = float(np.mean(vals))
             if variant != baseline and baseline in runs:
-                diffs = [
-                    by_seed[s]["per_image"][per_key].astype(np.float64)
-                    - runs[baseline][s]["per_image"][per_key].astype(np.float64)
-                    for s in seeds
-                ]
+                diffs = [_per_image_diff(runs, variant, baseline, s, per_key) for s in seeds]
                 entry[f"{key}_diff"] = paired_interval(diffs)
         entry["pnp_failures_train"] = int(sum(by_seed[s]["train"]["pnp_failures"] for s in seeds))
         entry["nonfinite_steps"] = int(sum(by_seed[s]["train"]["nonfinite_steps"] for s in seeds))
@@ -277,6 +273,12 @@ def summarise(result: dict, baseline: str = "heatmap") -> tuple[list[list], dict
         cells += [entry["pnp_failures_train"], f"{entry['train_seconds']:.0f}"]
         rows.append(cells)
     return rows, out
+
+
+def _per_image_diff(runs: dict, variant: str, baseline: str, seed: int, key: str) -> np.ndarray:
+    """``(N,)`` per test image: ``variant``'s ``key`` minus ``baseline``'s, for one seed."""
+    per = runs[variant][seed]["per_image"][key].astype(np.float64)
+    return per - runs[baseline][seed]["per_image"][key].astype(np.float64)
 
 
 def _cell(value: float, is_rate: bool, diff: tuple[float, float, float] | None = None) -> str:
@@ -314,10 +316,7 @@ def per_seed_rows(result: dict, baseline: str = "heatmap") -> list[list]:
             run, cells = by_seed[seed], [seed, variant]
             paired = variant != baseline and baseline in runs
             for key, _label, per_key, rate in METRIC_ROWS:
-                diff = None
-                if paired and key != "kp_error_px_mean":
-                    mine = run["per_image"][per_key].astype(np.float64)
-                    diff = paired_interval([mine - runs[baseline][seed]["per_image"][per_key].astype(np.float64)])
+                diff = paired_interval([_per_image_diff(runs, variant, baseline, seed, per_key)]) if paired else None
                 cells.append(_cell(run["metrics"][key], rate, diff))
             if paired:
                 mine = run["per_image"]["add_or_adds_0.1d"].astype(bool)
