@@ -137,3 +137,40 @@ def test_calibrate_rendered_boards_through_lenses(lens, count, tmp_path):
         str(tmp_path / "pinhole"), count=count, seed=3, quiet=True, camera=camera, lens=coeffs
     )
     assert max(abs(pinhole["relative_to_opencv"][k]) for k in ("fx", "fy", "cx", "cy")) < 1e-6
+
+
+def _stated_default(text: str | None) -> str | None:
+    import re
+
+    found = re.search(r"\(default ([^)]+)\)", text or "")
+    return found.group(1) if found else None
+
+
+def test_the_defaults_that_help_states_are_the_ones_that_apply():
+    """`bpnp train` leaves its options None so that --config can set them: its help must quote
+    TrainConfig's defaults, and every other command's help the parser's own."""
+    import argparse
+
+    from bpnp.cli import build_parser
+    from bpnp.pose.train import TrainConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    checked = []
+    for command in ("render", "train", "evaluate", "experiment"):
+        for action in sub.choices[command]._actions:
+            stated = _stated_default(action.help)
+            if stated is None or stated.startswith("all"):
+                continue
+            actual = action.default
+            if actual is None and command == "train":
+                actual = getattr(TrainConfig(), action.dest)
+            if actual is None:
+                continue
+            values = list(actual) if isinstance(actual, (list, tuple)) else [actual]
+            words = stated.split()
+            if all(isinstance(v, (int, float)) for v in values):
+                assert [float(w) for w in words] == [float(v) for v in values], (command, action.dest)
+            else:
+                assert words == [str(v) for v in values], (command, action.dest)
+            checked.append(f"{command} {action.dest}")
+    assert {"train steps", "train lr", "train out", "experiment seeds", "render size"} <= set(checked), checked

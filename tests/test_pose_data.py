@@ -360,3 +360,12 @@ def test_keypoints_are_never_chosen_where_nothing_sees_them(tmp_path):
     assert np.array_equal(farthest_point_keypoints(spot, 8), farthest_point_keypoints(spot, 8, min_seen=0.0))
     with pytest.raises(ValueError, match="seen from"):
         farthest_point_keypoints(boxed, 9, min_seen=0.99)
+
+
+def test_render_dataset_records_the_symmetry_axis_and_refuses_a_bad_one_before_writing(tmp_path):
+    render_dataset(spot_mesh(), tmp_path / "ok", 1, RenderSettings(size=64), symmetric="z")
+    info = bop.read_models_info(tmp_path / "ok" / "models")[1]
+    assert info["symmetries_continuous"] == [{"axis": [0.0, 0.0, 1.0], "offset": [0.0, 0.0, 0.0]}]
+    with pytest.raises(ValueError, match="symmetric: expected 'x', 'y', 'z'"):
+        render_dataset(tmp_path / "no_mesh_needed.obj", tmp_path / "bad", 2, symmetric="w")
+    assert not (tmp_path / "bad").exists()

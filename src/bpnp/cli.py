@@ -89,7 +89,7 @@ def _add_pose_commands(sub) -> None:
     ren.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default 128)")
     ren.add_argument("--out", required=True, help="data-set folder (models/, keypoints.json, <split>/)")
     ren.add_argument("--split", default="train", help="split folder name (default train)")
-    ren.add_argument("--seed", type=int, default=0)
+    ren.add_argument("--seed", type=int, default=0, help="makes the split reproducible (default 0)")
     ren.add_argument("--diameter", type=_positive_float, default=100.0, help="object diameter in mm (default 100)")
     ren.add_argument("--keypoints", type=_positive_int, default=8, help="surface keypoints (plus the centre)")
     ren.add_argument(
@@ -103,24 +103,27 @@ def _add_pose_commands(sub) -> None:
     ren.add_argument(
         "--symmetric", choices=["x", "y", "z"], default=None, help="axis of a continuous symmetry (evaluation: ADD-S)"
     )
-    ren.add_argument("--quiet", action="store_true")
+    ren.add_argument("--quiet", action="store_true", help="no progress bar")
     tr = sub.add_parser("train", help="train a keypoint network (optionally through the PnP layer)")
     tr.add_argument("--config", default=None, help="JSON config (bpnp.pose.train.TrainConfig fields)")
     tr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     tr.add_argument("--data", default=None, help="BOP split folder to train on")
     tr.add_argument("--test-data", default=None, help="BOP split folder to evaluate on afterwards")
     tr.add_argument("--mesh", default=None, help="render a data set of this mesh first (into OUT/data)")
-    tr.add_argument("--count", type=_positive_int, default=4000, help="with --mesh: training renders")
-    tr.add_argument("--test-count", type=_positive_int, default=500, help="with --mesh: test renders")
-    tr.add_argument("--obj-id", type=_positive_int, default=None)
-    tr.add_argument("--variant", type=_variants, default=None, help="heatmap, bpnp or coord")
-    tr.add_argument("--steps", type=_positive_int, default=None)
-    tr.add_argument("--batch-size", type=_positive_int, default=None)
-    tr.add_argument("--lr", type=_positive_float, default=None)
-    tr.add_argument("--size", type=_positive_int, default=None)
-    tr.add_argument("--workers", type=int, default=None)
-    tr.add_argument("--seed", type=int, default=None)
-    tr.add_argument("--device", type=_device, default=None)
+    tr.add_argument("--count", type=_positive_int, default=4000, help="with --mesh: training renders (default 4000)")
+    tr.add_argument("--test-count", type=_positive_int, default=500, help="with --mesh: test renders (default 500)")
+    # These options override the --config file's fields; without either, TrainConfig's defaults.
+    tr.add_argument("--obj-id", type=_positive_int, default=None, help="BOP object id to train on (default 1)")
+    tr.add_argument(
+        "--variant", type=_variants, default=None, help="heatmap, bpnp (+ BPnP loss) or coord (control) (default bpnp)"
+    )
+    tr.add_argument("--steps", type=_positive_int, default=None, help="training steps (default 1000)")
+    tr.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default 32)")
+    tr.add_argument("--lr", type=_positive_float, default=None, help="Adam's initial learning rate (default 3e-3)")
+    tr.add_argument("--size", type=_positive_int, default=None, help="input image side, a multiple of 16 (default 128)")
+    tr.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 1)")
+    tr.add_argument("--seed", type=int, default=None, help="weights, batch order, augmentation (default 0)")
+    tr.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
     tr.add_argument("--out", default=None, help="run folder (default runs/train)")
     tr.add_argument(
         "--warm-start",
@@ -128,28 +131,37 @@ def _add_pose_commands(sub) -> None:
         metavar="CHECKPOINT",
         help="start from this checkpoint of a run with the same data, seed and schedule (its heatmap-only phase)",
     )
-    tr.add_argument("--quiet", action="store_true")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
     ev = sub.add_parser("evaluate", help="evaluate a trained network on a BOP split")
     ev.add_argument("--checkpoint", required=True, help="model.pt of a training run")
     ev.add_argument("--data", required=True, help="BOP split folder")
-    ev.add_argument("--obj-id", type=_positive_int, default=None)
+    ev.add_argument("--obj-id", type=_positive_int, default=None, help="BOP object id (default: the run's)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate at most this many images")
-    ev.add_argument("--device", type=_device, default="cpu")
+    ev.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     ev.add_argument("--unweighted", action="store_true", help="plain PnP (default: weighted by heatmap confidence)")
     ev.add_argument(
         "--no-visibility", action="store_true", help="skip the keypoints' visibility (ray casting the model)"
     )
     ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="do not print the metrics")
     ex = sub.add_parser("experiment", help="objpose: variants x meshes x seeds, paired comparison report")
-    ex.add_argument("--meshes", nargs="+", default=["spot", "cow", "teapot"], help="spot, cow, teapot or paths")
-    ex.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ex.add_argument("--variants", type=_variants, default=("heatmap", "bpnp", "coord"))
-    ex.add_argument("--steps", type=_positive_int, default=20000)
-    ex.add_argument("--train-count", type=_positive_int, default=20000)
-    ex.add_argument("--test-count", type=_positive_int, default=1000)
-    ex.add_argument("--size", type=_positive_int, default=128)
-    ex.add_argument("--device", type=_device, default="cpu")
+    ex.add_argument(
+        "--meshes", nargs="+", default=["spot", "cow", "teapot"], help="spot, cow, teapot or paths (default all three)"
+    )
+    ex.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    ex.add_argument(
+        "--variants",
+        type=_variants,
+        default=("heatmap", "bpnp", "coord"),
+        help="comma-separated, of heatmap, bpnp, coord (default all three; heatmap is the baseline)",
+    )
+    ex.add_argument("--steps", type=_positive_int, default=20000, help="training steps per variant (default 20000)")
+    ex.add_argument(
+        "--train-count", type=_positive_int, default=20000, help="training renders per mesh (default 20000)"
+    )
+    ex.add_argument("--test-count", type=_positive_int, default=1000, help="test renders per mesh (default 1000)")
+    ex.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default 128)")
+    ex.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     ex.add_argument(
         "--keypoints",
         choices=KEYPOINT_METHODS,
@@ -162,7 +174,7 @@ def _add_pose_commands(sub) -> None:
         action="store_true",
         help="train nothing: report the seeds whose every variant has finished in --out",
     )
-    ex.add_argument("--quiet", action="store_true")
+    ex.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _existing_dir(path: str | None, option: str) -> None:
@@ -327,10 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bpnp", description="bpnp: the PnP solver as a differentiable layer")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a demo experiment (writes metrics.json, plots, report.md)")
-    demo.add_argument("name", choices=["pose", "sfm", "calib", "calibrate", "layer", "objpose", "all"])
+    demo.add_argument(
+        "name",
+        choices=["pose", "sfm", "calib", "calibrate", "layer", "objpose", "all"],
+        help="pose, sfm, calib: the paper's three small experiments; calibrate: rendered chessboard photographs; "
+        "layer: the layer against OpenCV; objpose: object pose through the layer; all: the paper's and calibrate",
+    )
     demo.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     demo.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu or cuda")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the demo (default 0)")
     demo.add_argument(
         "--iters", type=_positive_int, default=None, help="optimiser iterations (each demo has its default)"
     )
@@ -348,13 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="calibrate a camera from chessboard photographs")
     cal.add_argument("images", nargs="*", help="photographs; none: render a synthetic set (demo)")
     cal.add_argument("--board", type=_board, default=(9, 6), help="inner corners COLSxROWS (default 9x6)")
-    cal.add_argument("--square", type=_positive_float, default=1.0, help="square size (object units)")
+    cal.add_argument("--square", type=_positive_float, default=1.0, help="square size (object units, default 1)")
     cal.add_argument("--distortion", action="store_true", help="also learn k1, k2, p1, p2, k3")
     cal.add_argument("--json", default=None, help="write the result here too")
     cal.add_argument("--out", default=None, help="output folder (default runs/calibrate)")
-    cal.add_argument("--iters", type=_positive_int, default=30, help="L-BFGS steps")
-    cal.add_argument("--seed", type=int, default=0, help="synthetic set: random poses")
-    cal.add_argument("--quiet", action="store_true")
+    cal.add_argument("--iters", type=_positive_int, default=30, help="L-BFGS steps (default 30)")
+    cal.add_argument("--seed", type=int, default=0, help="synthetic set: random poses (default 0)")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar or table")
     return parser
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bop
-from .mesh import distinctive_keypoints, farthest_point_keypoints, load_mesh, write_ply
+from .mesh import _unit_axis, distinctive_keypoints, farthest_point_keypoints, load_mesh, write_ply
 
 __all__ = [
     "PoseData",
@@ -235,12 +235,16 @@ def render_dataset(
     Returns:
         the split folder.
     Raises:
-        ValueError: ``out`` holds keypoints chosen by another method.
+        ValueError: ``out`` holds keypoints chosen by another method; ``symmetric`` is not an
+            axis letter.
     """
     import cv2
 
     from .render import Renderer
 
+    # Checked before anything is written: a bad letter must not leave a half-made data set.
+    if symmetric not in (None, "x", "y", "z"):
+        raise ValueError(f"symmetric: expected 'x', 'y', 'z' or None, got {symmetric!r}")
     settings = settings or RenderSettings()
     out = Path(out)
     mesh = load_mesh(mesh_path, diameter_mm=diameter_mm, texture=texture)
@@ -259,10 +263,7 @@ def render_dataset(
         "size_z": hi[2] - lo[2],
     }
     if symmetric is not None:
-        if symmetric not in ("x", "y", "z"):
-            raise ValueError(f"symmetric: expected 'x', 'y', 'z' or None, got {symmetric!r}")
-        axis = [float(symmetric == a) for a in "xyz"]
-        info["symmetries_continuous"] = [{"axis": axis, "offset": [0.0, 0.0, 0.0]}]
+        info["symmetries_continuous"] = [{"axis": _unit_axis(symmetric).tolist(), "offset": [0.0, 0.0, 0.0]}]
     bop.write_models_info(models, {OBJ_ID: info})
     kp_file = out / "keypoints.json"
     if _check_keypoint_method(out, keypoint_method):
