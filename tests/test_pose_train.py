@@ -260,6 +260,9 @@ def test_per_seed_rows_count_the_images_each_variant_alone_passes():
         per = {
             "add_or_adds_0.1d": np.array(passes, dtype=bool),
             "proj2d_5px": np.array(proj, dtype=bool),
+            "proj2d_px": np.where(proj, 2.0, 8.0),
+            "add_mm": np.where(passes, 4.0, 12.0),
+            "adds_mm": np.full(n, 1.0),  # not the error of an object without symmetry
             "kp_error_px": np.full(n, 2.0),
             "5cm5deg": np.zeros(n, dtype=bool),
         }
@@ -281,11 +284,16 @@ def test_per_seed_rows_count_the_images_each_variant_alone_passes():
     }
     rows = per_seed_rows(result)
     assert [r[:2] for r in rows] == [[3, "heatmap"], [3, "bpnp"]] and all(len(r) == len(SEED_HEADER) for r in rows)
-    heatmap, bpnp = rows
-    assert heatmap[4] == "60.0%" and heatmap[6] == "" and heatmap[9] == ""
-    # Two images pass only with bpnp (2 and 3), one only without (1): +20 points.
-    assert bpnp[4].startswith("80.0% (+20.0 [") and bpnp[6] == "2 / 1"
-    assert bpnp[3].startswith("80.0% (-20.0 [") and bpnp[7] == "3.50" and bpnp[9] == "0.008"
+    heatmap, bpnp = (dict(zip(SEED_HEADER, row, strict=True)) for row in rows)
+    only, beta = "ADD(-S)-0.1d only with it / only without", "beta"
+    assert heatmap["ADD(-S)-0.1d"] == "60.0%" and heatmap[only] == "" and heatmap[beta] == ""
+    assert heatmap["ADD(-S) error (mm)"] == "7.20" and heatmap["2D projection error (px)"] == "2.00"
+    # Two images pass only with bpnp (2 and 3), one only without (1): +20 points, -1.6 mm.
+    assert bpnp["ADD(-S)-0.1d"].startswith("80.0% (+20.0 [") and bpnp[only] == "2 / 1"
+    assert bpnp["ADD(-S) error (mm)"].startswith("5.60 (-1.60 [")
+    assert bpnp["2D projection < 5 px"].startswith("80.0% (-20.0 [")
+    assert bpnp["2D projection error (px)"].startswith("3.20 (+1.20 [")
+    assert bpnp["median translation error (mm)"] == "3.50" and bpnp[beta] == "0.008"
 
 
 def test_a_kept_record_of_an_experiment_reports_and_continues_like_the_runs(tmp_path):
