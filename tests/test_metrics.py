@@ -43,6 +43,23 @@ def test_projection_rotation_translation_errors():
     assert ok.all() and not metrics.cm_deg_accuracy(other, p.pose, deg=0.1, unit_per_cm=0.01).any()
 
 
+def test_depth_and_lateral_error_split_the_translation_error_along_and_across_the_ray():
+    true = torch.tensor([[0.1, 0.2, 0.3, 0.0, 0.0, 500.0], [0.0, 0.0, 0.0, 30.0, -40.0, 120.0]], dtype=F64)
+    pred = true.clone()
+    pred[0, 3:] += torch.tensor([3.0, -4.0, 12.0], dtype=F64)  # 12 deeper, 5 across
+    ray = true[1, 3:] / true[1, 3:].norm()
+    across = torch.linalg.cross(ray, torch.tensor([0.0, 0.0, 1.0], dtype=F64))
+    pred[1, 3:] += -7.0 * ray + 2.0 * across / across.norm()  # 7 nearer, 2 across
+    depth, lateral = metrics.depth_and_lateral_error(pred, true)
+    assert torch.allclose(depth, torch.tensor([12.0, 7.0], dtype=F64))
+    assert torch.allclose(lateral, torch.tensor([5.0, 2.0], dtype=F64))
+    assert torch.allclose(depth**2 + lateral**2, metrics.translation_error(pred, true) ** 2)
+    # A pure rotation moves neither.
+    turned = true.clone()
+    turned[:, :3] += 0.2
+    assert metrics.depth_and_lateral_error(turned, true)[0].abs().max() == 0
+
+
 def test_auc():
     errors = torch.tensor([0.0, 0.05, 0.2], dtype=F64)
     # accuracy: 1/3 on [0, 0.05), 2/3 on [0.05, 0.1]: area ~ (1/3 * 0.05 + 2/3 * 0.05) / 0.1 = 0.5

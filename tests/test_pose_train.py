@@ -255,9 +255,11 @@ def test_experiment_reports_only_the_seeds_that_have_finished(tmp_path):
 def test_per_seed_rows_count_the_images_each_variant_alone_passes():
     from bpnp.apps.objpose import SEED_HEADER, per_seed_rows
 
-    def run(passes, proj, transl, beta):
+    def run(passes, proj, depth, beta):
         n = len(passes)
         per = {
+            "depth_error_mm": np.full(n, depth),
+            "lateral_error_mm": np.full(n, 0.5),
             "add_or_adds_0.1d": np.array(passes, dtype=bool),
             "proj2d_5px": np.array(proj, dtype=bool),
             "proj2d_px": np.where(proj, 2.0, 8.0),
@@ -271,7 +273,6 @@ def test_per_seed_rows_count_the_images_each_variant_alone_passes():
             "proj2d_5px": float(np.mean(proj)),
             "add_or_adds_0.1d": float(np.mean(passes)),
             "5cm5deg": 0.0,
-            "translation_error_mm_median": transl,
             "rotation_error_deg_median": 1.5,
         }
         return {"per_image": per, "metrics": metrics, "train": {"beta": beta}}
@@ -293,7 +294,13 @@ def test_per_seed_rows_count_the_images_each_variant_alone_passes():
     assert bpnp["ADD(-S) error (mm)"].startswith("5.60 (-1.60 [")
     assert bpnp["2D projection < 5 px"].startswith("80.0% (-20.0 [")
     assert bpnp["2D projection error (px)"].startswith("3.20 (+1.20 [")
-    assert bpnp["median translation error (mm)"] == "3.50" and bpnp[beta] == "0.008"
+    assert bpnp["depth error (mm)"].startswith("3.50 (-0.50 [") and bpnp[beta] == "0.008"
+    assert heatmap["depth error (mm)"] == "4.00" and bpnp["lateral error (mm)"].startswith("0.50 (+0.00 [")
+    # A record evaluated before the split has no depth cell, for any variant of that seed.
+    del result["runs"]["heatmap"][3]["per_image"]["depth_error_mm"]
+    rows = per_seed_rows(result)
+    assert [dict(zip(SEED_HEADER, r, strict=True))["depth error (mm)"] for r in rows] == ["", ""]
+    assert dict(zip(SEED_HEADER, rows[1], strict=True))["lateral error (mm)"].startswith("0.50 (+0.00 [")
 
 
 def test_a_kept_record_of_an_experiment_reports_and_continues_like_the_runs(tmp_path):

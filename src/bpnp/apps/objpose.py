@@ -301,12 +301,16 @@ def _cell(value: float, is_rate: bool, diff: tuple[float, float, float] | None =
     return text
 
 
+# The translation error split along and across the line of sight (per seed only): ADD is mostly
+# the depth error, which 2D projection hardly sees. Records evaluated before the split have no cell.
+ERROR_SPLIT = [("depth error (mm)", "depth_error_mm"), ("lateral error (mm)", "lateral_error_mm")]
+
 SEED_HEADER = [
     "seed",
     "variant",
     *(label for _key, label, _per_key, _rate in METRIC_ROWS),
     "ADD(-S)-0.1d only with it / only without",
-    "median translation error (mm)",
+    *(label for label, _per_key in ERROR_SPLIT),
     "median rotation error (deg)",
     "beta",
 ]
@@ -324,20 +328,27 @@ def per_seed_rows(result: dict, baseline: str = "heatmap") -> list[list]:
             run, cells = by_seed[seed], [seed, variant]
             paired = variant != baseline and baseline in runs
             for _key, _label, per_key, rate in METRIC_ROWS:
-                diff = paired_interval([_per_image_diff(runs, variant, baseline, seed, per_key)]) if paired else None
-                cells.append(_cell(_per_image(run, per_key).mean(), rate, diff))
+                cells.append(_seed_cell(runs, variant, baseline if paired else None, seed, per_key, rate))
             if paired:
                 mine = run["per_image"]["add_or_adds_0.1d"].astype(bool)
                 theirs = runs[baseline][seed]["per_image"]["add_or_adds_0.1d"].astype(bool)
                 cells.append(f"{int((mine & ~theirs).sum())} / {int((theirs & ~mine).sum())}")
             else:
                 cells.append("")
-            cells += [f"{run['metrics']['translation_error_mm_median']:.2f}"]
+            for _label, per_key in ERROR_SPLIT:
+                have = all(per_key in r[seed]["per_image"] for r in runs.values())
+                cells.append(_seed_cell(runs, variant, baseline if paired else None, seed, per_key) if have else "")
             cells += [f"{run['metrics']['rotation_error_deg_median']:.2f}"]
             beta = run["train"].get("beta")
             cells.append(f"{beta:.3g}" if beta else "")
             rows.append(cells)
     return rows
+
+
+def _seed_cell(runs: dict, variant: str, baseline: str | None, seed: int, key: str, rate: bool = False) -> str:
+    """One seed's mean of per-image ``key``, with the paired interval to ``baseline`` if given."""
+    diff = paired_interval([_per_image_diff(runs, variant, baseline, seed, key)]) if baseline else None
+    return _cell(_per_image(runs[variant][seed], key).mean(), rate, diff)
 
 
 def _header(baseline: str) -> list[str]:
