@@ -156,7 +156,7 @@ def test_the_defaults_that_help_states_are_the_ones_that_apply():
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     checked = []
-    for command in ("render", "train", "evaluate", "experiment"):
+    for command in ("render", "train", "evaluate", "score", "experiment"):
         for action in sub.choices[command]._actions:
             stated = _stated_default(action.help)
             if stated is None or stated.startswith("all"):

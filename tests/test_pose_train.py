@@ -396,6 +396,58 @@ def test_evaluate_writes_metrics_bop_csv_and_overlays(tiny_data, tmp_path):
     assert (tmp_path / "eval" / "report.md").read_text().startswith("# Evaluation")
 
 
+def test_score_predictions_reproduces_evaluate_and_counts_a_missing_row_as_wrong(tiny_data, tmp_path):
+    from bpnp.cli import main
+    from bpnp.metrics import auc
+    from bpnp.pose import bop
+    from bpnp.pose.evaluate import evaluate, score_predictions
+
+    train(_tiny(tiny_data, tmp_path / "run", variant="heatmap", steps=8))
+    metrics = evaluate(tmp_path / "run" / "model.pt", tiny_data / "test", tmp_path / "eval", overlays=0)
+    evaluated = np.load(tmp_path / "eval" / "per_image.npz")
+    summary, per = score_predictions(tmp_path / "eval" / "predictions.csv", tiny_data / "test", tmp_path / "score")
+    assert np.array_equal(per["ids"], evaluated["ids"]) and per["predicted"].all()
+    for key in ("add_mm", "adds_mm", "proj2d_px", "rotation_error_deg", "depth_error_mm", "lateral_error_mm"):
+        assert np.allclose(per[key], evaluated[key], atol=1e-4), key  # the CSV's 6-8 digits
+    for key in ("add_0.1d", "proj2d_5px", "5cm5deg"):
+        assert np.array_equal(per[key], evaluated[key]), key
+    for key in ("proj2d_5px", "add_or_adds_0.1d", "add_auc_10cm", "depth_error_mm_mean", "translation_error_mm_median"):
+        assert summary[key] == pytest.approx(metrics[key], abs=1e-4), key
+    assert summary["rows_unused"] == 0
+    assert json.loads((tmp_path / "score" / "metrics.json").read_text()) == summary
+    assert np.array_equal(np.load(tmp_path / "score" / "per_image.npz")["add_mm"], per["add_mm"])
+
+    # First image unpredicted; a lower-scored duplicate of the second and a row of no image: unused.
+    rows = bop.read_results_csv(tmp_path / "eval" / "predictions.csv")
+    wrong = {**rows[1], "score": rows[1]["score"] - 1, "t": rows[1]["t"] + 500.0}
+    elsewhere = {**rows[2], "im_id": 999}
+    bop.write_results_csv(tmp_path / "partial.csv", rows[1:] + [wrong, elsewhere])
+    partial, per2 = score_predictions(tmp_path / "partial.csv", tiny_data / "test")
+    assert partial["predicted"] == 7 / 8 and partial["rows_unused"] == 2
+    assert np.isnan(per2["add_mm"][0]) and not per2["add_0.1d"][0] and not per2["proj2d_5px"][0]
+    assert np.allclose(per2["add_mm"][1:], per["add_mm"][1:])
+    assert partial["add_0.1d"] == pytest.approx(per["add_0.1d"][1:].sum() / 8)
+    missing_is_infinite = torch.from_numpy(np.r_[np.inf, per["add_mm"][1:]])
+    assert partial["add_auc_10cm"] == pytest.approx(auc(missing_is_infinite, 100.0))
+
+    bop.write_results_csv(tmp_path / "empty.csv", [])
+    empty, _ = score_predictions(tmp_path / "empty.csv", tiny_data / "test")
+    assert empty["predicted"] == 0 and empty["add_0.1d"] == 0 and empty["add_auc_10cm"] == 0
+    assert np.isnan(empty["depth_error_mm_mean"]) and np.isnan(empty["proj2d_px_median"])
+
+    (tmp_path / "bad.csv").write_text("scene_id,im_id,obj_id,score,R,t,time\n0,0,1,0.5,1 0 0,0 0 100\n")
+    with pytest.raises(ValueError, match="not a BOP result CSV"):
+        score_predictions(tmp_path / "bad.csv", tiny_data / "test")
+    with pytest.raises(ValueError, match="no instance of obj_id 7"):
+        score_predictions(tmp_path / "partial.csv", tiny_data / "test", obj_id=7)
+    assert (
+        main(["score", "--predictions", str(tmp_path / "partial.csv"), "--data", str(tiny_data / "test"), "--quiet"])
+        == 0
+    )
+    assert (tmp_path / "score" / "report.md").read_text().startswith("# Scores of")
+    assert main(["score", "--predictions", str(tmp_path / "none.csv"), "--data", str(tiny_data / "test")]) == 2
+
+
 def test_config_checks(tmp_path):
     with pytest.raises(ValueError, match="variant"):
         TrainConfig(variant="magic")

@@ -144,6 +144,12 @@ def _add_pose_commands(sub) -> None:
     )
     ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
     ev.add_argument("--quiet", action="store_true", help="do not print the metrics")
+    sc = sub.add_parser("score", help="score the poses of a BOP result CSV on a BOP split")
+    sc.add_argument("--predictions", required=True, help="BOP result CSV (scene_id,im_id,obj_id,score,R,t,time)")
+    sc.add_argument("--data", required=True, help="BOP split folder")
+    sc.add_argument("--obj-id", type=_positive_int, default=None, help="BOP object id (default: the only one there)")
+    sc.add_argument("--out", default=None, help="output folder (default: score/ beside the CSV)")
+    sc.add_argument("--quiet", action="store_true", help="do not print the metrics")
     ex = sub.add_parser("experiment", help="objpose: variants x meshes x seeds, paired comparison report")
     ex.add_argument(
         "--meshes", nargs="+", default=["spot", "cow", "teapot"], help="spot, cow, teapot or paths (default all three)"
@@ -183,7 +189,7 @@ def _existing_dir(path: str | None, option: str) -> None:
 
 
 def _run_pose(args: argparse.Namespace) -> int:
-    """render / train / evaluate / experiment."""
+    """render / train / evaluate / score / experiment."""
     if args.command == "render":
         from .pose.data import RenderSettings, render_dataset
         from .progress import progress
@@ -300,6 +306,18 @@ def _run_pose(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"report: {Path(out) / 'report.md'}")
         return 0
+    if args.command == "score":
+        from .pose.evaluate import score_predictions
+
+        if not Path(args.predictions).is_file():
+            raise UsageError(f"--predictions: {args.predictions}: no such file")
+        _existing_dir(args.data, "--data")
+        out = args.out or str(Path(args.predictions).parent / "score")
+        _writable_dir(out, out)
+        score_predictions(args.predictions, args.data, out, obj_id=args.obj_id, quiet=args.quiet)
+        if not args.quiet:
+            print(f"report: {Path(out) / 'report.md'}")
+        return 0
     if args.command == "experiment":
         from .apps.objpose import Budget, run_experiment
 
@@ -398,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("render", "train", "evaluate", "experiment"):
+    if args.command in ("render", "train", "evaluate", "score", "experiment"):
         return _run_pose(args)
     if args.command == "demo":
         args.out = _writable_dir(args.out, str(Path("runs") / args.name))

@@ -25,7 +25,7 @@ from .data import COVERED, HIDDEN_BY_OBJECT, INTERIOR, VISIBLE, PoseData, keypoi
 from .model import heatmap_confidence, soft_argmax
 from .train import load_checkpoint, normalise_images
 
-__all__ = ["predict", "evaluate", "pose_metrics", "draw_overlays", "model_points"]
+__all__ = ["predict", "evaluate", "score_predictions", "pose_metrics", "draw_overlays", "model_points"]
 
 
 def model_points(split_dir: str | Path, obj_id: int, count: int = 1000) -> tuple[np.ndarray, dict]:
@@ -156,7 +156,6 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "per_image.npz", ids=data.ids, **per)
-    errors = torch.from_numpy(per["adds_mm"] if symmetric else per["add_mm"])
     summary = {
         "images": len(data),
         "variant": cfg["variant"],
@@ -168,17 +167,7 @@ def evaluate(
         # Which keypoints the network cannot place (e.g. the look-alikes of a symmetric object).
         "kp_error_px_per_keypoint": [round(float(e), 3) for e in kp_errors.mean(0)],
         **(_visibility_summary(per["kp_visibility"], kp_errors) if visibility else {}),
-        "proj2d_px_median": float(np.median(per["proj2d_px"])),
-        "proj2d_5px": float(per["proj2d_5px"].mean()),
-        "add_0.1d": float(per["add_0.1d"].mean()),
-        "adds_0.1d": float(per["adds_0.1d"].mean()),
-        "add_or_adds_0.1d": float(per["add_or_adds_0.1d"].mean()),
-        "5cm5deg": float(per["5cm5deg"].mean()),
-        "add_auc_10cm": M.auc(errors, 100.0),
-        "rotation_error_deg_median": float(np.median(per["rotation_error_deg"])),
-        "translation_error_mm_median": float(np.median(per["translation_error_mm"])),
-        "depth_error_mm_mean": float(per["depth_error_mm"].mean()),
-        "lateral_error_mm_mean": float(per["lateral_error_mm"].mean()),
+        **_pose_summary(per, symmetric),
         "pnp_converged": float(pred["converged"].mean()),
         "seconds_per_image": float(pred["seconds"].mean()),
     }
@@ -199,13 +188,140 @@ def evaluate(
     bop.write_results_csv(out / "predictions.csv", rows)
     if overlays:
         draw_overlays(data, pred["pose"], points, out / "overlays.png", count=overlays)
-    lines = [f"# Evaluation of {Path(checkpoint)} on {data_dir}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
-    lines += ["", "![predicted (red) vs true (green) pose](overlays.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    if not quiet:
-        print("\n".join(lines[2:-2]))
+    _write_report(out, f"Evaluation of {Path(checkpoint)} on {data_dir}", summary, overlays > 0, quiet)
     return summary
+
+
+def _pose_summary(per: dict[str, np.ndarray], symmetric: bool) -> dict[str, float]:
+    """The pose metrics of ``metrics.json`` from :func:`pose_metrics`' per-image arrays; an
+    image without a prediction (NaN errors, failed accuracies) counts as wrong in the accuracies
+    and the AUC and is left out of the error statistics."""
+    errors = per["adds_mm"] if symmetric else per["add_mm"]
+
+    def finite(key: str) -> np.ndarray:
+        values = per[key]
+        return values[np.isfinite(values)]
+
+    def median(key: str) -> float:
+        values = finite(key)
+        return float(np.median(values)) if len(values) else float("nan")
+
+    def mean(key: str) -> float:
+        values = finite(key)
+        return float(values.mean()) if len(values) else float("nan")
+
+    return {
+        "proj2d_px_median": median("proj2d_px"),
+        "proj2d_5px": float(per["proj2d_5px"].mean()),
+        "add_0.1d": float(per["add_0.1d"].mean()),
+        "adds_0.1d": float(per["adds_0.1d"].mean()),
+        "add_or_adds_0.1d": float(per["add_or_adds_0.1d"].mean()),
+        "5cm5deg": float(per["5cm5deg"].mean()),
+        "add_auc_10cm": M.auc(torch.from_numpy(np.nan_to_num(errors, nan=np.inf)), 100.0),
+        "rotation_error_deg_median": median("rotation_error_deg"),
+        "translation_error_mm_median": median("translation_error_mm"),
+        "depth_error_mm_mean": mean("depth_error_mm"),
+        "lateral_error_mm_mean": mean("lateral_error_mm"),
+    }
+
+
+def _write_report(out: Path, title: str, summary: dict[str, Any], overlays: bool, quiet: bool) -> None:
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    if overlays:
+        lines += ["", "![predicted (red) vs true (green) pose](overlays.png)"]
+    (out / "report.md").write_text("\n".join(lines + [""]))
+    if not quiet:
+        print("\n".join(lines[2 : len(lines) - (2 if overlays else 0)]))
+
+
+def score_predictions(
+    predictions: str | Path,
+    data_dir: str | Path,
+    out: str | Path | None = None,
+    obj_id: int | None = None,
+    quiet: bool = True,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Score the poses of a BOP result CSV (``scene_id,im_id,obj_id,score,R,t,time``, mm) on the
+    BOP split ``data_dir`` with the pose metrics of :func:`evaluate`: predictions of any method,
+    or those of a run whose weights are gone.
+
+    Every annotated instance of ``obj_id`` is scored against the row of its image with the
+    highest score; an instance without one counts as wrong. The other rows (other images or
+    objects, lower-scored duplicates) are counted (``rows_unused``) and otherwise ignored. The 2D projection error is measured with
+    the split's cameras, in its images' pixels (:func:`evaluate` measures it in the network's
+    crop: the same when the images are not cropped).
+
+    Args:
+        predictions: the CSV; data_dir: the split (scenes and ``models/`` beside or above).
+        out: when given, ``metrics.json``, ``per_image.npz`` and ``report.md`` are written there.
+        obj_id: the object (default: the only one annotated in the split).
+    Returns:
+        ``(summary, per_image)``: the metrics; per-image arrays ``(N,)`` row for row as
+        :func:`~bpnp.pose.data.load_split` reads the split, with ``ids (N, 3)`` and
+        ``predicted (N,)``.
+    Raises:
+        FileNotFoundError: no CSV or no scenes. ValueError: a malformed CSV, several objects and no
+            ``obj_id``, no instance of ``obj_id``, or two instances of it in one image.
+    """
+    from ..geometry import rotmat_to_rvec
+
+    predictions, data_dir = Path(predictions), Path(data_dir)
+    if not predictions.is_file():
+        raise FileNotFoundError(f"{predictions}: no such file")
+    try:
+        rows = bop.read_results_csv(predictions)
+    except ValueError as err:  # a wrong field count or a number that is not one
+        raise ValueError(f"{predictions}: not a BOP result CSV ({err})") from None
+    scenes = bop.scene_dirs(data_dir) if data_dir.is_dir() else []
+    if not scenes:
+        raise FileNotFoundError(f"{data_dir}: no BOP scene folders (NNNNNN/scene_gt.json)")
+    anns = [ann for scene in scenes for ann in bop.read_scene(scene)]
+    if obj_id is None:
+        objects = sorted({ann.obj_id for ann in anns})
+        if len(objects) != 1:
+            raise ValueError(f"{data_dir}: objects {objects} are annotated; say which with obj_id")
+        obj_id = objects[0]
+    anns = [ann for ann in anns if ann.obj_id == obj_id]
+    if not anns:
+        raise ValueError(f"{data_dir}: no instance of obj_id {obj_id}")
+    keys = [(ann.scene_id, ann.im_id, ann.obj_id) for ann in anns]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{data_dir}: an image holds two instances of obj_id {obj_id}; scoring needs one per image")
+    best: dict[tuple[int, int, int], dict] = {}
+    for row in rows:
+        key = (row["scene_id"], row["im_id"], row["obj_id"])
+        if key not in best or row["score"] > best[key]["score"]:
+            best[key] = row
+    predicted = np.array([key in best for key in keys])
+    true_pose = np.stack([np.concatenate([rotmat_to_rvec(torch.from_numpy(a.R)[None])[0].numpy(), a.t]) for a in anns])
+    pred_pose = true_pose.copy()  # placeholders where nothing was predicted, overwritten below
+    for j, key in enumerate(keys):
+        if predicted[j]:
+            R = torch.from_numpy(np.ascontiguousarray(best[key]["R"]))[None]
+            pred_pose[j] = np.concatenate([rotmat_to_rvec(R)[0].numpy(), best[key]["t"]])
+    points, info = model_points(data_dir, obj_id)
+    symmetric = bool(info.get("symmetries_continuous") or info.get("symmetries_discrete"))
+    K = np.stack([a.K for a in anns])
+    per = pose_metrics(pred_pose, true_pose, K, points, float(info["diameter"]), symmetric)
+    for values in per.values():
+        values[~predicted] = False if values.dtype == bool else np.nan
+    summary = {
+        "images": len(anns),
+        "predicted": float(predicted.mean()),
+        "rows_unused": len(rows) - int(predicted.sum()),
+        "symmetric": symmetric,
+        "diameter_mm": float(info["diameter"]),
+        **_pose_summary(per, symmetric),
+    }
+    per = {"ids": np.array(keys, dtype=np.int64), "predicted": predicted, **per}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / "per_image.npz", **per)
+        (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+        _write_report(out, f"Scores of {predictions} on {data_dir}", summary, False, quiet)
+    return summary, per
 
 
 def _visibility_summary(codes: np.ndarray, kp_errors: np.ndarray) -> dict[str, Any]:
