@@ -462,13 +462,15 @@ def load_split(
     stamp = [(p.name, (p / "scene_gt.json").stat().st_size, (p / "scene_gt.json").stat().st_mtime_ns) for p in scenes]
     key = json.dumps([stamp, obj_id, size, margin, min_visib])
     cache_file = split_dir / f"bpnp_cache_obj{obj_id}_{size}.npz"
-    keypoints3d = load_keypoints(split_dir, obj_id)
     if cache and limit is None and cache_file.is_file():
         with np.load(cache_file) as z:
             if str(z["key"]) == key:
-                return _with_keypoints(z["images"], z["K"], z["pose"], z["ids"], z["visib"], keypoints3d)
+                arrays = (z["images"], z["K"], z["pose"], z["ids"], z["visib"])
+                return _with_keypoints(*arrays, load_keypoints(split_dir, obj_id))
     # Parsed only on a miss: the scene files of 20,000 images take most of a cached read.
+    # Before the keypoints, so that an absent object is named as such, not as a missing model.
     anns = _instances(split_dir, scenes, obj_id, min_visib)
+    keypoints3d = load_keypoints(split_dir, obj_id)
     images, Ks, poses, ids, visib = [], [], [], [], []
     for scene_dir, ann in anns[:limit]:
         img = cv2.imread(str(bop.image_path(scene_dir, ann.im_id)), cv2.IMREAD_COLOR)[..., ::-1]
