@@ -440,11 +440,13 @@ def test_score_predictions_reproduces_evaluate_and_counts_a_missing_row_as_wrong
         score_predictions(tmp_path / "bad.csv", tiny_data / "test")
     with pytest.raises(ValueError, match="no instance of obj_id 7"):
         score_predictions(tmp_path / "partial.csv", tiny_data / "test", obj_id=7)
+    with pytest.raises(FileNotFoundError, match="no BOP scene"):
+        score_predictions(tmp_path / "partial.csv", tmp_path)
     assert (
         main(["score", "--predictions", str(tmp_path / "partial.csv"), "--data", str(tiny_data / "test"), "--quiet"])
         == 0
     )
-    assert (tmp_path / "score" / "report.md").read_text().startswith("# Scores of")
+    assert (tmp_path / "score" / "report.md").read_text().startswith(f"# Scores of {tmp_path / 'partial.csv'}")
     assert main(["score", "--predictions", str(tmp_path / "none.csv"), "--data", str(tiny_data / "test")]) == 2
 
 

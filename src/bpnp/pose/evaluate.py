@@ -21,7 +21,7 @@ from .. import metrics as M
 from ..geometry import project, rvec_to_rotmat
 from ..layer import solve_pnp
 from . import bop
-from .data import COVERED, HIDDEN_BY_OBJECT, INTERIOR, VISIBLE, PoseData, keypoint_visibility, load_split
+from .data import COVERED, HIDDEN_BY_OBJECT, INTERIOR, VISIBLE, PoseData, _scenes, keypoint_visibility, load_split
 from .model import heatmap_confidence, soft_argmax
 from .train import load_checkpoint, normalise_images
 
@@ -273,10 +273,7 @@ def score_predictions(
         rows = bop.read_results_csv(predictions)
     except ValueError as err:  # a wrong field count or a number that is not one
         raise ValueError(f"{predictions}: not a BOP result CSV ({err})") from None
-    scenes = bop.scene_dirs(data_dir) if data_dir.is_dir() else []
-    if not scenes:
-        raise FileNotFoundError(f"{data_dir}: no BOP scene folders (NNNNNN/scene_gt.json)")
-    anns = [ann for scene in scenes for ann in bop.read_scene(scene)]
+    anns = [ann for scene in _scenes(data_dir) for ann in bop.read_scene(scene)]
     if obj_id is None:
         objects = sorted({ann.obj_id for ann in anns})
         if len(objects) != 1:
