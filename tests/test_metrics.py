@@ -54,6 +54,9 @@ def test_depth_and_lateral_error_split_the_translation_error_along_and_across_th
     assert torch.allclose(depth, torch.tensor([12.0, 7.0], dtype=F64))
     assert torch.allclose(lateral, torch.tensor([5.0, 2.0], dtype=F64))
     assert torch.allclose(depth**2 + lateral**2, metrics.translation_error(pred, true) ** 2)
+    # Signed: > 0 when the estimate lies beyond the true position, < 0 when before it.
+    signed, lateral_too = metrics.depth_and_lateral_error(pred, true, signed=True)
+    assert torch.allclose(signed, torch.tensor([12.0, -7.0], dtype=F64)) and torch.equal(lateral_too, lateral)
     # A pure rotation moves neither.
     turned = true.clone()
     turned[:, :3] += 0.2

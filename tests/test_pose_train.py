@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bpnp.losses import BPnPReprojectionLoss, keypoint_loss
+from bpnp.losses import BPnPADDLoss, BPnPReprojectionLoss, keypoint_loss
 from bpnp.pose.model import KeypointHeatmapNet, heatmap_confidence, heatmap_loss, heatmap_targets, soft_argmax
 from bpnp.synthetic import random_problems
 
@@ -67,6 +67,33 @@ def test_bpnp_reprojection_loss_exact_gradient():
     assert float(keypoint_loss(x_true + 2.0, x_true)) == pytest.approx(8.0)
 
 
+def test_bpnp_add_loss_is_the_add_of_the_bpnp_pose_with_exact_gradient():
+    from bpnp import metrics, project, solve_pnp
+
+    p = random_problems(B=3, n=9, noise=0.0, seed=4, dtype=torch.float64)
+    model = p.x3d[0]  # one object seen in three poses
+    x_true = project(model, p.pose, p.K)
+    loss_fn = BPnPADDLoss(scale=2.0, weight=0.5)
+    # Noise-free keypoints: the pose is the true one, so the loss vanishes.
+    assert float(loss_fn(x_true, model, p.K, p.pose)) < 1e-9
+    x = x_true + torch.randn(x_true.shape, generator=torch.Generator().manual_seed(0), dtype=x_true.dtype)
+    x.requires_grad_()
+    # The value: weight x ADD of the model points under the layer's pose / scale.
+    pose = solve_pnp(x.detach(), model, p.K).pose
+    expected = 0.5 * metrics.add(pose, p.pose, model).mean() / 2.0
+    assert float(loss_fn(x, model, p.K, p.pose).detach()) == pytest.approx(float(expected), rel=1e-9)
+    assert torch.autograd.gradcheck(lambda v: loss_fn(v, model, p.K, p.pose), (x,), eps=1e-6, atol=1e-7, rtol=1e-6)
+    # A depth error counts at its full length: the true pose 1 unit further along the ray.
+    far = p.pose.clone()
+    far[:, 3:] *= 1.0 + 1.0 / p.pose[:, 3:].norm(dim=-1, keepdim=True)
+    assert float(BPnPADDLoss()(x_true, model, p.K, far)) == pytest.approx(1.0, rel=1e-6)
+    assert float(BPnPADDLoss()(x_true, model, p.K, far, points=model[:2])) == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        BPnPADDLoss(scale=0.0)
+    with pytest.raises(ValueError, match="shared"):
+        loss_fn(x, p.x3d, p.K, p.pose)
+
+
 pytest.importorskip("trimesh")
 pytest.importorskip("moderngl")
 
@@ -109,7 +136,7 @@ def _tiny(data, out, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("variant", ["heatmap", "bpnp", "coord"])
+@pytest.mark.parametrize("variant", ["heatmap", "bpnp", "bpnp-add", "coord"])
 def test_loss_falls_and_no_pnp_failure(tiny_data, tmp_path, variant):
     summary = train(_tiny(tiny_data, tmp_path, variant=variant, warmup_frac=0.5, augment=False))
     log = read_log(tmp_path / "log.csv")
@@ -243,6 +270,23 @@ def test_experiment_reports_only_the_seeds_that_have_finished(tmp_path):
     # The heatmap runs alone (they saved the shared warm-up; that changes nothing else).
     alone = compare(spot_mesh(), mesh_dir, ("heatmap",), (0, 1), budget, quiet=True, finished_only=True)
     assert alone["seeds"] == [0, 1]
+    # A report of another set of variants in the same folder has a name of its own, beside the first.
+    kept_report = (tmp_path / "report.md").read_text()
+    run_experiment(
+        str(tmp_path), [str(spot_mesh())], [0, 1], ("heatmap",), budget, quiet=True, finished_only=True,
+        report_name="heatmap-only",
+    )  # fmt: skip
+    named = json.loads((tmp_path / "metrics_heatmap-only.json").read_text())
+    assert named["seeds"] == {"spot_triangulated": [0, 1]} and sorted(named["meshes"]["spot_triangulated"]) == [
+        "heatmap"
+    ]
+    assert "spot_triangulated_heatmap-only_loss.png" in (tmp_path / "report_heatmap-only.md").read_text()
+    assert (mesh_dir / "spot_triangulated_heatmap-only_loss.png").is_file()
+    assert (tmp_path / "report.md").read_text() == kept_report
+    with pytest.raises(ValueError, match="report_name"):
+        run_experiment(
+            str(tmp_path), [str(spot_mesh())], [0], ("heatmap",), budget, finished_only=True, report_name="a/b"
+        )
     # A mesh with no finished seed is named in the report and left out of the metrics.
     shutil.rmtree(mesh_dir / "heatmap_seed0" / "eval")
     none = run_experiment(
@@ -259,6 +303,7 @@ def test_per_seed_rows_count_the_images_each_variant_alone_passes():
         n = len(passes)
         per = {
             "depth_error_mm": np.full(n, depth),
+            "depth_signed_error_mm": np.full(n, depth - 1.0),
             "lateral_error_mm": np.full(n, 0.5),
             "add_or_adds_0.1d": np.array(passes, dtype=bool),
             "proj2d_5px": np.array(proj, dtype=bool),
@@ -296,6 +341,8 @@ def test_per_seed_rows_count_the_images_each_variant_alone_passes():
     assert bpnp["2D projection error (px)"].startswith("3.20 (+1.20 [")
     assert bpnp["depth error (mm)"].startswith("3.50 (-0.50 [") and bpnp[beta] == "0.008"
     assert heatmap["depth error (mm)"] == "4.00" and bpnp["lateral error (mm)"].startswith("0.50 (+0.00 [")
+    bias = "depth bias (mm, > 0: too far)"
+    assert heatmap[bias] == "3.00" and bpnp[bias].startswith("2.50 (-0.50 [")
     # A record evaluated before the split has no depth cell, for any variant of that seed.
     del result["runs"]["heatmap"][3]["per_image"]["depth_error_mm"]
     rows = per_seed_rows(result)

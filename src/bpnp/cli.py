@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def _device(text: str) -> str:
 KEYPOINT_METHODS = ("fps", "distinctive")
 
 
+def _report_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '-' and '_', got {text!r}")
+    return text
+
+
 def _variants(text: str) -> tuple[str, ...]:
     from .pose.train import VARIANTS
 
@@ -115,7 +122,10 @@ def _add_pose_commands(sub) -> None:
     # These options override the --config file's fields; without either, TrainConfig's defaults.
     tr.add_argument("--obj-id", type=_positive_int, default=None, help="BOP object id to train on (default 1)")
     tr.add_argument(
-        "--variant", type=_variants, default=None, help="heatmap, bpnp (+ BPnP loss) or coord (control) (default bpnp)"
+        "--variant",
+        type=_variants,
+        default=None,
+        help="heatmap, bpnp (+ BPnP reprojection loss), bpnp-add (+ BPnP ADD loss) or coord (control) (default bpnp)",
     )
     tr.add_argument("--steps", type=_positive_int, default=None, help="training steps (default 1000)")
     tr.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default 32)")
@@ -158,8 +168,8 @@ def _add_pose_commands(sub) -> None:
     ex.add_argument(
         "--variants",
         type=_variants,
-        default=("heatmap", "bpnp", "coord"),
-        help="comma-separated, of heatmap, bpnp, coord (default all three; heatmap is the baseline)",
+        default=("heatmap", "bpnp", "bpnp-add", "coord"),
+        help="comma-separated, of heatmap, bpnp, bpnp-add, coord (default all four; heatmap is the baseline)",
     )
     ex.add_argument("--steps", type=_positive_int, default=20000, help="training steps per variant (default 20000)")
     ex.add_argument(
@@ -179,6 +189,12 @@ def _add_pose_commands(sub) -> None:
         "--finished-only",
         action="store_true",
         help="train nothing: report the seeds whose every variant has finished in --out",
+    )
+    ex.add_argument(
+        "--report-name",
+        type=_report_name,
+        default=None,
+        help="write report_NAME.md and metrics_NAME.json (default report.md, metrics.json): one report per set of variants in one --out",
     )
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -333,9 +349,10 @@ def _run_pose(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             keypoints=args.keypoints,
             finished_only=args.finished_only,
+            report_name=args.report_name,
         )
         if not args.quiet:
-            print(f"report: {Path(out) / 'report.md'}")
+            print(f"report: {Path(out) / ('report_' + args.report_name if args.report_name else 'report')}.md")
         return 0
     return 1
 
@@ -377,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         type=_variants,
         default=None,
-        help="objpose: comma-separated training variants (heatmap, bpnp, coord; default heatmap,bpnp)",
+        help="objpose: comma-separated training variants (heatmap, bpnp, bpnp-add, coord; default heatmap,bpnp)",
     )
     _add_pose_commands(sub)
     cal = sub.add_parser("calibrate", help="calibrate a camera from chessboard photographs")

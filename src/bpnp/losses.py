@@ -1,9 +1,16 @@
 """Losses through the PnP layer.
 
-:class:`BPnPReprojectionLoss` is the paper's pose loss ``|| pi(z | BPnP(x_hat, z, K)) - x_gt ||^2``:
-the keypoints a network predicts are turned into a pose by the layer, the model keypoints are
-projected with that pose and compared with the true keypoints. Its gradient reaches ``x_hat``
-exactly through the implicit function theorem.
+The keypoints a network predicts are turned into a pose by the layer, and the loss is measured
+on that pose; its gradient reaches the keypoints exactly through the implicit function theorem.
+
+- :class:`BPnPReprojectionLoss`, the paper's ``|| pi(z | BPnP(x_hat, z, K)) - x_gt ||^2``: the
+  error in the image (pixels^2).
+- :class:`BPnPADDLoss`: the error in the object's own space, the ADD of the model points under the
+  BPnP pose against the true pose (a fraction of a length scale, e.g. the diameter). A pixel-space
+  loss hardly sees the depth of a pose (a 1% depth error moves a 90 px object's rim by under
+  half a pixel), and under rotation uncertainty its optimum is a constellation pulled towards its
+  centre, which PnP places too far away; ADD weighs a depth error like any other error of that
+  length (docs/objpose.md, "The depth bias").
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .geometry import project
-from .layer import solve_pnp
+from .layer import PnPResult, solve_pnp
+from .metrics import add
 from .options import SolverOptions
 
-__all__ = ["BPnPReprojectionLoss", "keypoint_loss"]
+__all__ = ["BPnPReprojectionLoss", "BPnPADDLoss", "keypoint_loss"]
 
 
 def keypoint_loss(x_pred: Tensor, x_true: Tensor) -> Tensor:
@@ -23,17 +31,9 @@ def keypoint_loss(x_pred: Tensor, x_true: Tensor) -> Tensor:
     return (x_pred - x_true).pow(2).sum(-1).mean()
 
 
-class BPnPReprojectionLoss(nn.Module):
-    """``weight * mean_i || pi(x3d_i | BPnP(x_pred, x3d, K, w)) - x_true_i ||^2`` (pixels^2).
-
-    Args:
-        weight: the loss weight (the paper's beta); 0 before ``warmup_steps``.
-        warmup_steps: steps (the ``step`` argument of ``forward``) during which the loss is 0 and
-            no PnP is solved.
-        confidence_weighted: use the ``weights`` passed to ``forward`` as PnP weights (e.g.
-            heatmap confidences); otherwise all points weigh the same.
-        options, backend: passed to :func:`bpnp.solve_pnp`.
-    """
+class _LossThroughPnP(nn.Module):
+    """What every loss through the layer shares: the weight, the warm-up, the PnP weights, and
+    leaving out the items whose PnP did not converge (arguments: :class:`BPnPReprojectionLoss`)."""
 
     def __init__(
         self,
@@ -50,6 +50,34 @@ class BPnPReprojectionLoss(nn.Module):
         self.options = options
         self.backend = backend
         self.last_failures = 0  # items of the last batch whose PnP did not converge
+
+    def _warming_up(self, step: int | None) -> bool:
+        return step is not None and step < self.warmup_steps
+
+    def _solve(self, x_pred: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None) -> PnPResult:
+        w = weights if self.confidence_weighted else None
+        res = solve_pnp(x_pred, x3d, K, w, backend=self.backend, options=self.options, warn=False)
+        self.last_failures = int((~res.converged).sum())
+        return res
+
+    def _weighted_mean(self, per_item: Tensor, converged: Tensor) -> Tensor:
+        # Items without a converged pose still have finite gradients (the layer guarantees it), but
+        # their loss says nothing about the keypoints: they do not count.
+        keep = converged.to(per_item.dtype)
+        return self.weight * (per_item * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+class BPnPReprojectionLoss(_LossThroughPnP):
+    """``weight * mean_i || pi(x3d_i | BPnP(x_pred, x3d, K, w)) - x_true_i ||^2`` (pixels^2).
+
+    Args:
+        weight: the loss weight (the paper's beta); 0 before ``warmup_steps``.
+        warmup_steps: steps (the ``step`` argument of ``forward``) during which the loss is 0 and
+            no PnP is solved.
+        confidence_weighted: use the ``weights`` passed to ``forward`` as PnP weights (e.g.
+            heatmap confidences); otherwise all points weigh the same.
+        options, backend: passed to :func:`bpnp.solve_pnp`.
+    """
 
     def forward(
         self,
@@ -68,14 +96,57 @@ class BPnPReprojectionLoss(nn.Module):
         Returns:
             the scalar loss (0, with no PnP solved, during the warm-up).
         """
-        if step is not None and step < self.warmup_steps:
+        if self._warming_up(step):
             return x_pred.sum() * 0.0
-        w = weights if self.confidence_weighted else None
-        res = solve_pnp(x_pred, x3d, K, w, backend=self.backend, options=self.options, warn=False)
-        self.last_failures = int((~res.converged).sum())
+        res = self._solve(x_pred, x3d, K, weights)
         reproj = project(x3d, res.pose, K)  # Bxnx2
-        per_item = (reproj - x_true).pow(2).sum(-1).mean(-1)
-        # Items without a converged pose still have finite gradients (the layer guarantees it), but
-        # their loss says nothing about the keypoints: they do not count.
-        keep = res.converged.to(per_item.dtype)
-        return self.weight * (per_item * keep).sum() / keep.sum().clamp_min(1.0)
+        return self._weighted_mean((reproj - x_true).pow(2).sum(-1).mean(-1), res.converged)
+
+
+class BPnPADDLoss(_LossThroughPnP):
+    """``weight * mean_b ADD(BPnP(x_pred, x3d, K, w)_b, pose_true_b; points) / scale``.
+
+    The pose error measured on the object: the mean distance between the model ``points`` under
+    the BPnP pose and under the true pose, divided by ``scale`` (the object's diameter, say, so
+    that the loss is a fraction of it, like ADD-0.1d's threshold). Its gradient per item is at
+    most ``1 / scale`` per unit of point displacement, so a gross failure cannot dominate a batch.
+
+    Args:
+        scale: the length the ADD is divided by, in the units of ``x3d`` (> 0).
+        weight, warmup_steps, confidence_weighted, options, backend: as for
+            :class:`BPnPReprojectionLoss`.
+    """
+
+    def __init__(self, scale: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not scale > 0:
+            raise ValueError(f"scale: expected a length > 0, got {scale!r}")
+        self.scale = float(scale)
+
+    def forward(
+        self,
+        x_pred: Tensor,
+        x3d: Tensor,
+        K: Tensor,
+        pose_true: Tensor,
+        weights: Tensor | None = None,
+        step: int | None = None,
+        points: Tensor | None = None,
+    ) -> Tensor:
+        """Args:
+            x_pred: ``(B, n, 2)`` predicted keypoints (pixels); x3d: ``(n, 3)`` model keypoints;
+                K: ``(3, 3)`` or ``(B, 3, 3)``; pose_true: ``(B, 6)`` ``[rvec, t]``.
+            weights: ``(B, n)`` per-keypoint confidences (used when ``confidence_weighted``).
+            step: the training step, for the warm-up (None: no warm-up).
+            points: ``(m, 3)`` the points the ADD is taken over (default: ``x3d``).
+        Returns:
+            the scalar loss (0, with no PnP solved, during the warm-up).
+        """
+        if self._warming_up(step):
+            return x_pred.sum() * 0.0
+        if x3d.dim() != 2 or (points is not None and points.dim() != 2):
+            raise ValueError("x3d and points: expected one (n, 3) model shared by the batch")
+        res = self._solve(x_pred, x3d, K, weights)
+        pts = x3d if points is None else points
+        per_item = add(res.pose, pose_true.to(res.pose.dtype), pts.to(res.pose.dtype)) / self.scale
+        return self._weighted_mean(per_item, res.converged)

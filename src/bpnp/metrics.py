@@ -97,19 +97,23 @@ def translation_error(pred: Tensor, true: Tensor) -> Tensor:
     return (pred[:, 3:] - true[:, 3:]).norm(dim=-1)
 
 
-def depth_and_lateral_error(pred: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
+def depth_and_lateral_error(pred: Tensor, true: Tensor, signed: bool = False) -> tuple[Tensor, Tensor]:
     """The translation error split along and across the line of sight to the true position:
-    ``(B, 6), (B, 6) -> (B,), (B,)``, the absolute depth error ``|dt . u|`` and the lateral error
+    ``(B, 6), (B, 6) -> (B,), (B,)``, the depth error ``dt . u`` and the lateral error
     ``|dt - (dt . u) u|`` with ``u = t_true / |t_true|`` (their squares add up to the squared
     translation error).
 
     A monocular estimate places an object across the image far better than along the ray: a depth
     error moves the image by a fraction of its size only, so the 2D projection error hardly sees
-    it, while ADD does."""
+    it, while ADD does.
+
+    Args:
+        signed: return the depth error with its sign (> 0: placed too far), not its absolute value;
+            its mean over a test set is the estimator's depth bias."""
     dt = pred[:, 3:] - true[:, 3:]
     ray = true[:, 3:] / true[:, 3:].norm(dim=-1, keepdim=True)
     along = (dt * ray).sum(-1)
-    return along.abs(), (dt - along[:, None] * ray).norm(dim=-1)
+    return along if signed else along.abs(), (dt - along[:, None] * ray).norm(dim=-1)
 
 
 def cm_deg_accuracy(pred: Tensor, true: Tensor, cm: float = 5.0, deg: float = 5.0, unit_per_cm: float = 10.0) -> Tensor:

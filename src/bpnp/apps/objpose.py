@@ -10,6 +10,7 @@ on the same test images; over several seeds a t-interval of the per-seed mean di
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -72,6 +73,15 @@ class Budget:
     width: int = 32
     workers: int = 1
     warmup_frac: float = 0.3
+
+
+# How a report names each training variant (bpnp.pose.train.VARIANTS).
+VARIANT_LABELS = {
+    "heatmap": "heatmap-only",
+    "bpnp": "+ BPnP reprojection loss",
+    "bpnp-add": "+ BPnP ADD loss",
+    "coord": "coordinate control",
+}
 
 
 def paired_interval(diffs_per_seed: list[np.ndarray], seed: int = 0) -> tuple[float, float, float]:
@@ -302,8 +312,14 @@ def _cell(value: float, is_rate: bool, diff: tuple[float, float, float] | None =
 
 
 # The translation error split along and across the line of sight (per seed only): ADD is mostly
-# the depth error, which 2D projection hardly sees. Records evaluated before the split have no cell.
-ERROR_SPLIT = [("depth error (mm)", "depth_error_mm"), ("lateral error (mm)", "lateral_error_mm")]
+# the depth error, which 2D projection hardly sees; the depth bias (the mean signed depth error,
+# > 0: too far) says how much of it one scale error of the keypoints makes. Records evaluated
+# before a column was added have no cell there.
+ERROR_SPLIT = [
+    ("depth error (mm)", "depth_error_mm"),
+    ("depth bias (mm, > 0: too far)", "depth_signed_error_mm"),
+    ("lateral error (mm)", "lateral_error_mm"),
+]
 
 SEED_HEADER = [
     "seed",
@@ -355,19 +371,19 @@ def _header(baseline: str) -> list[str]:
     return ["variant"] + [label for _k, label, _p, _r in METRIC_ROWS] + ["PnP failures (train)", "train s"]
 
 
-def _figures(result: dict, root: Path, name: str, link: str = "") -> list[str]:
-    """Loss curves of every variant's first seed and each variant's overlays, copied into
-    ``root`` (as JPEG: a run's 1024 px PNG of renders is 1.5 MB); markdown lines whose image
-    links start with ``link``. A copy made before is linked when the run's own overlays are
-    gone (a kept record has none)."""
+def _figures(result: dict, root: Path, name: str, link: str = "", tag: str = "") -> list[str]:
+    """Loss curves of every variant's first seed (``{name}{tag}_loss.png``) and each variant's
+    overlays, copied into ``root`` (as JPEG: a run's 1024 px PNG of renders is 1.5 MB); markdown
+    lines whose image links start with ``link``. A copy made before is linked when the run's own
+    overlays are gone (a kept record has none)."""
     from PIL import Image
 
     from ..pose.train import plot_log
 
     runs = result["runs"]
     seed = min(next(iter(runs.values())))
-    plot_log({v: str(root / f"{v}_seed{seed}" / "log.csv") for v in runs}, root / f"{name}_loss.png")
-    lines = [f"![loss curves]({link}{name}_loss.png)", ""]
+    plot_log({v: str(root / f"{v}_seed{seed}" / "log.csv") for v in runs}, root / f"{name}{tag}_loss.png")
+    lines = [f"![loss curves]({link}{name}{tag}_loss.png)", ""]
     for variant in runs:
         src = root / f"{variant}_seed{seed}" / "eval" / "overlays.png"
         copy = f"{name}_{variant}_seed{seed}_overlays.jpg"
@@ -446,18 +462,26 @@ def run_experiment(
     out: str | None,
     meshes: list[str],
     seeds: list[int],
-    variants: tuple[str, ...] = ("heatmap", "bpnp", "coord"),
+    variants: tuple[str, ...] = ("heatmap", "bpnp", "bpnp-add", "coord"),
     budget: Budget | None = None,
     device: str = "cpu",
     quiet: bool = False,
     keypoints: str = "fps",
     finished_only: bool = False,
+    report_name: str | None = None,
 ) -> dict[str, Any]:
     """The comparison on several meshes and seeds (the longer experiment): one report.
     ``keypoints="distinctive"`` chooses the keypoints of a symmetric mesh among the points that
     break its symmetry (the others are unchanged). ``finished_only``: train nothing, report the
     seeds of each mesh that have finished in ``out`` (see :func:`compare`); a mesh without one is
-    named in the report and left out of the metrics."""
+    named in the report and left out of the metrics.
+
+    The report is ``report.md`` and ``metrics.json`` (and ``<mesh>/<mesh>_loss.png``), or with a
+    ``report_name`` ``report_<name>.md``, ``metrics_<name>.json`` and ``<mesh>_<name>_loss.png``:
+    a folder whose seeds have finished different sets of variants keeps a report for each set."""
+    if report_name is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", report_name):
+        raise ValueError(f"report_name: expected letters, digits, '-' and '_', got {report_name!r}")
+    tag = f"_{report_name}" if report_name else ""
     budget = budget or Budget(train_count=20000, test_count=1000, steps=20000)
     root = output_dir(out, "objpose_experiment")
     sections, results, seeds_read = [], {}, {}
@@ -486,9 +510,9 @@ def run_experiment(
         sections += [markdown_table(_header("heatmap"), rows), ""]
         sections += ["Per seed (brackets: bootstrap over that seed's test images):", ""]
         sections += [markdown_table(SEED_HEADER, per_seed_rows(result)), ""]
-        sections += _figures(result, root / stem, stem, link=f"{stem}/")
+        sections += _figures(result, root / stem, stem, link=f"{stem}/", tag=tag)
     report = [
-        "# Object pose: heatmap-only vs + BPnP loss vs coordinate control",
+        "# Object pose: " + " vs ".join(VARIANT_LABELS.get(v, v) for v in variants),
         "",
         f"{budget.train_count} training / {budget.test_count} test renders per mesh, {budget.steps} steps of "
         f"{budget.batch_size}"
@@ -497,9 +521,9 @@ def run_experiment(
         + ".",
         "",
     ] + sections
-    (root / "report.md").write_text("\n".join(report))
+    (root / f"report{tag}.md").write_text("\n".join(report))
     write_json(
-        root / "metrics.json",
+        root / f"metrics{tag}.json",
         {"meshes": results, "budget": budget.__dict__, "seeds": seeds_read, "keypoints": keypoints},
     )
     return results

@@ -91,7 +91,7 @@ def pose_metrics(
     adds = M.add_s(pred, true, pts).numpy()
     proj = M.projection_error(pred, true, pts, Kt).numpy()
     add_or = adds if symmetric else add
-    depth, lateral = M.depth_and_lateral_error(pred, true)
+    depth, lateral = M.depth_and_lateral_error(pred, true, signed=True)
     return {
         "add_mm": add,
         "adds_mm": adds,
@@ -103,8 +103,10 @@ def pose_metrics(
         "5cm5deg": M.cm_deg_accuracy(pred, true, 5.0, 5.0, unit_per_cm=10.0).numpy(),
         "rotation_error_deg": M.rotation_error_deg(pred, true).numpy(),
         "translation_error_mm": M.translation_error(pred, true).numpy(),
-        # ADD is mostly the depth error: the split says which part a variant moves.
-        "depth_error_mm": depth.numpy(),
+        # ADD is mostly the depth error: the split says which part a variant moves, and the signed
+        # depth error (> 0: too far) whether it is noise or a bias.
+        "depth_error_mm": depth.abs().numpy(),
+        "depth_signed_error_mm": depth.numpy(),
         "lateral_error_mm": lateral.numpy(),
     }
 
@@ -221,6 +223,9 @@ def _pose_summary(per: dict[str, np.ndarray], symmetric: bool) -> dict[str, floa
         "rotation_error_deg_median": median("rotation_error_deg"),
         "translation_error_mm_median": median("translation_error_mm"),
         "depth_error_mm_mean": mean("depth_error_mm"),
+        # The depth bias: > 0 when the poses lie too far, as a shrunk keypoint constellation puts them.
+        "depth_signed_error_mm_mean": mean("depth_signed_error_mm"),
+        "depth_signed_error_mm_median": median("depth_signed_error_mm"),
         "lateral_error_mm_mean": mean("lateral_error_mm"),
     }
 

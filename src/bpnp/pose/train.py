@@ -5,6 +5,10 @@ Variants (``TrainConfig.variant``):
 - ``"heatmap"``: the heatmap loss alone (KL to Gaussian targets, :func:`~bpnp.pose.model.heatmap_loss`);
 - ``"bpnp"``: heatmap loss + ``beta`` x :class:`~bpnp.losses.BPnPReprojectionLoss` on the
   soft-argmax keypoints, after ``warmup_frac`` of the steps with the heatmap loss alone;
+- ``"bpnp-add"``: heatmap loss + ``beta`` x :class:`~bpnp.losses.BPnPADDLoss`, the keypoints'
+  ADD under the BPnP pose against the true pose, divided by the object's diameter: the pose error
+  measured on the object (mm), where ``"bpnp"`` measures it in the image (px), which hardly sees
+  depth;
 - ``"coord"``: the control, heatmap loss + ``beta`` x the same squared pixel error put on the
   soft-argmax coordinates directly (no PnP).
 
@@ -37,14 +41,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..losses import BPnPReprojectionLoss, keypoint_loss
+from ..losses import BPnPADDLoss, BPnPReprojectionLoss, keypoint_loss
 from ..progress import progress as progress_bar
+from . import bop
 from .data import PoseData, augment_image, load_split
 from .model import KeypointHeatmapNet, heatmap_confidence, heatmap_loss, soft_argmax
 
 __all__ = ["TrainConfig", "train", "load_checkpoint", "normalise_images", "VARIANTS"]
 
-VARIANTS = ("heatmap", "bpnp", "coord")
+VARIANTS = ("heatmap", "bpnp", "bpnp-add", "coord")
+# The variants whose extra loss goes through the PnP layer.
+THROUGH_PNP = ("bpnp", "bpnp-add")
 MEAN, STD = 0.5, 0.25  # input normalisation of the network
 
 
@@ -56,14 +63,14 @@ class TrainConfig:
         data: BOP split folder of the training images; test_data: split to evaluate on at the end
             (optional); obj_id: the object.
         out: the run folder (checkpoints, log, plots, config).
-        variant: ``"heatmap"``, ``"bpnp"`` or ``"coord"`` (see the module).
+        variant: ``"heatmap"``, ``"bpnp"``, ``"bpnp-add"`` or ``"coord"`` (see the module).
         steps, batch_size, lr: Adam on ``batch_size`` images per step (the global batch under
             torchrun), cosine decay to ``lr * lr_final``; clip_grad: gradient-norm clip.
         warmup_frac: share of the steps before the pose/coordinate loss starts.
         beta: weight of that loss; None: balanced by gradient norms (``balance``) at the end of
             the warm-up. balance 0.3 and confidence weights are the best of a sweep on spot
             (docs/objpose.md).
-        confidence_weights: BPnP weights from the heatmaps' confidences (``bpnp`` variant).
+        confidence_weights: BPnP weights from the heatmaps' confidences (``bpnp``, ``bpnp-add``).
         size: input image side; width: network width; sigma: heatmap target width (cells).
         window: keypoint readout, :func:`~bpnp.pose.model.soft_argmax` over this many cells
             around each heatmap's peak (None: the whole map), in training and evaluation alike.
@@ -195,6 +202,7 @@ class _StepBatches(torch.utils.data.Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(imgs)),
             "kp2d": torch.from_numpy(self.data.keypoints2d[idx]),
             "K": torch.from_numpy(self.data.K[idx]),
+            "pose": torch.from_numpy(self.data.pose[idx]),
         }
 
 
@@ -299,7 +307,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     params = [p for p in net.parameters() if p.requires_grad]
     kp3d = torch.from_numpy(data.keypoints3d).to(device)
-    pnp_loss = BPnPReprojectionLoss(weight=1.0, confidence_weighted=cfg.confidence_weights)
+    if cfg.variant == "bpnp-add":
+        diameter = float(bop.read_models_info(bop.find_models_dir(cfg.data))[cfg.obj_id]["diameter"])
+        pnp_loss = BPnPADDLoss(scale=diameter, confidence_weighted=cfg.confidence_weights)
+    else:
+        pnp_loss = BPnPReprojectionLoss(confidence_weighted=cfg.confidence_weights)
     log_path = out / "log.csv"
     columns = ["step", "lr", "loss", "loss_heatmap", "loss_pose", "kp_error_px", "pnp_failures", "beta", "seconds"]
     if rank == 0:
@@ -333,9 +345,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         l_p = torch.zeros((), device=device)
         pose_phase = cfg.variant != "heatmap" and step >= cfg.warmup_steps
         if pose_phase:
-            if cfg.variant == "bpnp":
+            if cfg.variant in THROUGH_PNP:
                 w = heatmap_confidence(probs, coords, net.stride).detach().double() if cfg.confidence_weights else None
-                l_p = pnp_loss(coords.double(), kp3d, K, kp_true.double(), weights=w).float()
+                target = batch["pose"].to(device) if cfg.variant == "bpnp-add" else kp_true.double()
+                l_p = pnp_loss(coords.double(), kp3d, K, target, weights=w).float()
                 failures_window += pnp_loss.last_failures
                 total_failures += pnp_loss.last_failures
             else:
@@ -459,7 +472,7 @@ def plot_log(paths: str | Path | dict[str, str | Path], out: str | Path) -> None
             axes[1].plot(log["step"][on], log["loss_pose"][on], color=colour, label=label)
         axes[2].plot(log["step"], log["kp_error_px"], color=colour, label=label)
     axes[0].set_title("heatmap loss (KL)")
-    axes[1].set_title("pose / coordinate loss (px$^2$)")
+    axes[1].set_title("pose / coordinate loss (px$^2$; bpnp-add: ADD / diameter)")
     axes[2].set_title("train keypoint error (px)")
     for ax in axes:
         ax.set_xlabel("step")
