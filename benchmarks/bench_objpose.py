@@ -17,7 +17,7 @@ from common import machine, paired, write_json
 
 import bpnp
 from bpnp.apps.objpose import spot_mesh
-from bpnp.losses import BPnPReprojectionLoss
+from bpnp.losses import BPnPADDLoss, BPnPReprojectionLoss
 from bpnp.pose.data import RenderSettings, load_split, render_dataset
 from bpnp.pose.model import KeypointHeatmapNet, heatmap_loss, soft_argmax
 from bpnp.pose.train import normalise_images
@@ -46,16 +46,19 @@ def main() -> None:
     images = normalise_images(torch.from_numpy(data.images[idx]).to(device))
     kp = torch.from_numpy(data.keypoints2d[idx]).to(device)
     K = torch.from_numpy(data.K[idx]).to(device)
+    pose = torch.from_numpy(data.pose[idx]).to(device)
     kp3d = torch.from_numpy(data.keypoints3d).to(device)
-    pnp = BPnPReprojectionLoss()
+    reprojection, add_loss = BPnPReprojectionLoss(), BPnPADDLoss(scale=100.0)
     sync = device.type == "cuda"
 
-    def step(with_pnp: bool):
+    def step(pnp_loss: str | None):
         logits = net(images)
         coords, _ = soft_argmax(logits, net.stride, 3)
         loss = heatmap_loss(logits, kp.float())
-        if with_pnp:
-            loss = loss + 1e-3 * pnp(coords.double(), kp3d, K, kp).float()
+        if pnp_loss == "reprojection":
+            loss = loss + 1e-3 * reprojection(coords.double(), kp3d, K, kp).float()
+        elif pnp_loss == "add":
+            loss = loss + 0.3 * add_loss(coords.double(), kp3d, K, pose).float()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -66,11 +69,17 @@ def main() -> None:
         res = bpnp.solve_pnp(noisy, kp3d, K, warn=False)
         res.pose.sum().backward()
 
-    fns = {"heat": lambda: step(False), "full": lambda: step(True), "layer": layer_only}
+    fns = {
+        "heat": lambda: step(None),
+        "full": lambda: step("reprojection"),
+        "add": lambda: step("add"),
+        "layer": layer_only,
+    }
     t = paired(fns, repeat=9, warmup=2, sync=sync)
-    heat, full, layer = t["heat"], t["full"], t["layer"]
+    heat, full, add, layer = t["heat"], t["full"], t["add"], t["layer"]
     rows.append((f"train step, heatmap loss (B={args.batch})", 1e3 * heat, f"{args.batch / heat:.0f} images/s"))
     rows.append((f"train step, + BPnP loss (B={args.batch})", 1e3 * full, f"{args.batch / full:.0f} images/s"))
+    rows.append((f"train step, + BPnP ADD loss (B={args.batch})", 1e3 * add, f"{args.batch / add:.0f} images/s"))
     rows.append(("PnP layer alone: solve + backward", 1e3 * layer, f"{100 * layer / full:.1f}% of a step"))
     print(f"{'what':48s} {'ms':>9s}  note")
     for name, ms, note in rows:

@@ -43,6 +43,22 @@ def test_projection_rotation_translation_errors():
     assert ok.all() and not metrics.cm_deg_accuracy(other, p.pose, deg=0.1, unit_per_cm=0.01).any()
 
 
+def test_keypoint_scale_error_is_the_spread_about_the_centre_relative_to_the_truth():
+    centre = torch.tensor([[50.0, 40.0], [0.0, 0.0]], dtype=F64)
+    true = centre[:, None] + torch.tensor([[[10.0, 0.0], [0.0, -20.0], [-5.0, 5.0]]], dtype=F64)
+    shrunk = centre[:, None] + 0.97 * (true - centre[:, None])
+    assert torch.allclose(metrics.keypoint_scale_error(shrunk, true, centre), torch.full((2,), -0.03, dtype=F64))
+    # An error across each radius is no change of scale, nor is a keypoint at the centre itself.
+    offset = true - centre[:, None]
+    across = torch.stack([-offset[..., 1], offset[..., 0]], -1) * 0.2
+    at_centre = torch.cat([true, centre[:, None]], 1), torch.cat([shrunk, centre[:, None] + 4.0], 1)
+    assert metrics.keypoint_scale_error(true + across, true, centre).abs().max() < 1e-12
+    assert torch.allclose(
+        metrics.keypoint_scale_error(at_centre[1], at_centre[0], centre), torch.full((2,), -0.03, dtype=F64)
+    )
+    assert metrics.keypoint_scale_error(true, true, centre).abs().max() == 0
+
+
 def test_depth_and_lateral_error_split_the_translation_error_along_and_across_the_ray():
     true = torch.tensor([[0.1, 0.2, 0.3, 0.0, 0.0, 500.0], [0.0, 0.0, 0.0, 30.0, -40.0, 120.0]], dtype=F64)
     pred = true.clone()

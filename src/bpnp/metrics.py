@@ -20,6 +20,7 @@ __all__ = [
     "rotation_error_deg",
     "translation_error",
     "depth_and_lateral_error",
+    "keypoint_scale_error",
     "cm_deg_accuracy",
     "auc",
 ]
@@ -114,6 +115,24 @@ def depth_and_lateral_error(pred: Tensor, true: Tensor, signed: bool = False) ->
     ray = true[:, 3:] / true[:, 3:].norm(dim=-1, keepdim=True)
     along = (dt * ray).sum(-1)
     return along if signed else along.abs(), (dt - along[:, None] * ray).norm(dim=-1)
+
+
+def keypoint_scale_error(pred: Tensor, true: Tensor, centre: Tensor) -> Tensor:
+    """How much larger a predicted keypoint constellation is than the true one, about a centre:
+    ``(B, k, 2), (B, k, 2), (B, 2) -> (B,)``, ``sum_i (pred_i - c) . u_i / sum_i |true_i - c| - 1``
+    with ``u_i`` the direction from ``c`` to ``true_i`` (< 0: shrunk towards the centre).
+
+    Only the radial part of each keypoint's error counts: an error across the radius lengthens it
+    whichever way it points, and would read as growth. Keypoints at the centre itself (the
+    object's centre, say) have no radial direction and do not count. With ``centre`` the
+    projection of the object's centre, a constellation shrunk by s% makes PnP place the object
+    about s% too far: the part of the depth error that the keypoints' spread decides."""
+    offset = true - centre[:, None]  # Bxkx2
+    radius = offset.norm(dim=-1)
+    has_direction = radius > 1e-9 * radius.amax(-1, keepdim=True).clamp_min(1e-300)
+    direction = offset / torch.where(has_direction, radius, torch.ones_like(radius))[..., None]
+    radial = ((pred - centre[:, None]) * direction).sum(-1)
+    return (radial * has_direction).sum(-1) / (radius * has_direction).sum(-1) - 1.0
 
 
 def cm_deg_accuracy(pred: Tensor, true: Tensor, cm: float = 5.0, deg: float = 5.0, unit_per_cm: float = 10.0) -> Tensor:

@@ -1,7 +1,8 @@
 """Evaluating a trained keypoint network: keypoints -> PnP pose -> the field's metrics.
 
 Metrics (per image, saved in ``per_image.npz`` for paired comparisons; summarised in
-``metrics.json``): keypoint error (px), 2D projection error of the model's vertices (px) and its
+``metrics.json``): keypoint error (px), the keypoint constellation's scale error about the
+object's projected centre (< 0: shrunk, which puts the pose too far), 2D projection error of the model's vertices (px) and its
 accuracy at 5 px, ADD and ADD-S (mm) and their accuracy at 10% of the diameter (ADD-0.1d;
 ``add_or_adds_0.1d`` uses ADD-S for symmetric objects), 5 cm 5 deg, the ADD(-S) AUC up to 10 cm, PnP
 convergence, and the mean error of each keypoint. Predictions are also written as a BOP result CSV.
@@ -152,6 +153,11 @@ def evaluate(
     kp_errors = np.linalg.norm(pred["kp2d"] - data.keypoints2d, axis=-1)  # NxK
     per["kp_error_px"] = kp_errors.mean(-1)
     per["kp_error_px_each"] = kp_errors
+    # A constellation shrunk towards the object's centre puts the pose too far (the depth bias).
+    centre = project(torch.zeros(1, 3, dtype=torch.float64), torch.from_numpy(data.pose), torch.from_numpy(data.K))
+    per["kp_scale_error"] = M.keypoint_scale_error(
+        torch.from_numpy(pred["kp2d"]), torch.from_numpy(data.keypoints2d), centre[:, 0]
+    ).numpy()
     if visibility:
         per["kp_visibility"] = keypoint_visibility(data_dir, kp3d, obj_id, limit=limit)
     per["converged"] = pred["converged"]
@@ -168,6 +174,8 @@ def evaluate(
         "kp_error_px_median": float(np.median(per["kp_error_px"])),
         # Which keypoints the network cannot place (e.g. the look-alikes of a symmetric object).
         "kp_error_px_per_keypoint": [round(float(e), 3) for e in kp_errors.mean(0)],
+        "kp_scale_error_mean": float(per["kp_scale_error"].mean()),
+        "kp_scale_error_median": float(np.median(per["kp_scale_error"])),
         **(_visibility_summary(per["kp_visibility"], kp_errors) if visibility else {}),
         **_pose_summary(per, symmetric),
         "pnp_converged": float(pred["converged"].mean()),
