@@ -296,6 +296,19 @@ def test_experiment_reports_only_the_seeds_that_have_finished(tmp_path):
     assert "No seed of [0] has finished" in (tmp_path / "report.md").read_text()
 
 
+def test_the_quick_demo_compares_heatmap_only_with_the_bpnp_add_loss(tmp_path):
+    from bpnp.apps.objpose import Budget, run
+
+    budget = Budget(train_count=16, test_count=8, steps=10, size=32, batch_size=8, width=8, workers=0)
+    metrics = run(out=str(tmp_path), quiet=True, budget=budget)
+    assert sorted(metrics["variants"]) == ["bpnp-add", "heatmap"]
+    assert metrics["variants"]["bpnp-add"]["pnp_failures_train"] == 0
+    assert len(metrics["acceptance"]) == 2 and all(isinstance(ok, bool) for ok in metrics["acceptance"].values())
+    report = (tmp_path / "report.md").read_text()
+    assert "bpnp-add" in report and "Acceptance:" in report
+    assert json.loads((tmp_path / "metrics.json").read_text())["budget"]["steps"] == 10
+
+
 def test_per_seed_rows_count_the_images_each_variant_alone_passes():
     from bpnp.apps.objpose import SEED_HEADER, per_seed_rows
 

@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         type=_variants,
         default=None,
-        help="objpose: comma-separated training variants (heatmap, bpnp, bpnp-add, coord; default heatmap,bpnp)",
+        help="objpose: comma-separated training variants (heatmap, bpnp, bpnp-add, coord; default heatmap,bpnp-add)",
     )
     _add_pose_commands(sub)
     cal = sub.add_parser("calibrate", help="calibrate a camera from chessboard photographs")
