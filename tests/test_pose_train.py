@@ -150,6 +150,31 @@ def test_loss_falls_and_no_pnp_failure(tiny_data, tmp_path, variant):
         assert (tmp_path / name).is_file(), name
 
 
+def test_a_progress_bar_over_a_data_loader_starts_no_workers_of_its_own():
+    import multiprocessing
+
+    from bpnp.progress import progress
+
+    loader = torch.utils.data.DataLoader(list(range(4)), batch_size=None, num_workers=1)
+    bar = progress(loader, total=4, disable=True)
+    assert not multiprocessing.active_children()  # nothing until the loop asks
+    assert list(bar) == [0, 1, 2, 3]
+    assert not multiprocessing.active_children()
+
+
+def test_training_leaves_no_data_worker_behind(tiny_data, tmp_path):
+    # The worker processes end with the loop, not when a garbage collection finds them.
+    import gc
+    import multiprocessing
+
+    gc.disable()
+    try:
+        train(_tiny(tiny_data, tmp_path, variant="heatmap", steps=8, workers=1))
+        assert not multiprocessing.active_children()
+    finally:
+        gc.enable()
+
+
 def _state(path):
     return torch.load(path, weights_only=False)["model"]
 
@@ -615,31 +640,40 @@ def test_library_never_imports_the_apps():
     assert done.stdout.strip() == "[]"
 
 
-KEPT = Path(__file__).resolve().parents[1] / "results" / "objpose_long"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+# Every report kept beside the records of an experiment: (folder, report name or None).
+KEPT_REPORTS = [
+    (folder.name, None if path.stem == "metrics" else path.stem.removeprefix("metrics_"))
+    for folder in sorted(RESULTS.glob("objpose_*"))
+    for path in sorted(folder.glob("metrics*.json"))
+]
 
 
-@pytest.mark.skipif(not (KEPT / "metrics.json").is_file(), reason="no kept record of the longer experiment")
-def test_the_kept_longer_experiment_gives_its_committed_report(tmp_path):
-    # The report in the repository is what its runs' records give, whatever machine reads them.
+@pytest.mark.skipif(not KEPT_REPORTS, reason="no kept record of an experiment")
+@pytest.mark.parametrize("folder,name", KEPT_REPORTS)
+def test_a_kept_experiment_gives_its_committed_report(tmp_path, folder, name):
+    # A report in the repository is what its runs' records give, whatever machine reads them.
     import shutil
 
     from bpnp.apps.objpose import Budget, run_experiment
 
-    committed = json.loads((KEPT / "metrics.json").read_text())
+    kept = RESULTS / folder
+    committed = json.loads((kept / (f"metrics_{name}.json" if name else "metrics.json")).read_text())
     assert committed["seeds"], "the kept report names no finished seed"
     copy = tmp_path / "kept"
-    shutil.copytree(KEPT, copy, ignore=shutil.ignore_patterns("*.pt", "data", "*.log"))
+    shutil.copytree(kept, copy, ignore=shutil.ignore_patterns("*.pt", "data", "*.log"))
     budget = Budget(**committed["budget"])
-    assert (budget.train_count, budget.test_count, budget.steps) == (20000, 1000, 16000)
     meshes = sorted(committed["seeds"])
     seeds = sorted({s for found in committed["seeds"].values() for s in found})
     variants = tuple(sorted({v for found in committed["meshes"].values() for v in found}, key=lambda v: v != "heatmap"))
-    results = run_experiment(str(copy), meshes, seeds, variants, budget, quiet=True, finished_only=True)
-    again = json.loads((copy / "metrics.json").read_text())
+    results = run_experiment(
+        str(copy), meshes, seeds, variants, budget, quiet=True, finished_only=True, report_name=name
+    )
+    again = json.loads((copy / (f"metrics_{name}.json" if name else "metrics.json")).read_text())
     assert again["seeds"] == committed["seeds"]
     assert again["meshes"] == committed["meshes"] and sorted(results) == meshes
     for mesh in meshes:
         for variant in variants:
             for seed in committed["seeds"][mesh]:
-                record = json.loads((KEPT / mesh / f"{variant}_seed{seed}" / "train_summary.json").read_text())
-                assert record["steps"] == 16000 and record["pnp_failures"] == 0
+                record = json.loads((kept / mesh / f"{variant}_seed{seed}" / "train_summary.json").read_text())
+                assert record["steps"] == budget.steps and record["pnp_failures"] == 0
