@@ -92,6 +92,8 @@ def test_bpnp_add_loss_is_the_add_of_the_bpnp_pose_with_exact_gradient():
         BPnPADDLoss(scale=0.0)
     with pytest.raises(ValueError, match="shared"):
         loss_fn(x, p.x3d, p.K, p.pose)
+    with pytest.raises(ValueError, match=r"pose_true: expected \(3, 6\)"):
+        loss_fn(x, model, p.K, p.pose[:2])
 
 
 pytest.importorskip("trimesh")

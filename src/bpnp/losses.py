@@ -10,7 +10,7 @@ on that pose; its gradient reaches the keypoints exactly through the implicit fu
   loss hardly sees the depth of a pose (a 1% depth error moves a 90 px object's rim by under
   half a pixel), and under rotation uncertainty its optimum is a constellation pulled towards its
   centre, which PnP places too far away; ADD weighs a depth error like any other error of that
-  length (docs/objpose.md, "The depth bias").
+  length (docs/objpose.md, "Where it stands: the depth bias, and a BPnP loss that sees it").
 """
 
 from __future__ import annotations
@@ -146,6 +146,8 @@ class BPnPADDLoss(_LossThroughPnP):
             return x_pred.sum() * 0.0
         if x3d.dim() != 2 or (points is not None and points.dim() != 2):
             raise ValueError("x3d and points: expected one (n, 3) model shared by the batch")
+        if pose_true.shape != (x_pred.shape[0], 6):
+            raise ValueError(f"pose_true: expected ({x_pred.shape[0]}, 6) [rvec, t], got {tuple(pose_true.shape)}")
         res = self._solve(x_pred, x3d, K, weights)
         pts = x3d if points is None else points
         per_item = add(res.pose, pose_true.to(res.pose.dtype), pts.to(res.pose.dtype)) / self.scale

@@ -2,10 +2,12 @@
 
 Metrics (per image, saved in ``per_image.npz`` for paired comparisons; summarised in
 ``metrics.json``): keypoint error (px), the keypoint constellation's scale error about the
-object's projected centre (< 0: shrunk, which puts the pose too far), 2D projection error of the model's vertices (px) and its
-accuracy at 5 px, ADD and ADD-S (mm) and their accuracy at 10% of the diameter (ADD-0.1d;
-``add_or_adds_0.1d`` uses ADD-S for symmetric objects), 5 cm 5 deg, the ADD(-S) AUC up to 10 cm, PnP
-convergence, and the mean error of each keypoint. Predictions are also written as a BOP result CSV.
+object's projected centre (< 0: shrunk, which puts the pose too far), 2D projection error of the
+model's vertices (px) and its accuracy at 5 px, ADD and ADD-S (mm) and their accuracy at 10% of
+the diameter (ADD-0.1d; ``add_or_adds_0.1d`` uses ADD-S for symmetric objects), 5 cm 5 deg, the
+ADD(-S) AUC up to 10 cm, the translation error along the line of sight (signed: the depth bias)
+and across it, PnP convergence, and the mean error of each keypoint. Predictions are also written
+as a BOP result CSV.
 """
 
 from __future__ import annotations
