@@ -309,6 +309,7 @@ def test_experiment_reports_only_the_seeds_that_have_finished(tmp_path):
     ]
     assert "spot_triangulated_heatmap-only_loss.png" in (tmp_path / "report_heatmap-only.md").read_text()
     assert (mesh_dir / "spot_triangulated_heatmap-only_loss.png").is_file()
+    assert (mesh_dir / "spot_triangulated_heatmap-only_depth.png").is_file()  # the signed depth errors
     assert (tmp_path / "report.md").read_text() == kept_report
     with pytest.raises(ValueError, match="report_name"):
         run_experiment(

@@ -372,18 +372,25 @@ def _header(baseline: str) -> list[str]:
 
 
 def _figures(result: dict, root: Path, name: str, link: str = "", tag: str = "") -> list[str]:
-    """Loss curves of every variant's first seed (``{name}{tag}_loss.png``) and each variant's
-    overlays, copied into ``root`` (as JPEG: a run's 1024 px PNG of renders is 1.5 MB); markdown
-    lines whose image links start with ``link``. A copy made before is linked when the run's own
-    overlays are gone (a kept record has none)."""
+    """Loss curves of every variant's first seed (``{name}{tag}_loss.png``), the histograms of
+    their signed depth errors (``{name}{tag}_depth.png``; records evaluated before it have none)
+    and each variant's overlays, copied into ``root`` (as JPEG: a run's 1024 px PNG of renders is
+    1.5 MB); markdown lines whose image links start with ``link``. A copy made before is linked
+    when the run's own overlays are gone (a kept record has none)."""
     from PIL import Image
 
     from ..pose.train import plot_log
+    from .plots import signed_error_histograms
 
     runs = result["runs"]
     seed = min(next(iter(runs.values())))
     plot_log({v: str(root / f"{v}_seed{seed}" / "log.csv") for v in runs}, root / f"{name}{tag}_loss.png")
     lines = [f"![loss curves]({link}{name}{tag}_loss.png)", ""]
+    depth = {v: by_seed[seed]["per_image"].get("depth_signed_error_mm") for v, by_seed in runs.items()}
+    if all(d is not None for d in depth.values()):
+        title = f"{name}, seed {seed}: where each variant puts the object along the line of sight"
+        signed_error_histograms(root / f"{name}{tag}_depth.png", depth, "depth error (mm, > 0: too far)", title)
+        lines += [f"![signed depth errors]({link}{name}{tag}_depth.png)", ""]
     for variant in runs:
         src = root / f"{variant}_seed{seed}" / "eval" / "overlays.png"
         copy = f"{name}_{variant}_seed{seed}_overlays.jpg"

@@ -109,3 +109,29 @@ def corners_on_image(path: Path, image: np.ndarray, detected: np.ndarray, reproj
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def signed_error_histograms(path: Path, errors: dict[str, np.ndarray], xlabel: str, title: str) -> Path:
+    """One histogram per label of signed errors ``(N,)``, on common bins over the central 98% of
+    all values, each with a line at its median: where a bias shows as a shift off zero."""
+    plt = _plt()
+    finite = {k: np.asarray(v, dtype=np.float64)[np.isfinite(v)] for k, v in errors.items()}
+    pooled = np.concatenate([v for v in finite.values() if len(v)] or [np.zeros(1)])
+    lo, hi = np.quantile(pooled, [0.01, 0.99])
+    bins = np.linspace(min(lo, 0.0), max(hi, 0.0), 61)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for i, (label, values) in enumerate(finite.items()):
+        colour = f"C{i}"
+        ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, histtype="step", lw=1.4, color=colour,
+                label=f"{label} (median {np.median(values):+.1f})")  # fmt: skip
+        ax.axvline(np.median(values), color=colour, ls="--", lw=1)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test images")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
