@@ -478,7 +478,7 @@ def plot_log(paths: str | Path | dict[str, str | Path], out: str | Path) -> None
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        if isinstance(paths, dict):
+        if isinstance(paths, dict) and ax.get_legend_handles_labels()[0]:  # heatmap-only: no pose loss
             ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
