@@ -229,6 +229,10 @@ def test_warm_start_from_a_heatmap_snapshot_equals_training_from_scratch(tiny_da
     log_a, log_b = read_log(scratch / "log.csv"), read_log(forked / "log.csv")
     assert log_a["step"].tolist() == log_b["step"].tolist()
     assert log_a["loss"].tolist() == log_b["loss"].tolist()
+    # A fixed beta holds from the snapshot on (the snapshot, taken in the warm-up, has none).
+    fixed = train(_tiny(tiny_data, tmp_path / "fixed", variant="bpnp", warm_start=str(snapshot), beta=0.25, **common))
+    assert fixed["beta"] == 0.25
+    assert set(read_log(tmp_path / "fixed" / "log.csv")["beta"][-3:]) == {0.25}
     # A snapshot this run would not have reached by itself is refused, saying why.
     with pytest.raises(ValueError, match="other seed"):
         train(_tiny(tiny_data, tmp_path / "x", variant="bpnp", warm_start=str(snapshot), **{**common, "seed": 1}))
@@ -576,6 +580,18 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys, args, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--beta", "-1", "expected a finite number >= 0"), ("--balance", "0", "expected a finite positive number")],
+)
+def test_cli_train_rejects_a_bad_loss_weight(tmp_path, capsys, option, value, message):
+    from bpnp.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--data", str(tmp_path), option, value])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_cli_render_train_evaluate(tmp_path, capsys):
     from bpnp.cli import main
 
@@ -616,8 +632,9 @@ def test_cli_render_train_evaluate(tmp_path, capsys):
         "--batch-size",
         "4",
     ]
-    assert main(args + ["--size", "32", "--workers", "0", "--out", str(run), "--quiet"]) == 0
+    assert main(args + ["--size", "32", "--workers", "0", "--balance", "0.1", "--out", str(run), "--quiet"]) == 0
     assert json.loads((run / "eval" / "metrics.json").read_text())["images"] == 4
+    assert json.loads((run / "config.json").read_text())["balance"] == 0.1
     assert (
         main(
             ["evaluate", "--checkpoint", str(run / "model.pt"), "--data", str(data / "test"), "--limit", "2", "--quiet"]

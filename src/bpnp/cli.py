@@ -39,6 +39,10 @@ def _positive_float(text: str) -> float:
     return _float_where(text, lambda v: v > 0, "a finite positive number")
 
 
+def _nonnegative_float(text: str) -> float:
+    return _float_where(text, lambda v: v >= 0, "a finite number >= 0")
+
+
 def _fraction(text: str) -> float:
     return _float_where(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
@@ -134,6 +138,18 @@ def _add_pose_commands(sub) -> None:
     tr.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 1)")
     tr.add_argument("--seed", type=int, default=None, help="weights, batch order, augmentation (default 0)")
     tr.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
+    tr.add_argument(
+        "--balance",
+        type=_positive_float,
+        default=None,
+        help="the pose loss's gradient norm over the heatmap loss's at the end of the warm-up, which sets beta (default 0.3)",
+    )
+    tr.add_argument(
+        "--beta",
+        type=_nonnegative_float,
+        default=None,
+        help="weight of the pose loss, fixed instead of set by --balance",
+    )
     tr.add_argument("--out", default=None, help="run folder (default runs/train)")
     tr.add_argument(
         "--warm-start",
@@ -246,6 +262,8 @@ def _run_pose(args: argparse.Namespace) -> int:
             "steps": args.steps,
             "batch_size": args.batch_size,
             "lr": args.lr,
+            "balance": args.balance,
+            "beta": args.beta,
             "size": args.size,
             "workers": args.workers,
             "seed": args.seed,

@@ -69,7 +69,8 @@ class TrainConfig:
         warmup_frac: share of the steps before the pose/coordinate loss starts.
         beta: weight of that loss; None: balanced by gradient norms (``balance``) at the end of
             the warm-up. balance 0.3 and confidence weights are the best of a sweep on spot
-            (docs/objpose.md).
+            with ``"bpnp"``; with ``"bpnp-add"`` the balance gave betas of 0.44-2.03, and those
+            above 1 cost keypoint accuracy (docs/objpose.md, "The loss weight, measured").
         confidence_weights: BPnP weights from the heatmaps' confidences (``bpnp``, ``bpnp-add``).
         size: input image side; width: network width; sigma: heatmap target width (cells).
         window: keypoint readout, :func:`~bpnp.pose.model.soft_argmax` over this many cells
@@ -300,7 +301,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        start, beta, seconds_before = ckpt["step"], ckpt["beta"], ckpt.get("seconds", 0.0)
+        start, seconds_before = ckpt["step"], ckpt.get("seconds", 0.0)
+        # A warm-up snapshot was taken before any beta was set: this run's own (fixed or None) holds.
+        beta = cfg.beta if warm is not None else ckpt["beta"]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_json(out / "config.json")
