@@ -102,9 +102,9 @@ def figure(found: dict, path: Path) -> None:
                 betas = [r["beta"] for r in by_seed.values()]
                 means = [r["diffs"][col].mean() for r in by_seed.values()]
                 ax.scatter(betas, means, c=colours[mesh], marker=markers[balance], s=45)
-            # The same seed at both balances: a line from one to the other.
+            # The same mesh and seed under each setting, joined in the order of beta.
             for seed in set.intersection(*(set(b) for b in by_balance.values())) if len(by_balance) > 1 else ():
-                pair = [by_balance[b][seed] for b in by_balance]
+                pair = sorted((by_balance[b][seed] for b in by_balance), key=lambda r: r["beta"])
                 ax.plot([r["beta"] for r in pair], [r["diffs"][col].mean() for r in pair], c=colours[mesh], lw=0.8)
         ax.axhline(0.0, color="0.5", lw=0.8)
         ax.set_xlabel("beta")
