@@ -47,11 +47,11 @@ def _fmt(mean: float, lo: float, hi: float) -> str:
 
 
 def collect(root: Path = HERE) -> dict:
-    """Per mesh, balance and seed: beta and the per-image differences to heatmap-only."""
+    """Per mesh, setting (``RUNS``) and seed: beta and the per-image differences to heatmap-only."""
     found: dict = {}
     for mesh, add in MESHES.items():
         for seed in range(3):
-            for balance, name in RUNS.items():
+            for setting, name in RUNS.items():
                 run = root / mesh / name.format(seed)
                 if not (run / "eval" / "per_image.npz").is_file():
                     continue
@@ -67,22 +67,22 @@ def collect(root: Path = HERE) -> dict:
                 for col, (key, scale, _) in COLUMNS.items():
                     key = key.format(add)
                     diffs[col] = (per[key].astype(np.float64) - base[key].astype(np.float64)) * scale
-                found.setdefault(mesh, {}).setdefault(balance, {})[seed] = {"beta": beta, "diffs": diffs}
+                found.setdefault(mesh, {}).setdefault(setting, {})[seed] = {"beta": beta, "diffs": diffs}
     return found
 
 
 def table(found: dict) -> str:
     head = "| mesh | loss weight | seed | beta | " + " | ".join(label for _, _, label in COLUMNS.values()) + " |"
     lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
-    for mesh, by_balance in found.items():
-        for balance, by_seed in by_balance.items():
+    for mesh, by_setting in found.items():
+        for setting, by_seed in by_setting.items():
             for seed, run in sorted(by_seed.items()):
                 cells = [_fmt(*paired_interval([run["diffs"][c]])) for c in COLUMNS]
-                lines.append(f"| {mesh} | {balance} | {seed} | {run['beta']:.2f} | " + " | ".join(cells) + " |")
+                lines.append(f"| {mesh} | {setting} | {seed} | {run['beta']:.2f} | " + " | ".join(cells) + " |")
             if len(by_seed) >= 2:
                 cells = [_fmt(*paired_interval([r["diffs"][c] for r in by_seed.values()])) for c in COLUMNS]
                 betas = ", ".join(f"{r['beta']:.2f}" for _, r in sorted(by_seed.items()))
-                lines.append(f"| **{mesh}** | **{balance}** | **all** | {betas} | " + " | ".join(cells) + " |")
+                lines.append(f"| **{mesh}** | **{setting}** | **all** | {betas} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -97,14 +97,14 @@ def figure(found: dict, path: Path) -> None:
     panels = ("add01", "proj", "kp")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, col in zip(axes, panels):
-        for mesh, by_balance in found.items():
-            for balance, by_seed in by_balance.items():
+        for mesh, by_setting in found.items():
+            for setting, by_seed in by_setting.items():
                 betas = [r["beta"] for r in by_seed.values()]
                 means = [r["diffs"][col].mean() for r in by_seed.values()]
-                ax.scatter(betas, means, c=colours[mesh], marker=markers[balance], s=45)
+                ax.scatter(betas, means, c=colours[mesh], marker=markers[setting], s=45)
             # The same mesh and seed under each setting, joined in the order of beta.
-            for seed in set.intersection(*(set(b) for b in by_balance.values())) if len(by_balance) > 1 else ():
-                pair = sorted((by_balance[b][seed] for b in by_balance), key=lambda r: r["beta"])
+            for seed in set.intersection(*(set(b) for b in by_setting.values())):
+                pair = sorted((by_setting[b][seed] for b in by_setting), key=lambda r: r["beta"])
                 ax.plot([r["beta"] for r in pair], [r["diffs"][col].mean() for r in pair], c=colours[mesh], lw=0.8)
         ax.axhline(0.0, color="0.5", lw=0.8)
         ax.set_xlabel("beta")
