@@ -96,6 +96,37 @@ def test_bpnp_add_loss_is_the_add_of_the_bpnp_pose_with_exact_gradient():
         loss_fn(x, model, p.K, p.pose[:2])
 
 
+def test_pnp_weights_from_the_heatmaps_carry_an_exact_gradient():
+    # With learned weights the pose loss reaches the heatmaps twice: through the keypoints and
+    # through their confidences, the PnP weights. Both paths, checked along random directions.
+    from bpnp import project
+
+    gen = torch.Generator().manual_seed(3)
+    model = torch.rand(9, 3, generator=gen, dtype=torch.float64) * 10 - 5
+    K = torch.tensor([[40.0, 0, 16], [0, 40, 16], [0, 0, 1]], dtype=torch.float64)
+    pose = torch.tensor([[0.3, -0.2, 0.1, 0.5, -0.4, 30.0]], dtype=torch.float64)
+    kp = project(model, pose, K)  # within the 32 px image
+    noisy = kp + torch.randn(kp.shape, generator=gen, dtype=kp.dtype)
+    logits = torch.log(heatmap_targets(noisy, (8, 8), 4, 1.2).clamp_min(1e-12))
+    logits = logits + 0.3 * torch.randn(logits.shape, generator=gen, dtype=logits.dtype)
+    loss_fn = BPnPADDLoss(scale=10.0, confidence_weighted=True)
+
+    def loss(v, learned=True):
+        coords, probs = soft_argmax(v, 4, window=3)
+        w = heatmap_confidence(probs, coords, 4)
+        return loss_fn(coords, model, K, pose, weights=w if learned else w.detach())
+
+    v = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss(v), v)
+    (grad_fixed,) = torch.autograd.grad(loss(v, learned=False), v)
+    assert (grad - grad_fixed).norm() > 0.05 * grad.norm()  # the weights' path counts
+    eps = 1e-6
+    for _ in range(4):
+        d = torch.randn(logits.shape, generator=gen, dtype=logits.dtype)
+        numeric = (loss(logits + eps * d) - loss(logits - eps * d)) / (2 * eps)
+        assert float((grad * d).sum()) == pytest.approx(float(numeric), rel=1e-5, abs=1e-9)
+
+
 pytest.importorskip("trimesh")
 pytest.importorskip("moderngl")
 
@@ -233,6 +264,14 @@ def test_warm_start_from_a_heatmap_snapshot_equals_training_from_scratch(tiny_da
     fixed = train(_tiny(tiny_data, tmp_path / "fixed", variant="bpnp", warm_start=str(snapshot), beta=0.25, **common))
     assert fixed["beta"] == 0.25
     assert set(read_log(tmp_path / "fixed" / "log.csv")["beta"][-3:]) == {0.25}
+    # Learned PnP weights: the same warm-up, then the pose loss also trains the confidences.
+    learn = dict(variant="bpnp", warm_start=str(snapshot), beta=0.25, learn_weights=True)
+    learned = train(_tiny(tiny_data, tmp_path / "learned", **learn, **common))
+    assert learned["pnp_failures"] == 0 and learned["nonfinite_steps"] == 0
+    c = _state(tmp_path / "learned" / "model.pt")
+    d = _state(tmp_path / "fixed" / "model.pt")
+    assert not all(torch.equal(c[k], d[k]) for k in c) and all(torch.isfinite(c[k]).all() for k in c)
+    assert json.loads((tmp_path / "learned" / "config.json").read_text())["learn_weights"] is True
     # A snapshot this run would not have reached by itself is refused, saying why.
     with pytest.raises(ValueError, match="other seed"):
         train(_tiny(tiny_data, tmp_path / "x", variant="bpnp", warm_start=str(snapshot), **{**common, "seed": 1}))
@@ -249,7 +288,7 @@ def test_warm_start_from_a_heatmap_snapshot_equals_training_from_scratch(tiny_da
 
 
 def test_experiment_shares_the_warm_up_and_continues_where_it_stopped(tmp_path):
-    from bpnp.apps.objpose import Budget, compare
+    from bpnp.apps.objpose import Budget, PoseLossSetting, compare
 
     budget = Budget(train_count=16, test_count=8, steps=10, size=32, batch_size=8, width=8, workers=0)
     first = compare(spot_mesh(), tmp_path, ("heatmap", "bpnp"), (0,), budget, quiet=True)
@@ -261,6 +300,20 @@ def test_experiment_shares_the_warm_up_and_continues_where_it_stopped(tmp_path):
     again = compare(spot_mesh(), tmp_path, ("heatmap", "bpnp"), (0,), budget, quiet=True)
     assert stamps == {v: (tmp_path / f"{v}_seed0" / "model.pt").stat().st_mtime_ns for v in stamps}
     assert again["runs"]["bpnp"][0]["metrics"] == first["runs"]["bpnp"][0]["metrics"]
+    # Another loss weight: runs of its own, beside the default ones, from the same warm-up.
+    setting = PoseLossSetting(beta=0.5, learn_weights=True)
+    fixed = compare(spot_mesh(), tmp_path, ("heatmap", "bpnp"), (0,), budget, quiet=True, setting=setting)
+    assert fixed["folders"] == {"heatmap": "heatmap", "bpnp": "bpnp-beta0.5-learned-weights"}
+    assert stamps["heatmap"] == (tmp_path / "heatmap_seed0" / "model.pt").stat().st_mtime_ns
+    run = fixed["runs"]["bpnp"][0]["train"]
+    assert run["beta"] == 0.5 and run["warm_start"] == bpnp_run["warm_start"]
+    config = json.loads((tmp_path / "bpnp-beta0.5-learned-weights_seed0" / "config.json").read_text())
+    assert config["learn_weights"] is True and config["balance"] == 0.3
+    assert (
+        again["runs"]["bpnp"][0]["metrics"]
+        == compare(spot_mesh(), tmp_path, ("heatmap", "bpnp"), (0,), budget, quiet=True)["runs"]["bpnp"][0]["metrics"]
+    )
+    assert PoseLossSetting(balance=0.1, learn_weights=True).folder("coord") == "coord-balance0.1"
     with pytest.raises(ValueError, match="a run with other .*steps is there"):
         compare(spot_mesh(), tmp_path, ("heatmap",), (0,), Budget(**{**budget.__dict__, "steps": 12}), quiet=True)
     with pytest.raises(ValueError, match="keypoints chosen by 'fps', not 'distinctive'"):
@@ -549,6 +602,10 @@ def test_config_checks(tmp_path):
         TrainConfig(size=100)
     with pytest.raises(ValueError, match="checkpoint_every"):
         TrainConfig(log_every=10, checkpoint_every=15)
+    with pytest.raises(ValueError, match="learn_weights: needs .* got variant 'heatmap'"):
+        TrainConfig(variant="heatmap", learn_weights=True)
+    with pytest.raises(ValueError, match="learn_weights: needs .*confidence_weights False"):
+        TrainConfig(variant="bpnp-add", confidence_weights=False, learn_weights=True)
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"steps": 5, "colour": "red"}))
     with pytest.raises(ValueError, match="unknown config keys \\['colour'\\]"):
@@ -584,11 +641,12 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys, args, message):
     "option, value, message",
     [("--beta", "-1", "expected a finite number >= 0"), ("--balance", "0", "expected a finite positive number")],
 )
-def test_cli_train_rejects_a_bad_loss_weight(tmp_path, capsys, option, value, message):
+@pytest.mark.parametrize("command", ["train", "experiment"])
+def test_cli_rejects_a_bad_loss_weight(tmp_path, capsys, command, option, value, message):
     from bpnp.cli import main
 
     with pytest.raises(SystemExit) as stop:
-        main(["train", "--data", str(tmp_path), option, value])
+        main([command, "--out", str(tmp_path), option, value])
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -632,9 +690,11 @@ def test_cli_render_train_evaluate(tmp_path, capsys):
         "--batch-size",
         "4",
     ]
-    assert main(args + ["--size", "32", "--workers", "0", "--balance", "0.1", "--out", str(run), "--quiet"]) == 0
+    options = ["--size", "32", "--workers", "0", "--balance", "0.1", "--learn-weights"]
+    assert main(args + options + ["--out", str(run), "--quiet"]) == 0
     assert json.loads((run / "eval" / "metrics.json").read_text())["images"] == 4
-    assert json.loads((run / "config.json").read_text())["balance"] == 0.1
+    config = json.loads((run / "config.json").read_text())
+    assert config["balance"] == 0.1 and config["learn_weights"] is True
     assert (
         main(
             ["evaluate", "--checkpoint", str(run / "model.pt"), "--data", str(data / "test"), "--limit", "2", "--quiet"]

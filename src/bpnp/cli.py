@@ -150,6 +150,11 @@ def _add_pose_commands(sub) -> None:
         default=None,
         help="weight of the pose loss, fixed instead of set by --balance",
     )
+    tr.add_argument(
+        "--learn-weights",
+        action="store_true",
+        help="the pose loss trains the PnP weights (the heatmaps' confidences) too (bpnp, bpnp-add)",
+    )
     tr.add_argument("--out", default=None, help="run folder (default runs/train)")
     tr.add_argument(
         "--warm-start",
@@ -199,6 +204,23 @@ def _add_pose_commands(sub) -> None:
         choices=KEYPOINT_METHODS,
         default="fps",
         help="keypoints of symmetric meshes (teapot): fps over the surface, or distinctive (on what breaks the symmetry)",
+    )
+    ex.add_argument(
+        "--balance",
+        type=_positive_float,
+        default=None,
+        help="as for train, for every variant but heatmap (runs in folders of their own, e.g. bpnp-add-balance0.1_seed0)",
+    )
+    ex.add_argument(
+        "--beta",
+        type=_nonnegative_float,
+        default=None,
+        help="as for train, for every variant but heatmap (runs in folders of their own, e.g. bpnp-add-beta0.5_seed0)",
+    )
+    ex.add_argument(
+        "--learn-weights",
+        action="store_true",
+        help="as for train, for bpnp and bpnp-add (runs in folders of their own, e.g. bpnp-add-learned-weights_seed0)",
     )
     ex.add_argument("--out", default=None, help="output folder (default runs/objpose_experiment)")
     ex.add_argument(
@@ -264,6 +286,7 @@ def _run_pose(args: argparse.Namespace) -> int:
             "lr": args.lr,
             "balance": args.balance,
             "beta": args.beta,
+            "learn_weights": True if args.learn_weights else None,
             "size": args.size,
             "workers": args.workers,
             "seed": args.seed,
@@ -353,7 +376,7 @@ def _run_pose(args: argparse.Namespace) -> int:
             print(f"report: {Path(out) / 'report.md'}")
         return 0
     if args.command == "experiment":
-        from .apps.objpose import Budget, run_experiment
+        from .apps.objpose import Budget, PoseLossSetting, run_experiment
 
         out = _writable_dir(args.out, str(Path("runs") / "objpose_experiment"))
         budget = Budget(train_count=args.train_count, test_count=args.test_count, steps=args.steps, size=args.size)
@@ -368,6 +391,7 @@ def _run_pose(args: argparse.Namespace) -> int:
             keypoints=args.keypoints,
             finished_only=args.finished_only,
             report_name=args.report_name,
+            setting=PoseLossSetting(args.beta, args.balance, args.learn_weights),
         )
         if not args.quiet:
             print(f"report: {Path(out) / ('report_' + args.report_name if args.report_name else 'report')}.md")

@@ -75,6 +75,41 @@ class Budget:
     warmup_frac: float = 0.3
 
 
+@dataclass(frozen=True)
+class PoseLossSetting:
+    """How the variants other than heatmap-only weigh their extra loss, when not by
+    :class:`~bpnp.pose.train.TrainConfig`'s defaults: ``beta`` fixed, or set by ``balance``;
+    ``learn_weights``: the PnP variants' loss trains the PnP weights too. Such runs lie in
+    folders of their own (``bpnp-add-beta0.5_seed0``), beside the default ones, and share their
+    seed's heatmap-only run and warm-up."""
+
+    beta: float | None = None
+    balance: float | None = None
+    learn_weights: bool = False
+
+    def options(self, variant: str) -> dict[str, Any]:
+        """The :class:`~bpnp.pose.train.TrainConfig` fields this setting changes for ``variant``."""
+        from ..pose.train import THROUGH_PNP
+
+        if variant == "heatmap":
+            return {}
+        found = {k: v for k, v in (("beta", self.beta), ("balance", self.balance)) if v is not None}
+        if self.learn_weights and variant in THROUGH_PNP:
+            found["learn_weights"] = True
+        return found
+
+    def folder(self, variant: str) -> str:
+        """The stem of ``variant``'s run folders: ``<variant>[-beta<b>][-balance<b>][-learned-weights]``."""
+        return variant + "".join(
+            "-learned-weights" if k == "learn_weights" else f"-{k}{v:g}" for k, v in self.options(variant).items()
+        )
+
+    def describe(self) -> str:
+        """``"beta 0.5, learned PnP weights"``; empty for the defaults."""
+        parts = [f"{k} {v:g}" for k, v in (("beta", self.beta), ("balance", self.balance)) if v is not None]
+        return ", ".join(parts + (["learned PnP weights"] if self.learn_weights else []))
+
+
 # How a report names each training variant (bpnp.pose.train.VARIANTS).
 VARIANT_LABELS = {
     "heatmap": "heatmap-only",
@@ -113,10 +148,12 @@ def compare(
     quiet: bool = False,
     keypoints: str = "fps",
     finished_only: bool = False,
+    setting: PoseLossSetting | None = None,
 ) -> dict[str, Any]:
     """Render, train every variant for every seed, evaluate: the rows of one mesh (``symmetric``:
     the axis of a continuous symmetry, evaluated with ADD-S; ``keypoints``: ``"fps"`` or
-    ``"distinctive"``, see :func:`bpnp.pose.data.render_dataset`).
+    ``"distinctive"``, see :func:`bpnp.pose.data.render_dataset`; ``setting``: the loss weight
+    of the variants other than heatmap-only, their defaults when None).
 
     ``finished_only``: render and train nothing; read back the seeds whose every variant has
     finished (trained and evaluated) in ``out`` with this budget, skipping the others, so that an
@@ -138,6 +175,8 @@ def compare(
             mesh, data, counts, settings, seed=0, symmetric=symmetric, progress=bar, keypoint_method=keypoints
         )
     render_seconds = None if finished_only else time.perf_counter() - t0
+    setting = setting or PoseLossSetting()
+    folders = {v: setting.folder(v) for v in variants}
     runs: dict[str, dict[int, dict]] = {v: {} for v in variants}
     # The pose variants' warm-up is the heatmap run's first steps: trained once, then shared.
     warmup = int(round(budget.warmup_frac * budget.steps))
@@ -148,7 +187,7 @@ def compare(
         snapshot = out / f"heatmap_seed{seed}" / f"checkpoint_step{warmup:06d}.pt"
         found: dict[str, dict] = {}
         for variant in order:
-            run_dir = out / f"{variant}_seed{seed}"
+            run_dir = out / f"{folders[variant]}_seed{seed}"
             cfg = TrainConfig(
                 data=str(data / "train"),
                 test_data=str(data / "test"),
@@ -166,6 +205,7 @@ def compare(
                 progress=not quiet,
                 snapshot_steps=[warmup] if share and variant == "heatmap" else [],
                 warm_start=str(snapshot) if share and variant != "heatmap" else None,
+                **setting.options(variant),
             )
             if finished_only:
                 finished = _finished_run(cfg, run_dir)
@@ -181,7 +221,7 @@ def compare(
             read.append(seed)
             for variant, run in found.items():
                 runs[variant][seed] = run
-    return {"runs": runs, "render_seconds": render_seconds, "data": str(data), "seeds": read}
+    return {"runs": runs, "folders": folders, "render_seconds": render_seconds, "data": str(data), "seeds": read}
 
 
 def _finished_run(cfg: TrainConfig, run_dir: Path) -> tuple[dict, dict] | None:
@@ -255,7 +295,7 @@ def _train_and_evaluate(cfg: TrainConfig, test: Path, run_dir: Path, device: str
 
 
 # (summary key, label, per-image key, is a rate). The mean errors beside the rates: at the longer
-# budget 2D projection < 5 px passes 97-99% of the images for every variant, so a rate alone
+# budget 2D projection < 5 px passes 92-99% of the images for every variant, so a rate alone
 # cannot show a difference that the errors themselves may hold.
 METRIC_ROWS = [
     ("kp_error_px_mean", "keypoint error (px)", "kp_error_px", False),
@@ -383,8 +423,10 @@ def _figures(result: dict, root: Path, name: str, link: str = "", tag: str = "")
     from .plots import signed_error_histograms
 
     runs = result["runs"]
+    folders = result.get("folders", {})
     seed = min(next(iter(runs.values())))
-    plot_log({v: str(root / f"{v}_seed{seed}" / "log.csv") for v in runs}, root / f"{name}{tag}_loss.png")
+    run_dirs = {v: root / f"{folders.get(v, v)}_seed{seed}" for v in runs}
+    plot_log({v: str(run_dirs[v] / "log.csv") for v in runs}, root / f"{name}{tag}_loss.png")
     lines = [f"![loss curves]({link}{name}{tag}_loss.png)", ""]
     depth = {v: by_seed[seed]["per_image"].get("depth_signed_error_mm") for v, by_seed in runs.items()}
     if all(d is not None for d in depth.values()):
@@ -392,8 +434,8 @@ def _figures(result: dict, root: Path, name: str, link: str = "", tag: str = "")
         signed_error_histograms(root / f"{name}{tag}_depth.png", depth, "depth error (mm, > 0: too far)", title)
         lines += [f"![signed depth errors]({link}{name}{tag}_depth.png)", ""]
     for variant in runs:
-        src = root / f"{variant}_seed{seed}" / "eval" / "overlays.png"
-        copy = f"{name}_{variant}_seed{seed}_overlays.jpg"
+        src = run_dirs[variant] / "eval" / "overlays.png"
+        copy = f"{name}_{folders.get(variant, variant)}_seed{seed}_overlays.jpg"
         if src.is_file():
             Image.open(src).convert("RGB").save(root / copy, quality=85)
         if (root / copy).is_file():
@@ -477,8 +519,11 @@ def run_experiment(
     keypoints: str = "fps",
     finished_only: bool = False,
     report_name: str | None = None,
+    setting: PoseLossSetting | None = None,
 ) -> dict[str, Any]:
     """The comparison on several meshes and seeds (the longer experiment): one report.
+    ``setting``: the loss weight of the variants other than heatmap-only (see
+    :class:`PoseLossSetting`; their defaults when None).
     ``keypoints="distinctive"`` chooses the keypoints of a symmetric mesh among the points that
     break its symmetry (the others are unchanged). ``finished_only``: train nothing, report the
     seeds of each mesh that have finished in ``out`` (see :func:`compare`); a mesh without one is
@@ -499,7 +544,17 @@ def run_experiment(
         path = Path(name) if Path(name).suffix or finished_only else mesh_path(name)
         symmetric = MESHES.get(name, {}).get("symmetric")
         result = compare(
-            path, root / stem, tuple(variants), tuple(seeds), budget, symmetric, device, quiet, keypoints, finished_only
+            path,
+            root / stem,
+            tuple(variants),
+            tuple(seeds),
+            budget,
+            symmetric,
+            device,
+            quiet,
+            keypoints,
+            finished_only,
+            setting,
         )
         sections += [f"## {stem}" + (" (symmetric: ADD-S)" if symmetric else ""), ""]
         if not result["seeds"]:
@@ -525,6 +580,7 @@ def run_experiment(
         f"{budget.train_count} training / {budget.test_count} test renders per mesh, {budget.steps} steps of "
         f"{budget.batch_size}"
         + ("; keypoints of symmetric meshes among the points that break the symmetry" if keypoints != "fps" else "")
+        + (f"; the losses beside the heatmaps' at {setting.describe()}" if setting and setting.describe() else "")
         + ("; the runs that had finished, nothing trained for this report" if finished_only else "")
         + ".",
         "",
@@ -532,6 +588,12 @@ def run_experiment(
     (root / f"report{tag}.md").write_text("\n".join(report))
     write_json(
         root / f"metrics{tag}.json",
-        {"meshes": results, "budget": budget.__dict__, "seeds": seeds_read, "keypoints": keypoints},
+        {
+            "meshes": results,
+            "budget": budget.__dict__,
+            "seeds": seeds_read,
+            "keypoints": keypoints,
+            "setting": (setting or PoseLossSetting()).__dict__,
+        },
     )
     return results

@@ -72,6 +72,10 @@ class TrainConfig:
             with ``"bpnp"``; with ``"bpnp-add"`` the balance gave betas of 0.44-2.03, and those
             above 1 cost keypoint accuracy (docs/objpose.md, "The loss weight, measured").
         confidence_weights: BPnP weights from the heatmaps' confidences (``bpnp``, ``bpnp-add``).
+        learn_weights: let the pose loss's gradient reach those weights too (through the layer's
+            exact derivative with respect to ``w``), so that training can lower the weight of the
+            keypoints PnP should trust less, as EPro-PnP learns its weights; False: the weights
+            are constants of each step. Needs ``confidence_weights`` and a PnP variant.
         size: input image side; width: network width; sigma: heatmap target width (cells).
         window: keypoint readout, :func:`~bpnp.pose.model.soft_argmax` over this many cells
             around each heatmap's peak (None: the whole map), in training and evaluation alike.
@@ -99,6 +103,7 @@ class TrainConfig:
     beta: float | None = None
     balance: float = 0.3
     confidence_weights: bool = True
+    learn_weights: bool = False
     size: int = 128
     width: int = 32
     sigma: float = 1.0
@@ -135,6 +140,11 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
         if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
             raise ValueError(f"beta: expected a finite number >= 0 or None, got {self.beta!r}")
+        if self.learn_weights and not (self.confidence_weights and self.variant in THROUGH_PNP):
+            raise ValueError(
+                f"learn_weights: needs confidence_weights and a variant through PnP {THROUGH_PNP}, "
+                f"got variant {self.variant!r}, confidence_weights {self.confidence_weights}"
+            )
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window: expected a positive integer or None, got {self.window!r}")
         if self.workers < 0:
@@ -349,7 +359,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         pose_phase = cfg.variant != "heatmap" and step >= cfg.warmup_steps
         if pose_phase:
             if cfg.variant in THROUGH_PNP:
-                w = heatmap_confidence(probs, coords, net.stride).detach().double() if cfg.confidence_weights else None
+                w = None
+                if cfg.confidence_weights:
+                    w = heatmap_confidence(probs, coords, net.stride).double()
+                    w = w if cfg.learn_weights else w.detach()
                 target = batch["pose"].to(device) if cfg.variant == "bpnp-add" else kp_true.double()
                 l_p = pnp_loss(coords.double(), kp3d, K, target, weights=w).float()
                 failures_window += pnp_loss.last_failures
