@@ -1,7 +1,9 @@
 """The BPnP ADD loss at balance 0.3 (the default), 0.1 and a fixed beta 0.5, against heatmap-only.
 
 Reads the kept records of this folder (``<mesh>/bpnp-add_seed<k>`` at balance 0.3,
-``<mesh>/bpnp-add-balance0.1_seed<k>``, ``<mesh>/bpnp-add-beta0.5_seed<k>``, and the heatmap-only
+``<mesh>/bpnp-add-balance0.1_seed<k>``, ``<mesh>/bpnp-add-beta0.5_seed<k>``,
+``<mesh>/bpnp-add-beta0.5-learned-weights_seed<k>`` (beta 0.5, and the loss trains the PnP
+weights too), and the heatmap-only
 run each continued from its warm-up snapshot, named by its ``config.json``), prints a markdown
 table of the paired differences (per seed: bootstrap over the test images; per mesh: t-interval
 over the seeds) and writes ``docs/figures/objpose_balance.png``: each run's difference to
@@ -26,7 +28,10 @@ RUNS = {
     "balance 0.3": "bpnp-add_seed{}",
     "balance 0.1": "bpnp-add-balance0.1_seed{}",
     "beta 0.5": "bpnp-add-beta0.5_seed{}",
+    "beta 0.5, learned weights": "bpnp-add-beta0.5-learned-weights_seed{}",
 }
+# the settings that differ in beta alone (the figure joins each seed's runs of these)
+JOINED = ("balance 0.3", "balance 0.1", "beta 0.5")
 # column: (per-image key, scale, label)
 COLUMNS = {
     "kp": ("kp_error_px", 1.0, "keypoint error (px)"),
@@ -93,7 +98,7 @@ def figure(found: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"spot": "tab:blue", "cow": "tab:orange", "teapot": "tab:green"}
-    markers = {"balance 0.3": "o", "balance 0.1": "^", "beta 0.5": "s"}
+    markers = {"balance 0.3": "o", "balance 0.1": "^", "beta 0.5": "s", "beta 0.5, learned weights": "x"}
     panels = ("add01", "proj", "kp")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, col in zip(axes, panels):
@@ -102,9 +107,10 @@ def figure(found: dict, path: Path) -> None:
                 betas = [r["beta"] for r in by_seed.values()]
                 means = [r["diffs"][col].mean() for r in by_seed.values()]
                 ax.scatter(betas, means, c=colours[mesh], marker=markers[setting], s=45)
-            # The same mesh and seed under each setting, joined in the order of beta.
-            for seed in set.intersection(*(set(b) for b in by_setting.values())):
-                pair = sorted((by_setting[b][seed] for b in by_setting), key=lambda r: r["beta"])
+            # The same mesh and seed under each setting with its own beta, joined in the order of beta.
+            settings = [b for b in by_setting if b in JOINED]
+            for seed in set.intersection(*(set(by_setting[b]) for b in settings)):
+                pair = sorted((by_setting[b][seed] for b in settings), key=lambda r: r["beta"])
                 ax.plot([r["beta"] for r in pair], [r["diffs"][col].mean() for r in pair], c=colours[mesh], lw=0.8)
         ax.axhline(0.0, color="0.5", lw=0.8)
         ax.set_xlabel("beta")
