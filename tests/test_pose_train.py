@@ -288,7 +288,7 @@ def test_warm_start_from_a_heatmap_snapshot_equals_training_from_scratch(tiny_da
 
 
 def test_experiment_shares_the_warm_up_and_continues_where_it_stopped(tmp_path):
-    from bpnp.apps.objpose import Budget, PoseLossSetting, compare
+    from bpnp.apps.objpose import Budget, PoseLossSetting, compare, summarise
 
     budget = Budget(train_count=16, test_count=8, steps=10, size=32, batch_size=8, width=8, workers=0)
     first = compare(spot_mesh(), tmp_path, ("heatmap", "bpnp"), (0,), budget, quiet=True)
@@ -304,6 +304,7 @@ def test_experiment_shares_the_warm_up_and_continues_where_it_stopped(tmp_path):
     setting = PoseLossSetting(beta=0.5, learn_weights=True)
     fixed = compare(spot_mesh(), tmp_path, ("heatmap", "bpnp"), (0,), budget, quiet=True, setting=setting)
     assert fixed["folders"] == {"heatmap": "heatmap", "bpnp": "bpnp-beta0.5-learned-weights"}
+    assert [row[0] for row in summarise(fixed)[0]] == ["heatmap", "bpnp-beta0.5-learned-weights"]
     assert stamps["heatmap"] == (tmp_path / "heatmap_seed0" / "model.pt").stat().st_mtime_ns
     run = fixed["runs"]["bpnp"][0]["train"]
     assert run["beta"] == 0.5 and run["warm_start"] == bpnp_run["warm_start"]

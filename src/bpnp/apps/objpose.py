@@ -323,10 +323,17 @@ def summarise(result: dict, baseline: str = "heatmap") -> tuple[list[list], dict
         entry["nonfinite_steps"] = int(sum(by_seed[s]["train"]["nonfinite_steps"] for s in seeds))
         entry["train_seconds"] = float(np.mean([by_seed[s]["train"]["seconds"] for s in seeds]))
         out[variant] = entry
-        cells = [variant] + [_cell(entry[key], rate, entry.get(f"{key}_diff")) for key, _l, _p, rate in METRIC_ROWS]
+        cells = [_run_name(result, variant)]
+        cells += [_cell(entry[key], rate, entry.get(f"{key}_diff")) for key, _l, _p, rate in METRIC_ROWS]
         cells += [entry["pnp_failures_train"], f"{entry['train_seconds']:.0f}"]
         rows.append(cells)
     return rows, out
+
+
+def _run_name(result: dict, variant: str) -> str:
+    """How a report's rows name ``variant``: the stem of its run folders, which carries a loss-weight
+    setting (``bpnp-add-beta0.5``; see :class:`PoseLossSetting`)."""
+    return result.get("folders", {}).get(variant, variant)
 
 
 def _per_image(run: dict, key: str) -> np.ndarray:
@@ -381,7 +388,7 @@ def per_seed_rows(result: dict, baseline: str = "heatmap") -> list[list]:
     rows = []
     for seed in sorted(next(iter(runs.values()))):
         for variant, by_seed in runs.items():
-            run, cells = by_seed[seed], [seed, variant]
+            run, cells = by_seed[seed], [seed, _run_name(result, variant)]
             paired = variant != baseline and baseline in runs
             for _key, _label, per_key, rate in METRIC_ROWS:
                 cells.append(_seed_cell(runs, variant, baseline if paired else None, seed, per_key, rate))
