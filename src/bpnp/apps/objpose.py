@@ -93,7 +93,7 @@ class PoseLossSetting:
 
         if variant == "heatmap":
             return {}
-        found = {k: v for k, v in (("beta", self.beta), ("balance", self.balance)) if v is not None}
+        found = self._loss_weight()
         if self.learn_weights and variant in THROUGH_PNP:
             found["learn_weights"] = True
         return found
@@ -106,8 +106,12 @@ class PoseLossSetting:
 
     def describe(self) -> str:
         """``"beta 0.5, learned PnP weights"``; empty for the defaults."""
-        parts = [f"{k} {v:g}" for k, v in (("beta", self.beta), ("balance", self.balance)) if v is not None]
+        parts = [f"{k} {v:g}" for k, v in self._loss_weight().items()]
         return ", ".join(parts + (["learned PnP weights"] if self.learn_weights else []))
+
+    def _loss_weight(self) -> dict[str, float]:
+        """``beta`` and ``balance`` where given."""
+        return {k: v for k, v in (("beta", self.beta), ("balance", self.balance)) if v is not None}
 
 
 # How a report names each training variant (bpnp.pose.train.VARIANTS).
@@ -430,9 +434,8 @@ def _figures(result: dict, root: Path, name: str, link: str = "", tag: str = "")
     from .plots import signed_error_histograms
 
     runs = result["runs"]
-    folders = result.get("folders", {})
     seed = min(next(iter(runs.values())))
-    run_dirs = {v: root / f"{folders.get(v, v)}_seed{seed}" for v in runs}
+    run_dirs = {v: root / f"{_run_name(result, v)}_seed{seed}" for v in runs}
     plot_log({v: str(run_dirs[v] / "log.csv") for v in runs}, root / f"{name}{tag}_loss.png")
     lines = [f"![loss curves]({link}{name}{tag}_loss.png)", ""]
     depth = {v: by_seed[seed]["per_image"].get("depth_signed_error_mm") for v, by_seed in runs.items()}
@@ -442,7 +445,7 @@ def _figures(result: dict, root: Path, name: str, link: str = "", tag: str = "")
         lines += [f"![signed depth errors]({link}{name}{tag}_depth.png)", ""]
     for variant in runs:
         src = run_dirs[variant] / "eval" / "overlays.png"
-        copy = f"{name}_{folders.get(variant, variant)}_seed{seed}_overlays.jpg"
+        copy = f"{name}_{_run_name(result, variant)}_seed{seed}_overlays.jpg"
         if src.is_file():
             Image.open(src).convert("RGB").save(root / copy, quality=85)
         if (root / copy).is_file():
@@ -543,6 +546,7 @@ def run_experiment(
         raise ValueError(f"report_name: expected letters, digits, '-' and '_', got {report_name!r}")
     tag = f"_{report_name}" if report_name else ""
     budget = budget or Budget(train_count=20000, test_count=1000, steps=20000)
+    setting = setting or PoseLossSetting()
     root = output_dir(out, "objpose_experiment")
     sections, results, seeds_read = [], {}, {}
     for name in meshes:
@@ -587,7 +591,7 @@ def run_experiment(
         f"{budget.train_count} training / {budget.test_count} test renders per mesh, {budget.steps} steps of "
         f"{budget.batch_size}"
         + ("; keypoints of symmetric meshes among the points that break the symmetry" if keypoints != "fps" else "")
-        + (f"; the losses beside the heatmaps' at {setting.describe()}" if setting and setting.describe() else "")
+        + (f"; the losses beside the heatmaps' at {setting.describe()}" if setting.describe() else "")
         + ("; the runs that had finished, nothing trained for this report" if finished_only else "")
         + ".",
         "",
@@ -600,7 +604,7 @@ def run_experiment(
             "budget": budget.__dict__,
             "seeds": seeds_read,
             "keypoints": keypoints,
-            "setting": (setting or PoseLossSetting()).__dict__,
+            "setting": setting.__dict__,
         },
     )
     return results
