@@ -127,6 +127,32 @@ def test_pnp_weights_from_the_heatmaps_carry_an_exact_gradient():
         assert float((grad * d).sum()) == pytest.approx(float(numeric), rel=1e-5, abs=1e-9)
 
 
+def test_a_weight_head_starts_at_the_confidences_and_leaves_the_heatmaps_alone():
+    from bpnp.pose.model import learned_weight_factor
+
+    torch.manual_seed(0)
+    plain = KeypointHeatmapNet(9, width=8)
+    torch.manual_seed(0)
+    headed = KeypointHeatmapNet(9, width=8, weight_head=True)
+    image = torch.randn(2, 3, 32, 32)
+    plain.eval(), headed.eval()
+    logits, weight_logits = headed(image)
+    # The same heatmap network (its weights drawn before the head's), the head zero: factor 1.
+    assert torch.equal(logits, plain(image)) and weight_logits.shape == logits.shape
+    coords, probs = soft_argmax(logits, 4)
+    assert torch.equal(learned_weight_factor(weight_logits, probs), torch.ones(2, 9))
+    # The factor's gradient reaches the head's logits, never the heatmaps.
+    v = torch.randn(2, 9, 8, 8, requires_grad=True)
+    probs = torch.softmax(v.flatten(2), -1).view_as(v)
+    lw = torch.randn(2, 9, 8, 8, requires_grad=True)
+    factor = learned_weight_factor(lw, probs)
+    assert ((factor > 0) & (factor < 2)).all()
+    g_v, g_lw = torch.autograd.grad(factor.square().sum(), (v, lw), allow_unused=True)
+    assert g_v is None and g_lw.abs().sum() > 0
+    with pytest.raises(ValueError, match="weight_logits .* and probs .* differ"):
+        learned_weight_factor(lw[:, :8], probs)
+
+
 pytest.importorskip("trimesh")
 pytest.importorskip("moderngl")
 
@@ -241,6 +267,8 @@ def test_resume_after_kill_equals_uninterrupted(tiny_data, tmp_path):
 def test_warm_start_from_a_heatmap_snapshot_equals_training_from_scratch(tiny_data, tmp_path):
     # The experiment trains a seed's warm-up once, in the heatmap run, and starts the pose variants
     # from its snapshot: that must give the very weights of a pose run trained from step 0.
+    import shutil
+
     from bpnp.pose.evaluate import evaluate
 
     common = dict(steps=24, warmup_frac=0.5, augment=True)
@@ -272,6 +300,24 @@ def test_warm_start_from_a_heatmap_snapshot_equals_training_from_scratch(tiny_da
     d = _state(tmp_path / "fixed" / "model.pt")
     assert not all(torch.equal(c[k], d[k]) for k in c) and all(torch.isfinite(c[k]).all() for k in c)
     assert json.loads((tmp_path / "learned" / "config.json").read_text())["learn_weights"] is True
+    # PnP weights from a head of their own: the same warm-up (no head in the snapshot), the head
+    # trained by the pose loss alone, resumed from its own checkpoint to the same weights, and
+    # evaluated with the weights it learned.
+    head = dict(variant="bpnp", warm_start=str(snapshot), beta=0.25, weight_head=True, snapshot_steps=[18])
+    headed = train(_tiny(tiny_data, tmp_path / "head", **head, **common))
+    assert headed["pnp_failures"] == 0 and headed["nonfinite_steps"] == 0
+    assert headed["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    e = _state(tmp_path / "head" / "model.pt")
+    assert e["weight_head.weight"].abs().sum() > 0  # it started at zero
+    assert not torch.equal(e["head.weight"], d["head.weight"])  # other weights, other pose steps
+    again = tmp_path / "head-resumed"
+    again.mkdir()
+    shutil.copy(tmp_path / "head" / "checkpoint_step000018.pt", again / "checkpoint.pt")
+    train(_tiny(tiny_data, again, **{**head, "snapshot_steps": []}, **common), resume=True)
+    f = _state(again / "model.pt")
+    assert all(torch.equal(e[k], f[k]) for k in e)
+    scored = evaluate(tmp_path / "head" / "model.pt", tiny_data / "test", tmp_path / "eval-head", overlays=0)
+    assert scored["pnp_weights"] == "confidence x learned" and scored["kp_error_px_mean"] > 0
     # A snapshot this run would not have reached by itself is refused, saying why.
     with pytest.raises(ValueError, match="other seed"):
         train(_tiny(tiny_data, tmp_path / "x", variant="bpnp", warm_start=str(snapshot), **{**common, "seed": 1}))
@@ -315,6 +361,10 @@ def test_experiment_shares_the_warm_up_and_continues_where_it_stopped(tmp_path):
         == compare(spot_mesh(), tmp_path, ("heatmap", "bpnp"), (0,), budget, quiet=True)["runs"]["bpnp"][0]["metrics"]
     )
     assert PoseLossSetting(balance=0.1, learn_weights=True).folder("coord") == "coord-balance0.1"
+    head = PoseLossSetting(beta=0.5, weight_head=True)
+    assert head.folder("bpnp-add") == "bpnp-add-beta0.5-weight-head" and head.folder("heatmap") == "heatmap"
+    assert head.options("bpnp-add") == {"beta": 0.5, "weight_head": True}
+    assert head.describe() == "beta 0.5, PnP weights from a head of their own"
     with pytest.raises(ValueError, match="a run with other .*steps is there"):
         compare(spot_mesh(), tmp_path, ("heatmap",), (0,), Budget(**{**budget.__dict__, "steps": 12}), quiet=True)
     with pytest.raises(ValueError, match="keypoints chosen by 'fps', not 'distinctive'"):
@@ -479,14 +529,18 @@ def test_a_kept_record_of_an_experiment_reports_and_continues_like_the_runs(tmp_
         compare(spot_mesh(), kept, ("heatmap", "bpnp"), (0,), budget, quiet=True, finished_only=True)
 
 
-def test_ddp_two_ranks_hold_identical_weights(tiny_data, tmp_path):
+@pytest.mark.parametrize("weight_head", [False, True])
+def test_ddp_two_ranks_hold_identical_weights(tiny_data, tmp_path, weight_head):
+    # With a weight head the first step is heatmap-only, where the head has no gradient: DDP must
+    # take that, and the ranks must still agree, the head included.
+    steps, warmup = (3, 0.34) if weight_head else (2, 0.0)
     script = tmp_path / "ddp.py"
     script.write_text(
         "import os, sys, torch\n"
         "from bpnp.pose.train import TrainConfig, train\n"
-        "cfg = TrainConfig(data=sys.argv[1], out=sys.argv[2], steps=2, batch_size=8, size=32, width=8,\n"
+        f"cfg = TrainConfig(data=sys.argv[1], out=sys.argv[2], steps={steps}, batch_size=8, size=32, width=8,\n"
         "                  log_every=1, checkpoint_every=1, workers=0, progress=False, threads=1, variant='bpnp',\n"
-        "                  warmup_frac=0.0)\n"
+        f"                  warmup_frac={warmup}, weight_head={weight_head})\n"
         "net = train(cfg)['model']\n"
         "torch.save(net.state_dict(), os.path.join(sys.argv[2], f\"rank{os.environ['RANK']}.pt\"))\n"
     )
@@ -499,9 +553,11 @@ def test_ddp_two_ranks_hold_identical_weights(tiny_data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     torch.manual_seed(0)  # the run's seed: its initial weights
-    start = KeypointHeatmapNet(9, 8).state_dict()
+    start = KeypointHeatmapNet(9, 8, weight_head).state_dict()
     assert all(torch.equal(r0[k], r1[k]) for k in r0 if "running" not in k and "num_batches" not in k)
     assert any(not torch.equal(r0[k], start[k]) for k in r0 if k.endswith("weight"))  # a step was taken
+    if weight_head:
+        assert not torch.equal(r0["weight_head.weight"], start["weight_head.weight"])
     assert json.loads((out / "train_summary.json").read_text())["world_size"] == 2
 
 
@@ -607,6 +663,10 @@ def test_config_checks(tmp_path):
         TrainConfig(variant="heatmap", learn_weights=True)
     with pytest.raises(ValueError, match="learn_weights: needs .*confidence_weights False"):
         TrainConfig(variant="bpnp-add", confidence_weights=False, learn_weights=True)
+    with pytest.raises(ValueError, match="weight_head: needs .* got variant 'coord'"):
+        TrainConfig(variant="coord", weight_head=True)
+    with pytest.raises(ValueError, match="weight_head and learn_weights: choose one"):
+        TrainConfig(variant="bpnp-add", weight_head=True, learn_weights=True)
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"steps": 5, "colour": "red"}))
     with pytest.raises(ValueError, match="unknown config keys \\['colour'\\]"):
@@ -636,6 +696,15 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--learn-weights", "--weight-head"])
+def test_cli_refuses_learned_pnp_weights_without_pnp_in_one_line(tmp_path, capsys, flag):
+    from bpnp.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--variant", "heatmap", flag]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{flag[2:].replace('-', '_')}: needs confidence_weights" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

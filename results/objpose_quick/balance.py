@@ -3,7 +3,8 @@
 Reads the kept records of this folder (``<mesh>/bpnp-add_seed<k>`` at balance 0.3,
 ``<mesh>/bpnp-add-balance0.1_seed<k>``, ``<mesh>/bpnp-add-beta0.5_seed<k>``,
 ``<mesh>/bpnp-add-beta0.5-learned-weights_seed<k>`` (beta 0.5, and the loss trains the PnP
-weights too), and the heatmap-only
+weights too), ``<mesh>/bpnp-add-beta0.5-weight-head_seed<k>`` (beta 0.5, the PnP weights' factors
+from a head of their own), and the heatmap-only
 run each continued from its warm-up snapshot, named by its ``config.json``), prints a markdown
 table of the paired differences (per seed: bootstrap over the test images; per mesh: t-interval
 over the seeds) and writes ``docs/figures/objpose_balance.png``: each run's difference to
@@ -29,6 +30,7 @@ RUNS = {
     "balance 0.1": "bpnp-add-balance0.1_seed{}",
     "beta 0.5": "bpnp-add-beta0.5_seed{}",
     "beta 0.5, learned weights": "bpnp-add-beta0.5-learned-weights_seed{}",
+    "beta 0.5, weight head": "bpnp-add-beta0.5-weight-head_seed{}",
 }
 # the settings that differ in beta alone (the figure joins each seed's runs of these)
 JOINED = ("balance 0.3", "balance 0.1", "beta 0.5")
@@ -51,6 +53,19 @@ def _fmt(mean: float, lo: float, hi: float) -> str:
     return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
+def differences(run: Path, base_dir: Path, add: str) -> tuple[float | None, dict[str, np.ndarray]]:
+    """``run``'s beta and its per-image differences to ``base_dir`` for each of ``COLUMNS``."""
+    base, _ = _read(base_dir)
+    per, beta = _read(run)
+    if not np.array_equal(per["ids"], base["ids"]):
+        raise ValueError(f"{run}: not the test images of {base_dir}")
+    diffs = {}
+    for col, (key, scale, _) in COLUMNS.items():
+        key = key.format(add)
+        diffs[col] = (per[key].astype(np.float64) - base[key].astype(np.float64)) * scale
+    return beta, diffs
+
+
 def collect(root: Path = HERE) -> dict:
     """Per mesh, setting (``RUNS``) and seed: beta and the per-image differences to heatmap-only."""
     found: dict = {}
@@ -64,14 +79,7 @@ def collect(root: Path = HERE) -> dict:
                 # shares every step before the pose loss starts.
                 warm_start = json.loads((run / "config.json").read_text())["warm_start"]
                 base_dir = root / mesh / Path(warm_start).parent.name
-                base, _ = _read(base_dir)
-                per, beta = _read(run)
-                if not np.array_equal(per["ids"], base["ids"]):
-                    raise ValueError(f"{run}: not the test images of {base_dir}")
-                diffs = {}
-                for col, (key, scale, _) in COLUMNS.items():
-                    key = key.format(add)
-                    diffs[col] = (per[key].astype(np.float64) - base[key].astype(np.float64)) * scale
+                beta, diffs = differences(run, base_dir, add)
                 found.setdefault(mesh, {}).setdefault(setting, {})[seed] = {"beta": beta, "diffs": diffs}
     return found
 
@@ -98,7 +106,13 @@ def figure(found: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"spot": "tab:blue", "cow": "tab:orange", "teapot": "tab:green"}
-    markers = {"balance 0.3": "o", "balance 0.1": "^", "beta 0.5": "s", "beta 0.5, learned weights": "x"}
+    markers = {
+        "balance 0.3": "o",
+        "balance 0.1": "^",
+        "beta 0.5": "s",
+        "beta 0.5, learned weights": "x",
+        "beta 0.5, weight head": "+",
+    }
     panels = ("add01", "proj", "kp")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, col in zip(axes, panels):

@@ -155,6 +155,11 @@ def _add_pose_commands(sub) -> None:
         action="store_true",
         help="the pose loss trains the PnP weights (the heatmaps' confidences) too (bpnp, bpnp-add)",
     )
+    tr.add_argument(
+        "--weight-head",
+        action="store_true",
+        help="PnP weights: the confidences times factors from a head of their own that only the pose loss trains",
+    )
     tr.add_argument("--out", default=None, help="run folder (default runs/train)")
     tr.add_argument(
         "--warm-start",
@@ -222,6 +227,11 @@ def _add_pose_commands(sub) -> None:
         action="store_true",
         help="as for train, for bpnp and bpnp-add (runs in folders of their own, e.g. bpnp-add-learned-weights_seed0)",
     )
+    ex.add_argument(
+        "--weight-head",
+        action="store_true",
+        help="as for train, for bpnp and bpnp-add (runs in folders of their own, e.g. bpnp-add-weight-head_seed0)",
+    )
     ex.add_argument("--out", default=None, help="output folder (default runs/objpose_experiment)")
     ex.add_argument(
         "--finished-only",
@@ -287,6 +297,7 @@ def _run_pose(args: argparse.Namespace) -> int:
             "balance": args.balance,
             "beta": args.beta,
             "learn_weights": True if args.learn_weights else None,
+            "weight_head": True if args.weight_head else None,
             "size": args.size,
             "workers": args.workers,
             "seed": args.seed,
@@ -391,7 +402,7 @@ def _run_pose(args: argparse.Namespace) -> int:
             keypoints=args.keypoints,
             finished_only=args.finished_only,
             report_name=args.report_name,
-            setting=PoseLossSetting(args.beta, args.balance, args.learn_weights),
+            setting=PoseLossSetting(args.beta, args.balance, args.learn_weights, args.weight_head),
         )
         if not args.quiet:
             print(f"report: {Path(out) / ('report_' + args.report_name if args.report_name else 'report')}.md")

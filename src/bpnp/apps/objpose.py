@@ -79,13 +79,15 @@ class Budget:
 class PoseLossSetting:
     """How the variants other than heatmap-only weigh their extra loss, when not by
     :class:`~bpnp.pose.train.TrainConfig`'s defaults: ``beta`` fixed, or set by ``balance``;
-    ``learn_weights``: the PnP variants' loss trains the PnP weights too. Such runs lie in
+    ``learn_weights``: the PnP variants' loss trains the PnP weights too; ``weight_head``: those
+    weights come from a head of their own (:class:`~bpnp.pose.train.TrainConfig`). Such runs lie in
     folders of their own (``bpnp-add-beta0.5_seed0``), beside the default ones, and share their
     seed's heatmap-only run and warm-up."""
 
     beta: float | None = None
     balance: float | None = None
     learn_weights: bool = False
+    weight_head: bool = False
 
     def options(self, variant: str) -> dict[str, Any]:
         """The :class:`~bpnp.pose.train.TrainConfig` fields this setting changes for ``variant``."""
@@ -94,25 +96,32 @@ class PoseLossSetting:
         if variant == "heatmap":
             return {}
         found = self._loss_weight()
-        if self.learn_weights and variant in THROUGH_PNP:
-            found["learn_weights"] = True
+        for flag in ("learn_weights", "weight_head"):
+            if getattr(self, flag) and variant in THROUGH_PNP:
+                found[flag] = True
         return found
 
     def folder(self, variant: str) -> str:
-        """The stem of ``variant``'s run folders: ``<variant>[-beta<b>][-balance<b>][-learned-weights]``."""
+        """The stem of ``variant``'s run folders:
+        ``<variant>[-beta<b>][-balance<b>][-learned-weights][-weight-head]``."""
         return variant + "".join(
-            "-learned-weights" if k == "learn_weights" else f"-{k}{v:g}" for k, v in self.options(variant).items()
+            _FLAG_FOLDERS[k] if k in _FLAG_FOLDERS else f"-{k}{v:g}" for k, v in self.options(variant).items()
         )
 
     def describe(self) -> str:
         """``"beta 0.5, learned PnP weights"``; empty for the defaults."""
         parts = [f"{k} {v:g}" for k, v in self._loss_weight().items()]
-        return ", ".join(parts + (["learned PnP weights"] if self.learn_weights else []))
+        flags = [text for flag, text in _FLAG_TEXTS.items() if getattr(self, flag)]
+        return ", ".join(parts + flags)
 
     def _loss_weight(self) -> dict[str, float]:
         """``beta`` and ``balance`` where given."""
         return {k: v for k, v in (("beta", self.beta), ("balance", self.balance)) if v is not None}
 
+
+# The setting's switches, as they show in run folders and in reports.
+_FLAG_FOLDERS = {"learn_weights": "-learned-weights", "weight_head": "-weight-head"}
+_FLAG_TEXTS = {"learn_weights": "learned PnP weights", "weight_head": "PnP weights from a head of their own"}
 
 # How a report names each training variant (bpnp.pose.train.VARIANTS).
 VARIANT_LABELS = {

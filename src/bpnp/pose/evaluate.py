@@ -25,8 +25,8 @@ from ..geometry import project, rvec_to_rotmat
 from ..layer import solve_pnp
 from . import bop
 from .data import COVERED, HIDDEN_BY_OBJECT, INTERIOR, VISIBLE, PoseData, _scenes, keypoint_visibility, load_split
-from .model import heatmap_confidence, soft_argmax
-from .train import load_checkpoint, normalise_images
+from .model import heatmap_confidence, learned_weight_factor, soft_argmax
+from .train import _outputs, load_checkpoint, normalise_images
 
 __all__ = ["predict", "evaluate", "score_predictions", "pose_metrics", "draw_overlays", "model_points"]
 
@@ -56,7 +56,8 @@ def predict(
     see :func:`~bpnp.pose.model.soft_argmax`).
 
     Returns:
-        ``kp2d (N, k, 2)``, ``confidence (N, k)``, ``pose (N, 6)`` (mm), ``converged (N,)``,
+        ``kp2d (N, k, 2)``, ``confidence (N, k)`` (the heatmaps'; the PnP weights are these, times
+        the learned factors of a network with a weight head), ``pose (N, 6)`` (mm), ``converged (N,)``,
         ``seconds (N,)`` per image (network + PnP, amortised over the batch).
     """
     kp3d = torch.from_numpy(keypoints3d)
@@ -64,11 +65,15 @@ def predict(
     for start in range(0, len(data), batch_size):
         t0 = time.perf_counter()
         images = torch.from_numpy(data.images[start : start + batch_size]).to(device)
-        logits = net(normalise_images(images))
+        logits, weight_logits = _outputs(net(normalise_images(images)))
         coords, probs = soft_argmax(logits, net.stride, window)
         conf = heatmap_confidence(probs, coords, net.stride)
+        w = conf
+        if weight_logits is not None:
+            # A network with a weight head is scored with the PnP weights it was trained with.
+            w = conf * learned_weight_factor(weight_logits, probs)
         K = torch.from_numpy(data.K[start : start + batch_size])
-        w = conf.double().cpu() if confidence_weights else None
+        w = w.double().cpu() if confidence_weights else None
         res = solve_pnp(coords.double().cpu(), kp3d, K, w, warn=False)
         dt = (time.perf_counter() - t0) / len(images)
         out["kp2d"].append(coords.cpu().double().numpy())
@@ -133,7 +138,8 @@ def evaluate(
 
     The test-time PnP is the same for every variant: weighted by the heatmaps' confidences
     (``confidence_weights``; on spot it raised the 2D-projection accuracy of every model by 3-5
-    points over unweighted PnP), whatever the model was trained with.
+    points over unweighted PnP), whatever the model was trained with; a network with a weight head
+    multiplies them by its learned factors (``pnp_weights: "confidence x learned"``).
 
     ``visibility``: also say which keypoints could be seen (:func:`~bpnp.pose.data.keypoint_visibility`,
     ``kp_visibility (N, k)`` in ``per_image.npz``) and report the keypoint error of the visible,
@@ -169,7 +175,9 @@ def evaluate(
     summary = {
         "images": len(data),
         "variant": cfg["variant"],
-        "pnp_weights": "confidence" if confidence_weights else "none",
+        "pnp_weights": ("confidence x learned" if net.weight_head is not None else "confidence")
+        if confidence_weights
+        else "none",
         "symmetric": symmetric,
         "diameter_mm": float(info["diameter"]),
         "kp_error_px_mean": float(per["kp_error_px"].mean()),

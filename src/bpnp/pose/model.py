@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["KeypointHeatmapNet", "soft_argmax", "heatmap_targets", "heatmap_loss", "heatmap_confidence"]
+__all__ = [
+    "KeypointHeatmapNet",
+    "soft_argmax",
+    "heatmap_targets",
+    "heatmap_loss",
+    "heatmap_confidence",
+    "learned_weight_factor",
+]
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -19,14 +26,17 @@ class KeypointHeatmapNet(nn.Module):
 
     Args:
         num_keypoints: heatmaps to predict; width: channels at stride 4 (doubling per stage).
+        weight_head: also predict a map of PnP-weight logits per keypoint (a 1x1 convolution
+            beside the heatmap head, zero at the start: see :func:`learned_weight_factor`).
     Shapes:
         input ``(B, 3, H, W)`` normalised RGB, H and W multiples of 16; output ``(B, k, H/4, W/4)``
-        logits (a spatial softmax turns each into a distribution over pixels).
+        logits (a spatial softmax turns each into a distribution over pixels); with
+        ``weight_head`` a pair ``(logits, weight_logits)`` of that shape each.
     """
 
     stride = 4
 
-    def __init__(self, num_keypoints: int, width: int = 32) -> None:
+    def __init__(self, num_keypoints: int, width: int = 32, weight_head: bool = False) -> None:
         super().__init__()
         w = width
         self.num_keypoints = num_keypoints
@@ -37,13 +47,21 @@ class KeypointHeatmapNet(nn.Module):
         self.up8 = _block(6 * w, 2 * w)
         self.up4 = nn.Sequential(_block(3 * w, w), _block(w, w))
         self.head = nn.Conv2d(w, num_keypoints, 1)
+        self.weight_head = nn.Conv2d(w, num_keypoints, 1) if weight_head else None
+        if self.weight_head is not None:
+            # Zero: every factor starts at 1, so a run warm-started from a heatmap-only snapshot
+            # begins with the very PnP weights (the confidences) that run used.
+            nn.init.zeros_(self.weight_head.weight)
+            nn.init.zeros_(self.weight_head.bias)
 
-    def forward(self, image: Tensor) -> Tensor:
+    def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         s4 = self.down4(self.stem(image))
         s8 = self.down8(s4)
         s16 = self.down16(s8)
         x = self.up8(torch.cat([F.interpolate(s16, scale_factor=2.0, mode="nearest"), s8], 1))
         x = self.up4(torch.cat([F.interpolate(x, scale_factor=2.0, mode="nearest"), s4], 1))
+        if self.weight_head is not None:
+            return self.head(x), self.weight_head(x)
         return self.head(x)  # Bxkx(H/4)x(W/4)
 
 
@@ -121,3 +139,20 @@ def heatmap_confidence(probs: Tensor, coords: Tensor, stride: int = 4, radius: f
     dy = (ys - coords[..., 1:]) / stride
     near = (dy[..., :, None] ** 2 + dx[..., None, :] ** 2) <= radius**2
     return (probs * near).flatten(2).sum(-1)
+
+
+def learned_weight_factor(weight_logits: Tensor, probs: Tensor) -> Tensor:
+    """Each keypoint's PnP-weight factor in (0, 2): ``2 sigmoid(l)``, where ``l`` is the weight
+    head's logit map averaged under that keypoint's heatmap distribution. ``probs`` counts as a
+    constant, so the loss that trains the factor cannot reshape the heatmaps (that is what made
+    weights learned through the heatmaps' confidences blur the keypoints).
+
+    Args:
+        weight_logits: ``(B, k, h, w)`` from :class:`KeypointHeatmapNet` with ``weight_head``.
+        probs: ``(B, k, h, w)`` spatial softmax (from :func:`soft_argmax`).
+    Returns:
+        ``(B, k)``; 1 wherever the logits are 0.
+    """
+    if weight_logits.shape != probs.shape:
+        raise ValueError(f"weight_logits {tuple(weight_logits.shape)} and probs {tuple(probs.shape)} differ")
+    return 2 * torch.sigmoid((weight_logits * probs.detach()).flatten(2).sum(-1))

@@ -45,7 +45,7 @@ from ..losses import BPnPADDLoss, BPnPReprojectionLoss, keypoint_loss
 from ..progress import progress as progress_bar
 from . import bop
 from .data import PoseData, augment_image, load_split
-from .model import KeypointHeatmapNet, heatmap_confidence, heatmap_loss, soft_argmax
+from .model import KeypointHeatmapNet, heatmap_confidence, heatmap_loss, learned_weight_factor, soft_argmax
 
 __all__ = ["TrainConfig", "train", "load_checkpoint", "normalise_images", "VARIANTS"]
 
@@ -76,6 +76,11 @@ class TrainConfig:
             exact derivative with respect to ``w``), so that training can lower the weight of the
             keypoints PnP should trust less, as EPro-PnP learns its weights; False: the weights
             are constants of each step. Needs ``confidence_weights`` and a PnP variant.
+        weight_head: PnP weights from a head of their own instead: the confidences times a factor
+            in (0, 2) that a 1x1 convolution predicts at each keypoint
+            (:func:`~bpnp.pose.model.learned_weight_factor`), trained by the pose loss alone, so
+            that the heatmaps keep the shape the heatmap loss gives them (EPro-PnP's design).
+            Needs ``confidence_weights`` and a PnP variant; not with ``learn_weights``.
         size: input image side; width: network width; sigma: heatmap target width (cells).
         window: keypoint readout, :func:`~bpnp.pose.model.soft_argmax` over this many cells
             around each heatmap's peak (None: the whole map), in training and evaluation alike.
@@ -104,6 +109,7 @@ class TrainConfig:
     balance: float = 0.3
     confidence_weights: bool = True
     learn_weights: bool = False
+    weight_head: bool = False
     size: int = 128
     width: int = 32
     sigma: float = 1.0
@@ -145,6 +151,13 @@ class TrainConfig:
                 f"learn_weights: needs confidence_weights and a variant through PnP {THROUGH_PNP}, "
                 f"got variant {self.variant!r}, confidence_weights {self.confidence_weights}"
             )
+        if self.weight_head and not (self.confidence_weights and self.variant in THROUGH_PNP):
+            raise ValueError(
+                f"weight_head: needs confidence_weights and a variant through PnP {THROUGH_PNP}, "
+                f"got variant {self.variant!r}, confidence_weights {self.confidence_weights}"
+            )
+        if self.weight_head and self.learn_weights:
+            raise ValueError("weight_head and learn_weights: choose one way to learn the PnP weights")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window: expected a positive integer or None, got {self.window!r}")
         if self.workers < 0:
@@ -242,7 +255,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[KeypointHeat
     ``model.pt`` of a run, or one of its checkpoints (``checkpoint.pt``, snapshots)."""
     ckpt = torch.load(Path(path), map_location=device, weights_only=False)
     cfg = ckpt["config"]
-    net = KeypointHeatmapNet(len(ckpt["keypoints3d"]), cfg["width"]).to(device)
+    net = KeypointHeatmapNet(len(ckpt["keypoints3d"]), cfg["width"], cfg.get("weight_head", False)).to(device)
     net.load_state_dict(ckpt["model"])
     net.eval()
     return net, ckpt
@@ -276,6 +289,11 @@ def _warm_start_state(cfg: TrainConfig, device: torch.device) -> dict:
     return state
 
 
+def _outputs(output: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The network's heatmap logits and weight logits (None without a weight head)."""
+    return output if isinstance(output, tuple) else (output, None)
+
+
 def _grad_norm(loss: Tensor, params: list[Tensor]) -> float:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
@@ -297,8 +315,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     torch.manual_seed(cfg.seed)
-    net = KeypointHeatmapNet(len(data.keypoints3d), cfg.width).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    net = KeypointHeatmapNet(len(data.keypoints3d), cfg.width, cfg.weight_head)
+    net = net.to(device).to(memory_format=torch.channels_last)
+    head = list(net.weight_head.parameters()) if net.weight_head is not None else []
+    # The weight head in a group of its own, after the rest: a heatmap-only snapshot's optimizer
+    # state (which has no such head) then loads into the first group as it is.
+    opt = torch.optim.Adam([p for n, p in net.named_parameters() if not n.startswith("weight_head.")], lr=cfg.lr)
     start, beta, seconds_before = 0, cfg.beta, 0.0
     ckpt_path = out / "checkpoint.pt"
     warm = None
@@ -308,16 +330,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         ckpt = warm = _warm_start_state(cfg, device)
     else:
         ckpt = None
+    if head and warm is None:
+        opt.add_param_group({"params": head})
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
+        missing, unexpected = net.load_state_dict(ckpt["model"], strict=warm is None or not head)
+        if unexpected or any(not k.startswith("weight_head.") for k in missing):
+            raise ValueError(f"{cfg.warm_start}: not this network's weights ({missing + unexpected})")
         opt.load_state_dict(ckpt["optimizer"])
+        if head and warm is not None:
+            opt.add_param_group({"params": head})
         start, seconds_before = ckpt["step"], ckpt.get("seconds", 0.0)
         # A warm-up snapshot was taken before any beta was set: this run's own (fixed or None) holds.
         beta = cfg.beta if warm is not None else ckpt["beta"]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_json(out / "config.json")
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    # The weight head has no gradient in the heatmap-only steps: DDP must expect unused parameters.
+    model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=bool(head)) if world > 1 else net
     params = [p for p in net.parameters() if p.requires_grad]
     kp3d = torch.from_numpy(data.keypoints3d).to(device)
     if cfg.variant == "bpnp-add":
@@ -352,7 +381,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         image = normalise_images(batch["image"].to(device))
         kp_true = batch["kp2d"].to(device).float()
         K = batch["K"].to(device)
-        logits = model(image)
+        logits, weight_logits = _outputs(model(image))
         coords, probs = soft_argmax(logits, net.stride, cfg.window)
         l_h = heatmap_loss(logits, kp_true, net.stride, cfg.sigma)
         l_p = torch.zeros((), device=device)
@@ -363,6 +392,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 if cfg.confidence_weights:
                     w = heatmap_confidence(probs, coords, net.stride).double()
                     w = w if cfg.learn_weights else w.detach()
+                    if weight_logits is not None:
+                        w = w * learned_weight_factor(weight_logits, probs).double()
                 target = batch["pose"].to(device) if cfg.variant == "bpnp-add" else kp_true.double()
                 l_p = pnp_loss(coords.double(), kp3d, K, target, weights=w).float()
                 failures_window += pnp_loss.last_failures
@@ -426,6 +457,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         # What the seconds and the bitwise result depend on, for a record read in another sitting.
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # The same torch and threads on another CPU can part from the first steps: the SIMD
+        # kernels torch picks (AVX2, AVX512) sum in another order.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if rank == 0:
         final = {

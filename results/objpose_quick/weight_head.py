@@ -1,0 +1,73 @@
+"""PnP weights from a head of their own (``--weight-head``), against heatmap-only.
+
+Reads the kept records of this folder: ``<mesh>/bpnp-add-beta0.5-weight-head_seed<k>`` (the ADD
+loss at beta 0.5) and ``<mesh>/bpnp-weight-head_seed<k>`` (the paper's reprojection loss, beta by
+the balance rule), each continuing a heatmap-only warm-up snapshot trained on 2026-12-05. Their
+baseline is that warm-up's own heatmap-only run, ``<mesh>/heatmap-again_seed<k>`` (the same steps
+before the pose loss starts), where it was kept; otherwise the seed's older heatmap-only record
+(``heatmap_seed<k>``; spot: ``heatmap-threads1_seed<k>``), whose warm-up differs from the first
+steps on (another machine's floating-point sums), so that such a pair holds the training noise
+too. Prints a markdown table of the differences (per seed: bootstrap over the test images; per
+mesh: t-interval over the seeds). Usage, from the repository root:
+``python results/objpose_quick/weight_head.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from balance import COLUMNS, HERE, MESHES, _fmt, differences  # noqa: E402
+
+from bpnp.apps.objpose import paired_interval  # noqa: E402
+
+SETTINGS = {
+    "ADD loss, beta 0.5, weight head": "bpnp-add-beta0.5-weight-head_seed{}",
+    "reprojection loss, weight head": "bpnp-weight-head_seed{}",
+}
+
+
+def baseline(mesh: str, seed: int, root: Path = HERE) -> tuple[Path, bool]:
+    """The heatmap-only run to compare with, and whether it shares the warm-up."""
+    again = root / mesh / f"heatmap-again_seed{seed}"
+    if (again / "eval" / "per_image.npz").is_file():
+        return again, True
+    return root / mesh / (("heatmap-threads1" if mesh == "spot" else "heatmap") + f"_seed{seed}"), False
+
+
+def collect(root: Path = HERE) -> dict:
+    """Per mesh, setting and seed: the per-image differences to heatmap-only, beta, pairing."""
+    found: dict = {}
+    for mesh, add in MESHES.items():
+        for seed in range(3):
+            base_dir, shared = baseline(mesh, seed, root)
+            for setting, name in SETTINGS.items():
+                run = root / mesh / name.format(seed)
+                if not (run / "eval" / "per_image.npz").is_file():
+                    continue
+                beta, diffs = differences(run, base_dir, add)
+                entry = {"beta": beta, "diffs": diffs, "shared_warmup": shared, "baseline": base_dir.name}
+                found.setdefault(mesh, {}).setdefault(setting, {})[seed] = entry
+    return found
+
+
+def table(found: dict) -> str:
+    head = "| mesh | setting | seed | beta | baseline | " + " | ".join(label for _, _, label in COLUMNS.values()) + " |"
+    lines = [head, "|" + "---|" * (5 + len(COLUMNS))]
+    for mesh, by_setting in found.items():
+        for setting, by_seed in by_setting.items():
+            for seed, run in sorted(by_seed.items()):
+                cells = [_fmt(*paired_interval([run["diffs"][c]])) for c in COLUMNS]
+                pairing = run["baseline"] + ("" if run["shared_warmup"] else " (own warm-up)")
+                lines.append(
+                    f"| {mesh} | {setting} | {seed} | {run['beta']:.3g} | {pairing} | " + " | ".join(cells) + " |"
+                )
+            if len(by_seed) >= 2:
+                cells = [_fmt(*paired_interval([r["diffs"][c] for r in by_seed.values()])) for c in COLUMNS]
+                lines.append(f"| **{mesh}** | **{setting}** | **all** | | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(collect()))
