@@ -128,7 +128,7 @@ def test_pnp_weights_from_the_heatmaps_carry_an_exact_gradient():
 
 
 def test_a_weight_head_starts_at_the_confidences_and_leaves_the_heatmaps_alone():
-    from bpnp.pose.model import learned_weight_factor
+    from bpnp.pose.model import learned_weight_factor, split_outputs
 
     torch.manual_seed(0)
     plain = KeypointHeatmapNet(9, width=8)
@@ -136,9 +136,10 @@ def test_a_weight_head_starts_at_the_confidences_and_leaves_the_heatmaps_alone()
     headed = KeypointHeatmapNet(9, width=8, weight_head=True)
     image = torch.randn(2, 3, 32, 32)
     plain.eval(), headed.eval()
-    logits, weight_logits = headed(image)
+    logits, weight_logits = split_outputs(headed(image))
+    plain_logits, none = split_outputs(plain(image))
     # The same heatmap network (its weights drawn before the head's), the head zero: factor 1.
-    assert torch.equal(logits, plain(image)) and weight_logits.shape == logits.shape
+    assert torch.equal(logits, plain_logits) and none is None and weight_logits.shape == logits.shape
     coords, probs = soft_argmax(logits, 4)
     assert torch.equal(learned_weight_factor(weight_logits, probs), torch.ones(2, 9))
     # The factor's gradient reaches the head's logits, never the heatmaps.

@@ -114,7 +114,7 @@ def figure(found: dict, path: Path) -> None:
         "beta 0.5, weight head": "+",
     }
     panels = ("add01", "proj", "kp")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.8, 3.6))
     for ax, col in zip(axes, panels):
         for mesh, by_setting in found.items():
             for setting, by_seed in by_setting.items():
@@ -131,7 +131,8 @@ def figure(found: dict, path: Path) -> None:
         ax.set_title(f"{COLUMNS[col][2]}\nvs heatmap-only", fontsize=9)
     handles = [plt.Line2D([], [], ls="", marker="D", c=c, label=m) for m, c in colours.items()]
     handles += [plt.Line2D([], [], ls="", marker=mk, c="0.3", label=b) for b, mk in markers.items()]
-    axes[0].legend(handles=handles, fontsize=8)
+    # Beside the panels: inside, it hid runs of the first.
+    axes[-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

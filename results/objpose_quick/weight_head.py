@@ -36,11 +36,17 @@ def baseline(mesh: str, seed: int, root: Path = HERE) -> tuple[Path, bool]:
     return root / mesh / (("heatmap-threads1" if mesh == "spot" else "heatmap") + f"_seed{seed}"), False
 
 
+def seeds(mesh_dir: Path) -> list[int]:
+    """The seeds of the weight-head runs kept under ``mesh_dir``."""
+    found = {int(d.name.rsplit("_seed", 1)[1]) for d in mesh_dir.glob("*-weight-head_seed*") if d.is_dir()}
+    return sorted(found)
+
+
 def collect(root: Path = HERE) -> dict:
     """Per mesh, setting and seed: the per-image differences to heatmap-only, beta, pairing."""
     found: dict = {}
     for mesh, add in MESHES.items():
-        for seed in range(3):
+        for seed in seeds(root / mesh):
             base_dir, shared = baseline(mesh, seed, root)
             for setting, name in SETTINGS.items():
                 run = root / mesh / name.format(seed)

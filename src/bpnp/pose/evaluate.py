@@ -25,8 +25,8 @@ from ..geometry import project, rvec_to_rotmat
 from ..layer import solve_pnp
 from . import bop
 from .data import COVERED, HIDDEN_BY_OBJECT, INTERIOR, VISIBLE, PoseData, _scenes, keypoint_visibility, load_split
-from .model import heatmap_confidence, learned_weight_factor, soft_argmax
-from .train import _outputs, load_checkpoint, normalise_images
+from .model import heatmap_confidence, learned_weight_factor, soft_argmax, split_outputs
+from .train import load_checkpoint, normalise_images
 
 __all__ = ["predict", "evaluate", "score_predictions", "pose_metrics", "draw_overlays", "model_points"]
 
@@ -65,7 +65,7 @@ def predict(
     for start in range(0, len(data), batch_size):
         t0 = time.perf_counter()
         images = torch.from_numpy(data.images[start : start + batch_size]).to(device)
-        logits, weight_logits = _outputs(net(normalise_images(images)))
+        logits, weight_logits = split_outputs(net(normalise_images(images)))
         coords, probs = soft_argmax(logits, net.stride, window)
         conf = heatmap_confidence(probs, coords, net.stride)
         w = conf

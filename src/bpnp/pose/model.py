@@ -13,6 +13,7 @@ __all__ = [
     "heatmap_loss",
     "heatmap_confidence",
     "learned_weight_factor",
+    "split_outputs",
 ]
 
 
@@ -63,6 +64,18 @@ class KeypointHeatmapNet(nn.Module):
         if self.weight_head is not None:
             return self.head(x), self.weight_head(x)
         return self.head(x)  # Bxkx(H/4)x(W/4)
+
+
+def split_outputs(output: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """A :class:`KeypointHeatmapNet` output as ``(logits, weight_logits)``, whether or not the
+    network has a weight head (``weight_logits`` is None without one).
+
+    Args:
+        output: ``(B, k, h, w)`` logits, or the pair ``(logits, weight_logits)`` of that shape each.
+    Returns:
+        ``((B, k, h, w), (B, k, h, w) or None)``.
+    """
+    return output if isinstance(output, tuple) else (output, None)
 
 
 def _cell_centres(h: int, w: int, stride: int, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -45,7 +45,14 @@ from ..losses import BPnPADDLoss, BPnPReprojectionLoss, keypoint_loss
 from ..progress import progress as progress_bar
 from . import bop
 from .data import PoseData, augment_image, load_split
-from .model import KeypointHeatmapNet, heatmap_confidence, heatmap_loss, learned_weight_factor, soft_argmax
+from .model import (
+    KeypointHeatmapNet,
+    heatmap_confidence,
+    heatmap_loss,
+    learned_weight_factor,
+    soft_argmax,
+    split_outputs,
+)
 
 __all__ = ["TrainConfig", "train", "load_checkpoint", "normalise_images", "VARIANTS"]
 
@@ -289,11 +296,6 @@ def _warm_start_state(cfg: TrainConfig, device: torch.device) -> dict:
     return state
 
 
-def _outputs(output: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
-    """The network's heatmap logits and weight logits (None without a weight head)."""
-    return output if isinstance(output, tuple) else (output, None)
-
-
 def _grad_norm(loss: Tensor, params: list[Tensor]) -> float:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
@@ -381,7 +383,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         image = normalise_images(batch["image"].to(device))
         kp_true = batch["kp2d"].to(device).float()
         K = batch["K"].to(device)
-        logits, weight_logits = _outputs(model(image))
+        logits, weight_logits = split_outputs(model(image))
         coords, probs = soft_argmax(logits, net.stride, cfg.window)
         l_h = heatmap_loss(logits, kp_true, net.stride, cfg.sigma)
         l_p = torch.zeros((), device=device)
