@@ -14,14 +14,18 @@ mesh: t-interval over the seeds). Usage, from the repository root:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from balance import COLUMNS, HERE, MESHES, _fmt, differences  # noqa: E402
 
 from bpnp.apps.objpose import paired_interval  # noqa: E402
 
+FIGURE = HERE.parents[1] / "docs" / "figures" / "objpose_weight_head.png"
 SETTINGS = {
     "ADD loss, beta 0.5, weight head": "bpnp-add-beta0.5-weight-head_seed{}",
     "reprojection loss, weight head": "bpnp-weight-head_seed{}",
@@ -75,5 +79,51 @@ def table(found: dict) -> str:
     return "\n".join(lines)
 
 
+def figure(found: dict, path: Path) -> None:
+    """Each run's difference to heatmap-only (dot, with its images' bootstrap interval) and each
+    mesh's mean over the seeds (bar, with its t-interval), for the 2D projection and ADD(-S)-0.1d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(SETTINGS, ("tab:orange", "tab:blue")))
+    panels = ("proj", "add01")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2.2, 3.8))
+    meshes = [m for m in MESHES if m in found]
+    width = 0.8 / len(SETTINGS)
+    for ax, col in zip(axes, panels):
+        for i, mesh in enumerate(meshes):
+            for j, setting in enumerate(SETTINGS):
+                by_seed = found[mesh].get(setting, {})
+                if not by_seed:
+                    continue
+                x = i + (j - (len(SETTINGS) - 1) / 2) * width
+                if len(by_seed) >= 2:
+                    mean, lo, hi = paired_interval([r["diffs"][col] for r in by_seed.values()])
+                    ax.bar(x, mean, width * 0.9, color=colours[setting], alpha=0.35)
+                    ax.errorbar(x - 0.3 * width, mean, [[mean - lo], [hi - mean]], color=colours[setting], capsize=5, lw=2)
+                offsets = np.linspace(-0.1, 0.35, len(by_seed)) * width
+                for dx, (_, run) in zip(offsets, sorted(by_seed.items())):
+                    m, lo, hi = paired_interval([run["diffs"][col]])
+                    ax.errorbar(x + dx, m, [[m - lo], [hi - m]], fmt="o", ms=3, color="0.25", lw=0.8)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_xticks(range(len(meshes)), [m + (" (ADD-S)" if MESHES[m] == "adds" else "") for m in meshes])
+        ax.set_title(f"{COLUMNS[col][2]} vs heatmap-only", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.5, label=s) for s, c in colours.items()]
+    handles.append(plt.Line2D([], [], ls="", marker="o", c="0.25", label="one seed (bootstrap 95%)"))
+    axes[-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("PnP weights from a head of their own: bars = mean over seeds, 95% t-interval", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    print(table(collect()))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--figure", type=Path, default=FIGURE, help="where to write the figure")
+    args = parser.parse_args()
+    found = collect()
+    print(table(found))
+    figure(found, args.figure)
+    print(f"wrote {args.figure}")
