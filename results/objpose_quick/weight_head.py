@@ -1,15 +1,16 @@
 """PnP weights from a head of their own (``--weight-head``), against heatmap-only.
 
 Reads the kept records of this folder: ``<mesh>/bpnp-add-beta0.5-weight-head_seed<k>`` (the ADD
-loss at beta 0.5) and ``<mesh>/bpnp-weight-head_seed<k>`` (the paper's reprojection loss, beta by
-the balance rule), each continuing a heatmap-only warm-up snapshot trained on 2026-12-05. Their
-baseline is that warm-up's own heatmap-only run, ``<mesh>/heatmap-again_seed<k>`` (the same steps
-before the pose loss starts), where it was kept; otherwise the seed's older heatmap-only record
-(``heatmap_seed<k>``; spot: ``heatmap-threads1_seed<k>``), whose warm-up differs from the first
-steps on (another machine's floating-point sums), so that such a pair holds the training noise
-too. Prints a markdown table of the differences (per seed: bootstrap over the test images; per
-mesh: t-interval over the seeds). Usage, from the repository root:
-``python results/objpose_quick/weight_head.py``.
+loss at beta 0.5; seeds 0-2) and ``<mesh>/bpnp-weight-head_seed<k>`` (the paper's reprojection
+loss, beta by the balance rule; seeds 0-2 trained on 2026-12-05, 3-5 on 2026-12-06), each
+continuing a heatmap-only warm-up snapshot. Their baseline is that warm-up's own heatmap-only run,
+``<mesh>/heatmap-again_seed<k>`` (the same steps before the pose loss starts), where it was kept;
+otherwise the seed's older heatmap-only record (``heatmap_seed<k>``; spot:
+``heatmap-threads1_seed<k>``), whose warm-up differs from the first steps on (another machine's
+floating-point sums), so that such a pair holds the training noise too. Prints a markdown table of
+the differences (per seed: bootstrap over the test images; per mesh: t-interval over the seeds)
+and draws them in ``docs/figures/objpose_weight_head.png``. Usage, from the repository root:
+``python results/objpose_quick/weight_head.py [--figure PATH]``.
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def figure(found: dict, path: Path) -> None:
                 if len(by_seed) >= 2:
                     mean, lo, hi = paired_interval([r["diffs"][col] for r in by_seed.values()])
                     ax.bar(x, mean, width * 0.9, color=colours[setting], alpha=0.35)
-                    ax.errorbar(x - 0.3 * width, mean, [[mean - lo], [hi - mean]], color=colours[setting], capsize=5, lw=2)
+                    ax.errorbar(
+                        x - 0.3 * width, mean, [[mean - lo], [hi - mean]], color=colours[setting], capsize=5, lw=2
+                    )
                 offsets = np.linspace(-0.1, 0.35, len(by_seed)) * width
                 for dx, (_, run) in zip(offsets, sorted(by_seed.items())):
                     m, lo, hi = paired_interval([run["diffs"][col]])
