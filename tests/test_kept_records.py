@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,10 @@ QUICK = Path(__file__).resolve().parents[1] / "results" / "objpose_quick"
 
 
 def _load(name: str):
-    sys.path.insert(0, str(QUICK))
-    try:
-        spec = importlib.util.spec_from_file_location(f"kept_{name}", QUICK / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(QUICK))
+    # The script puts its own folder on sys.path for its sibling ``balance``.
+    spec = importlib.util.spec_from_file_location(f"kept_{name}", QUICK / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
