@@ -1,6 +1,7 @@
 """The BPnP ADD loss at balance 0.3 (the default), 0.1 and a fixed beta 0.5, against heatmap-only.
 
-Reads the kept records of this folder (``<mesh>/bpnp-add_seed<k>`` at balance 0.3,
+Reads the run folders of ``bpnp experiment ... --out runs/objpose_quick`` (the command in this
+folder's README; ``<mesh>/bpnp-add_seed<k>`` at balance 0.3,
 ``<mesh>/bpnp-add-balance0.1_seed<k>``, ``<mesh>/bpnp-add-beta0.5_seed<k>``,
 ``<mesh>/bpnp-add-beta0.5-learned-weights_seed<k>`` (beta 0.5, and the loss trains the PnP
 weights too), ``<mesh>/bpnp-add-beta0.5-weight-head_seed<k>`` (beta 0.5, the PnP weights' factors
@@ -9,7 +10,8 @@ run each continued from its warm-up snapshot, named by its ``config.json``), pri
 table of the paired differences (per seed: bootstrap over the test images; per mesh: t-interval
 over the seeds) and writes ``docs/figures/objpose_balance.png``: each run's difference to
 heatmap-only against its beta. Usage, from the repository root:
-``python results/objpose_quick/balance.py [--figure PATH]``.
+``python results/objpose_quick/balance.py [--runs runs/objpose_quick] [--figure PATH]``. The
+table it printed for the runs of 2026-12-05/06 is ``tables.md`` beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from bpnp.apps.objpose import paired_interval
 
 HERE = Path(__file__).resolve().parent
+RUNS_DIR = Path("runs") / "objpose_quick"  # where the experiment writes its run folders
 MESHES = {"spot": "add", "cow": "add", "teapot": "adds"}  # the teapot is rotationally symmetric: ADD-S
 # beta set by the balance (0.3: the default) or fixed
 RUNS = {
@@ -66,7 +69,7 @@ def differences(run: Path, base_dir: Path, add: str) -> tuple[float | None, dict
     return beta, diffs
 
 
-def collect(root: Path = HERE) -> dict:
+def collect(root: Path = RUNS_DIR) -> dict:
     """Per mesh, setting (``RUNS``) and seed: beta and the per-image differences to heatmap-only."""
     found: dict = {}
     for mesh, add in MESHES.items():
@@ -141,8 +144,9 @@ def figure(found: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--figure", type=Path, default=HERE.parents[1] / "docs" / "figures" / "objpose_balance.png")
+    parser.add_argument("--runs", type=Path, default=RUNS_DIR, help="the experiment's --out folder")
     args = parser.parse_args()
-    found = collect()
+    found = collect(args.runs)
     print(table(found))
     figure(found, args.figure)
     print(f"figure: {args.figure}")

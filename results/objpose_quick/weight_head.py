@@ -1,16 +1,18 @@
 """PnP weights from a head of their own (``--weight-head``), against heatmap-only.
 
-Reads the kept records of this folder: ``<mesh>/bpnp-add-beta0.5-weight-head_seed<k>`` (the ADD
+Reads the run folders of ``bpnp experiment ... --out runs/objpose_quick`` (this folder's README):
+``<mesh>/bpnp-add-beta0.5-weight-head_seed<k>`` (the ADD
 loss at beta 0.5; seeds 0-2) and ``<mesh>/bpnp-weight-head_seed<k>`` (the paper's reprojection
 loss, beta by the balance rule; seeds 0-2 trained on 2026-12-05, 3-5 on 2026-12-06), each
 continuing a heatmap-only warm-up snapshot. Their baseline is that warm-up's own heatmap-only run,
-``<mesh>/heatmap-again_seed<k>`` (the same steps before the pose loss starts), where it was kept;
+``<mesh>/heatmap-again_seed<k>`` (the same steps before the pose loss starts), where it was run;
 otherwise the seed's older heatmap-only record (``heatmap_seed<k>``; spot:
 ``heatmap-threads1_seed<k>``), whose warm-up differs from the first steps on (another machine's
 floating-point sums), so that such a pair holds the training noise too. Prints a markdown table of
 the differences (per seed: bootstrap over the test images; per mesh: t-interval over the seeds)
 and draws them in ``docs/figures/objpose_weight_head.png``. Usage, from the repository root:
-``python results/objpose_quick/weight_head.py [--figure PATH]``.
+``python results/objpose_quick/weight_head.py [--runs runs/objpose_quick] [--figure PATH]``.
+The table it printed for the runs of 2026-12-05/06 is ``tables.md`` beside it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from balance import COLUMNS, HERE, MESHES, _fmt, differences  # noqa: E402
+from balance import COLUMNS, HERE, MESHES, RUNS_DIR, _fmt, differences  # noqa: E402
 
 from bpnp.apps.objpose import paired_interval  # noqa: E402
 
@@ -33,7 +35,7 @@ SETTINGS = {
 }
 
 
-def baseline(mesh: str, seed: int, root: Path = HERE) -> tuple[Path, bool]:
+def baseline(mesh: str, seed: int, root: Path = RUNS_DIR) -> tuple[Path, bool]:
     """The heatmap-only run to compare with, and whether it shares the warm-up."""
     again = root / mesh / f"heatmap-again_seed{seed}"
     if (again / "eval" / "per_image.npz").is_file():
@@ -42,12 +44,12 @@ def baseline(mesh: str, seed: int, root: Path = HERE) -> tuple[Path, bool]:
 
 
 def seeds(mesh_dir: Path) -> list[int]:
-    """The seeds of the weight-head runs kept under ``mesh_dir``."""
+    """The seeds of the weight-head runs under ``mesh_dir``."""
     found = {int(d.name.rsplit("_seed", 1)[1]) for d in mesh_dir.glob("*-weight-head_seed*") if d.is_dir()}
     return sorted(found)
 
 
-def collect(root: Path = HERE) -> dict:
+def collect(root: Path = RUNS_DIR) -> dict:
     """Per mesh, setting and seed: the per-image differences to heatmap-only, beta, pairing."""
     found: dict = {}
     for mesh, add in MESHES.items():
@@ -125,8 +127,9 @@ def figure(found: dict, path: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--figure", type=Path, default=FIGURE, help="where to write the figure")
+    parser.add_argument("--runs", type=Path, default=RUNS_DIR, help="the experiment's --out folder")
     args = parser.parse_args()
-    found = collect()
+    found = collect(args.runs)
     print(table(found))
     figure(found, args.figure)
     print(f"wrote {args.figure}")

@@ -244,8 +244,7 @@ def _finished_run(cfg: TrainConfig, run_dir: Path) -> tuple[dict, dict] | None:
 
     A finished run is its record: ``config.json``, ``train_summary.json`` and the evaluation's
     ``metrics.json`` and ``per_image.npz``. Its weights and the renders may be gone and the
-    experiment folder may have moved (a record kept in the repository, see
-    ``results/objpose_long``): the paths a run recorded count up to the folder of its mesh."""
+    experiment folder may have moved: the paths a run recorded count up to the folder of its mesh."""
     import json
 
     from ..pose.train import TrainConfig
