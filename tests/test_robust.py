@@ -205,11 +205,26 @@ def test_native_and_torch_ransac_rounds_agree():
     g = torch.Generator().manual_seed(1)
     pick = torch.rand(64, 16, 40, generator=g, dtype=f64).topk(3, dim=-1).indices
     ids = torch.arange(64)
-    Rn, tn, sn, cn = ransac_round_native(ids, pick, rays, x2d, x3d, K, w, tau2)
-    Rt, tt, st, ct = _round(ids, pick, rays, x2d, x3d, K, w.expand(64, 40), tau2[:, None])
+    pick[:5, 3] = -1  # skipped samples
+    unbounded = torch.full((64,), float("inf"), dtype=f64)
+    Rn, tn, sn, cn = ransac_round_native(ids, pick, rays, x2d, x3d, K, w, tau2, unbounded)
+    Rt, tt, st, ct = _round(ids, pick, rays, x2d, x3d, K, w.expand(64, 40), tau2[:, None], unbounded)
+    assert sn.shape == (64, 16) and Rn.shape == (64, 16, 3, 3)
+    assert bool(torch.isinf(sn[:5, 3]).all()) and bool(torch.isinf(st[:5, 3]).all())
     torch.testing.assert_close(sn, st, rtol=1e-6, atol=1e-15)
     assert bool((cn.long() == ct).all())
-    torch.testing.assert_close(Rn, Rt, rtol=1e-6, atol=1e-7)
+    # The pose where a consensus tells the sample's roots apart (with every point outside the
+    # threshold, all roots score alike and either may be the first of the lowest).
+    told = cn >= 4
+    torch.testing.assert_close(Rn[told], Rt[told], rtol=1e-5, atol=1e-6)  # P3P of ill-posed triples
+    # A bound keeps only the hypotheses that score below it, in both.
+    # (below the median: all-outlier scores tie, and the two sums differ in the last bit)
+    bound = sn.nan_to_num(posinf=0).median(-1).values * (1 - 1e-6)
+    _, _, sbn, _ = ransac_round_native(ids, pick, rays, x2d, x3d, K, w, tau2, bound)
+    _, _, sbt, _ = _round(ids, pick, rays, x2d, x3d, K, w.expand(64, 40), tau2[:, None], bound)
+    kept = sn < bound[:, None]
+    assert torch.equal(torch.isfinite(sbn), kept) and torch.equal(torch.isfinite(sbt), kept)
+    torch.testing.assert_close(sbn[kept], sn[kept], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -246,10 +261,9 @@ def test_ransac_on_all_outliers_is_finite_and_flagged(backend):
         warnings.simplefilter("ignore")
         res = bpnp.solve_pnp(p.x2d, p.x3d, p.K, ransac=True, backend=backend)
     assert bool(torch.isfinite(res.pose).all()) and bool(torch.isfinite(res.cost).all())
-    assert res.inliers.sum(-1).min() >= 6
-    # a random image point lands within 4 px of a pose's projection now and then, but rarely
-    # for 6 of them: (nearly) every item is flagged
-    assert int(res.converged.sum()) <= 2
+    # a random image point lands within 4 px of a pose's projection now and then: a consensus
+    # that chance explains is flagged, so (nearly) every item is
+    assert int(res.converged.sum()) <= 1
     x2d = p.x2d.clone().requires_grad_()
     pose = bpnp.solve_pnp(x2d, p.x3d, p.K, ransac=True, backend=backend, warn=False).pose
     (grad,) = torch.autograd.grad(pose.sum(), x2d)
@@ -388,9 +402,9 @@ def test_double_backward_matches_finite_differences_of_the_gradient(backend, cas
 def test_minimal_samples_are_distinct_uniform_and_of_positive_weight():
     from bpnp.solvers.ransac import _minimal_samples
 
-    g = torch.Generator().manual_seed(0)
     order = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 2, 4, 6, 1, 3, 5]])  # row 1: 4 points weighted
-    picks = _minimal_samples(order, torch.tensor([7, 4]), 100_000, g)
+    keys = torch.tensor([12345, -98765])
+    picks = _minimal_samples(order, torch.tensor([7, 4]), 100_000, keys, torch.tensor([0, 3]))
     assert bool((picks[..., 0] != picks[..., 1]).all() & (picks[..., 0] != picks[..., 2]).all())
     assert bool((picks[..., 1] != picks[..., 2]).all())
     assert set(picks[1].unique().tolist()) == {0, 2, 4, 6}
@@ -400,3 +414,25 @@ def test_minimal_samples_are_distinct_uniform_and_of_positive_weight():
     assert (
         counts.numel() == 35 and float(counts.min() / counts.mean()) > 0.9 and float(counts.max() / counts.mean()) < 1.1
     )
+
+
+def test_random_streams_match_splitmix64():
+    # The counter-based stream is splitmix64 (wrapping int64 products): checked against Python ints.
+    from bpnp.solvers.ransac import mix64, uniform
+
+    M = 2**64
+
+    def ref_mix(z):
+        z %= M
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % M
+        return z ^ (z >> 31)
+
+    values = [0, 1, -1, 2**62 + 12345, -(2**63), 987654321987654321]
+    got = mix64(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert [g % M for g in got] == [ref_mix(v) for v in values]
+    key = torch.tensor(-42, dtype=torch.int64)
+    u = uniform(key, torch.arange(5))
+    want = [(ref_mix(-42 + ref_mix(c * 0x9E3779B97F4A7C15)) >> 11) * 2.0**-53 for c in range(5)]
+    assert u.tolist() == want
+    assert bool(((u >= 0) & (u < 1)).all())

@@ -1,4 +1,5 @@
-"""The ``bpnp`` command: demos and the calibration tool, thin over :mod:`bpnp.apps`."""
+"""The ``bpnp`` command: the demos, the calibration tool and the object-pose tool (render, train,
+evaluate, score, experiment), thin over :mod:`bpnp.apps` and :mod:`bpnp.pose`."""
 
 from __future__ import annotations
 
@@ -463,12 +464,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The import names of the optional dependencies (the extras of pyproject.toml) and their packages.
+OPTIONAL_PACKAGES = {
+    "matplotlib": "matplotlib",
+    "cv2": "opencv-python-headless",
+    "tqdm": "tqdm",
+    "moderngl": "moderngl",
+    "glcontext": "moderngl",
+    "trimesh": "trimesh",
+    "scipy": "scipy",
+    "PIL": "pillow",
+}
+POSE_COMMANDS = ("render", "train", "evaluate", "score", "experiment")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; a user's mistake ends in one line on stderr and a non-zero status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _run(args)
+    except ModuleNotFoundError as exc:  # an optional dependency of this command is not installed
+        package = (exc.name or "").split(".")[0]
+        if package not in OPTIONAL_PACKAGES:
+            raise
+        extra = "pose" if args.command in POSE_COMMANDS else "demo"
+        print(
+            f"bpnp {args.command}: error: needs {OPTIONAL_PACKAGES[package]}, not installed here: "
+            f"pip install 'bpnp[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     except UsageError as exc:
         print(f"bpnp {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -486,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("render", "train", "evaluate", "score", "experiment"):
+    if args.command in POSE_COMMANDS:
         return _run_pose(args)
     if args.command == "demo":
         args.out = _writable_dir(args.out, str(Path("runs") / args.name))

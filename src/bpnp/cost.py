@@ -381,3 +381,34 @@ def distorted_cost_terms_composable(
     hess = torch.func.vmap(torch.func.hessian(cost_fn), in_dims=in_dims)(xi, *args) if hessian else None
     seen_depth = _nearest_weighted_depth(R, t, x3d, weights)
     return CostTerms(cost, grad, hess, seen_depth)
+
+
+def residual_jacobians(
+    R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, dist: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Each point's pixel residual ``(B, n, 2)`` and its chart Jacobian ``(B, n, 2, 6)`` at
+    ``xi = 0``, with or without lens distortion.
+
+    Two reverse passes with a chart of its own for every point (point ``i``'s residual reads
+    only ``xi_i``), through the second-order chart of :func:`distorted_cost`.
+
+    Args:
+        R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``;
+        dist: ``(B|1, 5)`` or None.
+    """
+    from .geometry import distort, skew
+
+    B, n = x2d.shape[:2]
+    with torch.enable_grad():
+        xi = torch.zeros(B, n, 6, dtype=R.dtype, device=R.device, requires_grad=True)
+        S = skew(xi[..., :3])  # BxNx3x3
+        Rx = R[:, None] + S @ R[:, None] + 0.5 * (S @ S) @ R[:, None]
+        P = (Rx @ x3d.expand(B, n, 3)[..., None])[..., 0] + t[:, None] + xi[..., 3:]
+        xy = P[..., :2] / P[..., 2:]
+        if dist is not None:
+            xy = distort(xy, dist)
+        k22 = K[..., 2:3, 2:3]
+        pix = xy @ (K[..., :2, :2] / k22).transpose(-1, -2) + (K[..., :2, 2] / K[..., 2:3, 2])[..., None, :]
+        r = pix - x2d
+        rows = [torch.autograd.grad(r[..., k].sum(), xi, retain_graph=k == 0)[0] for k in range(2)]
+    return r.detach(), torch.stack(rows, -2)

@@ -26,6 +26,7 @@ __all__ = [
     "distort",
     "distort_jacobian",
     "undistort",
+    "undistort_points",
     "undistort_pixels",
 ]
 
@@ -240,20 +241,51 @@ def undistort(xd: Tensor, dist: Tensor, iters: int = 20, tol: float = 1e-13) -> 
         xd: distorted normalised coordinates ``(n, 2)`` or ``(B, n, 2)``; dist: as in :func:`distort`;
         iters: Newton steps at most; tol: the largest residual accepted (normalised units).
     Raises:
-        ValueError: when the iteration does not reach ``tol`` (coefficients not invertible there).
+        ValueError: when the iteration does not reach ``tol`` at some point (coefficients not
+            invertible there); :func:`undistort_points` marks such points instead.
     """
-    xn = xd
-    for _ in range(iters):
-        r = distort(xn, dist) - xd
-        if float(r.detach().abs().max()) <= tol:
-            return xn
-        xn = xn - torch.linalg.solve(distort_jacobian(xn, dist), r[..., None])[..., 0]
-        if not bool(torch.isfinite(xn).all()):
-            break
-    r = distort(xn, dist) - xd
-    if not bool(torch.isfinite(r).all()) or float(r.detach().abs().max()) > tol:
+    xn, ok = undistort_points(xd, dist, iters, tol)
+    if not bool(ok.all()):
         raise ValueError("distortion: the coefficients cannot be inverted at these points")
     return xn
+
+
+def undistort_points(xd: Tensor, dist: Tensor, iters: int = 20, tol: float = 1e-13) -> tuple[Tensor, Tensor]:
+    """Invert :func:`distort` point by point: Newton's method from ``xd``, each point frozen once
+    its residual is below ``tol`` (so a point's answer does not depend on the others).
+
+    Args:
+        xd: distorted normalised coordinates ``(..., n, 2)``; dist: as in :func:`distort`;
+        iters: Newton steps at most; tol: the largest residual accepted (normalised units).
+    Returns:
+        ``xn (..., n, 2)`` (``xd`` itself where no inverse was found) and ``ok (..., n)`` bool.
+    """
+    xn = xd
+    done = torch.zeros(xd.shape[:-1], dtype=torch.bool, device=xd.device)
+    for _ in range(iters):
+        r = distort(xn, dist) - xd
+        done = done | (r.detach().abs().amax(-1) <= tol)
+        if bool(done.all()):
+            break
+        # The 2x2 Newton step in closed form: a singular Jacobian (the model's fold) gives a
+        # non-finite step, and that point stays where it is, unlike a batched solve that raises.
+        J = distort_jacobian(xn, dist)
+        det = J[..., 0, 0] * J[..., 1, 1] - J[..., 0, 1] * J[..., 1, 0]
+        step = (
+            torch.stack(
+                [
+                    J[..., 1, 1] * r[..., 0] - J[..., 0, 1] * r[..., 1],
+                    J[..., 0, 0] * r[..., 1] - J[..., 1, 0] * r[..., 0],
+                ],
+                -1,
+            )
+            / det[..., None]
+        )
+        moved = xn - step
+        xn = torch.where(done[..., None] | ~torch.isfinite(moved), xn, moved)
+    r = distort(xn, dist) - xd
+    ok = torch.isfinite(r).all(-1) & (r.detach().abs().amax(-1) <= tol)
+    return torch.where(ok[..., None], xn, xd), ok
 
 
 def undistort_pixels(x2d: Tensor, K: Tensor, dist: Tensor) -> Tensor:

@@ -12,16 +12,17 @@ import torch
 from torch import Tensor, nn
 
 from .checks import canonical_pnp_inputs
-from .cost import LOSSES, cost_terms, point_terms
-from .covariance import pose_covariance
+from .cost import LOSSES, cost_terms, point_terms, residual_jacobians
+from .covariance import pose_covariance, robust_spread
 from .errors import BackendUnavailableError, PnPConvergenceWarning, PnPInputError
-from .geometry import rotmat_to_rvec, rvec_to_rotmat, undistort
+from .geometry import project, rotmat_to_rvec, rvec_to_rotmat, undistort_points
 from .implicit import implicit_vjp, robust_vjp
 from .normalise import normalise_problem, pose_from_normalised, pose_to_normalised
 from .options import RansacOptions, SolverOptions
 from .solvers.init import normalised_rays, warm_start_trusted
 from .solvers.native import native_available, native_unavailable_reason, solve_pnp_native, warn_unavailable_once
 from .solvers.pnp import PnPSolution, refine_robust, solve_pnp_forward
+from .solvers.ransac import MIN_CONSENSUS, item_keys
 from .solvers.ransac import ransac as run_ransac
 
 __all__ = ["PnPResult", "solve_pnp", "BPnP"]
@@ -330,7 +331,9 @@ def solve_pnp(
             init_n = torch.where(degenerate[:, None], torch.zeros_like(init_n), init_n)
     scale_n = scale_b.to(f64) / norm.focal  # (B|1, 1): pixels to the normalised units
     dist_n = None if dist_b is None else dist_b.to(f64)  # acts on x/z: no change of units
-    x2d_start = None if dist_n is None else _undistorted(x2d_n.detach(), K_n.detach(), dist_n.detach())
+    x2d_start = start_ok = None
+    if dist_n is not None:
+        x2d_start, start_ok = _undistorted(x2d_n.detach(), K_n.detach(), dist_n.detach())
     inliers = None
     w_solve = w_n
     if ransac:
@@ -339,23 +342,39 @@ def solve_pnp(
                 x2d_n.detach() if x2d_start is None else x2d_start,
                 x3d_n.detach(),
                 K_n.detach(),
-                w_n.detach(),
+                # Points without an undistorted start are never sampled and never count.
+                w_n.detach() if start_ok is None else w_n.detach() * start_ok,
                 ransac.threshold / norm.focal,
                 ransac,
                 _local_solver(config),
                 native=config.solver == "native",
+                keys=item_keys(x2d_b, ransac.seed),
             )
-        inliers = found.inliers
-        w_solve = w_n * inliers.to(f64)
+        inliers, support = found.inliers, found.support
         init_n = torch.cat([rotmat_to_rvec(found.R), found.t], -1)
         # The final solve refines RANSAC's pose on its inliers (a global search there could
         # choose another basin than the one the inliers were read in).
         config = config._replace(options=dataclasses.replace(options, global_search=False, check_warm_start=False))
+        if dist_n is not None:
+            inliers, support, init_n = _distorted_inliers(
+                x2d_n,
+                x3d_n,
+                K_n,
+                w_n,
+                dist_n,
+                x2d_start,
+                init_n,
+                inliers,
+                support,
+                ransac.threshold / norm.focal,
+                config,
+            )
+        w_solve = w_n * support.to(f64)
     pose_n, cost, converged, R, hess_n, iters, second, checked = _PnPFunction.apply(
         x2d_n, x3d_n, K_n, w_solve, scale_n, dist_n, x2d_start, init_n, config._replace(loss=loss)
     )
     if inliers is not None:
-        converged = converged & found.enough
+        converged = converged & found.enough & (inliers.sum(-1) >= MIN_CONSENSUS)
         w_n = w_solve
     # Ambiguity, in the normalised units: the residual variance, floored at float64's resolution
     # of a fit (residuals of 1e-8 focal lengths), so exact fits of several minima count too.
@@ -377,6 +396,7 @@ def solve_pnp(
         else:
             data = (x2d_n.detach(), x3d_n.detach(), K_n.detach(), w_n.detach(), R.detach())
             trusted = converged & warm_start_trusted(*data, options, ratio=options.warm_start_ratio)
+    R_n = R.detach()
     pose = pose_from_normalised(pose_n, R, norm)
     cov_args = (hess_n, cost.detach(), dof, pose_n[:, :3].detach(), R.detach(), norm)
     unit = norm.weight[:, 0] * norm.focal[:, 0] ** 2
@@ -404,7 +424,12 @@ def solve_pnp(
     cost, second = cost.to(dtype), second.to(dtype)
 
     def covariance() -> Tensor:
-        cov = pose_covariance(*cov_args).to(dtype)
+        robust = None
+        if loss != "l2":
+            data = (x2d_n.detach(), x3d_n.detach(), K_n.detach())
+            r, J = residual_jacobians(R_n, pose_n[:, 3:].detach(), *data, dist_n)
+            robust = robust_spread(r, J, w_n.detach(), loss, scale_n.detach())
+        cov = pose_covariance(*cov_args, robust=robust).to(dtype)
         return cov[0] if unbatched else cov
 
     if unbatched:
@@ -472,16 +497,56 @@ def _distortion(dist: Tensor | None, x2d: Tensor, unbatched: bool) -> Tensor | N
     return dist
 
 
-def _undistorted(x2d_n: Tensor, K_n: Tensor, dist: Tensor) -> Tensor:
-    """``(B, n, 2)`` normalised pixels with the distortion removed (the start of the search);
-    where the model cannot be inverted, the distorted pixels themselves (LM corrects the start)."""
+def _undistorted(x2d_n: Tensor, K_n: Tensor, dist: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, n, 2)`` normalised pixels with the distortion removed (the start of the search) and
+    ``(B, n)`` where that worked; where the model cannot be inverted, the distorted pixels
+    themselves (LM corrects the start; RANSAC leaves such points out)."""
     xd = normalised_rays(x2d_n, K_n)[..., :2]
-    try:
-        xu = undistort(xd, dist)
-    except ValueError:
-        return x2d_n
+    xu, ok = undistort_points(xd, dist)
     k22 = K_n[:, 2:3, 2:3]
-    return xu @ (K_n[:, :2, :2] / k22).transpose(-1, -2) + (K_n[:, :2, 2] / K_n[:, 2:3, 2])[:, None]
+    xu = xu @ (K_n[:, :2, :2] / k22).transpose(-1, -2) + (K_n[:, :2, 2] / K_n[:, 2:3, 2])[:, None]
+    return torch.where(ok[..., None], xu, x2d_n), ok
+
+
+def _distorted_inliers(
+    x2d_n: Tensor,
+    x3d_n: Tensor,
+    K_n: Tensor,
+    w_n: Tensor,
+    dist_n: Tensor,
+    x2d_start: Tensor,
+    init_n: Tensor,
+    inliers: Tensor,
+    support: Tensor,
+    threshold: Tensor,
+    config: _Forward,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RANSAC's inliers read again in the image (the distorted pixels, where the threshold is
+    given): solve on the inliers with the distorted cost, read them at that pose, until they stay
+    the same. Returns the inliers, the points to solve on and the pose to start from."""
+    local = config._replace(loss="l2")
+    pos = w_n > 0
+    tau2 = threshold * threshold  # (B|1, 1)
+    with torch.no_grad():
+        for _ in range(_DISTORTED_ROUNDS):
+            w = (w_n * support.to(w_n.dtype)).detach()
+            sol = _forward_solve(x2d_n.detach(), x3d_n.detach(), K_n.detach(), w, init_n, local, 1.0, dist_n, x2d_start)
+            pose = torch.cat([rotmat_to_rvec(sol.R), sol.t], -1)
+            e = (project(x3d_n.detach(), pose, K_n.detach(), dist_n) - x2d_n.detach()).pow(2).sum(-1)
+            found = pos & (e < tau2)
+            enough = found.sum(-1) >= MIN_CONSENSUS
+            usable = enough & torch.isfinite(pose).all(-1)
+            changed = usable & (found != inliers).any(-1)
+            init_n = torch.where(usable[:, None], pose, init_n)
+            inliers = torch.where(usable[:, None], found, inliers)
+            support = torch.where(usable[:, None], found, support)
+            if not bool(changed.any()):
+                break
+    return inliers, support, init_n
+
+
+#: Rounds of reading RANSAC's inliers again in the distorted image.
+_DISTORTED_ROUNDS = 3
 
 
 def _local_solver(config: _Forward):

@@ -7,13 +7,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .geometry import project
+from .geometry import project, rotmat_to_rvec, rvec_to_rotmat
 
 __all__ = [
     "PnPProblems",
     "random_problems",
     "random_rotations",
     "outlier_problems",
+    "few_point_problems",
+    "competing_problems",
     "stress_problems",
     "STRESS_KINDS",
 ]
@@ -141,7 +143,78 @@ def outlier_problems(
     return PnPProblems(*(x.to(dtype=dtype, device=device) for x in out)), (~outlier).to(device)
 
 
-STRESS_KINDS = ("noisy", "outliers10", "outliers30", "outliers50", "thin", "near_planar", "distant", "wide", "n4")
+def few_point_problems(
+    B: int, n: tuple[int, int] = (6, 10), outliers: tuple[int, int] = (1, 3), seed: int = 0
+) -> tuple[PnPProblems, Tensor]:
+    """Problems with few points and gross outliers (matches of a small or distant object):
+    ``n`` points (a range, drawn per problem; the batch is padded to the largest with points of
+    weight 0), ``outliers`` of them (at most ``n - 5``, so at least 5 true inliers) moved to a
+    random point of the 640x480 image at least 30 px from their projection; 1 px noise.
+
+    Returns:
+        :class:`PnPProblems` (``weights``: 1 for a point, 0 for padding) and the ``(B, N)`` true
+        inliers.
+    """
+    g = torch.Generator().manual_seed(20_000 + seed)
+    f64 = torch.float64
+    N = n[1]
+    p = random_problems(B, N, noise=1.0, focal=(500.0, 1500.0), weighted=False, seed=seed)
+    count = torch.randint(n[0], n[1] + 1, (B,), generator=g)
+    real = torch.arange(N)[None] < count[:, None]
+    most = (count - 5).clamp(min=0).clamp(max=outliers[1])
+    k = torch.minimum(torch.randint(outliers[0], outliers[1] + 1, (B,), generator=g), most)
+    rank = torch.where(real, torch.rand(B, N, generator=g, dtype=f64), torch.full((B, N), 2.0, dtype=f64))
+    bad = rank.argsort(-1).argsort(-1) < k[:, None]
+    clean = project(p.x3d, p.pose, p.K)
+    moved = torch.rand(B, N, 2, generator=g, dtype=f64) * torch.tensor([640.0, 480.0], dtype=f64)
+    for _ in range(50):  # redraw the ones that landed within 30 px of their projection
+        near = ((moved - clean).norm(dim=-1) < 30.0) & bad
+        if not bool(near.any()):
+            break
+        fresh = torch.rand(B, N, 2, generator=g, dtype=f64) * torch.tensor([640.0, 480.0], dtype=f64)
+        moved = torch.where(near[..., None], fresh, moved)
+    x2d = torch.where(bad[..., None], moved, p.x2d)
+    return p._replace(x2d=x2d, weights=real.to(f64)), real & ~bad
+
+
+def competing_problems(B: int, n: int = 60, wrong: float = 0.45, seed: int = 0) -> tuple[PnPProblems, Tensor]:
+    """Problems where a share ``wrong`` of the matches comes from a second copy of the object at
+    another pose (turned 20-60 deg about a random axis, moved 1.5-3 object sizes sideways): a
+    competing structure with fewer points than the true one; 1 px noise.
+
+    Returns:
+        :class:`PnPProblems` (``pose``: the true pose) and the ``(B, n)`` points of the true pose.
+    """
+    g = torch.Generator().manual_seed(30_000 + seed)
+    f64 = torch.float64
+    p = random_problems(B, n, noise=0.0, focal=(500.0, 1500.0), weighted=False, seed=seed)
+    axis = torch.randn(B, 3, generator=g, dtype=f64)
+    axis = axis / axis.norm(dim=-1, keepdim=True)
+    angle = torch.deg2rad(20.0 + 40.0 * torch.rand(B, 1, generator=g, dtype=f64))
+    R2 = rvec_to_rotmat(axis * angle) @ rvec_to_rotmat(p.pose[:, :3])
+    side = torch.randn(B, 2, generator=g, dtype=f64)
+    side = side / side.norm(dim=-1, keepdim=True) * (1.5 + 1.5 * torch.rand(B, 1, generator=g, dtype=f64))
+    shift = torch.cat([side, 2.0 * torch.rand(B, 1, generator=g, dtype=f64) - 1.0], -1)
+    pose2 = torch.cat([rotmat_to_rvec(R2), p.pose[:, 3:] + shift], -1)
+    k = round(wrong * n)
+    other = torch.rand(B, n, generator=g, dtype=f64).argsort(-1).argsort(-1) < k
+    x2d = torch.where(other[..., None], project(p.x3d, pose2, p.K), project(p.x3d, p.pose, p.K))
+    x2d = x2d + torch.randn(B, n, 2, generator=g, dtype=f64)
+    return p._replace(x2d=x2d), ~other
+
+
+STRESS_KINDS = (
+    "noisy",
+    "outliers10",
+    "outliers30",
+    "outliers50",
+    "thin",
+    "needle",
+    "near_planar",
+    "distant",
+    "wide",
+    "n4",
+)
 
 
 def stress_problems(kind: str, B: int, n: int = 20, seed: int = 0) -> PnPProblems:
@@ -150,7 +223,8 @@ def stress_problems(kind: str, B: int, n: int = 20, seed: int = 0) -> PnPProblem
     Kinds: ``noisy`` (pixel noise 5-20 px), ``outliers10|30|50`` (that share of the pixels
     replaced by uniform random points of a 640x480 image, 1 px noise on the rest, 30% planar
     objects), ``thin`` (the box squashed to 1-20% of its width), ``near_planar`` (a plane with
-    1e-3..1e-2 relief), ``distant`` (50-500 object sizes away), ``wide`` (focal 80-250 px, the
+    1e-3..1e-2 relief), ``needle`` (the box squashed to 1-10% in one direction and to 10-100% of
+    that in another, turned at random: a rod, a pole, a row of features), ``distant`` (50-500 object sizes away), ``wide`` (focal 80-250 px, the
     object off-centre: a wide-angle view), ``n4`` (four points, planar or not, 0-3 px noise).
 
     Args:
@@ -189,6 +263,12 @@ def stress_problems(kind: str, B: int, n: int = 20, seed: int = 0) -> PnPProblem
     x3d, pose, K = p.x3d.clone(), p.pose.clone(), p.K.clone()
     if kind == "thin":
         x3d[..., 2] *= uniform(B, 1, lo=0.01, hi=0.2)
+    elif kind == "needle":
+        across = uniform(B, 1, lo=0.01, hi=0.1)
+        x3d = (
+            x3d * torch.cat([torch.ones(B, 1, dtype=f64), across, across * uniform(B, 1, lo=0.1, hi=1.0)], -1)[:, None]
+        )
+        x3d = x3d @ rvec_to_rotmat(random_rotations(B, g)).transpose(-1, -2)
     elif kind == "near_planar":
         x3d[..., 2] = uniform(B, 1, lo=1e-3, hi=1e-2) * torch.randn(B, n, generator=g, dtype=f64)
     elif kind == "distant":

@@ -115,9 +115,9 @@ def _place(rng: np.random.Generator, verts: np.ndarray, diameter: float, K: np.n
 
 
 def _hull_points(vertices: np.ndarray) -> np.ndarray:
-    from scipy.spatial import ConvexHull
+    from .mesh import hull_vertices
 
-    return vertices[ConvexHull(vertices).vertices]
+    return hull_vertices(vertices)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

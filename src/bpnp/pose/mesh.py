@@ -57,14 +57,29 @@ class Mesh:
         return mesh_diameter(self.vertices)
 
 
-def mesh_diameter(vertices: np.ndarray) -> float:
-    """Largest distance between two points of ``(V, 3)`` (exact: over the convex hull's vertices
-    when there are many points)."""
-    pts = np.asarray(vertices, dtype=np.float64)
-    if len(pts) > 200:
+def hull_vertices(points: np.ndarray) -> np.ndarray:
+    """The vertices of the convex hull of ``(V, 3)`` points, taken in the points' own span: a flat
+    object (a card, a marker, a board) has a polygon, a rod two ends, a point itself."""
+    pts = np.asarray(points, dtype=np.float64)
+    centred = pts - pts.mean(0)
+    _, sv, axes = np.linalg.svd(centred, full_matrices=False)
+    rank = int((sv > 1e-9 * sv[0]).sum()) if len(sv) and sv[0] > 0 else 0
+    coords = centred @ axes[:rank].T
+    if rank >= 2 and len(pts) > rank + 1:
         from scipy.spatial import ConvexHull
 
-        pts = pts[ConvexHull(pts).vertices]
+        return pts[ConvexHull(coords).vertices]
+    if rank == 1:
+        return pts[[int(coords[:, 0].argmin()), int(coords[:, 0].argmax())]]
+    return pts if rank >= 2 else pts[:1]
+
+
+def mesh_diameter(vertices: np.ndarray) -> float:
+    """Largest distance between two points of ``(V, 3)`` (exact: over the convex hull's vertices
+    when there are many points; flat objects too, see :func:`hull_vertices`)."""
+    pts = np.asarray(vertices, dtype=np.float64)
+    if len(pts) > 200:
+        pts = hull_vertices(pts)
     best = 0.0
     for start in range(0, len(pts), 1024):  # (1024, V) blocks keep memory small
         d = np.linalg.norm(pts[start : start + 1024, None, :] - pts[None, :, :], axis=-1)

@@ -117,8 +117,8 @@ def _open(path: Path) -> ctypes.CDLL:
     i64 = ctypes.POINTER(ctypes.c_int64)
     lib.bpnp_ransac_round.restype = None
     # bpnp_ransac_round(A, S, n, ids, samples, rays, x2d, x3d, x3d_batched, K, K_batched, w,
-    #                   w_batched, tau2, num_threads, forked, R, t, score, count)
-    lib.bpnp_ransac_round.argtypes = [ip, ip, ip, i64, i64, dp, dp, dp, ip, dp, ip, dp, ip, dp, ip, ip, dp, dp, dp, i32]  # fmt: skip
+    #                   w_batched, tau2, bound, num_threads, forked, R, t, score, count)
+    lib.bpnp_ransac_round.argtypes = [ip, ip, ip, i64, i64, dp, dp, dp, ip, dp, ip, dp, ip, dp, dp, ip, ip, dp, dp, dp, i32]  # fmt: skip
     return lib
 
 
@@ -277,17 +277,20 @@ def ransac_round_native(
     K: Tensor,
     weights: Tensor,
     tau2: Tensor,
+    bound: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One RANSAC round in compiled C: P3P for every minimal sample, MSAC scores, the best pose
-    per problem (:func:`bpnp.solvers.ransac.p3p` and :func:`~bpnp.solvers.ransac.msac_score`,
+    of each sample (:func:`bpnp.solvers.ransac.p3p` and :func:`~bpnp.solvers.ransac.msac_score`,
     the same formulas).
 
     Args:
-        ids: ``(A,)`` rows of the batch in this round; samples: ``(A, S, 3)`` point indices;
-        rays: ``(B, n, 3)`` unit bearings; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``;
-        K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``; tau2: ``(B,)`` squared thresholds.
+        ids: ``(A,)`` rows of the batch in this round; samples: ``(A, S, 3)`` point indices (a
+        sample whose first index is negative is skipped); rays: ``(B, n, 3)`` unit bearings;
+        x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``; weights: ``(B|1, n)``;
+        tau2: ``(B,)`` squared thresholds; bound: ``(A,)`` scores at or above it are not kept.
     Returns:
-        ``R (A, 3, 3)``, ``t (A, 3)``, ``score (A,)`` (inf: no sample gave a pose) and ``count (A,)``.
+        ``R (A, S, 3, 3)``, ``t (A, S, 3)``, ``score (A, S)`` (inf: no pose of the sample scored
+        below the bound) and ``count (A, S)``.
     """
     lib = _load()
     if lib is None:
@@ -296,13 +299,13 @@ def ransac_round_native(
     A, S, _ = samples.shape
     B, n = x2d.shape[:2]
 
-    rays, x2d, x3d, K, weights, tau2 = (_f64(x) for x in (rays, x2d, x3d, K, weights, tau2))
+    rays, x2d, x3d, K, weights, tau2, bound = (_f64(x) for x in (rays, x2d, x3d, K, weights, tau2, bound))
     ids = ids.to(torch.int64).contiguous()
     samples = samples.to(torch.int64).contiguous()
-    R = torch.empty(A, 3, 3, dtype=f64)
-    t = torch.empty(A, 3, dtype=f64)
-    score = torch.empty(A, dtype=f64)
-    count = torch.empty(A, dtype=torch.int32)
+    R = torch.empty(A, S, 3, 3, dtype=f64)
+    t = torch.empty(A, S, 3, dtype=f64)
+    score = torch.empty(A, S, dtype=f64)
+    count = torch.empty(A, S, dtype=torch.int32)
     lib.bpnp_ransac_round(
         A,
         S,
@@ -318,6 +321,7 @@ def ransac_round_native(
         _ptr(weights),
         int(weights.shape[0] != 1 or B == 1),
         _ptr(tau2),
+        _ptr(bound),
         torch.get_num_threads(),
         int(_in_forked_child),
         _ptr(R),

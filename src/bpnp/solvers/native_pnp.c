@@ -1122,10 +1122,34 @@ static void cube_pass(const Problem *p, const Options *o, LMState *out) {
     out->second = INFINITY;
 }
 
+/* A needle: the weighted point set is thin in two directions (its two smaller spreads below
+ * thin_ratio^2 of the largest, as variances): the rotation about its axis is barely seen, the
+ * object-space minima crowd, and the search missed the best one in 0.3-0.8% of such problems
+ * (bpnp.solvers.pnp.needle_like): they are escalated (exhaustive pass and cube starts). */
+static int needle_like(const Problem *p, double ratio) {
+    double c[3] = {0, 0, 0}, ws = 0, cov[9] = {0}, V[9], ev[3];
+    for (int i = 0; i < p->n; i++) {
+        if (!(p->w[i] > 0)) continue;
+        ws += p->w[i];
+        for (int k = 0; k < 3; k++) c[k] += p->w[i] * p->x3d[3 * i + k];
+    }
+    if (!(ws > 0)) return 0;
+    for (int k = 0; k < 3; k++) c[k] /= ws;
+    for (int i = 0; i < p->n; i++) {
+        if (!(p->w[i] > 0)) continue;
+        double d[3];
+        for (int k = 0; k < 3; k++) d[k] = p->x3d[3 * i + k] - c[k];
+        for (int a = 0; a < 3; a++)
+            for (int b = 0; b < 3; b++) cov[3 * a + b] += p->w[i] * d[a] * d[b];
+    }
+    symmetric_eig(3, cov, V, ev);
+    return ev[1] < ratio * ratio * ev[2];
+}
+
 /* The global solve of one problem. Problems with few points (where the shortcuts of the search
  * cost little and miss most) get the exhaustive search at once; a problem whose candidates had
- * points behind the camera or whose answer has heavy-tailed residuals (outliers, inconsistent
- * data) gets it as a second pass, and the better answer wins. */
+ * points behind the camera, whose answer has heavy-tailed residuals (outliers, inconsistent
+ * data) or whose points form a needle gets it as a second pass, and the better answer wins. */
 static void solve_one(const Problem *p, const Options *o, const double *init, LMState *best) {
     int npos = 0;
     for (int i = 0; i < p->n; i++) npos += p->w[i] > 0;
@@ -1137,7 +1161,8 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
     } else if (solve_pass(p, o, init, best) ? global && o->escalate
                                             : global && o->escalate &&
                                                   (heavy_tailed(p, best->R, best->t, o->escalate_ratio) ||
-                                                   misfit(p, best->cost, o->escalate_misfit))) {
+                                                   misfit(p, best->cost, o->escalate_misfit) ||
+                                                   needle_like(p, o->thin_ratio))) {
         LMState again;
         solve_pass(p, &full, init, &again);
         if (again.cost < best->cost || (isinf(best->cost) && !isinf(again.cost))) {
@@ -1403,14 +1428,15 @@ static int p3p_solve(const double *f, const double *X, double (*Rs)[9], double (
 }
 
 /* One RANSAC round for A problems (ids: their rows in the batch): S minimal samples each
- * (samples: A x S x 3 point indices), P3P for every sample, every pose scored by msac_one
- * (bpnp.solvers.ransac.msac_score); per problem the best pose (first of the lowest score) in R_out (A x 9),
- * t_out (A x 3), its score (inf when no sample gave a pose) and count. rays: B x n x 3 unit
- * bearings of the image points. */
+ * (samples: A x S x 3 point indices; a sample whose first index is negative is skipped), P3P for
+ * every sample, every pose scored by msac_one (bpnp.solvers.ransac.msac_score). Per sample the
+ * best of its poses (first of the lowest score) in R_out (A x S x 9), t_out (A x S x 3), its score
+ * and count; the score is inf where no pose scored below the problem's bound (bound: A, the
+ * worst score the caller still keeps). rays: B x n x 3 unit bearings of the image points. */
 void bpnp_ransac_round(int A, int S, int n, const int64_t *ids, const int64_t *samples, const double *rays,
                        const double *x2d, const double *x3d, int x3d_batched, const double *K, int K_batched,
-                       const double *w, int w_batched, const double *tau2, int num_threads, int forked,
-                       double *R_out, double *t_out, double *score_out, int32_t *count_out) {
+                       const double *w, int w_batched, const double *tau2, const double *bound, int num_threads,
+                       int forked, double *R_out, double *t_out, double *score_out, int32_t *count_out) {
     int want = num_threads < 1 ? 1 : num_threads;
     (void)forked;
 #if defined(_OPENMP)
@@ -1422,32 +1448,36 @@ void bpnp_ransac_round(int A, int S, int n, const int64_t *ids, const int64_t *s
         const double *X = x3d + (x3d_batched ? b * n * 3 : 0);
         const double *k = K + (K_batched ? b * 9 : 0);
         const double *ww = w + (w_batched ? b * n : 0);
-        double best = INFINITY;
-        int best_count = 0;
-        double bestR[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1}, bestt[3] = {0, 0, 1};
         for (int s = 0; s < S; s++) {
-            const int64_t *idx = samples + ((long)i * S + s) * 3;
-            double f[9], Xs[9], Rs[4][9], ts[4][3];
-            for (int c = 0; c < 3; c++) {
-                memcpy(f + 3 * c, ry + 3 * idx[c], 3 * sizeof(double));
-                memcpy(Xs + 3 * c, X + 3 * idx[c], 3 * sizeof(double));
-            }
-            int m = p3p_solve(f, Xs, Rs, ts);
-            for (int h = 0; h < m; h++) {
-                double sc;
-                int cnt;
-                msac_one(Rs[h], ts[h], xy, X, k, ww, n, tau2[b], best, &sc, &cnt);
-                if (sc < best) {
-                    best = sc;
-                    best_count = cnt;
-                    memcpy(bestR, Rs[h], sizeof bestR);
-                    memcpy(bestt, ts[h], sizeof bestt);
+            long o = (long)i * S + s;
+            const int64_t *idx = samples + o * 3;
+            double best = INFINITY;
+            int best_count = 0;
+            double bestR[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1}, bestt[3] = {0, 0, 1};
+            if (idx[0] >= 0) {
+                double f[9], Xs[9], Rs[4][9], ts[4][3];
+                for (int c = 0; c < 3; c++) {
+                    memcpy(f + 3 * c, ry + 3 * idx[c], 3 * sizeof(double));
+                    memcpy(Xs + 3 * c, X + 3 * idx[c], 3 * sizeof(double));
+                }
+                int m = p3p_solve(f, Xs, Rs, ts);
+                double stop = bound[i];
+                for (int h = 0; h < m; h++) {
+                    double sc;
+                    int cnt;
+                    msac_one(Rs[h], ts[h], xy, X, k, ww, n, tau2[b], stop < best ? stop : best, &sc, &cnt);
+                    if (sc < best && sc < stop) {
+                        best = sc;
+                        best_count = cnt;
+                        memcpy(bestR, Rs[h], sizeof bestR);
+                        memcpy(bestt, ts[h], sizeof bestt);
+                    }
                 }
             }
+            memcpy(R_out + o * 9, bestR, sizeof bestR);
+            memcpy(t_out + o * 3, bestt, sizeof bestt);
+            score_out[o] = best;
+            count_out[o] = best_count;
         }
-        memcpy(R_out + (long)i * 9, bestR, sizeof bestR);
-        memcpy(t_out + (long)i * 3, bestt, sizeof bestt);
-        score_out[i] = best;
-        count_out[i] = best_count;
     }
 }
