@@ -17,8 +17,9 @@ from .geometry import (
     transform_points,
     undistort,
 )
-from .layer import BPnP, PnPResult, solve_pnp
+from .layer import BPnP, solve_pnp
 from .options import RansacOptions, SolverOptions
+from .result import PnPResult
 
 __all__ = [
     "BPnP",

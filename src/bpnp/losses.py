@@ -18,9 +18,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .geometry import project
-from .layer import PnPResult, solve_pnp
+from .layer import solve_pnp
 from .metrics import add
 from .options import SolverOptions
+from .result import PnPResult
 
 __all__ = ["BPnPReprojectionLoss", "BPnPADDLoss", "keypoint_loss"]
 

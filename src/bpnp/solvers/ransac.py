@@ -35,6 +35,8 @@ ENUMERATE_MAX = 12
 CHANCE_LEVEL = 0.01
 #: The band of a hypothesis' first refinement, in thresholds.
 LO_WIDEN = 1.5
+#: A hypothesis whose points lie this much within a better one's is not refined again.
+REPEAT_SHARE = 0.9
 #: The best hypotheses seen that are refined on their inliers and scored again: a hypothesis of
 #: the right structure from noisy points can score worse than one of a competing structure.
 LO_CANDIDATES = 8
@@ -396,7 +398,7 @@ def _refine_candidates(
     # The fit takes the points within a wider band than the threshold (LO-RANSAC's widened inner
     # threshold): a hypothesis from three noisy points leaves true inliers just outside it.
     inl = pos[:, None] & (e < LO_WIDEN**2 * data.tau2[..., None])
-    solvable = torch.isfinite(pool.score) & (inl.sum(-1) >= MIN_CONSENSUS)
+    solvable = torch.isfinite(pool.score) & (inl.sum(-1) >= MIN_CONSENSUS) & ~_repeats(inl)
     # Only the hypotheses with a consensus are solved (the pools of few-point problems are short).
     item, slot = solvable.nonzero(as_tuple=True)
     pick = lambda x: x.expand(B, *x.shape[1:])[item]
@@ -419,6 +421,17 @@ def _refine_candidates(
     ar = torch.arange(B, device=best.device)
     e_best = e[ar, best]
     return R[ar, best], t[ar, best], score[ar, best], pos & (e_best < data.tau2), e_best
+
+
+def _repeats(inl: Tensor) -> Tensor:
+    """``(B, L)`` hypotheses (best first) whose point set lies mostly (90%) within that of a better
+    one: the same structure again, which a refinement of the better one covers."""
+    f = inl.to(torch.float64)
+    shared = f @ f.transpose(-1, -2)  # BxLxL: points two hypotheses share
+    own = f.sum(-1)  # BxL
+    L = inl.shape[1]
+    better = torch.ones(L, L, dtype=torch.bool, device=inl.device).tril(-1)  # [l, k]: k before l
+    return ((shared >= REPEAT_SHARE * own[..., :, None]) & better).any(-1)
 
 
 def _local_optimisation(
