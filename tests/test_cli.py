@@ -174,3 +174,22 @@ def test_the_defaults_that_help_states_are_the_ones_that_apply():
                 assert words == [str(v) for v in values], (command, action.dest)
             checked.append(f"{command} {action.dest}")
     assert {"train steps", "train lr", "train out", "experiment seeds", "render size"} <= set(checked), checked
+
+
+def test_train_refuses_to_overwrite_a_run_and_evaluate_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    from bpnp.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("step,loss\n10,1.0\n")
+    (tmp_path / "data").mkdir()
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a training run already" in err[0] and f"--resume {run}" in err[0]
+    assert (run / "log.csv").read_text() == "step,loss\n10,1.0\n"
+    bogus = tmp_path / "model.pt"
+    bogus.write_text("not a checkpoint")
+    assert main(["evaluate", "--checkpoint", str(bogus), "--data", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a bpnp checkpoint" in err[0] and str(bogus) in err[0]
+    assert not (tmp_path / "eval").exists()

@@ -1,7 +1,10 @@
 """Planar targets: the chessboard mesh, and a flat object through render, train and evaluate."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("trimesh")
 pytest.importorskip("PIL")
@@ -65,3 +68,66 @@ def test_a_flat_target_renders_trains_and_evaluates(tmp_path):
     assert metrics["diameter_mm"] == pytest.approx(np.hypot(11 * 25.0, 8 * 25.0))
     for key in ("kp_error_px_mean", "proj2d_5px", "add_0.1d"):
         assert np.isfinite(metrics[key]), key
+
+
+SHARED_BOARDS = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "chessboard").glob("left*.jpg"))
+
+
+def test_photographs_of_a_board_become_a_split_with_the_poses_they_were_taken_at(tmp_path):
+    import json
+
+    import cv2
+
+    from bpnp.apps.board_split import board_split
+    from bpnp.apps.chessboard import render_views
+    from bpnp.geometry import rvec_to_rotmat
+    from bpnp.pose.data import load_split
+
+    K = np.array([[600.0, 0, 320], [0, 600, 240], [0, 0, 1]])
+    images, poses = render_views(K, 4, (9, 6), seed=3)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(tmp_path / f"view{i}.png")
+        cv2.imwrite(str(paths[-1]), img)
+    camera = tmp_path / "camera.json"
+    camera.write_text(json.dumps({"fx": 600.0, "fy": 600.0, "cx": 320.0, "cy": 240.0}))
+    square = 20.0
+    summary = board_split(paths, tmp_path / "data", (9, 6), square, camera=camera, quiet=True)
+    assert len(summary["images"]) == 4 and summary["gt_rms_px_max"] < 0.5
+    gt = json.loads((tmp_path / "data" / "test" / "000000" / "scene_gt.json").read_text())
+    centre = np.array([4.0, 2.5, 0.0]) * square  # the board mesh's centre in the board frame
+    for k, pose in enumerate(poses):
+        R_true = rvec_to_rotmat(torch.from_numpy(pose[:3])).numpy()
+        t_true = pose[3:] * square + R_true @ centre  # square units -> mm, board -> model frame
+        R = np.array(gt[str(k)][0]["cam_R_m2c"]).reshape(3, 3)
+        assert np.degrees(np.arccos(np.clip((np.trace(R.T @ R_true) - 1) / 2, -1, 1))) < 0.2
+        assert np.linalg.norm(np.array(gt[str(k)][0]["cam_t_m2c"]) - t_true) < 0.005 * np.linalg.norm(t_true)
+    data = load_split(tmp_path / "data" / "test", size=64)
+    assert data.images.shape == (4, 64, 64, 3) and data.keypoints3d.shape == (9, 3)
+
+
+@pytest.mark.skipif(not SHARED_BOARDS, reason="the shared chessboard photographs are not beside this checkout")
+def test_the_shared_photographs_make_a_split_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from bpnp.cli import main
+
+    assert main(["board-split", *map(str, SHARED_BOARDS), "--out", str(tmp_path / "real"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "real" / "test" / "board_split.json").read_text())
+    assert len(summary["images"]) == 13 and summary["gt_rms_px_max"] < 0.3
+    assert abs(summary["K"][0][0] - 537.4) < 3.0  # OpenCV's calibrateCamera on these: fx 537.4
+
+
+def test_views_within_a_cone_see_the_front_of_a_planar_target():
+    from bpnp.pose.data import RenderSettings, rotation_in_cone
+
+    rng = np.random.default_rng(0)
+    R = np.stack([rotation_in_cone(rng, 50.0) for _ in range(2000)])
+    assert np.allclose(R @ R.transpose(0, 2, 1), np.eye(3), atol=1e-12) and np.allclose(np.linalg.det(R), 1.0)
+    tilt = np.degrees(np.arccos(R[:, 2, 2]))
+    assert tilt.max() <= 50.0 + 1e-9 and tilt.max() > 48.0
+    # uniform over the cap: half its area lies below the angle whose cosine is the mean of the two ends
+    half = np.degrees(np.arccos((1 + np.cos(np.radians(50.0))) / 2))
+    assert abs(np.mean(tilt < half) - 0.5) < 0.04
+    with pytest.raises(ValueError, match="view_cone"):
+        RenderSettings(view_cone=0.0)

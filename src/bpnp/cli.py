@@ -95,6 +95,14 @@ def _variants(text: str) -> tuple[str, ...]:
 
 
 def _add_pose_commands(sub) -> None:
+    _add_render_command(sub)
+    _add_train_command(sub)
+    _add_evaluate_command(sub)
+    _add_score_command(sub)
+    _add_experiment_command(sub)
+
+
+def _add_render_command(sub) -> None:
     ren = sub.add_parser("render", help="render a mesh into a BOP-format training/test set")
     ren.add_argument("--mesh", required=True, help="OBJ/PLY/GLB mesh (any units: --diameter scales it)")
     ren.add_argument("--count", type=_positive_int, required=True, help="images to render")
@@ -111,14 +119,30 @@ def _add_pose_commands(sub) -> None:
         help="fps: farthest points over the surface; distinctive: over the points that break the --symmetric axis",
     )
     ren.add_argument("--occluders", type=_fraction, default=0.3, help="share of images with occluders")
+    ren.add_argument(
+        "--view-cone",
+        type=_positive_float,
+        default=None,
+        metavar="DEG",
+        help="views within DEG of the object's z axis (a planar target from the front); default: every view",
+    )
     ren.add_argument("--texture", default=None, help="texture image for a mesh with UV coordinates")
     ren.add_argument(
         "--symmetric", choices=["x", "y", "z"], default=None, help="axis of a continuous symmetry (evaluation: ADD-S)"
     )
     ren.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_train_command(sub) -> None:
     tr = sub.add_parser("train", help="train a keypoint network (optionally through the PnP layer)")
     tr.add_argument("--config", default=None, help="JSON config (bpnp.pose.train.TrainConfig fields)")
     tr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    tr.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        help="steps between checkpoints, a multiple of the log interval (default 100): a kill loses at most this many",
+    )
     tr.add_argument("--data", default=None, help="BOP split folder to train on")
     tr.add_argument("--test-data", default=None, help="BOP split folder to evaluate on afterwards")
     tr.add_argument("--mesh", default=None, help="render a data set of this mesh first (into OUT/data)")
@@ -169,6 +193,9 @@ def _add_pose_commands(sub) -> None:
         help="start from this checkpoint of a run with the same data, seed and schedule (its heatmap-only phase)",
     )
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_evaluate_command(sub) -> None:
     ev = sub.add_parser("evaluate", help="evaluate a trained network on a BOP split")
     ev.add_argument("--checkpoint", required=True, help="model.pt of a training run")
     ev.add_argument("--data", required=True, help="BOP split folder")
@@ -181,12 +208,18 @@ def _add_pose_commands(sub) -> None:
     )
     ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
     ev.add_argument("--quiet", action="store_true", help="do not print the metrics")
+
+
+def _add_score_command(sub) -> None:
     sc = sub.add_parser("score", help="score the poses of a BOP result CSV on a BOP split")
     sc.add_argument("--predictions", required=True, help="BOP result CSV (scene_id,im_id,obj_id,score,R,t,time)")
     sc.add_argument("--data", required=True, help="BOP split folder")
     sc.add_argument("--obj-id", type=_positive_int, default=None, help="BOP object id (default: the only one there)")
     sc.add_argument("--out", default=None, help="output folder (default: score/ beside the CSV)")
     sc.add_argument("--quiet", action="store_true", help="do not print the metrics")
+
+
+def _add_experiment_command(sub) -> None:
     ex = sub.add_parser("experiment", help="objpose: variants x meshes x seeds, paired comparison report")
     ex.add_argument(
         "--meshes", nargs="+", default=["spot", "cow", "teapot"], help="spot, cow, teapot or paths (default all three)"
@@ -248,6 +281,16 @@ def _add_pose_commands(sub) -> None:
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _refuse_a_run_there(out: Path) -> None:
+    """A training run without ``--resume`` never overwrites another run's log and checkpoints."""
+    found = [name for name in ("checkpoint.pt", "model.pt", "log.csv") if (out / name).is_file()]
+    if found:
+        raise UsageError(
+            f"--out: {out} holds a training run already ({', '.join(found)}): continue it with "
+            f"--resume {out}, or choose another --out"
+        )
+
+
 def _existing_dir(path: str | None, option: str) -> None:
     if path is not None and not Path(path).is_dir():
         raise UsageError(f"{option}: {path}: no such folder")
@@ -255,160 +298,182 @@ def _existing_dir(path: str | None, option: str) -> None:
 
 def _run_pose(args: argparse.Namespace) -> int:
     """render / train / evaluate / score / experiment."""
-    if args.command == "render":
-        from .pose.data import RenderSettings, render_dataset
-        from .progress import progress
+    commands = {"render": _run_render, "train": _run_train, "evaluate": _run_evaluate}
+    commands.update({"score": _run_score, "experiment": _run_experiment})
+    return commands[args.command](args)
 
+
+def _run_render(args: argparse.Namespace) -> int:
+    """``bpnp render``."""
+    from .pose.data import RenderSettings, render_dataset
+    from .progress import progress
+
+    if not Path(args.mesh).is_file():
+        raise UsageError(f"--mesh: {args.mesh}: no such file")
+    if args.size % 16:
+        raise UsageError(f"--size: expected a multiple of 16 (the network's stride), got {args.size}")
+    if args.keypoint_method == "distinctive" and args.symmetric is None:
+        raise UsageError("--keypoint-method distinctive: give the axis it breaks with --symmetric x|y|z")
+    _writable_dir(args.out, args.out)
+    bar = None if args.quiet else (lambda it, total: progress(it, total=total, desc="render"))
+    split = render_dataset(
+        args.mesh,
+        args.out,
+        args.count,
+        RenderSettings(size=args.size, occluder_prob=args.occluders, view_cone=args.view_cone),
+        seed=args.seed,
+        split=args.split,
+        diameter_mm=args.diameter,
+        num_keypoints=args.keypoints,
+        symmetric=args.symmetric,
+        texture=args.texture,
+        progress=bar,
+        keypoint_method=args.keypoint_method,
+    )
+    if not args.quiet:
+        print(f"{args.count} images in {split}")
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """``bpnp train``."""
+    from .pose.train import TrainConfig, train
+
+    overrides = {
+        "data": args.data,
+        "test_data": args.test_data,
+        "obj_id": args.obj_id,
+        "variant": args.variant[0] if args.variant else None,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "balance": args.balance,
+        "beta": args.beta,
+        "learn_weights": True if args.learn_weights else None,
+        "weight_head": True if args.weight_head else None,
+        "size": args.size,
+        "workers": args.workers,
+        "seed": args.seed,
+        "device": args.device,
+        "out": args.out,
+        "warm_start": args.warm_start,
+        "checkpoint_every": args.checkpoint_every,
+    }
+    if args.quiet:
+        overrides["progress"] = False
+    if args.variant and len(args.variant) > 1:
+        raise UsageError("--variant: one variant per training run")
+    if args.resume:
+        config_file = Path(args.resume) / "config.json"
+        if not config_file.is_file():
+            raise UsageError(f"--resume: {args.resume} has no config.json (not a training run)")
+        # The folder named on the command line, also where the run was moved after it started.
+        cfg = TrainConfig.from_json(config_file, **{**overrides, "out": args.resume})
+    elif args.config:
+        if not Path(args.config).is_file():
+            raise UsageError(f"--config: {args.config}: no such file")
+        cfg = TrainConfig.from_json(args.config, **overrides)
+    else:
+        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if args.mesh:
+        from .pose.data import RenderSettings, render_splits
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--mesh under torchrun: render the data once with `bpnp render`, then train on it")
         if not Path(args.mesh).is_file():
             raise UsageError(f"--mesh: {args.mesh}: no such file")
-        if args.size % 16:
-            raise UsageError(f"--size: expected a multiple of 16 (the network's stride), got {args.size}")
-        if args.keypoint_method == "distinctive" and args.symmetric is None:
-            raise UsageError("--keypoint-method distinctive: give the axis it breaks with --symmetric x|y|z")
-        _writable_dir(args.out, args.out)
-        bar = None if args.quiet else (lambda it, total: progress(it, total=total, desc="render"))
-        split = render_dataset(
-            args.mesh,
-            args.out,
-            args.count,
-            RenderSettings(size=args.size, occluder_prob=args.occluders),
-            seed=args.seed,
-            split=args.split,
-            diameter_mm=args.diameter,
-            num_keypoints=args.keypoints,
-            symmetric=args.symmetric,
-            texture=args.texture,
-            progress=bar,
-            keypoint_method=args.keypoint_method,
-        )
-        if not args.quiet:
-            print(f"{args.count} images in {split}")
+        counts = {"train": args.count, "test": args.test_count}
+        split = render_splits(args.mesh, Path(cfg.out) / "data", counts, RenderSettings(size=cfg.size), cfg.seed)
+        cfg = TrainConfig(**{**cfg.__dict__, "data": str(split["train"]), "test_data": str(split["test"])})
+    if not cfg.data:
+        raise UsageError("give --data DIR, --mesh PATH, --config FILE or --resume RUN_DIR")
+    _existing_dir(cfg.data, "data")
+    _existing_dir(cfg.test_data, "test_data")
+    if cfg.warm_start and not Path(cfg.warm_start).is_file():
+        raise UsageError(f"--warm-start: {cfg.warm_start}: no such checkpoint")
+    if not args.resume:
+        _refuse_a_run_there(Path(cfg.out))
+    _writable_dir(cfg.out, cfg.out)
+    summary = train(cfg, resume=bool(args.resume))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 evaluates and reports
         return 0
-    if args.command == "train":
-        from .pose.train import TrainConfig, train
-
-        overrides = {
-            "data": args.data,
-            "test_data": args.test_data,
-            "obj_id": args.obj_id,
-            "variant": args.variant[0] if args.variant else None,
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "balance": args.balance,
-            "beta": args.beta,
-            "learn_weights": True if args.learn_weights else None,
-            "weight_head": True if args.weight_head else None,
-            "size": args.size,
-            "workers": args.workers,
-            "seed": args.seed,
-            "device": args.device,
-            "out": args.out,
-            "warm_start": args.warm_start,
-        }
-        if args.quiet:
-            overrides["progress"] = False
-        if args.variant and len(args.variant) > 1:
-            raise UsageError("--variant: one variant per training run")
-        if args.resume:
-            config_file = Path(args.resume) / "config.json"
-            if not config_file.is_file():
-                raise UsageError(f"--resume: {args.resume} has no config.json (not a training run)")
-            # The folder named on the command line, also where the run was moved after it started.
-            cfg = TrainConfig.from_json(config_file, **{**overrides, "out": args.resume})
-        elif args.config:
-            if not Path(args.config).is_file():
-                raise UsageError(f"--config: {args.config}: no such file")
-            cfg = TrainConfig.from_json(args.config, **overrides)
-        else:
-            cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-        if args.mesh:
-            from .pose.data import RenderSettings, render_splits
-
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise UsageError("--mesh under torchrun: render the data once with `bpnp render`, then train on it")
-            if not Path(args.mesh).is_file():
-                raise UsageError(f"--mesh: {args.mesh}: no such file")
-            counts = {"train": args.count, "test": args.test_count}
-            split = render_splits(args.mesh, Path(cfg.out) / "data", counts, RenderSettings(size=cfg.size), cfg.seed)
-            cfg = TrainConfig(**{**cfg.__dict__, "data": str(split["train"]), "test_data": str(split["test"])})
-        if not cfg.data:
-            raise UsageError("give --data DIR, --mesh PATH, --config FILE or --resume RUN_DIR")
-        _existing_dir(cfg.data, "data")
-        _existing_dir(cfg.test_data, "test_data")
-        if cfg.warm_start and not Path(cfg.warm_start).is_file():
-            raise UsageError(f"--warm-start: {cfg.warm_start}: no such checkpoint")
-        _writable_dir(cfg.out, cfg.out)
-        summary = train(cfg, resume=bool(args.resume))
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 evaluates and reports
-            return 0
-        if cfg.test_data:
-            from .pose.evaluate import evaluate
-
-            evaluate(
-                Path(cfg.out) / "model.pt", cfg.test_data, Path(cfg.out) / "eval", device=cfg.device, quiet=args.quiet
-            )
-        if not args.quiet:
-            print(
-                f"trained {summary['steps']} steps (from {summary['resumed_from']}); model: {Path(cfg.out) / 'model.pt'}"
-            )
-        return 0
-    if args.command == "evaluate":
+    if cfg.test_data:
         from .pose.evaluate import evaluate
 
-        if not Path(args.checkpoint).is_file():
-            raise UsageError(f"--checkpoint: {args.checkpoint}: no such file")
-        _existing_dir(args.data, "--data")
-        out = args.out or str(Path(args.checkpoint).parent / "eval")
-        _writable_dir(out, out)
-        evaluate(
-            args.checkpoint,
-            args.data,
-            out,
-            obj_id=args.obj_id,
-            device=args.device,
-            limit=args.limit,
-            quiet=args.quiet,
-            confidence_weights=not args.unweighted,
-            visibility=not args.no_visibility,
-        )
-        if not args.quiet:
-            print(f"report: {Path(out) / 'report.md'}")
-        return 0
-    if args.command == "score":
-        from .pose.evaluate import score_predictions
+        evaluate(Path(cfg.out) / "model.pt", cfg.test_data, Path(cfg.out) / "eval", device=cfg.device, quiet=args.quiet)
+    if not args.quiet:
+        print(f"trained {summary['steps']} steps (from {summary['resumed_from']}); model: {Path(cfg.out) / 'model.pt'}")
+    return 0
 
-        if not Path(args.predictions).is_file():
-            raise UsageError(f"--predictions: {args.predictions}: no such file")
-        _existing_dir(args.data, "--data")
-        out = args.out or str(Path(args.predictions).parent / "score")
-        _writable_dir(out, out)
-        score_predictions(args.predictions, args.data, out, obj_id=args.obj_id, quiet=args.quiet)
-        if not args.quiet:
-            print(f"report: {Path(out) / 'report.md'}")
-        return 0
-    if args.command == "experiment":
-        from .apps.objpose import Budget, PoseLossSetting, run_experiment
 
-        out = _writable_dir(args.out, str(Path("runs") / "objpose_experiment"))
-        budget = Budget(train_count=args.train_count, test_count=args.test_count, steps=args.steps, size=args.size)
-        run_experiment(
-            out,
-            args.meshes,
-            args.seeds,
-            args.variants,
-            budget,
-            device=args.device,
-            quiet=args.quiet,
-            keypoints=args.keypoints,
-            finished_only=args.finished_only,
-            report_name=args.report_name,
-            setting=PoseLossSetting(args.beta, args.balance, args.learn_weights, args.weight_head),
-        )
-        if not args.quiet:
-            print(f"report: {Path(out) / ('report_' + args.report_name if args.report_name else 'report')}.md")
-        return 0
-    return 1
+def _run_evaluate(args: argparse.Namespace) -> int:
+    """``bpnp evaluate``."""
+    from .pose.evaluate import evaluate
+
+    if not Path(args.checkpoint).is_file():
+        raise UsageError(f"--checkpoint: {args.checkpoint}: no such file")
+    _existing_dir(args.data, "--data")
+    from .pose.train import load_checkpoint
+
+    try:  # before any folder is made
+        load_checkpoint(args.checkpoint)
+    except ValueError as exc:
+        raise UsageError(f"--checkpoint: {exc}") from None
+    out = args.out or str(Path(args.checkpoint).parent / "eval")
+    _writable_dir(out, out)
+    evaluate(
+        args.checkpoint,
+        args.data,
+        out,
+        obj_id=args.obj_id,
+        device=args.device,
+        limit=args.limit,
+        quiet=args.quiet,
+        confidence_weights=not args.unweighted,
+        visibility=not args.no_visibility,
+    )
+    if not args.quiet:
+        print(f"report: {Path(out) / 'report.md'}")
+    return 0
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    """``bpnp score``."""
+    from .pose.evaluate import score_predictions
+
+    if not Path(args.predictions).is_file():
+        raise UsageError(f"--predictions: {args.predictions}: no such file")
+    _existing_dir(args.data, "--data")
+    out = args.out or str(Path(args.predictions).parent / "score")
+    _writable_dir(out, out)
+    score_predictions(args.predictions, args.data, out, obj_id=args.obj_id, quiet=args.quiet)
+    if not args.quiet:
+        print(f"report: {Path(out) / 'report.md'}")
+    return 0
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    """``bpnp experiment``."""
+    from .apps.objpose import Budget, PoseLossSetting, run_experiment
+
+    out = _writable_dir(args.out, str(Path("runs") / "objpose_experiment"))
+    budget = Budget(train_count=args.train_count, test_count=args.test_count, steps=args.steps, size=args.size)
+    run_experiment(
+        out,
+        args.meshes,
+        args.seeds,
+        args.variants,
+        budget,
+        device=args.device,
+        quiet=args.quiet,
+        keypoints=args.keypoints,
+        finished_only=args.finished_only,
+        report_name=args.report_name,
+        setting=PoseLossSetting(args.beta, args.balance, args.learn_weights, args.weight_head),
+    )
+    if not args.quiet:
+        print(f"report: {Path(out) / ('report_' + args.report_name if args.report_name else 'report')}.md")
+    return 0
 
 
 def _writable_dir(path: str | None, default: str) -> str:
@@ -461,6 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--iters", type=_positive_int, default=30, help="L-BFGS steps (default 30)")
     cal.add_argument("--seed", type=int, default=0, help="synthetic set: random poses (default 0)")
     cal.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    bs = sub.add_parser("board-split", help="chessboard photographs as a BOP test split (poses from their corners)")
+    bs.add_argument("images", nargs="+", help="photographs of the board")
+    bs.add_argument("--out", required=True, help="data-set folder (models/, keypoints.json, <split>/)")
+    bs.add_argument("--board", type=_board, default=(9, 6), help="inner corners COLSxROWS (default 9x6)")
+    bs.add_argument("--square", type=_positive_float, default=25.0, help="square side in mm (default 25)")
+    bs.add_argument("--margin", type=_nonnegative_float, default=0.5, help="white border in squares (default 0.5)")
+    bs.add_argument("--camera", default=None, help="camera JSON (fx, fy, cx, cy [, k1..k3]); default: calibrate")
+    bs.add_argument("--split", default="test", help="split folder name (default test)")
+    bs.add_argument("--quiet", action="store_true", help="no summary line")
     return parser
 
 
@@ -544,6 +618,19 @@ def _run(args: argparse.Namespace) -> int:
             from importlib import import_module
 
             import_module(f"bpnp.apps.{args.name}").run(out, device=args.device, **kw)
+        return 0
+    if args.command == "board-split":
+        from .apps.board_split import board_split
+
+        missing = [p for p in args.images if not Path(p).is_file()]
+        if missing:
+            raise UsageError(f"{missing[0]}: no such file")
+        if args.camera and not Path(args.camera).is_file():
+            raise UsageError(f"--camera: {args.camera}: no such file")
+        _writable_dir(args.out, args.out)
+        board_split(
+            args.images, args.out, args.board, args.square, args.margin, args.camera, args.split, quiet=args.quiet
+        )
         return 0
     if args.command == "calibrate":
         from .apps import calibrate, chessboard

@@ -42,6 +42,10 @@ class RenderSettings:
         fill: range of the object's bounding-box side over the image side.
         occluder_prob: chance that an image gets random occluders over the object.
         background: ``"procedural"`` (random noise, gradients, stripes and shapes) or ``"black"``.
+        view_cone: None: every viewpoint (rotations uniform on SO(3)); an angle in degrees: the
+            camera sees the object's ``-z`` side from within this angle of its ``z`` axis (uniform
+            over that cap, any in-plane angle): a planar target (a board, a marker) seen from the
+            front and never edge-on.
     """
 
     size: int = 128
@@ -49,6 +53,11 @@ class RenderSettings:
     fill: tuple[float, float] = (0.4, 0.8)
     occluder_prob: float = 0.3
     background: str = "procedural"
+    view_cone: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.view_cone is not None and not 0 < self.view_cone <= 180:
+            raise ValueError(f"view_cone: expected an angle in (0, 180] degrees, got {self.view_cone}")
 
 
 @dataclass
@@ -89,15 +98,33 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     )
 
 
+def rotation_in_cone(rng: np.random.Generator, cone_deg: float) -> np.ndarray:
+    """A rotation whose third column (the object's z axis in the camera) lies within ``cone_deg``
+    of the optical axis, uniform over that spherical cap, with a uniform angle about it."""
+    cos_tilt = rng.uniform(np.cos(np.radians(cone_deg)), 1.0)
+    tilt = np.arccos(cos_tilt)
+    heading = rng.uniform(0, 2 * np.pi)
+    axis = np.array([np.cos(heading), np.sin(heading), 0.0])
+    spin = rng.uniform(0, 2 * np.pi)
+    return _axis_angle(axis, tilt) @ _axis_angle(np.array([0.0, 0.0, 1.0]), spin)
+
+
+def _axis_angle(axis: np.ndarray, angle: float) -> np.ndarray:
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
+
+
 def _project(points: np.ndarray, R: np.ndarray, t: np.ndarray, K: np.ndarray) -> np.ndarray:
     cam = points @ R.T + t
     uv = cam @ K.T
     return uv[:, :2] / uv[:, 2:3]
 
 
-def _place(rng: np.random.Generator, verts: np.ndarray, diameter: float, K: np.ndarray, size: int, fill):
+def _place(
+    rng: np.random.Generator, verts: np.ndarray, diameter: float, K: np.ndarray, size: int, fill, cone: float | None
+):
     """A pose whose projected bounding box spans ``fill`` of the image, placed at random inside it."""
-    R = random_rotation(rng)
+    R = random_rotation(rng) if cone is None else rotation_in_cone(rng, cone)
     d = K[0, 0] * diameter / (0.6 * size)
     target = rng.uniform(*fill) * size
     t = np.array([0.0, 0.0, d])
@@ -248,33 +275,8 @@ def render_dataset(
     settings = settings or RenderSettings()
     out = Path(out)
     mesh = load_mesh(mesh_path, diameter_mm=diameter_mm, texture=texture)
-    models = out / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    write_ply(mesh, models / f"obj_{OBJ_ID:06d}.ply")
-    lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
     diameter = mesh.diameter
-    info = {
-        "diameter": diameter,
-        "min_x": lo[0],
-        "min_y": lo[1],
-        "min_z": lo[2],
-        "size_x": hi[0] - lo[0],
-        "size_y": hi[1] - lo[1],
-        "size_z": hi[2] - lo[2],
-    }
-    if symmetric is not None:
-        info["symmetries_continuous"] = [{"axis": _unit_axis(symmetric).tolist(), "offset": [0.0, 0.0, 0.0]}]
-    bop.write_models_info(models, {OBJ_ID: info})
-    kp_file = out / "keypoints.json"
-    if _check_keypoint_method(out, keypoint_method):
-        keypoints = load_keypoints(out, OBJ_ID)
-    else:
-        if keypoint_method == "distinctive":
-            keypoints = distinctive_keypoints(mesh, num_keypoints, axis=symmetric, seed=0)
-        else:
-            keypoints = farthest_point_keypoints(mesh, num_keypoints, seed=0)
-        record = {str(OBJ_ID): keypoints.tolist(), "source": Path(mesh_path).name, "method": keypoint_method}
-        kp_file.write_text(json.dumps(record, indent=1))
+    keypoints = write_model(mesh, out, Path(mesh_path).name, num_keypoints, keypoint_method, symmetric)
     S = settings.size
     f = settings.focal * S
     K = np.array([[f, 0.0, (S - 1) / 2], [0.0, f, (S - 1) / 2], [0.0, 0.0, 1.0]])
@@ -292,7 +294,7 @@ def render_dataset(
             for sub in ("rgb", "mask", "mask_visib"):
                 (scene_dir / sub).mkdir(parents=True, exist_ok=True)
             scenes[scene_id] = ({}, {}, {}, {})
-        R, t = _place(rng, hull, diameter, K, S, settings.fill)
+        R, t = _place(rng, hull, diameter, K, S, settings.fill, settings.view_cone)
         rgb, cover = renderer.render(R, t, K, _shading(rng))
         mask = cover > 0.5
         bg = _background(rng, S) if settings.background == "procedural" else np.zeros((S, S, 3), np.float32)
@@ -335,6 +337,42 @@ def render_dataset(
 
 
 KEYPOINT_METHODS = ("fps", "distinctive")
+
+
+def write_model(
+    mesh,
+    out: str | Path,
+    source: str,
+    num_keypoints: int = 8,
+    keypoint_method: str = "fps",
+    symmetric: str | None = None,
+) -> np.ndarray:
+    """Write the model of a data set (``out/models/obj_000001.ply``, ``models_info.json``) and its
+    keypoints (``out/keypoints.json``, kept when it exists); returns the keypoints ``(k + 1, 3)``.
+
+    Args:
+        mesh: the :class:`~bpnp.pose.mesh.Mesh` (millimetres); out: the data-set folder; source:
+        the mesh file's name (recorded); num_keypoints, keypoint_method, symmetric: as :func:`render_dataset`.
+    """
+    out = Path(out)
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    write_ply(mesh, models / f"obj_{OBJ_ID:06d}.ply")
+    lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
+    info = {"diameter": mesh.diameter, "min_x": lo[0], "min_y": lo[1], "min_z": lo[2]}
+    info.update({"size_x": hi[0] - lo[0], "size_y": hi[1] - lo[1], "size_z": hi[2] - lo[2]})
+    if symmetric is not None:
+        info["symmetries_continuous"] = [{"axis": _unit_axis(symmetric).tolist(), "offset": [0.0, 0.0, 0.0]}]
+    bop.write_models_info(models, {OBJ_ID: info})
+    if _check_keypoint_method(out, keypoint_method):
+        return load_keypoints(out, OBJ_ID)
+    if keypoint_method == "distinctive":
+        keypoints = distinctive_keypoints(mesh, num_keypoints, axis=symmetric, seed=0)
+    else:
+        keypoints = farthest_point_keypoints(mesh, num_keypoints, seed=0)
+    record = {str(OBJ_ID): keypoints.tolist(), "source": source, "method": keypoint_method}
+    (out / "keypoints.json").write_text(json.dumps(record, indent=1))
+    return keypoints
 
 
 def _check_keypoint_method(out: Path, method: str) -> bool:

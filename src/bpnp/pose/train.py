@@ -260,7 +260,12 @@ def _save_atomic(obj: Any, path: Path) -> None:
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[KeypointHeatmapNet, dict]:
     """A trained network (eval mode) and its checkpoint dict (``config``, ``keypoints3d``, ...):
     ``model.pt`` of a run, or one of its checkpoints (``checkpoint.pt``, snapshots)."""
-    ckpt = torch.load(Path(path), map_location=device, weights_only=False)
+    try:
+        ckpt = torch.load(Path(path), map_location=device, weights_only=False)
+    except Exception as exc:  # pickle, zip or torch errors: the file is not a checkpoint
+        raise ValueError(f"{path}: not a bpnp checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"config", "keypoints3d", "model"} <= set(ckpt):
+        raise ValueError(f"{path}: not a bpnp checkpoint (no config, keypoints3d and model in it)")
     cfg = ckpt["config"]
     net = KeypointHeatmapNet(len(ckpt["keypoints3d"]), cfg["width"], cfg.get("weight_head", False)).to(device)
     net.load_state_dict(ckpt["model"])
