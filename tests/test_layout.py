@@ -41,3 +41,10 @@ def test_library_and_tests_do_not_read_results():
         if path.name != "test_layout.py" and ('"results"' in path.read_text() or "results/objpose" in path.read_text())
     ]
     assert not offenders, offenders
+
+
+def test_the_readme_and_the_guide_stay_short():
+    # What it is, the two commands, an example, a table each, links: the findings live in docs/results.md.
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+    assert len((ROOT / "docs" / "objpose.md").read_text().splitlines()) <= 300
+    assert (ROOT / "docs" / "results.md").is_file()
