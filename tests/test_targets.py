@@ -73,24 +73,33 @@ def test_a_flat_target_renders_trains_and_evaluates(tmp_path):
 SHARED_BOARDS = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "chessboard").glob("left*.jpg"))
 
 
-def test_photographs_of_a_board_become_a_split_with_the_poses_they_were_taken_at(tmp_path):
+def synthetic_photographs(folder: Path, count: int, seed: int):
+    """Rendered photographs of a 9x6 board with known poses (square units), and their camera JSON."""
     import json
 
     import cv2
 
-    from bpnp.apps.board_split import board_split
     from bpnp.apps.chessboard import render_views
+
+    K = np.array([[600.0, 0, 320], [0, 600, 240], [0, 0, 1]])
+    images, poses = render_views(K, count, (9, 6), seed=seed)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(folder / f"view{i}.png")
+        cv2.imwrite(str(paths[-1]), img)
+    camera = folder / "camera.json"
+    camera.write_text(json.dumps({"fx": 600.0, "fy": 600.0, "cx": 320.0, "cy": 240.0}))
+    return paths, poses, camera
+
+
+def test_photographs_of_a_board_become_a_split_with_the_poses_they_were_taken_at(tmp_path):
+    import json
+
+    from bpnp.apps.board_split import board_split
     from bpnp.geometry import rvec_to_rotmat
     from bpnp.pose.data import load_split
 
-    K = np.array([[600.0, 0, 320], [0, 600, 240], [0, 0, 1]])
-    images, poses = render_views(K, 4, (9, 6), seed=3)
-    paths = []
-    for i, img in enumerate(images):
-        paths.append(tmp_path / f"view{i}.png")
-        cv2.imwrite(str(paths[-1]), img)
-    camera = tmp_path / "camera.json"
-    camera.write_text(json.dumps({"fx": 600.0, "fy": 600.0, "cx": 320.0, "cy": 240.0}))
+    paths, poses, camera = synthetic_photographs(tmp_path, 4, seed=3)
     square = 20.0
     summary = board_split(paths, tmp_path / "data", (9, 6), square, camera=camera, quiet=True)
     assert len(summary["images"]) == 4 and summary["gt_rms_px_max"] < 0.5
@@ -131,3 +140,53 @@ def test_views_within_a_cone_see_the_front_of_a_planar_target():
     assert abs(np.mean(tilt < half) - 0.5) < 0.04
     with pytest.raises(ValueError, match="view_cone"):
         RenderSettings(view_cone=0.0)
+
+
+def test_photo_effects_are_reproducible_and_change_what_a_camera_changes():
+    from bpnp.pose.photo import camera_effects, hand_occluder, photo_background
+
+    rng = np.random.default_rng
+    bg = photo_background(rng(1), 64)
+    assert bg.shape == (64, 64, 3) and bg.dtype == np.float32 and 0 <= bg.min() and bg.max() <= 1
+    assert np.array_equal(bg, photo_background(rng(1), 64))
+    cover, colour = hand_occluder(rng(2), 64, (16, 16, 32, 32))
+    assert cover.shape == (64, 64) and cover.max() > 0.9 and cover[16:48, 16:48].max() > 0.9
+    img = np.full((64, 64, 3), 0.5, np.float32)
+    shots = [camera_effects(img, rng(s)) for s in range(12)]
+    assert all(s.dtype == np.uint8 and s.shape == (64, 64, 3) for s in shots)
+    assert np.array_equal(shots[0], camera_effects(img, rng(0)))
+    means = [float(s.mean()) for s in shots]
+    assert max(means) - min(means) > 20  # exposure and gamma vary
+    assert any(np.array_equal(s[..., 0], s[..., 1]) and np.array_equal(s[..., 1], s[..., 2]) for s in shots)
+
+
+def test_board_keypoints_are_corners_in_the_mesh_frame(tmp_path):
+    from bpnp.pose.targets import board_keypoints
+
+    kp = board_keypoints(9, 6, 20.0)
+    assert kp.shape == (9, 3) and np.allclose(kp[-1], 0) and np.allclose(kp[:, 2], 0)
+    assert np.allclose(kp[0], [-80.0, -50.0, 0]) and np.allclose(kp[2], [80.0, 50.0, 0])
+    mesh = load_mesh(write_chessboard(tmp_path, 9, 6, 20.0), diameter_mm=None)
+    corners = chessboard_corners(9, 6, 20.0) - mesh.centre
+    assert all(np.min(np.linalg.norm(corners - k, axis=1)) < 1e-9 for k in kp[:-1])
+
+
+def test_the_board_experiment_trains_evaluates_on_photographs_and_continues(tmp_path):
+    from bpnp.apps.board_experiment import run
+    from bpnp.pose.render import RenderUnavailableError
+
+    photos, _, camera = synthetic_photographs(tmp_path, 3, seed=5)
+    tiny = {"count": 16, "size": 32}
+    try:
+        metrics = run(photos, tmp_path / "exp", steps=8, camera=camera, quiet=True, render=tiny)
+    except RenderUnavailableError as exc:
+        pytest.skip(f"no OpenGL here: {exc}")
+    for variant in ("heatmap", "bpnp-add"):
+        entry = metrics["variants"][variant]
+        assert len(entry["add_0.1d"]["per_seed"]) == 1 and np.isfinite(entry["kp_error_px"]["mean"])
+    assert len(metrics["variants"]["bpnp-add"]["add_0.1d"]["difference"]) == 3
+    report = (tmp_path / "exp" / "report.md").read_text()
+    assert "3 photographs" in report and "heatmap_seed0/eval/overlays.png" in report
+    stamp = (tmp_path / "exp" / "heatmap_seed0" / "model.pt").stat().st_mtime_ns
+    run(photos, tmp_path / "exp", steps=8, camera=camera, quiet=True, render=tiny)  # reads the runs back
+    assert (tmp_path / "exp" / "heatmap_seed0" / "model.pt").stat().st_mtime_ns == stamp

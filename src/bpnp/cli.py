@@ -126,6 +126,9 @@ def _add_render_command(sub) -> None:
         metavar="DEG",
         help="views within DEG of the object's z axis (a planar target from the front); default: every view",
     )
+    ren.add_argument(
+        "--photo", action="store_true", help="look like photographs: camera effects, photo-like backgrounds, hands"
+    )
     ren.add_argument("--texture", default=None, help="texture image for a mesh with UV coordinates")
     ren.add_argument(
         "--symmetric", choices=["x", "y", "z"], default=None, help="axis of a continuous symmetry (evaluation: ADD-S)"
@@ -291,6 +294,13 @@ def _refuse_a_run_there(out: Path) -> None:
         )
 
 
+def _existing_files(paths: list[str], option: str | None) -> None:
+    """Every path is a file; else one line naming the first that is not (and the option)."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise UsageError(f"{option + ': ' if option else ''}{missing[0]}: no such file")
+
+
 def _existing_dir(path: str | None, option: str) -> None:
     if path is not None and not Path(path).is_dir():
         raise UsageError(f"{option}: {path}: no such folder")
@@ -320,7 +330,7 @@ def _run_render(args: argparse.Namespace) -> int:
         args.mesh,
         args.out,
         args.count,
-        RenderSettings(size=args.size, occluder_prob=args.occluders, view_cone=args.view_cone),
+        RenderSettings(size=args.size, occluder_prob=args.occluders, view_cone=args.view_cone, photo=args.photo),
         seed=args.seed,
         split=args.split,
         diameter_mm=args.diameter,
@@ -535,6 +545,18 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--camera", default=None, help="camera JSON (fx, fy, cx, cy [, k1..k3]); default: calibrate")
     bs.add_argument("--split", default="test", help="split folder name (default test)")
     bs.add_argument("--quiet", action="store_true", help="no summary line")
+    be = sub.add_parser(
+        "board-experiment", help="sim-to-real: train on renders of a board, evaluate on its photographs"
+    )
+    be.add_argument("--photos", nargs="+", required=True, help="photographs of the board (the test set)")
+    be.add_argument("--out", default="runs/board", help="experiment folder (default runs/board)")
+    be.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default 0)")
+    be.add_argument("--variants", type=_variants, default=("heatmap", "bpnp-add"), help="default heatmap,bpnp-add")
+    be.add_argument("--steps", type=_positive_int, default=1600, help="training steps per run (default 1600)")
+    be.add_argument("--board", type=_board, default=(9, 6), help="inner corners COLSxROWS (default 9x6)")
+    be.add_argument("--square", type=_positive_float, default=25.0, help="square side in mm (default 25)")
+    be.add_argument("--camera", default=None, help="camera JSON of the photographs; default: calibrate from them")
+    be.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -588,82 +610,111 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command in POSE_COMMANDS:
         return _run_pose(args)
-    if args.command == "demo":
-        args.out = _writable_dir(args.out, str(Path("runs") / args.name))
-        kw = {"seed": args.seed, "quiet": args.quiet}
-        if args.from_scratch:
-            if args.name != "sfm":
-                raise UsageError("--from-scratch applies to the sfm demo")
-            kw["from_scratch"] = True
-        if args.iters is not None and args.name not in ("layer", "all"):
-            kw["iters"] = args.iters
-        if args.variants is not None:
-            if args.name != "objpose":
-                raise UsageError("--variants applies to the objpose demo")
-            kw["variants"] = args.variants
-        out = args.out or str(Path("runs") / args.name)
-        if args.name == "layer":
-            from .apps import layer_demo
+    commands = {
+        "demo": _run_demo,
+        "board-split": _run_board_split,
+        "board-experiment": _run_board_experiment,
+        "calibrate": _run_calibrate,
+    }
+    return commands[args.command](args)
 
-            layer_demo.run(out, seed=args.seed, device=args.device, quiet=args.quiet)
-        elif args.name == "calibrate":
-            from .apps import chessboard
 
-            chessboard.run_synthetic(out, **kw)
-        elif args.name == "all":
-            from .apps import all_demos
+def _run_demo(args: argparse.Namespace) -> int:
+    """``bpnp demo``."""
+    args.out = _writable_dir(args.out, str(Path("runs") / args.name))
+    kw = {"seed": args.seed, "quiet": args.quiet}
+    if args.from_scratch:
+        if args.name != "sfm":
+            raise UsageError("--from-scratch applies to the sfm demo")
+        kw["from_scratch"] = True
+    if args.iters is not None and args.name not in ("layer", "all"):
+        kw["iters"] = args.iters
+    if args.variants is not None:
+        if args.name != "objpose":
+            raise UsageError("--variants applies to the objpose demo")
+        kw["variants"] = args.variants
+    out = args.out or str(Path("runs") / args.name)
+    if args.name == "layer":
+        from .apps import layer_demo
 
-            all_demos.run(out, seed=args.seed, device=args.device, quiet=args.quiet)
-        else:
-            from importlib import import_module
+        layer_demo.run(out, seed=args.seed, device=args.device, quiet=args.quiet)
+    elif args.name == "calibrate":
+        from .apps import chessboard
 
-            import_module(f"bpnp.apps.{args.name}").run(out, device=args.device, **kw)
-        return 0
-    if args.command == "board-split":
-        from .apps.board_split import board_split
+        chessboard.run_synthetic(out, **kw)
+    elif args.name == "all":
+        from .apps import all_demos
 
-        missing = [p for p in args.images if not Path(p).is_file()]
-        if missing:
-            raise UsageError(f"{missing[0]}: no such file")
-        if args.camera and not Path(args.camera).is_file():
-            raise UsageError(f"--camera: {args.camera}: no such file")
-        _writable_dir(args.out, args.out)
-        board_split(
-            args.images, args.out, args.board, args.square, args.margin, args.camera, args.split, quiet=args.quiet
+        all_demos.run(out, seed=args.seed, device=args.device, quiet=args.quiet)
+    else:
+        from importlib import import_module
+
+        import_module(f"bpnp.apps.{args.name}").run(out, device=args.device, **kw)
+    return 0
+
+
+def _run_board_split(args: argparse.Namespace) -> int:
+    """``bpnp board-split``."""
+    from .apps.board_split import board_split
+
+    _existing_files(args.images, None)
+    if args.camera and not Path(args.camera).is_file():
+        raise UsageError(f"--camera: {args.camera}: no such file")
+    _writable_dir(args.out, args.out)
+    board_split(args.images, args.out, args.board, args.square, args.margin, args.camera, args.split, quiet=args.quiet)
+    return 0
+
+
+def _run_board_experiment(args: argparse.Namespace) -> int:
+    """``bpnp board-experiment``."""
+    from .apps.board_experiment import run as board_experiment
+
+    _existing_files(args.photos, "--photos")
+    _writable_dir(args.out, args.out)
+    board_experiment(
+        args.photos,
+        args.out,
+        args.seeds,
+        args.variants,
+        args.steps,
+        args.board,
+        args.square,
+        args.camera,
+        args.quiet,
+    )
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    """``bpnp calibrate``."""
+    from .apps import calibrate, chessboard
+
+    args.out = _writable_dir(args.out, str(Path("runs") / "calibrate"))
+    if args.json:
+        _writable_dir(str(Path(args.json).parent), ".")
+    if args.images:
+        _existing_files(args.images, None)
+        try:
+            images = calibrate.load_images(args.images)
+        except ValueError as exc:
+            raise UsageError(str(exc).replace("images: ", "")) from None
+        result = calibrate.calibrate(
+            images,
+            [Path(p).name for p in args.images],
+            board=args.board,
+            square=args.square,
+            distortion=args.distortion,
+            out=args.out,
+            iters=args.iters,
+            quiet=args.quiet,
         )
-        return 0
-    if args.command == "calibrate":
-        from .apps import calibrate, chessboard
-
-        args.out = _writable_dir(args.out, str(Path("runs") / "calibrate"))
-        if args.json:
-            _writable_dir(str(Path(args.json).parent), ".")
-        if args.images:
-            for image in args.images:
-                if not Path(image).is_file():
-                    raise UsageError(f"{image}: no such file")
-            try:
-                images = calibrate.load_images(args.images)
-            except ValueError as exc:
-                raise UsageError(str(exc).replace("images: ", "")) from None
-            result = calibrate.calibrate(
-                images,
-                [Path(p).name for p in args.images],
-                board=args.board,
-                square=args.square,
-                distortion=args.distortion,
-                out=args.out,
-                iters=args.iters,
-                quiet=args.quiet,
-            )
-        else:
-            result = chessboard.run_synthetic(
-                args.out, seed=args.seed, iters=args.iters, distortion=args.distortion, quiet=args.quiet
-            )
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
-        return 0
-    return 1
+    else:
+        result = chessboard.run_synthetic(
+            args.out, seed=args.seed, iters=args.iters, distortion=args.distortion, quiet=args.quiet
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from ..layer import solve_pnp
 from ..pose import bop
 from ..pose.data import OBJ_ID, write_model
 from ..pose.mesh import load_mesh
-from ..pose.targets import chessboard_corners, write_chessboard
+from ..pose.targets import board_keypoints, chessboard_corners, write_chessboard
 from .calibrate import DISTORTION, detect_corners
 
 __all__ = ["board_split", "read_camera"]
@@ -77,7 +77,7 @@ def board_split(
     K, dist = _camera(camera, gray, [Path(p).name for p in image_paths], board, square_mm, out)
     corners = chessboard_corners(*board, square_mm)
     mesh = load_mesh(write_chessboard(out / "board_mesh", *board, square_mm, margin), diameter_mm=None)
-    write_model(mesh, out, "board.obj")
+    write_model(mesh, out, "board.obj", keypoints=board_keypoints(*board, square_mm))
     x2d = torch.from_numpy(np.stack([found[i] for i in used]))
     dist_t = None if dist is None else torch.from_numpy(dist)
     res = solve_pnp(x2d, torch.from_numpy(corners), torch.from_numpy(K), dist=dist_t, warn=False)

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import bop
 from .mesh import _unit_axis, distinctive_keypoints, farthest_point_keypoints, load_mesh, write_ply
+from .photo import camera_effects, hand_occluder, photo_background
 
 __all__ = [
     "PoseData",
@@ -46,6 +47,9 @@ class RenderSettings:
             camera sees the object's ``-z`` side from within this angle of its ``z`` axis (uniform
             over that cap, any in-plane angle): a planar target (a board, a marker) seen from the
             front and never edge-on.
+        photo: look like photographs (:mod:`bpnp.pose.photo`): photo-like backgrounds for half
+            the images, a hand over the object's edge instead of polygons for half the occluded
+            ones, and a camera's exposure, gamma, vignetting, blur, noise, grayscale and JPEG.
     """
 
     size: int = 128
@@ -54,6 +58,7 @@ class RenderSettings:
     occluder_prob: float = 0.3
     background: str = "procedural"
     view_cone: float | None = None
+    photo: bool = False
 
     def __post_init__(self) -> None:
         if self.view_cone is not None and not 0 < self.view_cone <= 180:
@@ -185,6 +190,26 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
+def _compose(rng, settings: RenderSettings, rgb: np.ndarray, cover: np.ndarray, mask: np.ndarray):
+    """The object over a background, occluders over both: ``(S, S, 3)`` float image and the
+    ``(S, S)`` visible part of the mask."""
+    S = settings.size
+    if settings.background != "procedural":
+        bg = np.zeros((S, S, 3), np.float32)
+    elif settings.photo and rng.random() < 0.5:
+        bg = photo_background(rng, S)
+    else:
+        bg = _background(rng, S)
+    img = bg * (1 - cover[..., None]) + rgb.astype(np.float32) / 255 * cover[..., None]
+    visible = mask.copy()
+    if rng.random() < settings.occluder_prob and mask.any():
+        hand = settings.photo and rng.random() < 0.5
+        occ, colour = (hand_occluder if hand else _occluders)(rng, S, tuple(_bbox(mask)))
+        img = img * (1 - occ[..., None]) + colour * occ[..., None]
+        visible &= occ < 0.5
+    return img, visible
+
+
 def _occluders(rng: np.random.Generator, size: int, bbox: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Random polygons over the object's box: ``(S, S)`` coverage and ``(S, S, 3)`` colours."""
     import cv2
@@ -238,6 +263,7 @@ def render_dataset(
     texture: str | Path | None = None,
     progress: Callable | None = None,
     keypoint_method: str = "fps",
+    keypoints: np.ndarray | None = None,
 ) -> Path:
     """Render ``count`` images of a mesh into ``out/<split>`` in BOP format.
 
@@ -259,6 +285,8 @@ def render_dataset(
         keypoint_method: ``"fps"`` (farthest point sampling over the whole surface) or
             ``"distinctive"`` (over the points that no turn about the ``symmetric`` axis maps
             onto the surface elsewhere: :func:`bpnp.pose.mesh.distinctive_keypoints`).
+        keypoints: ``(k, 3)`` keypoints in the frame of the loaded (centred) mesh instead of
+            sampled ones (e.g. a board's corners, :func:`bpnp.pose.targets.board_keypoints`).
     Returns:
         the split folder.
     Raises:
@@ -276,7 +304,7 @@ def render_dataset(
     out = Path(out)
     mesh = load_mesh(mesh_path, diameter_mm=diameter_mm, texture=texture)
     diameter = mesh.diameter
-    keypoints = write_model(mesh, out, Path(mesh_path).name, num_keypoints, keypoint_method, symmetric)
+    keypoints = write_model(mesh, out, Path(mesh_path).name, num_keypoints, keypoint_method, symmetric, keypoints)
     S = settings.size
     f = settings.focal * S
     K = np.array([[f, 0.0, (S - 1) / 2], [0.0, f, (S - 1) / 2], [0.0, 0.0, 1.0]])
@@ -297,14 +325,8 @@ def render_dataset(
         R, t = _place(rng, hull, diameter, K, S, settings.fill, settings.view_cone)
         rgb, cover = renderer.render(R, t, K, _shading(rng))
         mask = cover > 0.5
-        bg = _background(rng, S) if settings.background == "procedural" else np.zeros((S, S, 3), np.float32)
-        img = bg * (1 - cover[..., None]) + rgb.astype(np.float32) / 255 * cover[..., None]
-        visible = mask.copy()
-        if rng.random() < settings.occluder_prob and mask.any():
-            occ, colour = _occluders(rng, S, tuple(_bbox(mask)))
-            img = img * (1 - occ[..., None]) + colour * occ[..., None]
-            visible &= occ < 0.5
-        img8 = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+        img, visible = _compose(rng, settings, rgb, cover, mask)
+        img8 = camera_effects(img, rng) if settings.photo else np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
         cv2.imwrite(str(scene_dir / "rgb" / f"{im_id:06d}.png"), img8[..., ::-1])
         cv2.imwrite(str(scene_dir / "mask" / f"{im_id:06d}_000000.png"), mask.astype(np.uint8) * 255)
         cv2.imwrite(str(scene_dir / "mask_visib" / f"{im_id:06d}_000000.png"), visible.astype(np.uint8) * 255)
@@ -346,13 +368,15 @@ def write_model(
     num_keypoints: int = 8,
     keypoint_method: str = "fps",
     symmetric: str | None = None,
+    keypoints: np.ndarray | None = None,
 ) -> np.ndarray:
     """Write the model of a data set (``out/models/obj_000001.ply``, ``models_info.json``) and its
     keypoints (``out/keypoints.json``, kept when it exists); returns the keypoints ``(k + 1, 3)``.
 
     Args:
         mesh: the :class:`~bpnp.pose.mesh.Mesh` (millimetres); out: the data-set folder; source:
-        the mesh file's name (recorded); num_keypoints, keypoint_method, symmetric: as :func:`render_dataset`.
+        the mesh file's name (recorded); num_keypoints, keypoint_method, symmetric, keypoints: as
+        :func:`render_dataset`.
     """
     out = Path(out)
     models = out / "models"
@@ -364,9 +388,13 @@ def write_model(
     if symmetric is not None:
         info["symmetries_continuous"] = [{"axis": _unit_axis(symmetric).tolist(), "offset": [0.0, 0.0, 0.0]}]
     bop.write_models_info(models, {OBJ_ID: info})
-    if _check_keypoint_method(out, keypoint_method):
+    if keypoints is not None:
+        keypoint_method = "given"
+    elif _check_keypoint_method(out, keypoint_method):
         return load_keypoints(out, OBJ_ID)
-    if keypoint_method == "distinctive":
+    if keypoints is not None:
+        keypoints = np.asarray(keypoints, dtype=np.float64)
+    elif keypoint_method == "distinctive":
         keypoints = distinctive_keypoints(mesh, num_keypoints, axis=symmetric, seed=0)
     else:
         keypoints = farthest_point_keypoints(mesh, num_keypoints, seed=0)

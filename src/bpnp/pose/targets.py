@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["chessboard_texture", "write_chessboard", "chessboard_corners"]
+__all__ = ["chessboard_texture", "write_chessboard", "chessboard_corners", "board_keypoints"]
 
 
 def chessboard_texture(cols: int, rows: int, margin: float, pixels_per_square: int = 32) -> np.ndarray:
@@ -75,3 +75,17 @@ def write_chessboard(
     (out / f"{name}.obj").write_text("\n".join(lines) + "\n")
     (out / f"{name}.mtl").write_text(f"newmtl {name}\nKd 1 1 1\nmap_Kd {name}.png\n")
     return out / f"{name}.obj"
+
+
+def board_keypoints(cols: int, rows: int, square_mm: float) -> np.ndarray:
+    """``(9, 3)`` keypoints of a board in the frame of its mesh (:func:`write_chessboard` centred
+    by ``load_mesh``): the four outermost inner corners, four inner corners a third of the way in
+    (they tell the board's halves apart, where the colours swap), and the centre. Corners are
+    what a network can place on a photograph; the paper's edge is not."""
+    corners = chessboard_corners(cols, rows, square_mm)
+    grid = corners.reshape(rows, cols, 3)
+    a, b = (cols - 1) // 3, (rows - 1) // 3
+    picked = [grid[0, 0], grid[0, -1], grid[-1, -1], grid[-1, 0]]
+    picked += [grid[b, a], grid[b, cols - 1 - a], grid[rows - 1 - b, cols - 1 - a], grid[rows - 1 - b, a]]
+    centre = np.array([(cols - 1) / 2 * square_mm, (rows - 1) / 2 * square_mm, 0.0])
+    return np.stack(picked + [centre]) - centre
