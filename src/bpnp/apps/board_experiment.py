@@ -24,11 +24,13 @@ __all__ = ["run"]
 
 #: The renders the photographs are compared against (a change makes another experiment).
 RENDER = {"count": 4000, "size": 128, "seed": 0, "view_cone": 70.0, "occluder_prob": 0.3, "margin": 1.0}
-#: Per-image columns of ``per_image.npz``: (key, scale, label).
+#: Per-image columns: (key, scale, label); ``photo_`` keys are scored in the photographs' own
+#: pixels (``bpnp score``), the others in the network's crop (``bpnp evaluate``).
 COLUMNS = (
     ("add_0.1d", 100.0, "ADD-0.1d (%)"),
-    ("proj2d_5px", 100.0, "2D projection < 5 px (%)"),
-    ("kp_error_px", 1.0, "keypoint error (px)"),
+    ("photo_proj2d_5px", 100.0, "2D projection < 5 px, photo pixels (%)"),
+    ("proj2d_5px", 100.0, "2D projection < 5 px, crop pixels (%)"),
+    ("kp_error_px", 1.0, "keypoint error, crop (px)"),
 )
 
 
@@ -83,7 +85,7 @@ def _prepare(photos, out: Path, board, square_mm: float, camera, quiet: bool, r:
 
 
 def _train_and_evaluate(run_dir: Path, train_split: Path, test_split: Path, variant, seed, steps, quiet, size) -> dict:
-    from ..pose.evaluate import evaluate
+    from ..pose.evaluate import evaluate, score_predictions
     from ..pose.train import TrainConfig, train
 
     metrics_file = run_dir / "eval" / "metrics.json"
@@ -94,9 +96,13 @@ def _train_and_evaluate(run_dir: Path, train_split: Path, test_split: Path, vari
         )  # fmt: skip
         train(cfg, resume=(run_dir / "checkpoint.pt").is_file())
         evaluate(run_dir / "model.pt", test_split, run_dir / "eval", quiet=True)
-    per = np.load(run_dir / "eval" / "per_image.npz")
+    if not (run_dir / "score" / "per_image.npz").is_file():
+        score_predictions(run_dir / "eval" / "predictions.csv", test_split, run_dir / "score", quiet=True)
+    per = dict(np.load(run_dir / "eval" / "per_image.npz"))
+    photo = np.load(run_dir / "score" / "per_image.npz")
+    per.update({f"photo_{k}": photo[k] for k in photo.files})
     summary = json.loads((run_dir / "train_summary.json").read_text())
-    return {"metrics": json.loads(metrics_file.read_text()), "per": {k: per[k] for k in per.files}, "train": summary}
+    return {"metrics": json.loads(metrics_file.read_text()), "per": per, "train": summary}
 
 
 def _report(out: Path, found: dict, variants: Sequence[str], seeds: Sequence[int], quiet: bool, r: dict) -> dict:
