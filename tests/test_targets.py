@@ -43,25 +43,35 @@ def test_flat_and_thin_point_sets_have_a_hull_and_a_diameter():
     assert len(hull_vertices(rod)) == 2 and mesh_diameter(rod) == pytest.approx(3.0)
 
 
-def test_a_flat_target_renders_trains_and_evaluates(tmp_path):
+def rendered_boards(folder: Path, count: int, split: str, seed: int) -> Path:
+    """A tiny split (32 px, no occluders) of a 9x6 board with 25 mm squares; skips without OpenGL."""
     from bpnp.pose.data import RenderSettings, render_dataset
-    from bpnp.pose.evaluate import evaluate
     from bpnp.pose.render import RenderUnavailableError
-    from bpnp.pose.train import TrainConfig, train
 
-    board = write_chessboard(tmp_path / "board", 9, 6, square_mm=25.0)
-    settings = RenderSettings(size=32, occluder_prob=0.0)
+    board = write_chessboard(folder / "board", 9, 6, square_mm=25.0)
     try:
-        render_dataset(board, tmp_path / "data", 16, settings, seed=1, split="train", diameter_mm=None)
+        settings = RenderSettings(size=32, occluder_prob=0.0)
+        return render_dataset(board, folder / "data", count, settings, seed=seed, split=split, diameter_mm=None)
     except RenderUnavailableError as exc:
         pytest.skip(f"no OpenGL here: {exc}")
-    render_dataset(board, tmp_path / "data", 6, settings, seed=2, split="test", diameter_mm=None)
+
+
+def tiny_training(data: Path, out: Path, variant: str, steps: int):
+    from bpnp.pose.train import TrainConfig, train
+
     config = TrainConfig(
-        data=str(tmp_path / "data" / "train"), out=str(tmp_path / "run"), variant="bpnp-add", steps=50,
-        batch_size=8, size=32, width=8, lr=1e-2, log_every=10, checkpoint_every=50, workers=0, progress=False,
-        threads=1, warmup_frac=0.5,
+        data=str(data), out=str(out), variant=variant, steps=steps, batch_size=8, size=32, width=8, lr=1e-2,
+        log_every=steps, checkpoint_every=steps, workers=0, progress=False, threads=1, warmup_frac=0.5,
     )  # fmt: skip
-    summary = train(config)
+    return train(config)
+
+
+def test_a_flat_target_renders_trains_and_evaluates(tmp_path):
+    from bpnp.pose.evaluate import evaluate
+
+    train_split = rendered_boards(tmp_path, 16, "train", seed=1)
+    rendered_boards(tmp_path, 6, "test", seed=2)
+    summary = tiny_training(train_split, tmp_path / "run", "bpnp-add", 50)
     assert summary["nonfinite_steps"] == 0
     metrics = evaluate(tmp_path / "run" / "model.pt", tmp_path / "data" / "test", tmp_path / "eval")
     assert metrics["images"] == 6
@@ -190,3 +200,18 @@ def test_the_board_experiment_trains_evaluates_on_photographs_and_continues(tmp_
     stamp = (tmp_path / "exp" / "heatmap_seed0" / "model.pt").stat().st_mtime_ns
     run(photos, tmp_path / "exp", steps=8, camera=camera, quiet=True, render=tiny)  # reads the runs back
     assert (tmp_path / "exp" / "heatmap_seed0" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_evaluate_refuses_a_network_of_another_object(tmp_path):
+    from bpnp.apps.objpose import spot_mesh
+    from bpnp.pose.data import RenderSettings, render_dataset
+    from bpnp.pose.evaluate import evaluate
+
+    train_split = rendered_boards(tmp_path, 8, "train", seed=1)
+    render_dataset(spot_mesh(), tmp_path / "spot", 4, RenderSettings(size=32, occluder_prob=0.0), seed=2, split="test")
+    tiny_training(train_split, tmp_path / "run", "heatmap", 4)
+    with pytest.raises(ValueError, match="trained on another object"):
+        evaluate(tmp_path / "run" / "model.pt", tmp_path / "spot" / "test", tmp_path / "eval")
+    test_split = rendered_boards(tmp_path, 3, "test", seed=3)
+    metrics = evaluate(tmp_path / "run" / "model.pt", test_split, tmp_path / "eval2")
+    assert metrics["images"] == 3

@@ -430,18 +430,24 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--checkpoint: {exc}") from None
     out = args.out or str(Path(args.checkpoint).parent / "eval")
+    made = not Path(out).exists()
     _writable_dir(out, out)
-    evaluate(
-        args.checkpoint,
-        args.data,
-        out,
-        obj_id=args.obj_id,
-        device=args.device,
-        limit=args.limit,
-        quiet=args.quiet,
-        confidence_weights=not args.unweighted,
-        visibility=not args.no_visibility,
-    )
+    try:
+        evaluate(
+            args.checkpoint,
+            args.data,
+            out,
+            obj_id=args.obj_id,
+            device=args.device,
+            limit=args.limit,
+            quiet=args.quiet,
+            confidence_weights=not args.unweighted,
+            visibility=not args.no_visibility,
+        )
+    except ValueError as exc:  # e.g. a network of another object: no folder left behind
+        if made and not any(Path(out).iterdir()):
+            Path(out).rmdir()
+        raise UsageError(str(exc)) from None
     if not args.quiet:
         print(f"report: {Path(out) / 'report.md'}")
     return 0

@@ -42,6 +42,28 @@ def model_points(split_dir: str | Path, obj_id: int, count: int = 1000) -> tuple
     return verts[:: max(1, len(verts) // count)], info
 
 
+def check_same_object(keypoints3d: np.ndarray, split_dir: str | Path, obj_id: int, trained_on: str) -> None:
+    """Refuse (``ValueError``) a network whose surface keypoints ``(k + 1, 3)`` (the last is the
+    centre) lie off the split's model: it was trained on another object, and its metrics there
+    would mean nothing. Off: the median distance to the model's surface above 5% of its diameter."""
+    import trimesh
+    from scipy.spatial import cKDTree
+
+    from .mesh import sample_surface
+
+    models = bop.find_models_dir(split_dir)
+    diameter = float(bop.read_models_info(models)[obj_id]["diameter"])
+    mesh = trimesh.load(str(models / f"obj_{obj_id:06d}.ply"), force="mesh", process=False)
+    rng = np.random.default_rng(0)
+    surface = sample_surface(mesh.vertices, mesh.faces, 20000, rng) if len(mesh.faces) else mesh.vertices
+    off = float(np.median(cKDTree(np.asarray(surface)).query(keypoints3d[:-1])[0]))
+    if off > 0.05 * diameter:
+        raise ValueError(
+            f"the network was trained on another object ({trained_on}): its keypoints lie {off:.1f} mm "
+            f"({off / diameter:.0%} of the diameter) off the model of {split_dir}, object {obj_id}"
+        )
+
+
 @torch.no_grad()
 def predict(
     net: torch.nn.Module,
@@ -149,7 +171,8 @@ def evaluate(
     obj_id = cfg["obj_id"] if obj_id is None else obj_id
     data = load_split(data_dir, obj_id=obj_id, size=cfg["size"], limit=limit)
     kp3d = np.asarray(ckpt["keypoints3d"], dtype=np.float64)
-    if not np.allclose(kp3d, data.keypoints3d):
+    if kp3d.shape != data.keypoints3d.shape or not np.allclose(kp3d, data.keypoints3d):
+        check_same_object(kp3d, data_dir, obj_id, cfg.get("data", "its training data"))
         # The network predicts its own keypoints: ground truth for them comes from the pose.
         data.keypoints2d = project(
             torch.from_numpy(kp3d), torch.from_numpy(data.pose), torch.from_numpy(data.K)

@@ -166,7 +166,12 @@ def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def _sample_surface(mesh: Mesh, count: int, rng: np.random.Generator) -> np.ndarray:
-    tri = mesh.vertices[mesh.faces]  # Fx3x3
+    return sample_surface(mesh.vertices, mesh.faces, count, rng)
+
+
+def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``(count, 3)`` points uniform over the area of the triangles ``faces (F, 3)`` of ``vertices (V, 3)``."""
+    tri = np.asarray(vertices, dtype=np.float64)[np.asarray(faces)]  # Fx3x3
     area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
     face = rng.choice(len(tri), size=count, p=area / area.sum())
     a, b = rng.random(count), rng.random(count)
