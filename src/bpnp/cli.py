@@ -420,8 +420,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     """``bpnp evaluate``."""
     from .pose.evaluate import evaluate
 
-    if not Path(args.checkpoint).is_file():
-        raise UsageError(f"--checkpoint: {args.checkpoint}: no such file")
+    _existing_files([args.checkpoint], "--checkpoint")
     _existing_dir(args.data, "--data")
     from .pose.train import load_checkpoint
 
@@ -457,8 +456,7 @@ def _run_score(args: argparse.Namespace) -> int:
     """``bpnp score``."""
     from .pose.evaluate import score_predictions
 
-    if not Path(args.predictions).is_file():
-        raise UsageError(f"--predictions: {args.predictions}: no such file")
+    _existing_files([args.predictions], "--predictions")
     _existing_dir(args.data, "--data")
     out = args.out or str(Path(args.predictions).parent / "score")
     _writable_dir(out, out)

@@ -263,17 +263,31 @@ def distorted_cost(
     one problem (the same without the leading dimension, ``dist (5,)``: returns a scalar). Points
     nearer than ``min_depth`` are clamped to it.
     """
-    from .geometry import distort, skew
-
-    S = skew(xi[..., :3])
-    Rx = R + S @ R + 0.5 * (S @ S) @ R
+    Rx = _chart_rotation(xi[..., :3], R)
     P = x3d @ Rx.transpose(-1, -2) + (t + xi[..., 3:])[..., None, :]
-    z = P[..., 2] if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(P[..., 2], min_depth)
-    xd = distort(P[..., :2] / z[..., None], dist)
-    k22 = K[..., 2:3, 2:3]
-    pix = xd @ (K[..., :2, :2] / k22).transpose(-1, -2) + (K[..., :2, 2] / K[..., 2:3, 2])[..., None, :]
-    r = pix - x2d
+    r = _camera_pixels(P, K, dist, min_depth) - x2d
     return (weights * robust_loss((r * r).sum(-1), loss, loss_scale)[0]).sum(-1)
+
+
+def _chart_rotation(w: Tensor, R: Tensor) -> Tensor:
+    """``(I + [w] + [w]^2 / 2) R``: the second-order chart (the exponential map to second order at 0)."""
+    from .geometry import skew
+
+    S = skew(w)
+    return R + S @ R + 0.5 * (S @ S) @ R
+
+
+def _camera_pixels(P: Tensor, K: Tensor, dist: Tensor | None, min_depth: Tensor | float = 0.0) -> Tensor:
+    """``(..., n, 2)`` pixels of camera-frame points ``P (..., n, 3)`` through OpenCV's lens model
+    (``dist`` or None) and ``K (..., 3, 3)``; depths below ``min_depth`` are clamped to it."""
+    from .geometry import distort
+
+    z = P[..., 2] if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(P[..., 2], min_depth)
+    xy = P[..., :2] / z[..., None]
+    if dist is not None:
+        xy = distort(xy, dist)
+    k22 = K[..., 2:3, 2:3]
+    return xy @ (K[..., :2, :2] / k22).transpose(-1, -2) + (K[..., :2, 2] / K[..., 2:3, 2])[..., None, :]
 
 
 def _nearest_weighted_depth(R: Tensor, t: Tensor, x3d: Tensor, weights: Tensor) -> Tensor:
@@ -396,19 +410,11 @@ def residual_jacobians(
         R: ``(B, 3, 3)``; t: ``(B, 3)``; x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``;
         dist: ``(B|1, 5)`` or None.
     """
-    from .geometry import distort, skew
-
     B, n = x2d.shape[:2]
     with torch.enable_grad():
         xi = torch.zeros(B, n, 6, dtype=R.dtype, device=R.device, requires_grad=True)
-        S = skew(xi[..., :3])  # BxNx3x3
-        Rx = R[:, None] + S @ R[:, None] + 0.5 * (S @ S) @ R[:, None]
+        Rx = _chart_rotation(xi[..., :3], R[:, None])  # BxNx3x3
         P = (Rx @ x3d.expand(B, n, 3)[..., None])[..., 0] + t[:, None] + xi[..., 3:]
-        xy = P[..., :2] / P[..., 2:]
-        if dist is not None:
-            xy = distort(xy, dist)
-        k22 = K[..., 2:3, 2:3]
-        pix = xy @ (K[..., :2, :2] / k22).transpose(-1, -2) + (K[..., :2, 2] / K[..., 2:3, 2])[..., None, :]
-        r = pix - x2d
+        r = _camera_pixels(P, K, dist) - x2d
         rows = [torch.autograd.grad(r[..., k].sum(), xi, retain_graph=k == 0)[0] for k in range(2)]
     return r.detach(), torch.stack(rows, -2)

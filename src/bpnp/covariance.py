@@ -71,6 +71,17 @@ def robust_spread(residuals: Tensor, jacobians: Tensor, weights: Tensor, loss: s
     return RobustSpread(A, student_factor(nu) * K * K * c / (2.0 * d * d))
 
 
+def _floored_inverse(M: Tensor) -> Tensor:
+    """``(B, 6, 6)`` inverse of the symmetric part of ``M`` with its eigenvalues floored at 1e-12
+    of the largest (a null direction gets a very large, finite variance; a non-finite ``M``, I)."""
+    M = 0.5 * (M + M.transpose(-1, -2))
+    finite = torch.isfinite(M).flatten(1).all(-1)[:, None, None]
+    M = torch.where(finite, M, torch.eye(6, dtype=M.dtype, device=M.device))
+    evals, evecs = torch.linalg.eigh(M)
+    floor = 1e-12 * evals.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    return evecs @ torch.diag_embed(1.0 / torch.maximum(evals, floor)) @ evecs.transpose(-1, -2)
+
+
 def student_factor(nu: Tensor) -> Tensor:
     """``6 F_0.95(6, nu) / chi2_0.95(6)``: how much wider a 95% ellipsoid of 6 parameters is when
     the noise level is estimated with ``nu`` degrees of freedom (a fit in ``1/nu``, within 0.1%
@@ -118,25 +129,11 @@ def pose_covariance(
         Symmetric positive semi-definite ``(B, 6, 6)``; a singular Hessian gives very large,
         finite entries along its null space (the pose is not determined there).
     """
-    H = 0.5 * (hess + hess.transpose(-1, -2))
-    H = torch.where(
-        torch.isfinite(H).flatten(1).all(-1)[:, None, None], H, torch.eye(6, dtype=H.dtype, device=H.device)
-    )
-    evals, evecs = torch.linalg.eigh(H)
-    floor = 1e-12 * evals.abs().amax(-1, keepdim=True).clamp_min(1e-300)
-    inv = evecs @ torch.diag_embed(1.0 / torch.maximum(evals, floor)) @ evecs.transpose(-1, -2)
     if robust is None:
         sigma2 = torch.nan_to_num(cost / dof, nan=0.0, posinf=0.0)
-        cov_chart = (2.0 * student_factor(dof) * sigma2)[:, None, None] * inv
+        cov_chart = (2.0 * student_factor(dof) * sigma2)[:, None, None] * _floored_inverse(hess)
     else:
-        A = 0.5 * (robust.A + robust.A.transpose(-1, -2))
-        A = torch.where(
-            torch.isfinite(A).flatten(1).all(-1)[:, None, None], A, torch.eye(6, dtype=A.dtype, device=A.device)
-        )
-        evals, evecs = torch.linalg.eigh(A)
-        floor = 1e-12 * evals.abs().amax(-1, keepdim=True).clamp_min(1e-300)
-        A_inv = evecs @ torch.diag_embed(1.0 / torch.maximum(evals, floor)) @ evecs.transpose(-1, -2)
-        cov_chart = torch.nan_to_num(robust.factor, nan=0.0, posinf=0.0)[:, None, None] * A_inv
+        cov_chart = torch.nan_to_num(robust.factor, nan=0.0, posinf=0.0)[:, None, None] * _floored_inverse(robust.A)
     B = hess.shape[0]
     G = torch.zeros(B, 6, 6, dtype=hess.dtype, device=hess.device)
     G[:, :3, :3] = inverse_left_jacobian(rvec)

@@ -16,9 +16,6 @@ from .stages import Solved, check_settings, finish, forward_solve, prepare, robu
 
 __all__ = ["PnPResult", "solve_pnp", "BPnP"]
 
-METHODS = ("global", "opencv")
-BACKENDS = ("auto", "torch", "native")
-
 
 class _PnPFunction(torch.autograd.Function):
     """Forward: global solve in float64. Backward: the implicit function theorem.

@@ -298,7 +298,8 @@ def finish(problem: Problem, start: Start, solved: Solved, settings: Settings) -
         cov = pose_covariance(*cov_args, robust=robust).to(p.dtype)
         return cov[0] if p.unbatched else cov
 
-    fields = [pose.to(p.dtype), R.to(p.dtype), pose.to(p.dtype)[..., 3:], cost.to(p.dtype), converged]
+    pose = pose.to(p.dtype)
+    fields = [pose, R.to(p.dtype), pose[..., 3:], cost.to(p.dtype), converged]
     rest = [second.to(p.dtype), ambiguous, trusted]
     inliers = start.inliers
     if p.unbatched:

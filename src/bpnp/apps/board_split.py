@@ -82,7 +82,7 @@ def board_split(
     dist_t = None if dist is None else torch.from_numpy(dist)
     res = solve_pnp(x2d, torch.from_numpy(corners), torch.from_numpy(K), dist=dist_t, warn=False)
     R, t = res.R.numpy(), res.t.numpy()
-    reproj = cv2_project(corners, res.pose.numpy(), K, dist)
+    reproj = _project(corners, res.pose.numpy(), K, dist)
     rms = np.sqrt(((reproj - x2d.numpy()) ** 2).sum(-1).mean(-1))
     quad = mesh.vertices + mesh.centre  # the board's outer corners, board frame
     gt, cam, info = {}, {}, {}
@@ -95,7 +95,7 @@ def board_split(
         cam[k] = {"cam_K": K.reshape(-1), "depth_scale": 1.0}
         if dist is not None:
             cam[k]["dist"] = dist.tolist()  # not a BOP field: OpenCV's (k1, k2, p1, p2, k3)
-        uv = cv2_project(quad, res.pose.numpy()[k : k + 1], K, dist)[0]
+        uv = _project(quad, res.pose.numpy()[k : k + 1], K, dist)[0]
         lo, hi = np.floor(uv.min(0)), np.ceil(uv.max(0))
         bbox = [int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])]
         info[k] = [{"bbox_obj": bbox, "bbox_visib": bbox, "visib_fract": 1.0, "gt_rms_px": float(rms[k])}]
@@ -117,7 +117,7 @@ def board_split(
     return summary
 
 
-def cv2_project(points: np.ndarray, poses: np.ndarray, K: np.ndarray, dist: np.ndarray | None) -> np.ndarray:
+def _project(points: np.ndarray, poses: np.ndarray, K: np.ndarray, dist: np.ndarray | None) -> np.ndarray:
     """``(B, n, 2)`` pixels of ``points (n, 3)`` under ``poses (B, 6)``, through the lens model."""
     from ..geometry import project
 

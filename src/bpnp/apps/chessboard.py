@@ -9,20 +9,16 @@ from ..geometry import rvec_to_rotmat
 
 
 def board_texture(board: tuple[int, int], pixels_per_square: int = 24) -> np.ndarray:
-    """A printed board: (cols+1) x (rows+1) squares and a white margin of one square.
+    """A printed board: (cols+1) x (rows+1) squares and a white margin of one square, grey
+    levels 20 and 235 (:func:`bpnp.pose.targets.chessboard_texture`, the object-pose board).
 
     Texture pixel (u, v) is board point ((u + 0.5) / pps - 2, (v + 0.5) / pps - 2) in square units;
     inner corner (i, j) of OpenCV's grid sits at board point (i, j).
     """
-    cols, rows = board
-    pps = pixels_per_square
-    w, h = (cols + 3) * pps, (rows + 3) * pps
-    u = (np.arange(w) + 0.5) / pps - 2.0
-    v = (np.arange(h) + 0.5) / pps - 2.0
-    X, Y = np.meshgrid(u, v)
-    inside = (X >= -1) & (X < cols) & (Y >= -1) & (Y < rows)
-    black = ((np.floor(X) + np.floor(Y)) % 2 == 0) & inside
-    return np.where(black, 20, 235).astype(np.uint8)
+    from ..pose.targets import chessboard_texture
+
+    tex = chessboard_texture(board[0], board[1], margin=1.0, pixels_per_square=pixels_per_square)
+    return np.where(tex == 0, 20, 235).astype(np.uint8)
 
 
 def render_views(

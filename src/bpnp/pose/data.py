@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from . import bop
-from .mesh import _unit_axis, distinctive_keypoints, farthest_point_keypoints, load_mesh, write_ply
+from .mesh import (
+    _unit_axis,
+    distinctive_keypoints,
+    farthest_point_keypoints,
+    load_mesh,
+    rotations_about,
+    write_ply,
+)
 from .photo import camera_effects, hand_occluder, photo_background
 
 __all__ = [
@@ -111,12 +118,7 @@ def rotation_in_cone(rng: np.random.Generator, cone_deg: float) -> np.ndarray:
     heading = rng.uniform(0, 2 * np.pi)
     axis = np.array([np.cos(heading), np.sin(heading), 0.0])
     spin = rng.uniform(0, 2 * np.pi)
-    return _axis_angle(axis, tilt) @ _axis_angle(np.array([0.0, 0.0, 1.0]), spin)
-
-
-def _axis_angle(axis: np.ndarray, angle: float) -> np.ndarray:
-    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
+    return rotations_about(axis, [tilt])[0] @ rotations_about(np.array([0.0, 0.0, 1.0]), [spin])[0]
 
 
 def _project(points: np.ndarray, R: np.ndarray, t: np.ndarray, K: np.ndarray) -> np.ndarray:

@@ -275,8 +275,13 @@ def _unit_axis(axis: str | np.ndarray) -> np.ndarray:
 
 
 def _rotations_about(axis: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:
-    """``(A, 3, 3)`` rotations by each angle about the unit ``axis`` (Rodrigues)."""
-    th = np.deg2rad(angles_deg)[:, None, None]
+    """``(A, 3, 3)`` rotations by each angle (degrees) about the unit ``axis`` (Rodrigues)."""
+    return rotations_about(axis, np.deg2rad(angles_deg))
+
+
+def rotations_about(axis: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """``(A, 3, 3)`` rotations by each angle (radians) about the unit ``axis`` (Rodrigues)."""
+    th = np.asarray(angles, dtype=np.float64)[:, None, None]
     k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
     return np.eye(3) + np.sin(th) * k + (1 - np.cos(th)) * (k @ k)
 

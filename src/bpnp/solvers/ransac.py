@@ -1,12 +1,16 @@
 """Batched RANSAC for PnP: P3P hypotheses and MSAC scores for the whole batch at once.
 
 Every round draws ``samples_per_round`` minimal samples (3 points of positive weight) for each
-problem still running, solves P3P for all of them in one set of tensor ops (Grunert's
-formulation: a quartic per sample, solved in closed form, up to 4 poses), and scores every pose
-against every point of its problem with the truncated quadratic of MSAC. A problem stops once
-an all-inlier sample has been drawn with the requested confidence. Then local optimisation:
-least squares on the best hypothesis' inliers, inliers read again at the refined pose, kept
-while the score improves. No Python loop runs over the batch, only over rounds.
+problem still running, from a counter-based stream keyed by the seed and a hash of the problem's
+own image points (so an answer does not depend on the rest of the batch); problems with at most
+:data:`ENUMERATE_MAX` such points try every triple instead. P3P for all samples in one set of
+tensor ops (Grunert's formulation: a quartic per sample, solved in closed form, up to 4 poses),
+every pose scored against every point of its problem with the truncated quadratic of MSAC, and
+the :data:`LO_CANDIDATES` best hypotheses seen are kept. A problem stops once an all-inlier sample
+has been drawn with the requested confidence. Then local optimisation: each kept hypothesis (one
+per structure) is refitted on its points within :data:`LO_WIDEN` thresholds and scored again, and
+the best is refined while its score improves. A consensus counts when chance does not explain it
+(:func:`consensus_is_real`). No Python loop runs over the batch, only over rounds.
 
 All inputs are the solver's normalised, float64 problems (:mod:`bpnp.normalise`).
 """
