@@ -33,6 +33,8 @@ EXPORTS = [
     "bpnp_source_digest",
     "bpnp_symmetric_eig",
     "bpnp_ransac_round",
+    "bpnp_layer_forward",
+    "bpnp_layer_backward",
 ]
 
 

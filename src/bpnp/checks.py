@@ -9,7 +9,15 @@ from torch import Tensor
 
 from .errors import PnPInputError
 
-__all__ = ["PnPInputError", "canonical_pnp_inputs", "check_tensor", "check_finite", "check_camera_matrix"]
+__all__ = [
+    "PnPInputError",
+    "canonical_pnp_inputs",
+    "canonical_pnp_shapes",
+    "check_pnp_values",
+    "check_tensor",
+    "check_finite",
+    "check_camera_matrix",
+]
 
 
 def _shape(t: Tensor) -> str:
@@ -62,6 +70,16 @@ def canonical_pnp_inputs(
     Returns ``x2d (B,n,2), x3d (B|1,n,3), K (B|1,3,3), weights (B|1,n) or None,
     init_pose (B,6) or None, unbatched``. Only differentiable reshapes are used.
     """
+    canonical = canonical_pnp_shapes(x2d, x3d, K, weights, init_pose)
+    check_pnp_values(x2d, x3d, K, weights, init_pose)
+    return canonical
+
+
+def canonical_pnp_shapes(
+    x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None, init_pose: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, bool]:
+    """The checks of :func:`canonical_pnp_inputs` that read no values (types, devices, dtypes,
+    shapes), and the batched form; no tensor operation but views."""
     x2d = check_tensor("x2d", x2d)
     x3d = check_tensor("x3d", x3d)
     K = check_tensor("K", K)
@@ -108,13 +126,20 @@ def canonical_pnp_inputs(
         if tuple(init_pose.shape) != expected:
             raise PnPInputError(f"init_pose: expected shape {expected}, got {_shape(init_pose)}")
         pose_b = init_pose[None] if unbatched else init_pose
-
-    for name, t in named:
-        check_finite(name, t)
-    check_camera_matrix(K_b.detach())
-    if w_b is not None:
-        if bool((w_b < 0).any()):
-            raise PnPInputError(f"weights: must be non-negative, got a minimum of {float(w_b.min()):.3g}")
-        if bool(((w_b > 0).sum(-1) < 4).any()):
-            raise PnPInputError("weights: every problem needs at least 4 points with positive weight")
     return x2d, x3d_b, K_b, w_b, pose_b, unbatched
+
+
+def check_pnp_values(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None, init_pose: Tensor | None) -> None:
+    """The checks of :func:`canonical_pnp_inputs` on the values (the inputs as given, batched or
+    not): finite, K upper triangular with a positive diagonal, weights non-negative with 4
+    positive per item."""
+    named = [("x2d", x2d), ("x3d", x3d), ("K", K), ("weights", weights), ("init_pose", init_pose)]
+    for name, t in named:
+        if t is not None:
+            check_finite(name, t)
+    check_camera_matrix(K.detach())
+    if weights is not None:
+        if bool((weights < 0).any()):
+            raise PnPInputError(f"weights: must be non-negative, got a minimum of {float(weights.min()):.3g}")
+        if bool(((weights > 0).sum(-1) < 4).any()):
+            raise PnPInputError("weights: every problem needs at least 4 points with positive weight")

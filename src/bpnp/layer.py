@@ -8,11 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from .cost import cost_terms
+from .fused import solve_least_squares_fused
 from .geometry import rotmat_to_rvec
 from .implicit import implicit_vjp, robust_vjp
 from .options import RansacOptions, SolverOptions
 from .result import PnPResult
-from .stages import Solved, check_settings, finish, forward_solve, prepare, robust_start
+from .solvers.native import native_available
+from .stages import Settings, Solved, check_settings, finish, forward_solve, prepare, robust_start
 
 __all__ = ["PnPResult", "solve_pnp", "BPnP"]
 
@@ -154,6 +156,9 @@ def solve_pnp(
             is missing or the tensors are not on the CPU; ``method="opencv"`` without OpenCV.
     """
     settings = check_settings(method, backend, options, loss, ransac, warn)
+    solver = _fused_solver(settings, x2d, init_pose, loss_scale, dist)
+    if solver is not None:
+        return solve_least_squares_fused(x2d, x3d, K, weights, init_pose, settings.options, warn, solver, dist)
     problem = prepare(x2d, x3d, K, weights, init_pose, loss_scale, dist, settings)
     start = robust_start(problem, settings)
     p = problem
@@ -164,6 +169,37 @@ def solve_pnp(
         )
     )  # fmt: skip
     return finish(problem, start, solved, settings)
+
+
+#: Whether solve_pnp may take the fused path (the tests compare it with the staged one).
+_FUSED = True
+
+
+def _fused_solver(
+    settings: Settings, x2d: Tensor, init_pose: Tensor | None, loss_scale: float | Tensor, dist: Tensor | None
+) -> str | None:
+    """The solver of :mod:`bpnp.fused` for this solve: ``"native"`` for the C solver's least
+    squares on CPU tensors (with ``dist`` too, unless a warm start is only refined); under
+    :func:`torch.compile` also ``"torch"`` (the staged path's data-dependent control flow cannot
+    be traced); None: the staged path (same answers)."""
+    if not (
+        _FUSED
+        and settings.method == "global"
+        and settings.loss == "l2"
+        and settings.ransac is None
+        and isinstance(loss_scale, float)
+        and loss_scale == 1.0
+        and isinstance(x2d, Tensor)
+    ):
+        return None
+    if settings.backend != "torch" and x2d.device.type == "cpu" and native_available():
+        # (a refined warm start with dist is checked in the staged path's own way)
+        if dist is None or init_pose is None or settings.options.global_search:
+            return "native"
+        return None
+    if torch.compiler.is_compiling() and settings.backend != "native" and dist is None:
+        return "torch"
+    return None
 
 
 class BPnP(nn.Module):

@@ -33,6 +33,10 @@ METHODS = ("global", "opencv")
 BACKENDS = ("auto", "torch", "native")
 
 
+#: Frozen: one instance serves every call without options (building one checks 31 fields).
+_DEFAULT_OPTIONS = SolverOptions()
+
+
 class Settings(NamedTuple):
     """The non-tensor arguments of :func:`bpnp.solve_pnp`, checked."""
 
@@ -53,7 +57,7 @@ def check_settings(
     if method not in METHODS:
         raise PnPInputError(f"method: expected one of {METHODS}, got {method!r}")
     if options is None:
-        options = SolverOptions()
+        options = _DEFAULT_OPTIONS
     elif not isinstance(options, SolverOptions):
         raise PnPInputError(f"options: expected a bpnp.SolverOptions, got {type(options).__name__}")
     if not isinstance(warn, bool):
@@ -160,6 +164,7 @@ class Problem(NamedTuple):
     x2d_start: Tensor | None  # (B, n, 2) undistorted normalised pixels (with dist)
     start_ok: Tensor | None  # (B, n) where the undistortion has an answer
     config: Forward
+    own_n: tuple[Tensor, Tensor, Tensor]  # x2d_n, K_n, w_n before the stand-ins (detached)
 
 
 def prepare(
@@ -175,7 +180,7 @@ def prepare(
     """Check the tensors and build the problem the solvers see (shapes as :func:`bpnp.solve_pnp`)."""
     x2d_b, x3d_b, K_b, w_b, pose_b, unbatched = canonical_pnp_inputs(x2d, x3d, K, weights, init_pose)
     scale_b = _loss_scale(loss_scale, x2d_b, unbatched)
-    dist_b = _distortion(dist, x2d_b, unbatched)
+    dist_b = check_distortion(dist, x2d_b, unbatched)
     if dist_b is not None and settings.method != "global":
         raise PnPInputError("dist: runs with method='global'")
     f64 = torch.float64
@@ -191,6 +196,7 @@ def prepare(
     x2d_n, x3d_n, K_n, w_n, norm = normalise_problem(x2d_b.to(f64), x3d_b.to(f64), K_b.to(f64), w_b.to(f64))
     init_n = None if pose_b is None else pose_to_normalised(pose_b.detach().to(f64), norm)
     degenerate = _degenerate(x2d_n.detach(), x3d_n.detach(), w_n.detach())
+    own_n = (x2d_n.detach(), K_n.detach(), w_n.detach())
     if bool(degenerate.any()):
         x2d_n, x3d_n, K_n, w_n = _stand_in(degenerate, x2d_n, x3d_n, K_n, w_n)
         if init_n is not None:
@@ -202,7 +208,7 @@ def prepare(
         x2d_start, start_ok = _undistorted(x2d_n.detach(), K_n.detach(), dist_n.detach())
     return Problem(
         x2d_b, x3d_b, K_b, w_b, unbatched, x2d_b.dtype, x2d_n, x3d_n, K_n, w_n, norm, init_n, degenerate, scale_n,
-        dist_n, x2d_start, start_ok, config,
+        dist_n, x2d_start, start_ok, config, own_n,
     )  # fmt: skip
 
 
@@ -267,7 +273,7 @@ def finish(problem: Problem, start: Start, solved: Solved, settings: Settings) -
     (on demand), the warning, and the unbatched view."""
     p, options = problem, settings.options
     w_n = start.w_solve
-    pose_n, R, converged, ambiguous, trusted, bad, dof = _flags(p, start, solved, options)
+    pose_n, R, converged, ambiguous, trusted, bad, dof = answer_flags(p, start, solved, options)
     R_n = R.detach()
     pose = pose_from_normalised(pose_n, R, p.norm)
     unit = p.norm.weight[:, 0] * p.norm.focal[:, 0] ** 2
@@ -308,7 +314,7 @@ def finish(problem: Problem, start: Start, solved: Solved, settings: Settings) -
     return PnPResult(*fields, int(solved.iterations), p.config.solver, *rest, covariance, inliers)
 
 
-def _flags(p: Problem, start: Start, solved: Solved, options: SolverOptions) -> tuple[Tensor, ...]:
+def answer_flags(p: Problem, start: Start, solved: Solved, options: SolverOptions) -> tuple[Tensor, ...]:
     """``pose_n, R, converged, ambiguous, trusted, bad, dof``: the answer with a fallback where it
     is not finite, and the per-item flags."""
     w_n = start.w_solve
@@ -326,7 +332,10 @@ def _flags(p: Problem, start: Start, solved: Solved, options: SolverOptions) -> 
     if bool(bad.any()):
         # A finite, meaningful answer for items without one: the object's centre on the mean ray
         # of its pixels, at the depth where its size matches theirs; converged False.
-        fb_pose, fb_R = _fallback_pose(p.x2d_n.detach(), p.K_n.detach(), w_n.detach())
+        # from the item's own pixels (a degenerate item's stand-in has none of its data)
+        x2d_own, K_own, w_own = p.own_n
+        w_fb = torch.where(p.degenerate[:, None], w_own, w_n.detach())
+        fb_pose, fb_R = _fallback_pose(x2d_own, K_own, w_fb)
         pose_n = torch.where(bad[:, None], fb_pose, pose_n)
         R = torch.where(bad[:, None, None], fb_R, R)
         converged = converged & ~bad
@@ -379,7 +388,7 @@ def _loss_scale(loss_scale: float | Tensor, x2d: Tensor, unbatched: bool) -> Ten
     return torch.full((1, 1), float(loss_scale), dtype=x2d.dtype, device=x2d.device)
 
 
-def _distortion(dist: Tensor | None, x2d: Tensor, unbatched: bool) -> Tensor | None:
+def check_distortion(dist: Tensor | None, x2d: Tensor, unbatched: bool) -> Tensor | None:
     """``(B|1, 5)`` distortion coefficients, checked (None stays None)."""
     if dist is None:
         return None

@@ -1,4 +1,5 @@
-"""Finite-difference checks of the layer's gradients (used by the tests and the demo).
+"""Checks of the layer used by the tests, the demo and the benchmarks: finite-difference
+gradients, and the count of tensor operations a call launches.
 
 Central differences of fully converged solves; all perturbed copies of a batch are solved as
 one batch, so a check costs a single batched solve per input.
@@ -11,7 +12,15 @@ import torch
 from .layer import solve_pnp
 from .options import SolverOptions
 
-__all__ = ["STEPS", "loss_weights", "fd_gradient", "analytic_gradient", "EXHAUSTIVE", "best_known_minimum"]
+__all__ = [
+    "STEPS",
+    "loss_weights",
+    "fd_gradient",
+    "analytic_gradient",
+    "EXHAUSTIVE",
+    "best_known_minimum",
+    "count_launches",
+]
 
 STEPS = {"x2d": 1e-3, "x3d": 1e-5, "K": 1e-3, "weights": 1e-5}
 
@@ -126,3 +135,38 @@ def best_known_minimum(
     pose_n = torch.cat([rotmat_to_rvec(R), t_n], -1)
     pose = pose_from_normalised(pose_n, R, norm)
     return cost.gather(1, best[:, None])[:, 0] * norm.weight[:, 0] * norm.focal[:, 0] ** 2, pose
+
+
+#: ATen operations that launch no kernel of their own: views and metadata.
+NOT_LAUNCHES = frozenset(
+    "aten::" + name
+    for name in (
+        "view", "reshape", "expand", "select", "slice", "empty", "as_strided", "detach", "alias", "unsqueeze",
+        "squeeze", "permute", "transpose", "t", "empty_like", "empty_strided", "unbind", "split", "narrow",
+        "_reshape_alias", "lift_fresh", "resolve_conj", "resolve_neg", "expand_as", "view_as", "diagonal",
+        "unflatten", "flatten", "contiguous", "to", "result_type", "split_with_sizes", "chunk", "lift",
+    )
+)  # fmt: skip
+
+#: ATen operations that wait for the device (a host read of a device value).
+SYNCS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::item"})
+
+
+def count_launches(fn) -> tuple[int, int]:
+    """``(launches, syncs)`` of one call of ``fn`` (after a warm-up call), counted with
+    :mod:`torch.profiler`: every ``aten::`` event without an ``aten::`` child that is not a view
+    or metadata is one kernel launch on a GPU (inside custom ops too); syncs are host reads of
+    device values (``.item()``, ``bool(t)``, ``nonzero``). Exact, unlike a time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    launches = syncs = 0
+    for event in prof.events():
+        if not event.name.startswith("aten::") or any(c.name.startswith("aten::") for c in event.cpu_children):
+            continue
+        launches += event.name not in NOT_LAUNCHES
+        syncs += event.name in SYNCS
+    return launches, syncs

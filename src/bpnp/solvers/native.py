@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..compiler import constant_for_compiler
 from ..errors import BackendUnavailableError, NativeSolverWarning
 from ..options import NATIVE_FIELDS, SolverOptions
 from .pnp import PnPSolution
@@ -36,6 +37,9 @@ __all__ = [
     "native_build",
     "solve_pnp_native",
     "ransac_round_native",
+    "layer_forward_native",
+    "layer_backward_native",
+    "UNIT_FIELDS",
 ]
 
 _HERE = Path(__file__).parent
@@ -119,6 +123,19 @@ def _open(path: Path) -> ctypes.CDLL:
     # bpnp_ransac_round(A, S, n, ids, samples, rays, x2d, x3d, x3d_batched, K, K_batched, w,
     #                   w_batched, tau2, bound, num_threads, forked, R, t, score, count)
     lib.bpnp_ransac_round.argtypes = [ip, ip, ip, i64, i64, dp, dp, dp, ip, dp, ip, dp, ip, dp, dp, ip, ip, dp, dp, dp, i32]  # fmt: skip
+    # The layer's entry points take raw addresses (c_void_p): a single solve is a few tens of
+    # microseconds, and a ctypes.cast per argument would be a tenth of it.
+    vp = ctypes.c_void_p
+    lib.bpnp_layer_forward.restype = ctypes.c_int
+    # bpnp_layer_forward(B, n, x2d, x3d, x3d_batched, K, K_batched, w, w_batched, init, dist,
+    #                    dist_batched, options, num_threads, forked, pose, R, cost, second, H, units,
+    #                    flags, iterations)
+    lib.bpnp_layer_forward.argtypes = [ip, ip, vp, vp, ip, vp, ip, vp, ip, vp, vp, ip, vp, ip, ip, vp, vp, vp, vp, vp, vp, vp, vp]  # fmt: skip
+    lib.bpnp_layer_backward.restype = None
+    # bpnp_layer_backward(B, n, x2d, x3d, x3d_batched, K, K_batched, w, w_batched, dist, dist_batched,
+    #                     pose, R, H, units, flags, grad_pose, grad_R, num_threads, forked, g_x2d,
+    #                     g_x3d, g_K, g_w, g_dist)
+    lib.bpnp_layer_backward.argtypes = [ip, ip, vp, vp, ip, vp, ip, vp, ip, vp, ip, vp, vp, vp, vp, vp, vp, vp, ip, ip, vp, vp, vp, vp, vp]  # fmt: skip
     return lib
 
 
@@ -152,8 +169,9 @@ def _load() -> ctypes.CDLL | None:
         return None
 
 
+@constant_for_compiler
 def native_available() -> bool:
-    """Whether the compiled CPU solver can be used."""
+    """Whether the compiled CPU solver can be used (a constant for torch.compile)."""
     return _load() is not None
 
 
@@ -330,3 +348,120 @@ def ransac_round_native(
         _ptr(count, ctypes.c_int32),
     )
     return R, t, score, count
+
+
+#: Per-item constants of the change of units the layer's C entry points return: centre (3),
+#: scale, principal point (2), focal, largest weight, the answer's normalised translation (3).
+UNIT_FIELDS = 11
+
+_options_cache: dict[int, tuple[SolverOptions, NativeOptions]] = {}
+
+
+def _native_options(options: SolverOptions) -> NativeOptions:
+    """The C struct of (frozen) options, built once per options object (keyed by identity:
+    hashing 31 fields costs more than a small solve's checks)."""
+    found = _options_cache.get(id(options))
+    if found is None or found[0] is not options:
+        if len(_options_cache) > 64:
+            _options_cache.clear()
+        found = _options_cache[id(options)] = (options, NativeOptions.from_options(options))
+    return found[1]
+
+
+def _address(x: Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def _batched(x: Tensor | None, B: int) -> int:
+    """The C flag of an input shared by the batch (0) or given per item (1)."""
+    return int(x is not None and (x.shape[0] != 1 or B == 1))
+
+
+def layer_forward_native(
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor | None,
+    init_pose: Tensor | None,
+    dist: Tensor | None,
+    options: SolverOptions,
+) -> tuple[int, tuple[Tensor, ...]]:
+    """The least-squares layer's forward in one C call (``bpnp_layer_forward``): the value checks,
+    the unit-free problem, degenerate items, the global solve (with ``dist``: on the undistorted
+    pixels, then LM on the distorted cost), flags, fallback and units.
+
+    Args:
+        x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``; weights: ``(B|1, n)`` or None;
+        init_pose: ``(B, 6)`` or None; dist: ``(B|1, 5)`` or None; all contiguous float64 CPU
+        tensors, the user's units.
+        options: :class:`~bpnp.options.SolverOptions`.
+    Returns:
+        ``(code, outputs)``: a check code (0: solved; else the input check that failed, nothing
+        solved) and ``pose (B, 6), R (B, 3, 3), cost (B,), second_cost (B,), H (B, 6, 6)`` (the
+        normalised problem's chart Hessian), ``units (B, UNIT_FIELDS)``, ``flags (B, 4)`` bool
+        (converged, ambiguous, trusted, no answer) and ``summary (2,)`` int32 (the most LM
+        iterations of any item, the number of items not converged).
+    """
+    lib = _load()
+    if lib is None:
+        raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
+    B, n, _ = x2d.shape
+    f64 = torch.float64
+    out = (
+        torch.empty(B, 6, dtype=f64),
+        torch.empty(B, 3, 3, dtype=f64),
+        torch.empty(B, dtype=f64),
+        torch.empty(B, dtype=f64),
+        torch.empty(B, 6, 6, dtype=f64),
+        torch.empty(B, UNIT_FIELDS, dtype=f64),
+        torch.empty(B, 4, dtype=torch.bool),  # C writes 0/1 bytes
+        torch.empty(2, dtype=torch.int32),
+    )
+    code = lib.bpnp_layer_forward(
+        B, n, x2d.data_ptr(), x3d.data_ptr(), _batched(x3d, B), K.data_ptr(), _batched(K, B), _address(weights),
+        _batched(weights, B), _address(init_pose), _address(dist), _batched(dist, B),
+        ctypes.addressof(_native_options(options)), torch.get_num_threads(), int(_in_forked_child),
+        *(x.data_ptr() for x in out),
+    )  # fmt: skip
+    if code < 0:  # pragma: no cover - SolverOptions validates the same ranges first
+        raise BackendUnavailableError(f"the native solver refused the options {options}")
+    return code, out
+
+
+def layer_backward_native(
+    x2d: Tensor,
+    x3d: Tensor,
+    K: Tensor,
+    weights: Tensor | None,
+    dist: Tensor | None,
+    forward: tuple[Tensor, ...],
+    grad_pose: Tensor,
+    grad_R: Tensor | None,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """The least-squares layer's implicit backward in one C call (``bpnp_layer_backward``).
+
+    Args:
+        x2d, x3d, K, weights, dist: as given to :func:`layer_forward_native`.
+        forward: its ``pose, R, H, units, flags``.
+        grad_pose: ``(B, 6)`` contiguous float64; grad_R: ``(B, 3, 3)`` or None.
+        needs: which of ``(x2d, x3d, K, weights, dist)`` need a gradient.
+    Returns:
+        Per-item gradients ``(B, n, 2), (B, n, 3), (B, 3, 3), (B, n), (B, 5)`` (None where not needed).
+    """
+    lib = _load()
+    if lib is None:
+        raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
+    B, n, _ = x2d.shape
+    f64 = torch.float64
+    shapes = ((B, n, 2), (B, n, 3), (B, 3, 3), (B, n), (B, 5))
+    needs = tuple(needs) + (False,) * (5 - len(needs))
+    grads = tuple(torch.empty(shape, dtype=f64) if need else None for shape, need in zip(shapes, needs))
+    pose, R, H, units, flags = forward
+    lib.bpnp_layer_backward(
+        B, n, x2d.data_ptr(), x3d.data_ptr(), _batched(x3d, B), K.data_ptr(), _batched(K, B), _address(weights),
+        _batched(weights, B), _address(dist), _batched(dist, B), pose.data_ptr(), R.data_ptr(), H.data_ptr(),
+        units.data_ptr(), flags.data_ptr(), grad_pose.data_ptr(), _address(grad_R), torch.get_num_threads(),
+        int(_in_forked_child), *(_address(g) for g in grads),
+    )  # fmt: skip
+    return grads

@@ -34,6 +34,7 @@ typedef struct {
     const double *x2d; /* n x 2 */
     const double *x3d; /* n x 3 */
     const double *w;   /* n */
+    const double *dist; /* 5: k1, k2, p1, p2, k3 (NULL: a pinhole camera) */
     double K[9];
     double m00, m01, m11, c0, c1; /* entries of K / K[2][2] */
 } Problem;
@@ -350,13 +351,13 @@ static int solve3_spd(const double *A, const double *g, double *x) {
     return 1;
 }
 
-/* Cholesky solve of A x = b for symmetric 6x6 A; 0 (and x = 0) unless A is positive definite. */
-static int solve6_chol(const double *A, const double *b, double *x) {
-    double L[36] = {0};
+/* Cholesky factor L (lower, row-major) of symmetric 6x6 A; 0 unless A is positive definite. */
+static int cholesky6(const double *A, double *L) {
+    memset(L, 0, 36 * sizeof(double));
     for (int j = 0; j < 6; j++) {
         double s = A[j * 6 + j];
         for (int k = 0; k < j; k++) s -= L[j * 6 + k] * L[j * 6 + k];
-        if (!(s > 0)) { memset(x, 0, 6 * sizeof(double)); return 0; }
+        if (!(s > 0)) return 0;
         double d = sqrt(s);
         L[j * 6 + j] = d;
         for (int i = j + 1; i < 6; i++) {
@@ -365,6 +366,11 @@ static int solve6_chol(const double *A, const double *b, double *x) {
             L[i * 6 + j] = v / d;
         }
     }
+    return 1;
+}
+
+/* x = (L L^T)^-1 b by forward and back substitution. */
+static void cholesky6_solve(const double *L, const double *b, double *x) {
     double y[6];
     for (int i = 0; i < 6; i++) {
         double v = b[i];
@@ -376,21 +382,76 @@ static int solve6_chol(const double *A, const double *b, double *x) {
         for (int k = i + 1; k < 6; k++) v -= L[k * 6 + i] * x[k];
         x[i] = v / L[i * 6 + i];
     }
+}
+
+/* Cholesky solve of A x = b for symmetric 6x6 A; 0 (and x = 0) unless A is positive definite. */
+static int solve6_chol(const double *A, const double *b, double *x) {
+    double L[36];
+    if (!cholesky6(A, L)) {
+        memset(x, 0, 6 * sizeof(double));
+        return 0;
+    }
+    cholesky6_solve(L, b, x);
     return 1;
 }
 
 /* ---------------------------------------------------------------- reprojection cost */
+
+/* Adds one point's pull-back through D = dX/dxi = [-[P]_x, I] to the sums of the chart gradient
+ * and Hessian: s = dcost_i/dX, Q (Q00 Q01 Q02 Q11 Q12 Q22) = d2cost_i/dX2 (both halved). */
+static inline void accumulate_point(double P0, double P1, double P2, double s0, double s1, double s2, double Q00,
+                                    double Q01, double Q02, double Q11, double Q12, double Q22, double *Gr,
+                                    double *Gt, double *sP, double *Htt, double *Hrt, double *Hrr) {
+    Gr[0] += P1 * s2 - P2 * s1;
+    Gr[1] += P2 * s0 - P0 * s2;
+    Gr[2] += P0 * s1 - P1 * s0;
+    Gt[0] += s0; Gt[1] += s1; Gt[2] += s2;
+    sP[0] += s0 * P0; sP[1] += s0 * P1; sP[2] += s0 * P2;
+    sP[3] += s1 * P0; sP[4] += s1 * P1; sP[5] += s1 * P2;
+    sP[6] += s2 * P0; sP[7] += s2 * P1; sP[8] += s2 * P2;
+    Htt[0] += Q00; Htt[1] += Q01; Htt[2] += Q02; Htt[3] += Q11; Htt[4] += Q12; Htt[5] += Q22;
+    /* C = [P]_x Q (the rotation-translation block), then C [P]_x^T (rotation-rotation) */
+    double C00 = -P2 * Q01 + P1 * Q02, C01 = -P2 * Q11 + P1 * Q12, C02 = -P2 * Q12 + P1 * Q22;
+    double C10 = P2 * Q00 - P0 * Q02, C11 = P2 * Q01 - P0 * Q12, C12 = P2 * Q02 - P0 * Q22;
+    double C20 = -P1 * Q00 + P0 * Q01, C21 = -P1 * Q01 + P0 * Q11, C22 = -P1 * Q02 + P0 * Q12;
+    Hrt[0] += C00; Hrt[1] += C01; Hrt[2] += C02;
+    Hrt[3] += C10; Hrt[4] += C11; Hrt[5] += C12;
+    Hrt[6] += C20; Hrt[7] += C21; Hrt[8] += C22;
+    Hrr[0] += -P2 * C01 + P1 * C02;
+    Hrr[1] += P2 * C00 - P0 * C02;
+    Hrr[2] += -P1 * C00 + P0 * C01;
+    Hrr[3] += P2 * C10 - P0 * C12;
+    Hrr[4] += -P1 * C10 + P0 * C11;
+    Hrr[5] += -P1 * C20 + P0 * C21;
+}
+
+/* The chart gradient g (6) and Hessian H (36) from the sums of accumulate_point; the rotation
+ * curvature (D depends on the chart) needs s P^T only. */
+static void assemble_chart(const double *Gr, const double *Gt, const double *sP, const double *Htt,
+                           const double *Hrt, const double *Hrr, double *g, double *H) {
+    for (int k = 0; k < 3; k++) {
+        g[k] = 2.0 * Gr[k];
+        g[3 + k] = 2.0 * Gt[k];
+    }
+    static const int sym[3][3] = {{0, 1, 2}, {1, 3, 4}, {2, 4, 5}};
+    double tr = sP[0] + sP[4] + sP[8];
+    for (int k = 0; k < 3; k++)
+        for (int l = 0; l < 3; l++) {
+            double rot = 0.5 * (sP[k * 3 + l] + sP[l * 3 + k]) - (k == l ? tr : 0.0);
+            H[k * 6 + l] = 2.0 * (Hrr[sym[k][l]] + rot);
+            H[k * 6 + 3 + l] = H[(3 + l) * 6 + k] = 2.0 * Hrt[k * 3 + l];
+            H[(3 + k) * 6 + 3 + l] = 2.0 * Htt[sym[k][l]];
+        }
+}
 
 /* Cost, chart gradient and exact chart Hessian (as bpnp.cost.cost_terms with hessian=True):
  * the pose is perturbed as R <- exp([w]_x) R, t <- t + tau. Depths are clamped to min_depth;
  * *seen_depth gets the smallest unclamped depth among points with positive weight. */
 static double cost_terms(const Problem *p, const double *R, const double *t, double min_depth,
                          double *g, double *H, double *seen_depth) {
-    /* With D = dX/dxi = [-[P]_x, I] (P = R X_obj), every per-point term is a pull-back through D:
-     * gradient D^T s with s = w (d pixel/dX)^T r, and Hessian D^T Q D with Q = w J^T J (Gauss-
-     * Newton) + the residual-weighted curvature of the projection, whose only non-zero entries
-     * are Q02, Q12, Q22. D^T Q D costs ~40 products per point, in three blocks. The rotation
-     * curvature (D depends on the chart) needs s P^T only. */
+    /* Every per-point term is a pull-back through D: gradient D^T s with s = w (d pixel/dX)^T r,
+     * and Hessian D^T Q D with Q = w J^T J (Gauss-Newton) + the residual-weighted curvature of
+     * the projection, whose only non-zero entries are Q02, Q12, Q22. */
     const double m00 = p->m00, m01 = p->m01, m11 = p->m11, c0 = p->c0, c1 = p->c1;
     double cost = 0, seen = INFINITY;
     double Gr[3] = {0}, Gt[3] = {0}, Hrr[6] = {0}, Hrt[9] = {0}, Htt[6] = {0}, sP[9] = {0};
@@ -415,62 +476,104 @@ static double cost_terms(const Problem *p, const double *R, const double *t, dou
         double gu0 = m00 * iz, gu1 = m01 * iz, gu2 = -ma * iz;
         double gv1 = m11 * iz, gv2 = -(m11 * b) * iz;
         double s0 = wru * gu0, s1 = wru * gu1 + wrv * gv1, s2 = wru * gu2 + wrv * gv2;
-        Gr[0] += P1 * s2 - P2 * s1;
-        Gr[1] += P2 * s0 - P0 * s2;
-        Gr[2] += P0 * s1 - P1 * s0;
-        Gt[0] += s0; Gt[1] += s1; Gt[2] += s2;
-        sP[0] += s0 * P0; sP[1] += s0 * P1; sP[2] += s0 * P2;
-        sP[3] += s1 * P0; sP[4] += s1 * P1; sP[5] += s1 * P2;
-        sP[6] += s2 * P0; sP[7] += s2 * P1; sP[8] += s2 * P2;
         double q0 = m00 * wru, q1 = m01 * wru + m11 * wrv, iz2 = iz * iz;
         double wgu0 = w * gu0, wgu1 = w * gu1, wgu2 = w * gu2, wgv1 = w * gv1, wgv2 = w * gv2;
         double Q00 = wgu0 * gu0, Q01 = wgu0 * gu1, Q11 = wgu1 * gu1 + wgv1 * gv1;
         double Q02 = wgu0 * gu2 - q0 * iz2;
         double Q12 = wgu1 * gu2 + wgv1 * gv2 - q1 * iz2;
         double Q22 = wgu2 * gu2 + wgv2 * gv2 + 2.0 * (q0 * a + q1 * b) * iz2;
-        Htt[0] += Q00; Htt[1] += Q01; Htt[2] += Q02; Htt[3] += Q11; Htt[4] += Q12; Htt[5] += Q22;
-        /* C = [P]_x Q (the rotation-translation block), then C [P]_x^T (rotation-rotation) */
-        double C00 = -P2 * Q01 + P1 * Q02, C01 = -P2 * Q11 + P1 * Q12, C02 = -P2 * Q12 + P1 * Q22;
-        double C10 = P2 * Q00 - P0 * Q02, C11 = P2 * Q01 - P0 * Q12, C12 = P2 * Q02 - P0 * Q22;
-        double C20 = -P1 * Q00 + P0 * Q01, C21 = -P1 * Q01 + P0 * Q11, C22 = -P1 * Q02 + P0 * Q12;
-        Hrt[0] += C00; Hrt[1] += C01; Hrt[2] += C02;
-        Hrt[3] += C10; Hrt[4] += C11; Hrt[5] += C12;
-        Hrt[6] += C20; Hrt[7] += C21; Hrt[8] += C22;
-        Hrr[0] += -P2 * C01 + P1 * C02;
-        Hrr[1] += P2 * C00 - P0 * C02;
-        Hrr[2] += -P1 * C00 + P0 * C01;
-        Hrr[3] += P2 * C10 - P0 * C12;
-        Hrr[4] += -P1 * C10 + P0 * C11;
-        Hrr[5] += -P1 * C20 + P0 * C21;
+        accumulate_point(P0, P1, P2, s0, s1, s2, Q00, Q01, Q02, Q11, Q12, Q22, Gr, Gt, sP, Htt, Hrt, Hrr);
     }
     if (seen_depth) *seen_depth = seen;
-    for (int k = 0; k < 3; k++) {
-        g[k] = 2.0 * Gr[k];
-        g[3 + k] = 2.0 * Gt[k];
-    }
-    {
-        static const int sym[3][3] = {{0, 1, 2}, {1, 3, 4}, {2, 4, 5}};
-        double tr = sP[0] + sP[4] + sP[8];
-        for (int k = 0; k < 3; k++)
-            for (int l = 0; l < 3; l++) {
-                double rot = 0.5 * (sP[k * 3 + l] + sP[l * 3 + k]) - (k == l ? tr : 0.0);
-                H[k * 6 + l] = 2.0 * (Hrr[sym[k][l]] + rot);
-                H[k * 6 + 3 + l] = H[(3 + l) * 6 + k] = 2.0 * Hrt[k * 3 + l];
-                H[(3 + k) * 6 + 3 + l] = 2.0 * Htt[sym[k][l]];
-            }
-    }
+    assemble_chart(Gr, Gt, sP, Htt, Hrt, Hrr, g, H);
     return cost;
 }
 
-/* ---------------------------------------------------------------- Levenberg-Marquardt */
+/* OpenCV's radial-tangential lens model at (a, b) (bpnp.geometry.distort): the distorted point
+ * (xd, yd), its Jacobian J (J00 J01 J10 J11; symmetric) and the second derivatives: dd[0..2] of
+ * xd (aa, ab, bb), dd[3..5] of yd. dist = (k1, k2, p1, p2, k3). */
+static inline void distort_point(const double *dist, double a, double b, double *xd, double *yd, double *J,
+                                 double *dd) {
+    const double k1 = dist[0], k2 = dist[1], p1 = dist[2], p2 = dist[3], k3 = dist[4];
+    double r2 = a * a + b * b;
+    double radial = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3));
+    double dr = k1 + r2 * (2.0 * k2 + 3.0 * k3 * r2); /* d radial / d r2 */
+    double ddr = 2.0 * k2 + 6.0 * k3 * r2;
+    *xd = a * radial + 2.0 * p1 * a * b + p2 * (r2 + 2.0 * a * a);
+    *yd = b * radial + p1 * (r2 + 2.0 * b * b) + 2.0 * p2 * a * b;
+    double cross = 2.0 * a * b * dr + 2.0 * p1 * a + 2.0 * p2 * b;
+    J[0] = radial + 2.0 * a * a * dr + 2.0 * p1 * b + 6.0 * p2 * a;
+    J[1] = J[2] = cross;
+    J[3] = radial + 2.0 * b * b * dr + 6.0 * p1 * b + 2.0 * p2 * a;
+    if (dd) {
+        double t1 = 2.0 * b * dr + 4.0 * a * a * b * ddr + 2.0 * p1; /* xd_ab = yd_aa */
+        double t2 = 2.0 * a * dr + 4.0 * a * b * b * ddr + 2.0 * p2; /* xd_bb = yd_ab */
+        dd[0] = 6.0 * a * dr + 4.0 * a * a * a * ddr + 6.0 * p2;
+        dd[1] = t1;
+        dd[2] = t2;
+        dd[3] = t1;
+        dd[4] = t2;
+        dd[5] = 6.0 * b * dr + 4.0 * b * b * b * ddr + 6.0 * p1;
+    }
+}
+
+/* cost_terms for a camera with lens distortion (p->dist): the pixel is K [distort(x/z, y/z), 1]
+ * (bpnp.cost.distorted_cost_terms, in closed form). The per-point s and Q take the distortion's
+ * Jacobian and curvature; the pull-back through the chart is the same. */
+static double cost_terms_distorted(const Problem *p, const double *R, const double *t, double min_depth,
+                                   double *g, double *H, double *seen_depth) {
+    const double m00 = p->m00, m01 = p->m01, m11 = p->m11, c0 = p->c0, c1 = p->c1;
+    double cost = 0, seen = INFINITY;
+    double Gr[3] = {0}, Gt[3] = {0}, Hrr[6] = {0}, Hrt[9] = {0}, Htt[6] = {0}, sP[9] = {0};
+    for (int i = 0; i < p->n; i++) {
+        const double *X = p->x3d + 3 * i;
+        double w = p->w[i];
+        double P0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2];
+        double P1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2];
+        double P2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2];
+        double depth = P2 + t[2];
+        if (w > 0 && depth < seen) seen = depth;
+        double iz = 1.0 / (depth < min_depth ? min_depth : depth), iz2 = iz * iz;
+        double a = (P0 + t[0]) * iz, b = (P1 + t[1]) * iz;
+        double xd, yd, J[4], dd[6];
+        distort_point(p->dist, a, b, &xd, &yd, J, dd);
+        double ru = m00 * xd + m01 * yd + c0 - p->x2d[2 * i], rv = m11 * yd + c1 - p->x2d[2 * i + 1];
+        cost += w * (ru * ru + rv * rv);
+        /* pixel Jacobian in (a, b): A = M J; in X: A J_q with J_q = iz [[1, 0, -a], [0, 1, -b]] */
+        double A00 = m00 * J[0] + m01 * J[2], A01 = m00 * J[1] + m01 * J[3], A10 = m11 * J[2], A11 = m11 * J[3];
+        double gu0 = A00 * iz, gu1 = A01 * iz, gu2 = -(A00 * a + A01 * b) * iz;
+        double gv0 = A10 * iz, gv1 = A11 * iz, gv2 = -(A10 * a + A11 * b) * iz;
+        double wru = w * ru, wrv = w * rv;
+        double s0 = wru * gu0 + wrv * gv0, s1 = wru * gu1 + wrv * gv1, s2 = wru * gu2 + wrv * gv2;
+        /* residual pulled back to the distorted coordinates, then to (a, b) */
+        double rx = m00 * wru, ry = m01 * wru + m11 * wrv;
+        double sa = rx * J[0] + ry * J[2], sb = rx * J[1] + ry * J[3];
+        double Saa = rx * dd[0] + ry * dd[3], Sab = rx * dd[1] + ry * dd[4], Sbb = rx * dd[2] + ry * dd[5];
+        double Q00 = w * (gu0 * gu0 + gv0 * gv0) + Saa * iz2;
+        double Q01 = w * (gu0 * gu1 + gv0 * gv1) + Sab * iz2;
+        double Q11 = w * (gu1 * gu1 + gv1 * gv1) + Sbb * iz2;
+        double Q02 = w * (gu0 * gu2 + gv0 * gv2) - sa * iz2 - (a * Saa + b * Sab) * iz2;
+        double Q12 = w * (gu1 * gu2 + gv1 * gv2) - sb * iz2 - (a * Sab + b * Sbb) * iz2;
+        double Q22 = w * (gu2 * gu2 + gv2 * gv2) + 2.0 * (sa * a + sb * b) * iz2 +
+                     (a * a * Saa + 2.0 * a * b * Sab + b * b * Sbb) * iz2;
+        accumulate_point(P0, P1, P2, s0, s1, s2, Q00, Q01, Q02, Q11, Q12, Q22, Gr, Gt, sP, Htt, Hrt, Hrr);
+    }
+    if (seen_depth) *seen_depth = seen;
+    assemble_chart(Gr, Gt, sP, Htt, Hrt, Hrr, g, H);
+    return cost;
+}
 
 static double evaluate(const Problem *p, const double *R, const double *t, double depth_floor,
                        double *g, double *H) {
     double seen;
-    double c = cost_terms(p, R, t, depth_floor, g, H, &seen);
+    double c = p->dist ? cost_terms_distorted(p, R, t, depth_floor, g, H, &seen)
+                       : cost_terms(p, R, t, depth_floor, g, H, &seen);
     /* A pose that puts weighted points behind the camera is not a valid trial point. */
     return seen <= depth_floor ? INFINITY : c;
 }
+
+/* ---------------------------------------------------------------- Levenberg-Marquardt */
+
 
 /* As bpnp.solvers.lm.levenberg_marquardt for one problem (Nielsen damping, decrement test,
  * undamped Newton polish of converged answers). */
@@ -997,6 +1100,18 @@ static double kth_smallest(double *v, int m, int k) {
     return v[k];
 }
 
+/* A finite cost from the LM means every weighted point is in front of the camera; a (near)
+ * singular Hessian means the pose is not determined by the data: well posed when the smallest
+ * eigenvalue of H exceeds ratio times the largest magnitude (not for a non-finite H). */
+static int well_posed(const double *H, double ratio) {
+    double Hs[36], V[36], ev[6];
+    for (int a = 0; a < 6; a++)
+        for (int b = 0; b < 6; b++) Hs[a * 6 + b] = 0.5 * (H[a * 6 + b] + H[b * 6 + a]);
+    symmetric_eig(6, Hs, V, ev);
+    double top = fabs(ev[5]) > 1e-300 ? fabs(ev[5]) : 1e-300;
+    return ev[0] > ratio * top;
+}
+
 /* Heavy-tailed residuals at (R, t): the largest squared residual exceeds ratio times the median
  * one (points of positive weight; median: the ((m-1)/2)-th smallest), beyond 1e-16. */
 static int heavy_tailed(const Problem *p, const double *R, const double *t, double ratio) {
@@ -1187,15 +1302,7 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
             }
         }
     }
-    /* A finite cost from the LM means every weighted point is in front of the camera; a (near)
-     * singular Hessian means the pose is not determined by the data. */
-    double Hs[36], V[36], ev[6];
-    for (int a = 0; a < 6; a++)
-        for (int b = 0; b < 6; b++) Hs[a * 6 + b] = 0.5 * (best->H[a * 6 + b] + best->H[b * 6 + a]);
-    symmetric_eig(6, Hs, V, ev);
-    double top = fabs(ev[5]) > 1e-300 ? fabs(ev[5]) : 1e-300;
-    int well_posed = ev[0] > o->well_posed_ratio * top;
-    best->conv = best->conv && well_posed && isfinite(best->cost);
+    best->conv = best->conv && well_posed(best->H, o->well_posed_ratio) && isfinite(best->cost);
     best->trusted = best->conv && (global || !o->check_warm_start || object_space_trusted(p, o, best->R));
 }
 
@@ -1210,7 +1317,6 @@ typedef struct {
     int32_t *iter_out;
     double *second_out;
     uint8_t *trusted_out;
-    int next; /* next unclaimed item (shared by the workers) */
 } Batch;
 
 #define CHUNK 8
@@ -1225,64 +1331,46 @@ __attribute__((constructor)) static void register_fork_handler(void) {
 }
 #endif
 
-static void *solve_items(void *arg) {
-    Batch *j = (Batch *)arg;
+/* Work over a batch: item(job, b) for b in [0, B), shared by a few threads. */
+typedef struct {
+    int B;
+    void (*item)(void *, int);
+    void *job;
+    int next; /* next unclaimed item (shared by the workers) */
+} Work;
+
+static void *work_items(void *arg) {
+    Work *wk = (Work *)arg;
     for (;;) {
         /* Dynamic scheduling: problems differ in work (candidates, iterations). */
-        int b0 = __atomic_fetch_add(&j->next, CHUNK, __ATOMIC_RELAXED);
-        if (b0 >= j->B) break;
-        int b1 = b0 + CHUNK < j->B ? b0 + CHUNK : j->B;
-        for (int b = b0; b < b1; b++) {
-            Problem p;
-            int n = j->n;
-            p.n = n;
-            p.x2d = j->x2d + (size_t)b * n * 2;
-            p.x3d = j->x3d + (j->x3d_batched ? (size_t)b * n * 3 : 0);
-            p.w = j->w + (j->w_batched ? (size_t)b * n : 0);
-            set_camera(&p, j->K + (j->K_batched ? (size_t)b * 9 : 0));
-            LMState s;
-            solve_one(&p, j->o, j->init ? j->init + (size_t)b * 12 : NULL, &s);
-            memcpy(j->R_out + (size_t)b * 9, s.R, sizeof s.R);
-            memcpy(j->t_out + (size_t)b * 3, s.t, sizeof s.t);
-            rotation_to_rvec(s.R, j->rvec_out + (size_t)b * 3);
-            j->cost_out[b] = s.cost;
-            memcpy(j->H_out + (size_t)b * 36, s.H, sizeof s.H);
-            j->conv_out[b] = (uint8_t)s.conv;
-            j->iter_out[b] = s.iters;
-            j->second_out[b] = s.second;
-            j->trusted_out[b] = (uint8_t)s.trusted;
-        }
+        int b0 = __atomic_fetch_add(&wk->next, CHUNK, __ATOMIC_RELAXED);
+        if (b0 >= wk->B) break;
+        int b1 = b0 + CHUNK < wk->B ? b0 + CHUNK : wk->B;
+        for (int b = b0; b < b1; b++) wk->item(wk->job, b);
     }
     return NULL;
 }
 
-/* Solves B problems. Inputs are C-contiguous float64; a *_batched flag of 0 means one array
- * shared by the batch. init (B x 12: R row-major, t) may be NULL. o: the options (validated by
- * bpnp.options.SolverOptions). Outputs: R (B x 9), its rotation vector (B x 3), t (B x 3), cost
- * (B), H (B x 36), converged (B), iterations (B), the cost of the best other distinct minimum (B). Work is shared by up to num_threads threads, in
- * chunks of CHUNK problems; forked != 0 (a fork()ed child, as Python saw it) avoids OpenMP. Returns 0, or -1 for options out of the solver's range. */
-int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
-               int K_batched, const double *w, int w_batched, const double *init, const Options *o,
-               int num_threads, int forked, double *R_out, double *rvec_out, double *t_out, double *cost_out,
-               double *H_out, uint8_t *conv_out, int32_t *iter_out, double *second_out, uint8_t *trusted_out) {
-    /* The fixed-size buffers bound these; SolverOptions refuses larger values before we get here. */
-    if (o->num_candidates < 1 || o->num_candidates > MAX_CAND || o->num_eigvecs < 1 || o->num_eigvecs > 9 ||
-        o->solid_eigvecs < 1 || o->solid_eigvecs > 9)
-        return -1;
-    Batch job = {B, n, x3d_batched, K_batched, w_batched, x2d, x3d, K, w, init, o,
-                 R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, second_out, trusted_out, 0};
+/* Runs item over the batch on up to num_threads threads, in chunks of CHUNK items; forked != 0
+ * (a fork()ed child, as Python saw it) avoids OpenMP. */
+static void run_items(int B, void (*item)(void *, int), void *job, int num_threads, int forked) {
+    Work wk = {B, item, job, 0};
     int want = num_threads < 1 ? 1 : num_threads;
     if (want > (B + CHUNK - 1) / CHUNK) want = (B + CHUNK - 1) / CHUNK;
     if (want < 1) want = 1;
+    if (want == 1) {
+        for (int b = 0; b < B; b++) item(job, b);
+        return;
+    }
 #if defined(_OPENMP)
     /* Loaded after PyTorch, this library resolves libgomp to the runtime PyTorch already
      * loaded: the workers are PyTorch's own (warm, often still spinning after the caller's
      * last tensor op), so nothing competes for the cores. libgomp's pool does not survive
      * fork(): in a forked child the plain threads below take over. */
     if (!in_forked_child && !forked) {
-#pragma omp parallel num_threads(want) if (want > 1)
-        solve_items(&job);
-        return 0;
+#pragma omp parallel num_threads(want)
+        work_items(&wk);
+        return;
     }
 #endif
 #if defined(BPNP_THREADS)
@@ -1291,12 +1379,57 @@ int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batch
     int extra = 0;
     if (want > 64) want = 64;
     for (int k = 1; k < want; k++)
-        if (pthread_create(&threads[extra], NULL, solve_items, &job) == 0) extra++;
-    solve_items(&job);
+        if (pthread_create(&threads[extra], NULL, work_items, &wk) == 0) extra++;
+    work_items(&wk);
     for (int k = 0; k < extra; k++) pthread_join(threads[k], NULL);
 #else
-    solve_items(&job);
+    (void)forked;
+    work_items(&wk);
 #endif
+}
+
+static void solve_item(void *arg, int b) {
+    Batch *j = (Batch *)arg;
+    Problem p;
+    int n = j->n;
+    p.n = n;
+    p.x2d = j->x2d + (size_t)b * n * 2;
+    p.x3d = j->x3d + (j->x3d_batched ? (size_t)b * n * 3 : 0);
+    p.w = j->w + (j->w_batched ? (size_t)b * n : 0);
+    p.dist = NULL;
+    set_camera(&p, j->K + (j->K_batched ? (size_t)b * 9 : 0));
+    LMState s;
+    solve_one(&p, j->o, j->init ? j->init + (size_t)b * 12 : NULL, &s);
+    memcpy(j->R_out + (size_t)b * 9, s.R, sizeof s.R);
+    memcpy(j->t_out + (size_t)b * 3, s.t, sizeof s.t);
+    rotation_to_rvec(s.R, j->rvec_out + (size_t)b * 3);
+    j->cost_out[b] = s.cost;
+    memcpy(j->H_out + (size_t)b * 36, s.H, sizeof s.H);
+    j->conv_out[b] = (uint8_t)s.conv;
+    j->iter_out[b] = s.iters;
+    j->second_out[b] = s.second;
+    j->trusted_out[b] = (uint8_t)s.trusted;
+}
+
+static int options_in_range(const Options *o) {
+    /* The fixed-size buffers bound these; SolverOptions refuses larger values before we get here. */
+    return !(o->num_candidates < 1 || o->num_candidates > MAX_CAND || o->num_eigvecs < 1 || o->num_eigvecs > 9 ||
+             o->solid_eigvecs < 1 || o->solid_eigvecs > 9);
+}
+
+/* Solves B problems. Inputs are C-contiguous float64; a *_batched flag of 0 means one array
+ * shared by the batch. init (B x 12: R row-major, t) may be NULL. o: the options (validated by
+ * bpnp.options.SolverOptions). Outputs: R (B x 9), its rotation vector (B x 3), t (B x 3), cost
+ * (B), H (B x 36), converged (B), iterations (B), the cost of the best other distinct minimum
+ * (B), the warm-start check (B). Returns 0, or -1 for options out of the solver's range. */
+int bpnp_solve(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
+               int K_batched, const double *w, int w_batched, const double *init, const Options *o,
+               int num_threads, int forked, double *R_out, double *rvec_out, double *t_out, double *cost_out,
+               double *H_out, uint8_t *conv_out, int32_t *iter_out, double *second_out, uint8_t *trusted_out) {
+    if (!options_in_range(o)) return -1;
+    Batch job = {B, n, x3d_batched, K_batched, w_batched, x2d, x3d, K, w, init, o,
+                 R_out, t_out, cost_out, H_out, rvec_out, conv_out, iter_out, second_out, trusted_out};
+    run_items(B, solve_item, &job, num_threads, forked);
     return 0;
 }
 
@@ -1480,4 +1613,668 @@ void bpnp_ransac_round(int A, int S, int n, const int64_t *ids, const int64_t *s
             count_out[o] = best_count;
         }
     }
+}
+
+/* ---------------------------------------------------------------- the layer in one call each way */
+
+/* bpnp_layer_forward and bpnp_layer_backward are the whole least-squares layer for CPU tensors
+ * (bpnp/stages.py and bpnp/implicit.py for one problem): the input checks, the unit-free problem
+ * (bpnp/normalise.py), stand-ins for degenerate items, the solve, the flags, the fallback pose,
+ * the user's units; and the backward's vector-Jacobian product by the implicit function theorem.
+ * One call each way removes the hundreds of small tensor operations around the solve, which
+ * dominate a single solve. */
+
+/* Constants of the change of units, per item: centre (3), scale, principal point (2), focal,
+ * largest weight, then the normalised translation of the answer (3). */
+#define UNIT_FIELDS 11
+
+static const double IDENTITY3[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+
+/* Input check codes (bpnp.fused raises the matching PnPInputError). */
+enum {
+    CHECK_OK = 0, CHECK_X2D_FINITE, CHECK_X3D_FINITE, CHECK_K_FINITE, CHECK_W_FINITE, CHECK_INIT_FINITE,
+    CHECK_K_LOWER, CHECK_K_FOCAL, CHECK_K_SCALE, CHECK_W_NEGATIVE, CHECK_W_FEW
+};
+
+static int all_finite(const double *v, size_t m) {
+    for (size_t k = 0; k < m; k++)
+        if (!isfinite(v[k])) return 0;
+    return 1;
+}
+
+/* The checks of bpnp.checks.canonical_pnp_inputs on the values, in its order. */
+static int check_inputs(int B, int n, const double *x2d, const double *x3d, int nx3d, const double *K, int nK,
+                        const double *w, int nw, const double *init) {
+    if (!all_finite(x2d, (size_t)B * n * 2)) return CHECK_X2D_FINITE;
+    if (!all_finite(x3d, (size_t)nx3d * n * 3)) return CHECK_X3D_FINITE;
+    if (!all_finite(K, (size_t)nK * 9)) return CHECK_K_FINITE;
+    if (w && !all_finite(w, (size_t)nw * n)) return CHECK_W_FINITE;
+    if (init && !all_finite(init, (size_t)B * 6)) return CHECK_INIT_FINITE;
+    for (int b = 0; b < nK; b++)
+        if (K[9 * b + 3] != 0 || K[9 * b + 6] != 0 || K[9 * b + 7] != 0) return CHECK_K_LOWER;
+    for (int b = 0; b < nK; b++)
+        if (!(K[9 * b] > 0) || !(K[9 * b + 4] > 0)) return CHECK_K_FOCAL;
+    for (int b = 0; b < nK; b++)
+        if (!(K[9 * b + 8] > 0)) return CHECK_K_SCALE;
+    if (w) {
+        for (size_t k = 0; k < (size_t)nw * n; k++)
+            if (w[k] < 0) return CHECK_W_NEGATIVE;
+        for (int b = 0; b < nw; b++) {
+            int pos = 0;
+            for (int i = 0; i < n; i++) pos += w[(size_t)b * n + i] > 0;
+            if (pos < 4) return CHECK_W_FEW;
+        }
+    }
+    return CHECK_OK;
+}
+
+/* Sum over coordinates of the (population) variance of n points of dimension d (<= 3), and their
+ * mean (may be NULL). Sums are taken relative to the first point: points all in one place give
+ * exactly that point and a variance of exactly 0 (a plain sum of n equal values can round). */
+static double spread(int n, int d, const double *x, double *mean_out) {
+    double v = 0;
+    for (int k = 0; k < d; k++) {
+        double shift = 0, vk = 0, x0 = x[k];
+        for (int i = 0; i < n; i++) shift += x[d * i + k] - x0;
+        shift /= n;
+        for (int i = 0; i < n; i++) {
+            double dev = (x[d * i + k] - x0) - shift;
+            vk += dev * dev;
+        }
+        v += vk / n;
+        if (mean_out) mean_out[k] = x0 + shift;
+    }
+    return v;
+}
+
+/* The constants of bpnp.normalise.normalise_problem for one item (w may be NULL: all ones). */
+static void find_units(int n, const double *x3d, const double *K, const double *w, double *u) {
+    double c[3], v = spread(n, 3, x3d, c), s = sqrt(v);
+    double wmax = 1.0;
+    if (w) {
+        wmax = w[0];
+        for (int i = 1; i < n; i++)
+            if (w[i] > wmax) wmax = w[i];
+        if (!(wmax > 0)) wmax = 1.0;
+    }
+    memcpy(u, c, sizeof c);
+    u[3] = s > 0 ? s : 1.0;
+    u[4] = K[2] / K[8];
+    u[5] = K[5] / K[8];
+    u[6] = sqrt(K[0] * K[4]) / K[8];
+    u[7] = wmax;
+}
+
+/* The unit-free copy of one item: x2n (n x 2), x3n (n x 3), wn (n), Kn (9). */
+static void normalise_item(int n, const double *x2d, const double *x3d, const double *K, const double *w,
+                           const double *u, double *x2n, double *x3n, double *Kn, double *wn) {
+    const double *c = u, s = u[3], m0 = u[4], m1 = u[5], f = u[6], wmax = u[7];
+    for (int i = 0; i < n; i++) {
+        x2n[2 * i] = (x2d[2 * i] - m0) / f;
+        x2n[2 * i + 1] = (x2d[2 * i + 1] - m1) / f;
+        for (int k = 0; k < 3; k++) x3n[3 * i + k] = (x3d[3 * i + k] - c[k]) / s;
+        wn[i] = w ? w[i] / wmax : 1.0;
+    }
+    for (int k = 0; k < 3; k++) {
+        Kn[k] = (K[k] - m0 * K[6 + k]) / f;
+        Kn[3 + k] = (K[3 + k] - m1 * K[6 + k]) / f;
+        Kn[6 + k] = K[6 + k];
+    }
+}
+
+
+/* bpnp.stages._fallback_pose: identity rotation, the (unit-size, centred) object on the weighted
+ * mean ray of the pixels at the depth that matches their spread. */
+static void fallback_pose(const Problem *p, double *R, double *t) {
+    double mean[3] = {0, 0, 0}, wsum = 0, sp = 0;
+    for (int i = 0; i < p->n; i++) {
+        double va, vb;
+        point_ray(p, i, &va, &vb);
+        mean[0] += p->w[i] * va; mean[1] += p->w[i] * vb; mean[2] += p->w[i];
+        wsum += p->w[i];
+    }
+    if (!(wsum > 1e-300)) wsum = 1e-300;
+    for (int k = 0; k < 3; k++) mean[k] /= wsum;
+    for (int i = 0; i < p->n; i++) {
+        double va, vb;
+        point_ray(p, i, &va, &vb);
+        double da = va - mean[0], db = vb - mean[1], dc = 1.0 - mean[2];
+        sp += p->w[i] * (da * da + db * db + dc * dc);
+    }
+    sp = sqrt(sp / wsum);
+    double depth = 1.0 / (sp > 1e-300 ? sp : 1e-300);
+    depth = depth < 1.0 ? 1.0 : (depth > 1e6 ? 1e6 : depth);
+    for (int k = 0; k < 3; k++) {
+        double v = mean[k] * depth;
+        t[k] = isfinite(v) ? v : 0.0;
+    }
+    if (!(t[2] > 0)) t[2] = 1.0;
+    memcpy(R, IDENTITY3, sizeof IDENTITY3);
+}
+
+/* bpnp.stages._plain_cost: the weighted squared reprojection error at (R, t), points behind the
+ * camera projected as they are; the largest double where it is not finite. */
+static double plain_cost(int n, const double *x2d, const double *x3d, const double *K, const double *w,
+                         const double *R, const double *t) {
+    double m00 = K[0] / K[8], m01 = K[1] / K[8], m11 = K[4] / K[8], c0 = K[2] / K[8], c1 = K[5] / K[8];
+    double cost = 0;
+    for (int i = 0; i < n; i++) {
+        const double *X = x3d + 3 * i;
+        double x = R[0] * X[0] + R[1] * X[1] + R[2] * X[2] + t[0];
+        double y = R[3] * X[0] + R[4] * X[1] + R[5] * X[2] + t[1];
+        double z = R[6] * X[0] + R[7] * X[1] + R[8] * X[2] + t[2];
+        double a = x / z, bb = y / z;
+        double ru = m00 * a + m01 * bb + c0 - x2d[2 * i], rv = m11 * bb + c1 - x2d[2 * i + 1];
+        cost += (w ? w[i] : 1.0) * (ru * ru + rv * rv);
+    }
+    return isfinite(cost) ? cost : 1.79769313486231570815e308;
+}
+
+typedef struct {
+    int B, n, x3d_batched, K_batched, w_batched, dist_batched;
+    const double *x2d, *x3d, *K, *w, *init; /* the user's units; w, init (B x 6: rvec, t) may be NULL */
+    const double *dist;                     /* lens distortion (B|1 x 5), may be NULL */
+    const Options *o;
+    double *pose_out, *R_out, *cost_out, *second_out, *H_out, *units_out;
+    uint8_t *flags_out; /* B x 4: converged, ambiguous, trusted, no answer (fallback) */
+    int32_t *summary;   /* 2: the most LM iterations of any item, the count of items not converged */
+} LayerJob;
+
+/* bpnp.stages._undistorted for one item: the normalised pixels of p (distorted) with the lens
+ * model inverted point by point (bpnp.geometry.undistort_points: Newton from the distorted
+ * point, at most 20 steps, done at a residual <= 1e-13; a point without an inverse keeps its
+ * distorted pixel), written to out (n x 2). */
+static void undistorted_pixels(const Problem *p, const double *dist, double *out) {
+    const double *K = p->K;
+    for (int i = 0; i < p->n; i++) {
+        double xa, xb;
+        point_ray(p, i, &xa, &xb);
+        double a = xa, b = xb, xd, yd, J[4];
+        for (int it = 0; it < 20; it++) {
+            distort_point(dist, a, b, &xd, &yd, J, NULL);
+            double r0 = xd - xa, r1 = yd - xb;
+            if (fabs(r0) <= 1e-13 && fabs(r1) <= 1e-13) break;
+            double det = J[0] * J[3] - J[1] * J[2];
+            double na = a - (J[3] * r0 - J[1] * r1) / det, nb = b - (J[0] * r1 - J[2] * r0) / det;
+            if (isfinite(na) && isfinite(nb)) { a = na; b = nb; }
+        }
+        distort_point(dist, a, b, &xd, &yd, J, NULL);
+        double r0 = xd - xa, r1 = yd - xb;
+        int ok = isfinite(r0) && isfinite(r1) && fabs(r0) <= 1e-13 && fabs(r1) <= 1e-13;
+        if (ok) {
+            out[2 * i] = (K[0] * a + K[1] * b) / K[8] + K[2] / K[8];
+            out[2 * i + 1] = K[4] * b / K[8] + K[5] / K[8];
+        } else {
+            out[2 * i] = p->x2d[2 * i];
+            out[2 * i + 1] = p->x2d[2 * i + 1];
+        }
+    }
+}
+
+/* The solve with lens distortion (bpnp.stages.forward_solve): the global least-squares search on
+ * the undistorted pixels (undist, n x 2), then exact-Hessian LM on the distorted cost from its
+ * answer (bpnp.solvers.pnp.refine_robust). */
+static void solve_distorted(const Problem *p, const double *dist, const double *undist, const Options *o,
+                            const double *init, LMState *best) {
+    Problem start = *p;
+    start.x2d = undist;
+    LMState ls;
+    solve_one(&start, o, init, &ls);
+    Problem pd = *p;
+    pd.dist = dist;
+    memset(best, 0, sizeof *best);
+    memcpy(best->R, ls.R, sizeof ls.R);
+    memcpy(best->t, ls.t, sizeof ls.t);
+    best->evaluated = 0;
+    levenberg_marquardt(&pd, o, best, o->max_iter, o->polish_steps);
+    best->conv = best->conv && well_posed(best->H, o->well_posed_ratio) && isfinite(best->cost);
+    best->trusted = best->conv;
+    best->second = INFINITY;
+}
+
+static void layer_forward_item(void *arg, int b) {
+    LayerJob *j = (LayerJob *)arg;
+    const Options *o = j->o;
+    int n = j->n;
+    const double *x2d = j->x2d + (size_t)b * n * 2;
+    const double *x3d = j->x3d + (j->x3d_batched ? (size_t)b * n * 3 : 0);
+    const double *K = j->K + (j->K_batched ? (size_t)b * 9 : 0);
+    const double *w = j->w ? j->w + (j->w_batched ? (size_t)b * n : 0) : NULL;
+    const double *dist = j->dist ? j->dist + (j->dist_batched ? (size_t)b * 5 : 0) : NULL;
+    double *u = j->units_out + (size_t)b * UNIT_FIELDS;
+    find_units(n, x3d, K, w, u);
+    double *buf = (double *)malloc((size_t)n * (dist ? 8 : 6) * sizeof(double));
+    double Kn[9];
+    LMState s;
+    memset(&s, 0, sizeof s);
+    s.cost = s.second = INFINITY;
+    int degenerate = 1;
+    Problem p;
+    if (buf) {
+        normalise_item(n, x2d, x3d, K, w, u, buf, buf + 2 * n, Kn, buf + 5 * n);
+        p.n = n; p.x2d = buf; p.x3d = buf + 2 * n; p.w = buf + 5 * n; p.dist = NULL;
+        set_camera(&p, Kn);
+        degenerate = spread(n, 3, p.x3d, NULL) <= 1e-24 || spread(n, 2, p.x2d, NULL) <= 1e-24;
+    }
+    if (!degenerate) {
+        double init[12], *start = NULL;
+        if (j->init) {
+            const double *y = j->init + (size_t)b * 6;
+            rodrigues(y, init);
+            for (int k = 0; k < 3; k++)
+                init[9 + k] = (y[3 + k] + init[3 * k] * u[0] + init[3 * k + 1] * u[1] + init[3 * k + 2] * u[2]) / u[3];
+            start = init;
+        }
+        if (dist) {
+            undistorted_pixels(&p, dist, buf + 6 * n);
+            solve_distorted(&p, dist, buf + 6 * n, o, start, &s);
+        } else {
+            solve_one(&p, o, start, &s);
+        }
+    }
+    double rvec[3];
+    rotation_to_rvec(s.R, rvec);
+    int bad = degenerate || !all_finite(s.R, 9) || !all_finite(s.t, 3) || !all_finite(rvec, 3);
+    int conv = s.conv && !bad, trusted = s.trusted && !bad, ambiguous = 0;
+    if (!bad) {
+        /* Ambiguity in the normalised units: the residual variance, floored at float64's
+         * resolution of a fit (residuals of 1e-8 focal lengths). */
+        int npos = 0;
+        double wsum = 0;
+        for (int i = 0; i < n; i++) {
+            npos += p.w[i] > 0;
+            wsum += p.w[i];
+        }
+        double dof = 2.0 * npos - 6 < 1 ? 1.0 : 2.0 * npos - 6;
+        double var = s.cost / dof, floor_ = 1e-16 * wsum;
+        if (!isnan(var) && var < floor_) var = floor_;
+        ambiguous = isfinite(s.second) && s.second - s.cost <= o->ambiguity_threshold * var;
+    } else {
+        if (buf) fallback_pose(&p, s.R, s.t);
+        else {
+            memcpy(s.R, IDENTITY3, sizeof IDENTITY3);
+            s.t[0] = s.t[1] = 0; s.t[2] = 1;
+        }
+        rvec[0] = rvec[1] = rvec[2] = 0;
+        s.second = INFINITY;
+        memset(s.H, 0, sizeof s.H);
+        for (int k = 0; k < 6; k++) s.H[7 * k] = 1.0;
+    }
+    double *pose = j->pose_out + (size_t)b * 6, *R = j->R_out + (size_t)b * 9;
+    memcpy(R, s.R, sizeof s.R);
+    for (int k = 0; k < 3; k++) {
+        pose[k] = rvec[k];
+        pose[3 + k] = u[3] * s.t[k] - (R[3 * k] * u[0] + R[3 * k + 1] * u[1] + R[3 * k + 2] * u[2]);
+        u[8 + k] = s.t[k];
+    }
+    double unit = u[7] * u[6] * u[6];
+    double cost = s.cost * unit;
+    if (bad || !isfinite(cost)) {
+        cost = plain_cost(n, x2d, x3d, K, w, R, pose + 3);
+        conv = trusted = 0;
+    }
+    j->cost_out[b] = cost;
+    j->second_out[b] = s.second * unit;
+    memcpy(j->H_out + (size_t)b * 36, s.H, sizeof s.H);
+    uint8_t *fl = j->flags_out + (size_t)b * 4;
+    fl[0] = (uint8_t)conv; fl[1] = (uint8_t)ambiguous; fl[2] = (uint8_t)trusted; fl[3] = (uint8_t)bad;
+    int32_t most = __atomic_load_n(&j->summary[0], __ATOMIC_RELAXED);
+    while (s.iters > most &&
+           !__atomic_compare_exchange_n(&j->summary[0], &most, s.iters, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    if (!conv) __atomic_fetch_add(&j->summary[1], 1, __ATOMIC_RELAXED);
+    free(buf);
+}
+
+/* The least-squares layer's forward for B problems in the user's units (C-contiguous float64; a
+ * *_batched flag of 0: one array shared by the batch; w, init and dist may be NULL; with dist
+ * the cost is the error in distorted pixels). Outputs: pose (B x 6,
+ * rvec and t), R (B x 9), cost (B), the best other minimum's cost (B), the normalised problem's
+ * Hessian (B x 36), the units (B x UNIT_FIELDS), flags (B x 4) and a summary (2: the most LM
+ * iterations of any item, the number of items not converged; the caller's warning). Returns a
+ * CHECK_* code (nothing solved unless CHECK_OK), or -1 for options out of range. */
+int bpnp_layer_forward(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
+                       int K_batched, const double *w, int w_batched, const double *init, const double *dist,
+                       int dist_batched, const Options *o, int num_threads, int forked, double *pose_out,
+                       double *R_out, double *cost_out, double *second_out, double *H_out, double *units_out,
+                       uint8_t *flags_out, int32_t *summary) {
+    if (!options_in_range(o)) return -1;
+    int code = check_inputs(B, n, x2d, x3d, x3d_batched ? B : 1, K, K_batched ? B : 1, w, w_batched ? B : 1, init);
+    if (code != CHECK_OK) return code;
+    LayerJob job = {B, n, x3d_batched, K_batched, w_batched, dist_batched, x2d, x3d, K, w, init, dist, o,
+                    pose_out, R_out, cost_out, second_out, H_out, units_out, flags_out, summary};
+    summary[0] = summary[1] = 0;
+    run_items(B, layer_forward_item, &job, num_threads, forked);
+    return CHECK_OK;
+}
+
+/* bpnp.implicit.solve_hessian for one item: u = H^-1 rhs by Cholesky when H is positive definite
+ * with (min/max diagonal of L)^2 > rel_floor, else with the eigenvalues' magnitudes floored at
+ * rel_floor times the largest (a regularised inverse). */
+static void solve_hessian_item(const double *Hin, const double *rhs, double *x) {
+    const double rel_floor = 1e-10;
+    double H[36], L[36];
+    int finite = 1;
+    for (int a = 0; a < 6; a++)
+        for (int c = 0; c < 6; c++) {
+            H[a * 6 + c] = 0.5 * (Hin[a * 6 + c] + Hin[c * 6 + a]);
+            finite = finite && isfinite(H[a * 6 + c]);
+        }
+    int good = finite && cholesky6(H, L);
+    if (good) {
+        double lo = L[0], hi = L[0];
+        for (int c = 1; c < 6; c++) {
+            if (L[c * 6 + c] < lo) lo = L[c * 6 + c];
+            if (L[c * 6 + c] > hi) hi = L[c * 6 + c];
+        }
+        double ratio = lo / (hi > 1e-300 ? hi : 1e-300);
+        good = ratio * ratio > rel_floor;
+    }
+    if (good) {
+        cholesky6_solve(L, rhs, x);
+        return;
+    }
+    if (!finite) {
+        memset(H, 0, sizeof H);
+        for (int k = 0; k < 6; k++) H[7 * k] = 1.0;
+    }
+    double V[36], ev[6], top = 0;
+    symmetric_eig(6, H, V, ev);
+    for (int k = 0; k < 6; k++)
+        if (fabs(ev[k]) > top) top = fabs(ev[k]);
+    double fl = rel_floor * (top > 1e-300 ? top : 1e-300), c[6];
+    for (int k = 0; k < 6; k++) {
+        double v = 0;
+        for (int i = 0; i < 6; i++) v += V[i * 6 + k] * rhs[i];
+        c[k] = v / (fabs(ev[k]) > fl ? fabs(ev[k]) : fl);
+    }
+    for (int i = 0; i < 6; i++) {
+        double v = 0;
+        for (int k = 0; k < 6; k++) v += V[i * 6 + k] * c[k];
+        x[i] = v;
+    }
+}
+
+/* J_l^-T v (bpnp.implicit.inverse_left_jacobian_transpose_apply). */
+static void inverse_left_jacobian_transpose_apply(const double *r, const double *v, double *out) {
+    double th2 = r[0] * r[0] + r[1] * r[1] + r[2] * r[2], coef;
+    if (th2 < 1e-6) {
+        coef = 1.0 / 12.0 + th2 / 720.0 + th2 * th2 / 30240.0;
+    } else {
+        double th = sqrt(th2);
+        coef = 1.0 / (th * th) - (1.0 + cos(th)) / (2.0 * th * sin(th));
+    }
+    double rv[3] = {r[1] * v[2] - r[2] * v[1], r[2] * v[0] - r[0] * v[2], r[0] * v[1] - r[1] * v[0]};
+    double rrv[3] = {r[1] * rv[2] - r[2] * rv[1], r[2] * rv[0] - r[0] * rv[2], r[0] * rv[1] - r[1] * rv[0]};
+    for (int k = 0; k < 3; k++) out[k] = v[k] + 0.5 * rv[k] + coef * rrv[k];
+}
+
+typedef struct {
+    int B, n, x3d_batched, K_batched, w_batched, dist_batched;
+    const double *x2d, *x3d, *K, *w, *dist; /* the user's units, as given to the forward */
+    const double *pose, *R, *H, *units;
+    const uint8_t *flags;
+    const double *grad_pose, *grad_R;           /* grad_R may be NULL */
+    double *g_x2d, *g_x3d, *g_K, *g_w, *g_dist; /* per item (B x ...); NULL: not needed */
+} LayerBackJob;
+
+/* Forward-mode dual numbers over the inputs of one point's term of the backward with lens
+ * distortion: the point (3), the entries K00 K01 K02 K11 K12 K22 (6) and the coefficients (5). */
+#define NV 14
+typedef struct {
+    double v, d[NV];
+} Dual;
+
+static inline Dual dual_const(double v) {
+    Dual r;
+    r.v = v;
+    memset(r.d, 0, sizeof r.d);
+    return r;
+}
+static inline Dual dual_var(double v, int k) {
+    Dual r = dual_const(v);
+    r.d[k] = 1.0;
+    return r;
+}
+static inline Dual dual_add(Dual a, Dual b) {
+    a.v += b.v;
+    for (int k = 0; k < NV; k++) a.d[k] += b.d[k];
+    return a;
+}
+static inline Dual dual_sub(Dual a, Dual b) {
+    a.v -= b.v;
+    for (int k = 0; k < NV; k++) a.d[k] -= b.d[k];
+    return a;
+}
+static inline Dual dual_mul(Dual a, Dual b) {
+    Dual r;
+    r.v = a.v * b.v;
+    for (int k = 0; k < NV; k++) r.d[k] = a.d[k] * b.v + a.v * b.d[k];
+    return r;
+}
+static inline Dual dual_scale(Dual a, double c) {
+    a.v *= c;
+    for (int k = 0; k < NV; k++) a.d[k] *= c;
+    return a;
+}
+static inline Dual dual_shift(Dual a, double c) {
+    a.v += c;
+    return a;
+}
+static inline Dual dual_inv(Dual a) {
+    Dual r;
+    r.v = 1.0 / a.v;
+    double d = -r.v * r.v;
+    for (int k = 0; k < NV; k++) r.d[k] = a.d[k] * d;
+    return r;
+}
+
+/* One point's -d(u . g_i)/d(point, K, dist) with lens distortion, g_i its term of the chart
+ * gradient: u . g_i = 2 w r . dp, dp = d pixel/dX (u_t + u_rot x P) its motion along u. Adds the
+ * point's part to gK (6: K00 K01 K02 K11 K12 K22) and gd (5); writes gX (3), the x2d (2) and w
+ * parts. */
+static void distorted_point_vjp(const double *R, const double *t, const double *u, const double *X,
+                                const double *x, double w, const Dual *cam, const Dual *kd, double *gX,
+                                double *gx, double *gw, double *gK, double *gd) {
+    Dual Xv[3] = {dual_var(X[0], 0), dual_var(X[1], 1), dual_var(X[2], 2)}, P[3];
+    for (int r = 0; r < 3; r++)
+        P[r] = dual_add(dual_add(dual_scale(Xv[0], R[3 * r]), dual_scale(Xv[1], R[3 * r + 1])),
+                        dual_scale(Xv[2], R[3 * r + 2]));
+    Dual iz = dual_inv(dual_shift(P[2], t[2]));
+    Dual a = dual_mul(dual_shift(P[0], t[0]), iz), b = dual_mul(dual_shift(P[1], t[1]), iz);
+    const Dual k1 = kd[0], k2 = kd[1], p1 = kd[2], p2 = kd[3], k3 = kd[4];
+    Dual r2 = dual_add(dual_mul(a, a), dual_mul(b, b));
+    Dual radial = dual_shift(dual_mul(r2, dual_add(k1, dual_mul(r2, dual_add(k2, dual_mul(r2, k3))))), 1.0);
+    Dual dr = dual_add(k1, dual_mul(r2, dual_add(dual_scale(k2, 2.0), dual_scale(dual_mul(k3, r2), 3.0))));
+    Dual ab = dual_mul(a, b), aa = dual_mul(a, a), bb = dual_mul(b, b);
+    Dual xd = dual_add(dual_add(dual_mul(a, radial), dual_scale(dual_mul(p1, ab), 2.0)),
+                       dual_mul(p2, dual_add(r2, dual_scale(aa, 2.0))));
+    Dual yd = dual_add(dual_add(dual_mul(b, radial), dual_mul(p1, dual_add(r2, dual_scale(bb, 2.0)))),
+                       dual_scale(dual_mul(p2, ab), 2.0));
+    Dual J00 = dual_add(dual_add(radial, dual_scale(dual_mul(aa, dr), 2.0)),
+                        dual_add(dual_scale(dual_mul(p1, b), 2.0), dual_scale(dual_mul(p2, a), 6.0)));
+    Dual J01 = dual_add(dual_scale(dual_mul(ab, dr), 2.0),
+                        dual_add(dual_scale(dual_mul(p1, a), 2.0), dual_scale(dual_mul(p2, b), 2.0)));
+    Dual J11 = dual_add(dual_add(radial, dual_scale(dual_mul(bb, dr), 2.0)),
+                        dual_add(dual_scale(dual_mul(p1, b), 6.0), dual_scale(dual_mul(p2, a), 2.0)));
+    const Dual m00 = cam[0], m01 = cam[1], c0 = cam[2], m11 = cam[3], c1 = cam[4];
+    Dual ru = dual_shift(dual_add(dual_add(dual_mul(m00, xd), dual_mul(m01, yd)), c0), -x[0]);
+    Dual rv = dual_shift(dual_add(dual_mul(m11, yd), c1), -x[1]);
+    /* q = u_t + u_rot x P, then its image motion J_q q and pixel motion */
+    Dual q0 = dual_shift(dual_sub(dual_scale(P[2], u[1]), dual_scale(P[1], u[2])), u[3]);
+    Dual q1 = dual_shift(dual_sub(dual_scale(P[0], u[2]), dual_scale(P[2], u[0])), u[4]);
+    Dual q2 = dual_shift(dual_sub(dual_scale(P[1], u[0]), dual_scale(P[0], u[1])), u[5]);
+    Dual da = dual_mul(dual_sub(q0, dual_mul(a, q2)), iz), db = dual_mul(dual_sub(q1, dual_mul(b, q2)), iz);
+    Dual dxd = dual_add(dual_mul(J00, da), dual_mul(J01, db)), dyd = dual_add(dual_mul(J01, da), dual_mul(J11, db));
+    Dual du = dual_add(dual_mul(m00, dxd), dual_mul(m01, dyd)), dv = dual_mul(m11, dyd);
+    Dual phi = dual_scale(dual_add(dual_mul(ru, du), dual_mul(rv, dv)), 2.0 * w);
+    for (int k = 0; k < 3; k++) gX[k] = -phi.d[k];
+    for (int k = 0; k < 6; k++) gK[k] -= phi.d[3 + k];
+    for (int k = 0; k < 5; k++) gd[k] -= phi.d[9 + k];
+    gx[0] = 2.0 * w * du.v;
+    gx[1] = 2.0 * w * dv.v;
+    *gw = -2.0 * (ru.v * du.v + rv.v * dv.v);
+}
+
+static void zero_if_not_finite(double *g, size_t m) {
+    if (!all_finite(g, m)) memset(g, 0, m * sizeof(double));
+}
+
+/* The implicit backward of one item (bpnp.implicit.implicit_vjp and input_gradients), in the
+ * normalised problem, then through the change of units (its constants held fixed). */
+static void layer_backward_item(void *arg, int b) {
+    LayerBackJob *j = (LayerBackJob *)arg;
+    int n = j->n;
+    double *gx2 = j->g_x2d ? j->g_x2d + (size_t)b * n * 2 : NULL;
+    double *gx3 = j->g_x3d ? j->g_x3d + (size_t)b * n * 3 : NULL;
+    double *gK = j->g_K ? j->g_K + (size_t)b * 9 : NULL;
+    double *gw = j->g_w ? j->g_w + (size_t)b * n : NULL;
+    double *gdist = j->g_dist ? j->g_dist + (size_t)b * 5 : NULL;
+    const double *dist = j->dist ? j->dist + (j->dist_batched ? (size_t)b * 5 : 0) : NULL;
+    if (gdist) memset(gdist, 0, 5 * sizeof(double));
+    if (gx2) memset(gx2, 0, (size_t)n * 2 * sizeof(double));
+    if (gx3) memset(gx3, 0, (size_t)n * 3 * sizeof(double));
+    if (gK) memset(gK, 0, 9 * sizeof(double));
+    if (gw) memset(gw, 0, (size_t)n * sizeof(double));
+    const double *u = j->units + (size_t)b * UNIT_FIELDS, *pose = j->pose + (size_t)b * 6;
+    const double *R = j->R + (size_t)b * 9, *H = j->H + (size_t)b * 36, *gp = j->grad_pose + (size_t)b * 6;
+    /* No answer, or not a finite one: zero gradients, never mixed into the other items' */
+    if (j->flags[(size_t)b * 4 + 3] || !all_finite(pose, 6) || !all_finite(R, 9) || !all_finite(H, 36)) return;
+    const double *x2d = j->x2d + (size_t)b * n * 2;
+    const double *x3d = j->x3d + (j->x3d_batched ? (size_t)b * n * 3 : 0);
+    const double *Kin = j->K + (j->K_batched ? (size_t)b * 9 : 0);
+    const double *win = j->w ? j->w + (j->w_batched ? (size_t)b * n : 0) : NULL;
+    double *buf = (double *)malloc((size_t)n * 6 * sizeof(double));
+    if (!buf) return;
+    double Kn[9];
+    normalise_item(n, x2d, x3d, Kin, win, u, buf, buf + 2 * n, Kn, buf + 5 * n);
+    const double *x2n = buf, *x3n = buf + 2 * n, *wn = buf + 5 * n, *t = u + 8;
+    const double *c = u, s = u[3], m0 = u[4], m1 = u[5], f = u[6], wmax = u[7];
+
+    /* The pose's gradient in the normalised chart: t = s t_n - R c, so dL/dt_n = s dL/dt and R
+     * takes -dL/dt c^T besides its own gradient. */
+    double G[9] = {0};
+    if (j->grad_R) memcpy(G, j->grad_R + (size_t)b * 9, sizeof G);
+    for (int a = 0; a < 3; a++)
+        for (int k = 0; k < 3; k++) G[3 * a + k] -= gp[3 + a] * c[k];
+    double rhs[6], M[9];
+    inverse_left_jacobian_transpose_apply(pose, gp, rhs);
+    for (int a = 0; a < 3; a++)
+        for (int k = 0; k < 3; k++) M[3 * a + k] = G[3 * a] * R[3 * k] + G[3 * a + 1] * R[3 * k + 1] + G[3 * a + 2] * R[3 * k + 2];
+    rhs[0] += M[7] - M[5];
+    rhs[1] += M[2] - M[6];
+    rhs[2] += M[3] - M[1];
+    for (int k = 0; k < 3; k++) rhs[3 + k] = s * gp[3 + k];
+    double uu[6];
+    solve_hessian_item(H, rhs, uu);
+    if (!all_finite(uu, 6)) { free(buf); return; }
+
+    double gn[9] = {0}; /* gradient of the normalised K */
+    if (dist) {
+        /* camera entries of K / K22 as duals of K00 K01 K02 K11 K12 K22, the coefficients too */
+        Dual Kd[6] = {dual_var(Kn[0], 3), dual_var(Kn[1], 4), dual_var(Kn[2], 5),
+                      dual_var(Kn[4], 6), dual_var(Kn[5], 7), dual_var(Kn[8], 8)};
+        Dual ik = dual_inv(Kd[5]);
+        Dual cam[5] = {dual_mul(Kd[0], ik), dual_mul(Kd[1], ik), dual_mul(Kd[2], ik), dual_mul(Kd[3], ik),
+                       dual_mul(Kd[4], ik)};
+        Dual kd[5];
+        for (int k = 0; k < 5; k++) kd[k] = dual_var(dist[k], 9 + k);
+        double gK6[6] = {0}, gd[5] = {0}, gX[3], gx[2], gwi;
+        for (int i = 0; i < n; i++) {
+            distorted_point_vjp(R, t, uu, x3n + 3 * i, x2n + 2 * i, wn[i], cam, kd, gX, gx, &gwi, gK6, gd);
+            if (gx2) { gx2[2 * i] = gx[0]; gx2[2 * i + 1] = gx[1]; }
+            if (gx3) memcpy(gx3 + 3 * i, gX, sizeof gX);
+            if (gw) gw[i] = gwi;
+        }
+        gn[0] = gK6[0]; gn[1] = gK6[1]; gn[2] = gK6[2]; gn[4] = gK6[3]; gn[5] = gK6[4]; gn[8] = gK6[5];
+        if (gdist) {
+            memcpy(gdist, gd, sizeof gd);
+            zero_if_not_finite(gdist, 5);
+        }
+    } else {
+        const double m00 = Kn[0] / Kn[8], m01 = Kn[1] / Kn[8], m11 = Kn[4] / Kn[8];
+        double gm00 = 0, gm01 = 0, gm11 = 0, gc0 = 0, gc1 = 0;
+        const double w0 = uu[0], w1 = uu[1], w2 = uu[2];
+        for (int i = 0; i < n; i++) {
+            const double *X = x3n + 3 * i;
+            double P0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2];
+            double P1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2];
+            double P2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2];
+            double iz = 1.0 / (P2 + t[2]);
+            double a = (P0 + t[0]) * iz, bb = (P1 + t[1]) * iz;
+            double ma = m00 * a + m01 * bb;
+            double ru = ma + Kn[2] / Kn[8] - x2n[2 * i], rv = m11 * bb + Kn[5] / Kn[8] - x2n[2 * i + 1];
+            double q0 = uu[3] + w1 * P2 - w2 * P1, q1 = uu[4] + w2 * P0 - w0 * P2, q2 = uu[5] + w0 * P1 - w1 * P0;
+            double da = (q0 - a * q2) * iz, db = (q1 - bb * q2) * iz;
+            double du = m00 * da + m01 * db, dv = m11 * db;
+            double wi = wn[i], wdu = wi * du, wdv = wi * dv;
+            if (gx2) {
+                gx2[2 * i] = 2.0 * wdu;
+                gx2[2 * i + 1] = 2.0 * wdv;
+            }
+            if (gw) gw[i] = -2.0 * (ru * du + rv * dv);
+            if (gK) {
+                gm00 += -2.0 * (a * wdu + wi * ru * da);
+                gm01 += -2.0 * (bb * wdu + wi * ru * db);
+                gm11 += -2.0 * (bb * wdv + wi * rv * db);
+                gc0 += -2.0 * wdu;
+                gc1 += -2.0 * wdv;
+            }
+            if (gx3) {
+                double wru = wi * ru, wrv = wi * rv;
+                double gu0 = m00 * iz, gu1 = m01 * iz, gu2 = -ma * iz, gv1 = m11 * iz, gv2 = -(m11 * bb) * iz;
+                double s0 = wru * gu0, s1 = wru * gu1 + wrv * gv1, s2 = wru * gu2 + wrv * gv2;
+                double p0 = m00 * wru, p1 = m01 * wru + m11 * wrv, iz2 = iz * iz;
+                double c02 = -p0 * iz2, c12 = -p1 * iz2, c22 = 2.0 * (p0 * a + p1 * bb) * iz2;
+                double v0 = gu0 * wdu + c02 * q2 + (s1 * w2 - s2 * w1);
+                double v1 = gu1 * wdu + gv1 * wdv + c12 * q2 + (s2 * w0 - s0 * w2);
+                double v2 = gu2 * wdu + gv2 * wdv + c02 * q0 + c12 * q1 + c22 * q2 + (s0 * w1 - s1 * w0);
+                for (int k = 0; k < 3; k++) gx3[3 * i + k] = -2.0 * (v0 * R[k] + v1 * R[3 + k] + v2 * R[6 + k]);
+            }
+        }
+        if (gK) {
+            double k22 = Kn[8];
+            double dk22 = -(m00 * gm00 + m01 * gm01 + m11 * gm11 + Kn[2] / k22 * gc0 + Kn[5] / k22 * gc1);
+            double g9[9] = {gm00 / k22, gm01 / k22, gc0 / k22, 0, gm11 / k22, gc1 / k22, 0, 0, dk22 / k22};
+            memcpy(gn, g9, sizeof g9);
+        }
+    }
+    /* Back through the change of units (x2d_n = (x2d - m) / f, x3d_n = (x3d - c) / s, w_n = w / w_max,
+     * K_n = A K): each gradient is zero for the item where it is not finite. */
+    if (gx2) {
+        for (int k = 0; k < 2 * n; k++) gx2[k] /= f;
+        zero_if_not_finite(gx2, (size_t)2 * n);
+    }
+    if (gx3) {
+        for (int k = 0; k < 3 * n; k++) gx3[k] /= s;
+        zero_if_not_finite(gx3, (size_t)3 * n);
+    }
+    if (gw) {
+        for (int k = 0; k < n; k++) gw[k] /= wmax;
+        zero_if_not_finite(gw, (size_t)n);
+    }
+    if (gK) {
+        for (int k = 0; k < 3; k++) {
+            gK[k] = gn[k] / f;
+            gK[3 + k] = gn[3 + k] / f;
+            gK[6 + k] = gn[6 + k] - (m0 * gn[k] + m1 * gn[3 + k]) / f;
+        }
+        zero_if_not_finite(gK, 9);
+    }
+    free(buf);
+}
+
+/* The least-squares layer's backward for B items: the inputs as given to bpnp_layer_forward, its
+ * pose, R, H, units and flags, the gradient of the loss with respect to pose (B x 6) and R (B x 9,
+ * may be NULL). Writes the per-item gradients of x2d (B x n x 2), x3d (B x n x 3), K (B x 9), w
+ * (B x n) and dist (B x 5) for the non-NULL outputs (a shared input's gradient is the sum over
+ * its items). */
+void bpnp_layer_backward(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
+                         int K_batched, const double *w, int w_batched, const double *dist, int dist_batched,
+                         const double *pose, const double *R, const double *H, const double *units,
+                         const uint8_t *flags, const double *grad_pose, const double *grad_R, int num_threads,
+                         int forked, double *g_x2d, double *g_x3d, double *g_K, double *g_w, double *g_dist) {
+    LayerBackJob job = {B, n, x3d_batched, K_batched, w_batched, dist_batched, x2d, x3d, K, w, dist, pose, R, H,
+                        units, flags, grad_pose, grad_R, g_x2d, g_x3d, g_K, g_w, g_dist};
+    run_items(B, layer_backward_item, &job, num_threads, forked);
 }
