@@ -132,8 +132,12 @@ def main() -> None:
     print("| what | ours (ms) | reference (ms) | ratio | goal |\n|---|---|---|---|---|")
     table = []
     for label, ours, ref, goal in rows:
-        table.append({"what": label, "ours_ms": 1e3 * ours, "reference_ms": 1e3 * ref, "ratio": ours / ref, "goal": goal})
-        print(f"| {label} | {1e3 * ours:.3f} | {1e3 * ref:.3f} | {ours / ref:.2f} | {'<= ' + str(goal) if goal else '-'} |")
+        table.append(
+            {"what": label, "ours_ms": 1e3 * ours, "reference_ms": 1e3 * ref, "ratio": ours / ref, "goal": goal}
+        )
+        print(
+            f"| {label} | {1e3 * ours:.3f} | {1e3 * ref:.3f} | {ours / ref:.2f} | {'<= ' + str(goal) if goal else '-'} |"
+        )
     print("\n| backend | B | kernel launches (fwd+bwd) | host syncs |\n|---|---|---|---|")
     for c in counts:
         print(f"| {c['backend']} | {c['B']} | {c['launches']} | {c['syncs']} |")
