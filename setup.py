@@ -35,6 +35,7 @@ EXPORTS = [
     "bpnp_ransac_round",
     "bpnp_layer_forward",
     "bpnp_layer_backward",
+    "bpnp_undistort_points",
 ]
 
 

@@ -107,8 +107,8 @@ def test_warm_start_trust_and_float32_equal_staged_path():
 
 def loss_of(result, seed=0):
     g = torch.Generator().manual_seed(seed)
-    v = torch.randn(result.pose.shape, dtype=result.pose.dtype, generator=g)
-    m = torch.randn(result.R.shape, dtype=result.R.dtype, generator=g)
+    v = torch.randn(result.pose.shape, dtype=result.pose.dtype, generator=g).to(result.pose.device)
+    m = torch.randn(result.R.shape, dtype=result.R.dtype, generator=g).to(result.R.device)
     return (v * result.pose).sum() + (m * result.R).sum()
 
 
@@ -230,3 +230,17 @@ def test_torch_export_of_the_forward():
         exported = torch.export.export(model, (p.x2d, p.x3d, p.K))
         assert torch.equal(exported.module()(p.x2d, p.x3d, p.K), model(p.x2d, p.x3d, p.K))
     assert any("bpnp.layer_forward" in str(node.target) for node in exported.graph.nodes)
+
+
+def test_native_backend_on_device_tensors(device):
+    # The C solver on a host copy of device tensors: the answer and gradients of the CPU solve.
+    p = random_problems(5, 12, seed=20)
+    ref_x2d = p.x2d.clone().requires_grad_()
+    ref = bpnp.solve_pnp(ref_x2d, p.x3d, p.K, p.weights, backend="native")
+    loss_of(ref).backward()
+    x2d = p.x2d.to(device).requires_grad_()
+    res = bpnp.solve_pnp(x2d, p.x3d.to(device), p.K.to(device), p.weights.to(device), backend="native")
+    loss_of(res).backward()
+    assert res.pose.device == device and res.backend == "native"
+    torch.testing.assert_close(res.pose.cpu(), ref.pose, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x2d.grad.cpu(), ref_x2d.grad, rtol=1e-8, atol=1e-10)

@@ -130,6 +130,11 @@ def _forward(
     the inputs' dtype."""
     if solver == "torch":
         return _forward_torch(x2d, x3d, K, weights, init_pose, options)
+    if x2d.device.type != "cpu":
+        # The C solver on a host copy (backend="native" with device tensors): one copy each way;
+        # the backward then runs on the device in tensor ops.
+        host = (None if x is None else x.detach().cpu() for x in (x2d, x3d, K, weights, init_pose, dist))
+        return tuple(out.to(x2d.device) for out in _forward(*host, options, solver))
     data = (_f64(x) for x in (x2d, x3d, K, weights, init_pose, dist))
     code, out = layer_forward_native(*data, options)
     if code:

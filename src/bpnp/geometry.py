@@ -250,6 +250,22 @@ def undistort(xd: Tensor, dist: Tensor, iters: int = 20, tol: float = 1e-13) -> 
     return xn
 
 
+def _native_undistortion(xd: Tensor, dist: Tensor, iters: int, tol: float) -> bool:
+    """Whether the C solver's copy of the iteration below can answer (CPU, no gradient, the
+    default steps and tolerance, one row of dist per batch item or one for all)."""
+    if iters != 20 or tol != 1e-13 or xd.device.type != "cpu" or dist.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (xd.requires_grad or dist.requires_grad):
+        return False
+    shared = dist.dim() == 1 and dist.shape[0] == 5
+    per_item = dist.dim() == 2 and dist.shape[1] == 5 and xd.dim() == 3 and dist.shape[0] == xd.shape[0]
+    if not (shared or per_item):
+        return False
+    from .solvers.native import native_available
+
+    return native_available()
+
+
 def undistort_points(xd: Tensor, dist: Tensor, iters: int = 20, tol: float = 1e-13) -> tuple[Tensor, Tensor]:
     """Invert :func:`distort` point by point: Newton's method from ``xd``, each point frozen once
     its residual is below ``tol`` (so a point's answer does not depend on the others).
@@ -260,6 +276,11 @@ def undistort_points(xd: Tensor, dist: Tensor, iters: int = 20, tol: float = 1e-
     Returns:
         ``xn (..., n, 2)`` (``xd`` itself where no inverse was found) and ``ok (..., n)`` bool.
     """
+    if _native_undistortion(xd, dist, iters, tol):
+        from .solvers.native import undistort_points_native
+
+        xn, ok = undistort_points_native(xd, dist)
+        return xn.to(xd.dtype), ok
     xn = xd
     done = torch.zeros(xd.shape[:-1], dtype=torch.bool, device=xd.device)
     for _ in range(iters):

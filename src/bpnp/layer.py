@@ -136,7 +136,9 @@ def solve_pnp(
         backend: forward solver of ``method="global"``: ``"auto"`` (default: the compiled C
             solver for CPU tensors when it was built, see :mod:`bpnp.solvers.native`; the torch
             solver otherwise, e.g. on GPU), ``"torch"`` (batched tensor ops on any device) or
-            ``"native"`` (CPU only). Same algorithm, same options, same answers.
+            ``"native"`` (the C solver; for device tensors with ``loss="l2"`` and no RANSAC it
+            solves a host copy, and the backward runs on the device). Same algorithm, same
+            options, same answers.
         options: :class:`~bpnp.options.SolverOptions` (default: ``SolverOptions()``).
         loss: ``"l2"`` (default), ``"huber"`` or ``"cauchy"`` (see :func:`bpnp.cost.robust_loss`).
         loss_scale: the robust loss's scale in pixels (the units of x2d): a positive float, or a
@@ -179,7 +181,8 @@ def _fused_solver(
     settings: Settings, x2d: Tensor, init_pose: Tensor | None, loss_scale: float | Tensor, dist: Tensor | None
 ) -> str | None:
     """The solver of :mod:`bpnp.fused` for this solve: ``"native"`` for the C solver's least
-    squares on CPU tensors (with ``dist`` too, unless a warm start is only refined); under
+    squares on CPU tensors, or with ``backend="native"`` on a host copy of device tensors (with
+    ``dist`` too, unless a warm start is only refined); under
     :func:`torch.compile` also ``"torch"`` (the staged path's data-dependent control flow cannot
     be traced); None: the staged path (same answers)."""
     if not (
@@ -192,7 +195,8 @@ def _fused_solver(
         and isinstance(x2d, Tensor)
     ):
         return None
-    if settings.backend != "torch" and x2d.device.type == "cpu" and native_available():
+    on_host = x2d.device.type == "cpu" or settings.backend == "native"  # native: a host copy of device tensors
+    if settings.backend != "torch" and on_host and native_available():
         # (a refined warm start with dist is checked in the staged path's own way)
         if dist is None or init_pose is None or settings.options.global_search:
             return "native"

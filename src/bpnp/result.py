@@ -38,7 +38,8 @@ class PnPResult:
             for huber and cauchy Huber's pooled sandwich (see :mod:`bpnp.covariance`); the 95%
             ellipsoid held 93-96% of noisy re-solves.
             Computed on first access.
-        iterations: the most Levenberg-Marquardt iterations any item of the batch needed.
+        iterations: the most Levenberg-Marquardt iterations any item of the batch needed (inside
+            :func:`torch.compile`, a 0-dim tensor: reading it would be a host sync).
         backend: the forward solver that ran: ``"native"``, ``"torch"`` or ``"opencv"``.
         inliers: ``(B, n)`` bool, the final inlier set of ``ransac`` (None without RANSAC): the
             points of positive weight within the threshold at the returned pose (in the image's

@@ -40,6 +40,7 @@ __all__ = [
     "layer_forward_native",
     "layer_backward_native",
     "UNIT_FIELDS",
+    "undistort_points_native",
 ]
 
 _HERE = Path(__file__).parent
@@ -136,6 +137,9 @@ def _open(path: Path) -> ctypes.CDLL:
     #                     pose, R, H, units, flags, grad_pose, grad_R, num_threads, forked, g_x2d,
     #                     g_x3d, g_K, g_w, g_dist)
     lib.bpnp_layer_backward.argtypes = [ip, ip, vp, vp, ip, vp, ip, vp, ip, vp, ip, vp, vp, vp, vp, vp, vp, vp, ip, ip, vp, vp, vp, vp, vp]  # fmt: skip
+    lib.bpnp_undistort_points.restype = None
+    # bpnp_undistort_points(m, per, xd, dist, dist_batched, xu, ok)
+    lib.bpnp_undistort_points.argtypes = [ip, ip, vp, vp, ip, vp, vp]
     return lib
 
 
@@ -465,3 +469,27 @@ def layer_backward_native(
         int(_in_forked_child), *(_address(g) for g in grads),
     )  # fmt: skip
     return grads
+
+
+def undistort_points_native(xd: Tensor, dist: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`bpnp.geometry.undistort_points` in C (same Newton iteration, same tolerance), for
+    CPU tensors, without gradients.
+
+    Args:
+        xd: ``(..., n, 2)`` distorted normalised coordinates; dist: ``(5,)``, or ``(B, 5)`` with
+        ``xd`` of shape ``(B, n, 2)``.
+    Returns:
+        ``xn`` (float64, the shape of ``xd``) and ``ok (..., n)`` bool.
+    """
+    lib = _load()
+    if lib is None:
+        raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
+    xd64, dist64 = _f64(xd), _f64(dist)
+    xu = torch.empty(xd.shape, dtype=torch.float64)
+    ok = torch.empty(xd.shape[:-1], dtype=torch.bool)
+    m = ok.numel()
+    per = xd.shape[-2] if dist.dim() == 2 else max(m, 1)
+    lib.bpnp_undistort_points(
+        m, per, xd64.data_ptr(), dist64.data_ptr(), int(dist.dim() == 2), xu.data_ptr(), ok.data_ptr()
+    )
+    return xu, ok

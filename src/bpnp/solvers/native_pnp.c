@@ -1780,28 +1780,49 @@ typedef struct {
     int32_t *summary;   /* 2: the most LM iterations of any item, the count of items not converged */
 } LayerJob;
 
+/* bpnp.geometry.undistort_points for one point: the lens model inverted at the distorted
+ * normalised point (xa, xb) by Newton's method from it, at most 20 steps, done at a residual
+ * <= 1e-13 (a non-finite step is not taken); 1 and (a, b) where that worked, else 0. */
+static int undistort_point(const double *dist, double xa, double xb, double *a_out, double *b_out) {
+    double a = xa, b = xb, xd, yd, J[4];
+    for (int it = 0; it < 20; it++) {
+        distort_point(dist, a, b, &xd, &yd, J, NULL);
+        double r0 = xd - xa, r1 = yd - xb;
+        if (fabs(r0) <= 1e-13 && fabs(r1) <= 1e-13) break;
+        double det = J[0] * J[3] - J[1] * J[2];
+        double na = a - (J[3] * r0 - J[1] * r1) / det, nb = b - (J[0] * r1 - J[2] * r0) / det;
+        if (isfinite(na) && isfinite(nb)) { a = na; b = nb; }
+    }
+    distort_point(dist, a, b, &xd, &yd, J, NULL);
+    double r0 = xd - xa, r1 = yd - xb;
+    *a_out = a;
+    *b_out = b;
+    return isfinite(r0) && isfinite(r1) && fabs(r0) <= 1e-13 && fabs(r1) <= 1e-13;
+}
+
+/* bpnp.geometry.undistort_points for m points (xd: m x 2 distorted normalised coordinates),
+ * each group of `per` points with its own row of dist (dist_batched) or all with one: xu (m x 2;
+ * the distorted point where no inverse was found) and ok (m). */
+void bpnp_undistort_points(int m, int per, const double *xd, const double *dist, int dist_batched, double *xu,
+                           uint8_t *ok) {
+    for (int i = 0; i < m; i++) {
+        const double *d = dist + (dist_batched ? (size_t)(i / per) * 5 : 0);
+        double a, b;
+        ok[i] = (uint8_t)undistort_point(d, xd[2 * i], xd[2 * i + 1], &a, &b);
+        xu[2 * i] = ok[i] ? a : xd[2 * i];
+        xu[2 * i + 1] = ok[i] ? b : xd[2 * i + 1];
+    }
+}
+
 /* bpnp.stages._undistorted for one item: the normalised pixels of p (distorted) with the lens
- * model inverted point by point (bpnp.geometry.undistort_points: Newton from the distorted
- * point, at most 20 steps, done at a residual <= 1e-13; a point without an inverse keeps its
- * distorted pixel), written to out (n x 2). */
+ * model inverted point by point; a point without an inverse keeps its distorted pixel; written
+ * to out (n x 2). */
 static void undistorted_pixels(const Problem *p, const double *dist, double *out) {
     const double *K = p->K;
     for (int i = 0; i < p->n; i++) {
-        double xa, xb;
+        double xa, xb, a, b;
         point_ray(p, i, &xa, &xb);
-        double a = xa, b = xb, xd, yd, J[4];
-        for (int it = 0; it < 20; it++) {
-            distort_point(dist, a, b, &xd, &yd, J, NULL);
-            double r0 = xd - xa, r1 = yd - xb;
-            if (fabs(r0) <= 1e-13 && fabs(r1) <= 1e-13) break;
-            double det = J[0] * J[3] - J[1] * J[2];
-            double na = a - (J[3] * r0 - J[1] * r1) / det, nb = b - (J[0] * r1 - J[2] * r0) / det;
-            if (isfinite(na) && isfinite(nb)) { a = na; b = nb; }
-        }
-        distort_point(dist, a, b, &xd, &yd, J, NULL);
-        double r0 = xd - xa, r1 = yd - xb;
-        int ok = isfinite(r0) && isfinite(r1) && fabs(r0) <= 1e-13 && fabs(r1) <= 1e-13;
-        if (ok) {
+        if (undistort_point(dist, xa, xb, &a, &b)) {
             out[2 * i] = (K[0] * a + K[1] * b) / K[8] + K[2] / K[8];
             out[2 * i + 1] = K[4] * b / K[8] + K[5] / K[8];
         } else {
