@@ -599,6 +599,58 @@ def test_evaluate_writes_metrics_bop_csv_and_overlays(tiny_data, tmp_path):
     assert (tmp_path / "eval" / "report.md").read_text().startswith("# Evaluation")
 
 
+def test_predictor_on_given_boxes_equals_evaluate_and_the_cli_writes_csv_json_overlays(tiny_data, tmp_path):
+    import json
+
+    import cv2
+
+    from bpnp.cli import main
+    from bpnp.pose import bop
+    from bpnp.pose.data import load_split
+    from bpnp.pose.evaluate import evaluate
+    from bpnp.pose.predict import PosePredictor
+
+    train(_tiny(tiny_data, tmp_path / "run", variant="bpnp", steps=8, warmup_frac=0.5))
+    model = tmp_path / "run" / "model.pt"
+    evaluate(model, tiny_data / "test", tmp_path / "eval", visibility=False, overlays=0)
+    ref = bop.read_results_csv(tmp_path / "eval" / "predictions.csv")
+    data = load_split(tiny_data / "test", size=32, cache=False)
+    # the renders are the network's size: a box of the whole image with no margin is evaluate's crop
+    found = PosePredictor(model, margin=0.0)(list(data.images), data.K, [(0, 0, 32, 32)] * len(data))
+    for r, p in zip(ref, found):
+        assert np.allclose(r["t"], p.pose[3:], rtol=1e-5, atol=1e-4)
+    # the command: whole images, a camera JSON, overlays; every image in the JSON
+    paths = []
+    for j, img in enumerate(data.images):
+        paths.append(str(tmp_path / f"img{j}.png"))
+        cv2.imwrite(paths[-1], img[..., ::-1])
+    camera = tmp_path / "K.json"
+    camera.write_text(json.dumps({"K": data.K[0].tolist()}))
+    out = tmp_path / "pred" / "poses.csv"
+    argv = ["predict", "--checkpoint", str(model), "--images", *paths, "--camera", str(camera), "--out", str(out)]
+    assert main([*argv, "--overlays", str(tmp_path / "over"), "--quiet"]) == 0
+    records = json.loads(out.with_suffix(".json").read_text())
+    assert len(records) == len(paths) and len(bop.read_results_csv(out)) == sum(r["converged"] for r in records)
+    assert len(list((tmp_path / "over").glob("*_pose.jpg"))) == len(paths)
+
+
+def test_a_pose_that_did_not_converge_is_left_out_of_the_csv_and_said(tmp_path):
+    import json
+
+    from bpnp.pose import bop
+    from bpnp.pose.predict import Prediction, write_predictions
+
+    pose = np.array([0.1, 0.2, 0.3, 1.0, 2.0, 300.0])
+    found = [
+        Prediction(pose, np.zeros((4, 2)), 0.5, True, (0, 0, 9, 9)),
+        Prediction(pose, np.zeros((4, 2)), 0.1, False, (0, 0, 9, 9)),
+    ]
+    assert write_predictions(tmp_path / "p.csv", ["a.jpg", "b.jpg"], found, obj_id=3) == 1
+    rows = bop.read_results_csv(tmp_path / "p.csv")
+    assert [r["im_id"] for r in rows] == [0] and rows[0]["obj_id"] == 3
+    assert [r["converged"] for r in json.loads((tmp_path / "p.json").read_text())] == [True, False]
+
+
 def test_score_predictions_reproduces_evaluate_and_counts_a_missing_row_as_wrong(tiny_data, tmp_path):
     from bpnp.cli import main
     from bpnp.metrics import auc

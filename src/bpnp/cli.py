@@ -98,6 +98,7 @@ def _add_pose_commands(sub) -> None:
     _add_render_command(sub)
     _add_train_command(sub)
     _add_evaluate_command(sub)
+    _add_predict_command(sub)
     _add_score_command(sub)
     _add_experiment_command(sub)
 
@@ -213,6 +214,20 @@ def _add_evaluate_command(sub) -> None:
     ev.add_argument("--quiet", action="store_true", help="do not print the metrics")
 
 
+def _add_predict_command(sub) -> None:
+    pr = sub.add_parser("predict", help="poses of the object in new photographs (BOP result CSV, overlays)")
+    pr.add_argument("--checkpoint", required=True, help="model.pt of a training run")
+    pr.add_argument("--images", nargs="+", required=True, help="photographs")
+    pr.add_argument("--camera", required=True, help="camera JSON: bpnp calibrate --json output, or {K, dist}")
+    pr.add_argument(
+        "--boxes", default=None, help='JSON {"image name": [x, y, w, h], ...} (default: the network finds the object)'
+    )
+    pr.add_argument("--out", required=True, help="BOP result CSV to write (and a JSON of every image beside it)")
+    pr.add_argument("--overlays", default=None, help="folder for each image with the predicted pose drawn on it")
+    pr.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    pr.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
 def _add_score_command(sub) -> None:
     sc = sub.add_parser("score", help="score the poses of a BOP result CSV on a BOP split")
     sc.add_argument("--predictions", required=True, help="BOP result CSV (scene_id,im_id,obj_id,score,R,t,time)")
@@ -308,7 +323,7 @@ def _existing_dir(path: str | None, option: str) -> None:
 
 def _run_pose(args: argparse.Namespace) -> int:
     """render / train / evaluate / score / experiment."""
-    commands = {"render": _run_render, "train": _run_train, "evaluate": _run_evaluate}
+    commands = {"render": _run_render, "train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict}
     commands.update({"score": _run_score, "experiment": _run_experiment})
     return commands[args.command](args)
 
@@ -452,6 +467,54 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_predict(args: argparse.Namespace) -> int:
+    """``bpnp predict``."""
+    import json
+
+    from .pose.predict import PosePredictor, draw_prediction, read_camera, write_predictions
+
+    _existing_files([args.checkpoint, args.camera, *args.images] + ([args.boxes] if args.boxes else []), None)
+    try:
+        K, dist = read_camera(args.camera)
+        predictor = PosePredictor(args.checkpoint, device=args.device)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(str(exc)) from None
+    names = [Path(i).name for i in args.images]
+    boxes = None
+    if args.boxes:
+        given = json.loads(Path(args.boxes).read_text())
+        boxes = [given.get(n) for n in names]
+    images = _read_rgb(args.images)
+    found = predictor(images, K, boxes, dist)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    left_out = write_predictions(args.out, names, found, predictor.obj_id)
+    if args.overlays:
+        _writable_dir(args.overlays, args.overlays)
+        for name, img, p in zip(names, images, found):
+            draw_prediction(img, p, K, predictor.keypoints3d, Path(args.overlays) / f"{Path(name).stem}_pose.jpg")
+    if left_out:
+        print(
+            f"bpnp predict: {left_out} of {len(names)} images: PnP did not converge (not in the CSV; "
+            f"see {Path(args.out).with_suffix('.json')})",
+            file=sys.stderr,
+        )
+    if not args.quiet:
+        print(f"{len(names) - left_out} poses: {args.out}")
+    return 0
+
+
+def _read_rgb(paths: list[str]) -> list:
+    import cv2
+
+    images = []
+    for path in paths:
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise UsageError(f"--images: {path}: not an image OpenCV can read")
+        images.append(img[..., ::-1].copy())
+    return images
+
+
 def _run_score(args: argparse.Namespace) -> int:
     """``bpnp score``."""
     from .pose.evaluate import score_predictions
@@ -575,7 +638,7 @@ OPTIONAL_PACKAGES = {
     "scipy": "scipy",
     "PIL": "pillow",
 }
-POSE_COMMANDS = ("render", "train", "evaluate", "score", "experiment")
+POSE_COMMANDS = ("render", "train", "evaluate", "predict", "score", "experiment")
 
 
 def main(argv: list[str] | None = None) -> int:
