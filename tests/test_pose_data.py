@@ -369,3 +369,12 @@ def test_render_dataset_records_the_symmetry_axis_and_refuses_a_bad_one_before_w
     with pytest.raises(ValueError, match="symmetric: expected 'x', 'y', 'z'"):
         render_dataset(tmp_path / "no_mesh_needed.obj", tmp_path / "bad", 2, symmetric="w")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_missing_material_file_is_named(tmp_path):
+    from bpnp.pose.mesh import load_mesh
+
+    obj = tmp_path / "m.obj"
+    obj.write_text("mtllib gone.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 2 3\nf 1 2 4\n")
+    with pytest.warns(UserWarning, match="gone.mtl is not beside it"):
+        load_mesh(obj)

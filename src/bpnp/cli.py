@@ -158,7 +158,7 @@ def _add_train_command(sub) -> None:
         "--variant",
         type=_variants,
         default=None,
-        help="heatmap, bpnp (+ BPnP reprojection loss), bpnp-add (+ BPnP ADD loss) or coord (control) (default bpnp)",
+        help="heatmap, bpnp (+ BPnP reprojection loss), bpnp-add (+ BPnP ADD loss, the default: it helps most) or coord (control)",
     )
     tr.add_argument("--steps", type=_positive_int, default=None, help="training steps (default 1000)")
     tr.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default 32)")

@@ -6,6 +6,7 @@ millimetres (BOP's convention), so that the keypoint centre (the origin) is the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,23 @@ def mesh_diameter(vertices: np.ndarray) -> float:
     return best
 
 
+def _warn_missing_materials(path: Path) -> None:
+    """An OBJ whose ``mtllib`` file is missing loads without its colours and textures: say so,
+    naming the file it looked for."""
+    if path.suffix.lower() != ".obj":
+        return
+    with open(path, errors="replace") as f:
+        libraries = [
+            line.split(None, 1)[1].strip() for line in f if line.startswith("mtllib ") and len(line.split()) > 1
+        ]
+    for name in libraries:
+        if not (path.parent / name).is_file():
+            warnings.warn(
+                f"{path}: its material file {name} is not beside it; the mesh renders without its colours and textures",
+                stacklevel=3,
+            )
+
+
 def load_mesh(path: str | Path, diameter_mm: float | None = 100.0, texture: str | Path | None = None) -> Mesh:
     """Load a mesh file (OBJ, PLY, GLB, ... through trimesh), centre it and scale it.
 
@@ -104,6 +122,7 @@ def load_mesh(path: str | Path, diameter_mm: float | None = 100.0, texture: str 
     import trimesh
 
     path = Path(path)
+    _warn_missing_materials(path)
     # process=False keeps the vertices split along texture seams, so UVs stay per vertex.
     mesh = trimesh.load(str(path), force="mesh", process=False)
     if not hasattr(mesh, "faces") or len(mesh.faces) == 0:

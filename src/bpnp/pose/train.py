@@ -105,7 +105,7 @@ class TrainConfig:
     test_data: str | None = None
     obj_id: int = 1
     out: str = "runs/train"
-    variant: str = "bpnp"
+    variant: str = "bpnp-add"
     steps: int = 1000
     batch_size: int = 32
     lr: float = 3e-3
