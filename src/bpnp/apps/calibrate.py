@@ -281,7 +281,6 @@ def calibrate(
         result["truth"] = truth
         result["relative_to_truth"] = {k: result[k] / truth[k] - 1 for k in INTRINSICS}
         result["max_error_rel_to_truth"] = max(abs(v) for v in result["relative_to_truth"].values())
-    names_p = list(INTRINSICS) + (list(DISTORTION) if distortion else [])
     plots.loss_curve(path / "loss.png", losses, "calibrate: reprojection loss", "mean squared error (px^2)")
     ref_vals = [result.get("opencv", {}).get(k, result[k]) for k in INTRINSICS]
     plots.parameter_trajectories(
@@ -299,23 +298,31 @@ def calibrate(
         reproject(x3d, pose, params)[worst].detach().numpy(),
         f"{names_used[worst]}: detected vs reprojected (worst image, RMS {float(per_image[worst]):.3f} px)",
     )
+    table, report = _table_and_report(result, truth, title, len(used), board, len(losses), seconds)
+    return finish_experiment(path, report, result, table, quiet)
+
+
+def _table_and_report(
+    result: dict, truth: dict | None, title: str, images: int, board: tuple[int, int], evaluations: int, seconds: float
+) -> tuple[str, str]:
+    """The markdown table (ours, OpenCV's, the truth's) and ``report.md`` of a calibration."""
+    names = list(INTRINSICS) + (list(DISTORTION) if result["distortion"] else [])
     rows = []
-    for k in names_p + ["rms"]:
+    for k in names + ["rms"]:
         row = [k, result[k], result.get("opencv", {}).get(k, float("nan"))]
         if truth is not None:
             row.append(truth.get(k, float("nan")))
-        row = [v if isinstance(v, str) else f"{v:.7g}" for v in row]
-        rows.append(tuple(row))
+        rows.append(tuple(v if isinstance(v, str) else f"{v:.7g}" for v in row))
     header = ["", "bpnp", "OpenCV calibrateCamera"] + (["truth"] if truth is not None else [])
     table = markdown_table(header, rows)
     report = (
-        f"# {title}\n\n{len(used)} images, {board[0]}x{board[1]} corners, "
-        f"{'with' if distortion else 'no'} distortion; {len(losses)} loss/gradient evaluations through "
+        f"# {title}\n\n{images} images, {board[0]}x{board[1]} corners, "
+        f"{'with' if result['distortion'] else 'no'} distortion; {evaluations} loss/gradient evaluations through "
         f"the PnP layer, {seconds:.1f} s in all (OpenCV calibrateCamera: "
-        f"{result.get('opencv', {}).get('seconds', float('nan')):.2f} s).\n\n{table}\n\n![loss](loss.png) ![intrinsics](intrinsics.png)\n\n"
-        "![corners](corners.png)\n"
+        f"{result.get('opencv', {}).get('seconds', float('nan')):.2f} s).\n\n{table}\n\n"
+        "![loss](loss.png) ![intrinsics](intrinsics.png)\n\n![corners](corners.png)\n"
     )
-    return finish_experiment(path, report, result, table, quiet)
+    return table, report
 
 
 def load_images(paths: Sequence[str]) -> list[np.ndarray]:

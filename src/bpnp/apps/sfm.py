@@ -128,6 +128,29 @@ def factorization_starts(x2d_n: torch.Tensor, weights: torch.Tensor, seed: int =
     return [X, -X]
 
 
+def _from_scratch(x2d, K, weights, size: float, iters: int, rms_rel, quiet: bool, seed: int):
+    """No knowledge of the shape: plain descent from a random cloud (measured: it stalls), then
+    both mirror images of the affine factorization refined through the layer; the lower loss wins.
+    Returns ``(start, (points, losses, rms history), extra metrics)``."""
+    dev = x2d.device
+    g = torch.Generator().manual_seed(seed)
+    cloud = 0.3 * size * torch.randn(x2d.shape[1], 3, generator=g, dtype=torch.float64).to(dev)
+    plain = learn_points(x2d, K, weights, cloud, size, max(2, iters // 4), rms_rel, quiet, "sfm (random start)")
+    starts = [s.to(dev) * 0.3 * size for s in factorization_starts((x2d / FOCAL).cpu(), weights.cpu(), seed)]
+    runs = [
+        learn_points(x2d, K, weights, s, size, iters, rms_rel, quiet, f"sfm (factorization {k})")
+        for k, s in enumerate(starts)
+    ]
+    best = min(range(2), key=lambda k: runs[k][1][-1])
+    extra = {
+        "random_start_plain_descent_rms_rel_to_size": plain[2][-1],
+        "random_start_plain_descent_loss": plain[1][-1],
+        "mirror_hypotheses_final_loss": [r[1][-1] for r in runs],
+        "chosen_hypothesis": best,
+    }
+    return starts[best], runs[best], extra
+
+
 def run(
     out: str | None = None,
     iters: int = 20,
@@ -167,22 +190,7 @@ def run(
     t0 = time.perf_counter()
     extra: dict = {}
     if from_scratch:
-        g = torch.Generator().manual_seed(seed)
-        cloud = 0.3 * size * torch.randn(truth.shape, generator=g, dtype=torch.float64).to(dev)
-        plain = learn_points(x2d, K, weights, cloud, size, max(2, iters // 4), rms_rel, quiet, "sfm (random start)")
-        starts = [s.to(dev) * 0.3 * size for s in factorization_starts((x2d / FOCAL).cpu(), weights.cpu(), seed)]
-        runs = [
-            learn_points(x2d, K, weights, s, size, iters, rms_rel, quiet, f"sfm (factorization {k})")
-            for k, s in enumerate(starts)
-        ]
-        best = min(range(2), key=lambda k: runs[k][1][-1])
-        start, (points, losses, rms_hist) = starts[best], runs[best]
-        extra = {
-            "random_start_plain_descent_rms_rel_to_size": plain[2][-1],
-            "random_start_plain_descent_loss": plain[1][-1],
-            "mirror_hypotheses_final_loss": [r[1][-1] for r in runs],
-            "chosen_hypothesis": best,
-        }
+        start, (points, losses, rms_hist), extra = _from_scratch(x2d, K, weights, size, iters, rms_rel, quiet, seed)
     else:
         g = torch.Generator().manual_seed(seed)
         start = truth + init_noise * size * torch.randn(truth.shape, generator=g, dtype=torch.float64).to(dev)

@@ -44,6 +44,38 @@ def _damped_step(hess: Tensor, grad: Tensor, damp: Tensor | None) -> tuple[Tenso
     return torch.where(pd[:, None], step, torch.zeros_like(step)), pd
 
 
+def _newton_polish(
+    state: State,
+    cost: Tensor,
+    grad: Tensor,
+    hess: Tensor,
+    conv: Tensor,
+    evaluate: Evaluate,
+    retract: Callable[[State, Tensor], tuple[Tensor, ...]],
+    steps: int,
+    atol: Tensor,
+    negligible: Callable[[State, Tensor], Tensor] | None,
+) -> tuple[State, Tensor, Tensor, Tensor]:
+    """Undamped Newton steps for the converged items: a damped last step only shrinks the error
+    by the damping factor. Near the optimum the cost change is rounding noise, so a step is taken
+    unless the cost rises beyond that noise."""
+    polishing = conv.clone()
+    polish_start = state
+    for _ in range(steps):
+        step, pd = _damped_step(hess, grad, None)
+        polishing = polishing & pd
+        if negligible is not None:
+            polishing = polishing & ~negligible(polish_start, step)
+        trial = retract(state, step)
+        t_cost, t_grad, t_hess = evaluate(trial, None)
+        ok = polishing & torch.isfinite(t_cost) & (t_cost <= cost + 1e-12 * cost.abs() + 1e3 * atol)
+        state = tuple(_select(ok, a, b) for a, b in zip(trial, state))
+        cost = torch.where(ok, t_cost, cost)
+        grad = _select(ok, t_grad, grad)
+        hess = _select(ok, t_hess, hess)
+    return state, cost, grad, hess
+
+
 def levenberg_marquardt(
     state: State,
     evaluate: Evaluate,
@@ -148,22 +180,7 @@ def levenberg_marquardt(
     scatter_back()
     state, cost, grad, hess, conv = full_state, full["cost"], full["grad"], full["hess"], full_conv
 
-    # Newton polish: a damped last step only shrinks the error by the damping factor. Near the
-    # optimum the cost change is rounding noise, so a step is taken unless the cost rises
-    # beyond that noise.
-    polishing = conv.clone()
-    polish_start = state
-    for _ in range(polish_steps):
-        step, pd = _damped_step(hess, grad, None)
-        polishing = polishing & pd
-        if negligible is not None:
-            polishing = polishing & ~negligible(polish_start, step)
-        pd = polishing
-        trial = retract(state, step)
-        t_cost, t_grad, t_hess = evaluate(trial, None)
-        ok = pd & torch.isfinite(t_cost) & (t_cost <= cost + 1e-12 * cost.abs() + 1e3 * atol_full)
-        state = tuple(_select(ok, a, b) for a, b in zip(trial, state))
-        cost = torch.where(ok, t_cost, cost)
-        grad = _select(ok, t_grad, grad)
-        hess = _select(ok, t_hess, hess)
+    state, cost, grad, hess = _newton_polish(
+        state, cost, grad, hess, conv, evaluate, retract, polish_steps, atol_full, negligible
+    )
     return LMResult(state, cost, grad, hess, conv, it)

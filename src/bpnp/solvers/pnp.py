@@ -384,21 +384,28 @@ def object_size(x3d: Tensor, weights: Tensor) -> Tensor:
     return ((w * (x3d - centre[:, None]).pow(2).sum(-1)).sum(-1, keepdim=True) / wsum).sqrt()
 
 
-def _solve_pass(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_every: int):
-    """One global search: candidates, depth repair, screening, refinement, selection; returns
-    ``(R, t, cost, hess, converged, iterations, second_cost, repaired)`` before the
-    well-posedness test (``repaired``: some candidate needed the depth repair)."""
-    B, n, _ = x2d.shape
-    R0, t0, key = initial_poses(x2d, x3d, K, weights, o)
-    # Depth repair (as the C solver's repair_depth): a candidate with a weighted point behind the
-    # camera moves along the optical axis until its nearest point is depth_margin sizes in front.
+def _repair_depth(R0: Tensor, t0: Tensor, x3d: Tensor, weights: Tensor, o: SolverOptions) -> tuple[Tensor, Tensor]:
+    """Depth repair (as the C solver's repair_depth): a candidate ``(R0 (B,k,3,3), t0 (B,k,3))``
+    with a weighted point behind the camera moves along the optical axis until its nearest point
+    is ``depth_margin`` object sizes in front. Returns the translations and ``(B, k)`` which moved."""
+    B, k = t0.shape[:2]
+    n = x3d.shape[-2]
     w = weights.expand(B, n)
     depth = (R0[..., 2:3, :] @ x3d.expand(B, n, 3)[:, None].transpose(-1, -2))[..., 0, :] + t0[..., 2:3]  # BxkxN
     nearest = torch.where(w[:, None] > 0, depth, torch.full_like(depth, float("inf"))).amin(-1)
     margin = o.depth_margin * object_size(x3d, weights)  # Bx1
     t0 = t0.clone()
     t0[..., 2] = torch.where(nearest <= 0, t0[..., 2] + (margin - nearest), t0[..., 2])
-    behind = nearest <= 0  # Bxk
+    return t0, nearest <= 0
+
+
+def _solve_pass(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_every: int):
+    """One global search: candidates, depth repair, screening, refinement, selection; returns
+    ``(R, t, cost, hess, converged, iterations, second_cost, repaired)`` before the
+    well-posedness test (``repaired``: some candidate needed the depth repair)."""
+    B, n, _ = x2d.shape
+    R0, t0, key = initial_poses(x2d, x3d, K, weights, o)
+    t0, behind = _repair_depth(R0, t0, x3d, weights, o)
     # Refine only candidates worth it: distinct basins with (nearly) all points in front of the
     # camera; the best-ranked one is always refined.
     worth = key < o.candidate_cutoff
