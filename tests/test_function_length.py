@@ -9,10 +9,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "bpnp"
 LIMIT = 80
 FACADE_LIMIT = 60
-# Debts: (file relative to src/bpnp, function) -> body lines when the rule came in.
-OVER_LIMIT = {
-    ("pose/train.py", "train"): 167,
-}
+# Debts: (file relative to src/bpnp, function) -> body lines when the rule came in (none left).
+OVER_LIMIT: dict = {}
 
 
 def body_lines(node: ast.FunctionDef) -> int:

@@ -306,33 +306,51 @@ def _grad_norm(loss: Tensor, params: list[Tensor]) -> float:
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or, with ``resume``, continue) the run of ``cfg``; returns a summary dict.
-
-    Writes into ``cfg.out``: ``config.json``, ``log.csv`` (a row per ``log_every`` steps),
-    ``checkpoint.pt`` (every ``checkpoint_every`` steps, atomically), ``model.pt`` (the final
-    network), ``loss.png``. Under torchrun only rank 0 writes.
-    """
-    rank, world = _distributed()
-    out = Path(cfg.out)
-    device = torch.device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    data = load_split(cfg.data, obj_id=cfg.obj_id, size=cfg.size)
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+def _network(cfg: TrainConfig, keypoints: int, device) -> tuple[KeypointHeatmapNet, torch.optim.Optimizer, list]:
+    """The network (seeded), its optimizer and the weight head's parameters (an empty list without one)."""
     torch.manual_seed(cfg.seed)
-    net = KeypointHeatmapNet(len(data.keypoints3d), cfg.width, cfg.weight_head)
+    net = KeypointHeatmapNet(keypoints, cfg.width, cfg.weight_head)
     net = net.to(device).to(memory_format=torch.channels_last)
     head = list(net.weight_head.parameters()) if net.weight_head is not None else []
     # The weight head in a group of its own, after the rest: a heatmap-only snapshot's optimizer
     # state (which has no such head) then loads into the first group as it is.
     opt = torch.optim.Adam([p for n, p in net.named_parameters() if not n.startswith("weight_head.")], lr=cfg.lr)
+    return net, opt, head
+
+
+def _balance(cfg: TrainConfig, l_h: Tensor, l_p: Tensor, params: list, world: int) -> float:
+    """beta = balance x |grad heatmap loss| / |grad pose loss| at the first pose step (averaged over ranks)."""
+    ratio = _grad_norm(l_h, params) / max(_grad_norm(l_p, params), 1e-30)
+    beta_t = torch.tensor(cfg.balance * ratio, dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(beta_t)
+        beta_t /= world
+    return float(beta_t)
+
+
+def _log(path: Path, columns: list[str], row: dict, bar) -> None:
+    _append_log(path, columns, row)
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{row['loss']:.3f}", kp=f"{row['kp_error_px']:.2f}px")
+
+
+def _save_final(out: Path, net: KeypointHeatmapNet, cfg: TrainConfig, keypoints3d, summary: dict) -> None:
+    """``model.pt``, ``train_summary.json`` and ``loss.png`` of a finished run."""
+    final = {"model": net.state_dict(), "config": asdict(cfg), "keypoints3d": keypoints3d, "summary": summary}
+    _save_atomic(final, out / "model.pt")
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_log(out / "log.csv", out / "loss.png")
+
+
+def _restore(
+    cfg: TrainConfig, net: KeypointHeatmapNet, opt: torch.optim.Optimizer, head: list, checkpoint: Path | None, device
+) -> tuple[int, float | None, float, dict | None]:
+    """Load the run's own checkpoint (``checkpoint``, resuming) or a warm start into ``net`` and
+    ``opt``; returns ``(start step, beta, seconds before, the warm-start state or None)``."""
     start, beta, seconds_before = 0, cfg.beta, 0.0
-    ckpt_path = out / "checkpoint.pt"
     warm = None
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if checkpoint is not None and checkpoint.is_file():
+        ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
     elif cfg.warm_start:
         ckpt = warm = _warm_start_state(cfg, device)
     else:
@@ -349,23 +367,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         start, seconds_before = ckpt["step"], ckpt.get("seconds", 0.0)
         # A warm-up snapshot was taken before any beta was set: this run's own (fixed or None) holds.
         beta = cfg.beta if warm is not None else ckpt["beta"]
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.to_json(out / "config.json")
-    # The weight head has no gradient in the heatmap-only steps: DDP must expect unused parameters.
-    model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=bool(head)) if world > 1 else net
-    params = [p for p in net.parameters() if p.requires_grad]
-    kp3d = torch.from_numpy(data.keypoints3d).to(device)
+    return start, beta, seconds_before, warm
+
+
+def _pnp_loss(cfg: TrainConfig):
+    """The loss through the PnP layer of a pose variant."""
     if cfg.variant == "bpnp-add":
         diameter = float(bop.read_models_info(bop.find_models_dir(cfg.data))[cfg.obj_id]["diameter"])
-        pnp_loss = BPnPADDLoss(scale=diameter, confidence_weighted=cfg.confidence_weights)
-    else:
-        pnp_loss = BPnPReprojectionLoss(confidence_weighted=cfg.confidence_weights)
-    log_path = out / "log.csv"
-    columns = ["step", "lr", "loss", "loss_heatmap", "loss_pose", "kp_error_px", "pnp_failures", "beta", "seconds"]
-    if rank == 0:
-        source_log = Path(cfg.warm_start).parent / "log.csv" if warm is not None else log_path
-        _truncate_log(source_log, columns, start, log_path)
+        return BPnPADDLoss(scale=diameter, confidence_weighted=cfg.confidence_weights)
+    return BPnPReprojectionLoss(confidence_weighted=cfg.confidence_weights)
+
+
+def _batch_bar(data, cfg: TrainConfig, start: int, rank: int, world: int):
+    """The step batches from ``start`` on, through a loader and a progress bar (rank 0)."""
     batches = _StepBatches(data, cfg, start, rank, world)
     loader = torch.utils.data.DataLoader(
         batches,
@@ -374,11 +388,91 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         num_workers=cfg.workers,
         prefetch_factor=2 if cfg.workers else None,
     )
-    bar = progress_bar(loader, total=len(batches), desc=f"train {cfg.variant}", disable=not cfg.progress or rank != 0)
+    return progress_bar(loader, total=len(batches), desc=f"train {cfg.variant}", disable=not cfg.progress or rank != 0)
+
+
+def _pose_loss(cfg: TrainConfig, pnp_loss, stride: int, coords, probs, weight_logits, kp3d, K, kp_true, batch):
+    """The pose phase's extra loss and the number of PnP failures in it: through the layer
+    (weighted by the heatmaps' confidences, times a weight head's factors), or the coord control."""
+    if cfg.variant not in THROUGH_PNP:
+        return keypoint_loss(coords, kp_true), 0
+    w = None
+    if cfg.confidence_weights:
+        w = heatmap_confidence(probs, coords, stride).double()
+        w = w if cfg.learn_weights else w.detach()
+        if weight_logits is not None:
+            w = w * learned_weight_factor(weight_logits, probs).double()
+    target = batch["pose"].to(K.device) if cfg.variant == "bpnp-add" else kp_true.double()
+    loss = pnp_loss(coords.double(), kp3d, K, target, weights=w).float()
+    return loss, pnp_loss.last_failures
+
+
+def _checkpoint_state(net, opt, done: int, beta, seconds: float, cfg: TrainConfig, keypoints3d) -> dict:
+    return {
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": done,
+        "beta": beta,
+        "seconds": seconds,
+        "config": asdict(cfg),
+        "keypoints3d": keypoints3d,  # so that `bpnp evaluate` takes a checkpoint too
+    }
+
+
+def _summary(cfg: TrainConfig, start: int, beta, failures: int, nonfinite: int, seconds: float, world: int) -> dict:
+    return {
+        "steps": cfg.steps,
+        "resumed_from": start,
+        "warm_start": cfg.warm_start,
+        "beta": beta,
+        "pnp_failures": failures,
+        "nonfinite_steps": nonfinite,
+        # A resumed or warm-started run counts the seconds of the steps it took over.
+        "seconds": seconds,
+        "world_size": world,
+        # What the seconds and the bitwise result depend on, for a record read in another sitting.
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        # The same torch and threads on another CPU can part from the first steps: the SIMD
+        # kernels torch picks (AVX2, AVX512) sum in another order.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or, with ``resume``, continue) the run of ``cfg``; returns a summary dict.
+
+    Writes into ``cfg.out``: ``config.json``, ``log.csv`` (a row per ``log_every`` steps),
+    ``checkpoint.pt`` (every ``checkpoint_every`` steps, atomically), ``model.pt`` (the final
+    network), ``loss.png``. Under torchrun only rank 0 writes.
+    """
+    rank, world = _distributed()
+    out = Path(cfg.out)
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_split(cfg.data, obj_id=cfg.obj_id, size=cfg.size)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    net, opt, head = _network(cfg, len(data.keypoints3d), device)
+    ckpt_path = out / "checkpoint.pt"
+    start, beta, seconds_before, warm = _restore(cfg, net, opt, head, ckpt_path if resume else None, device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(out / "config.json")
+    # The weight head has no gradient in the heatmap-only steps: DDP must expect unused parameters.
+    model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=bool(head)) if world > 1 else net
+    params = [p for p in net.parameters() if p.requires_grad]
+    kp3d = torch.from_numpy(data.keypoints3d).to(device)
+    pnp_loss = _pnp_loss(cfg)
+    log_path = out / "log.csv"
+    columns = ["step", "lr", "loss", "loss_heatmap", "loss_pose", "kp_error_px", "pnp_failures", "beta", "seconds"]
+    if rank == 0:
+        source_log = Path(cfg.warm_start).parent / "log.csv" if warm is not None else log_path
+        _truncate_log(source_log, columns, start, log_path)
+    bar = _batch_bar(data, cfg, start, rank, world)
     window: dict[str, list[float]] = {c: [] for c in ("loss", "loss_heatmap", "loss_pose", "kp_error_px")}
-    failures_window = 0
-    total_failures = 0
-    nonfinite = 0
+    failures_window = total_failures = nonfinite = 0
     t0 = time.perf_counter()
     net.train()
     step = start
@@ -394,26 +488,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         l_p = torch.zeros((), device=device)
         pose_phase = cfg.variant != "heatmap" and step >= cfg.warmup_steps
         if pose_phase:
-            if cfg.variant in THROUGH_PNP:
-                w = None
-                if cfg.confidence_weights:
-                    w = heatmap_confidence(probs, coords, net.stride).double()
-                    w = w if cfg.learn_weights else w.detach()
-                    if weight_logits is not None:
-                        w = w * learned_weight_factor(weight_logits, probs).double()
-                target = batch["pose"].to(device) if cfg.variant == "bpnp-add" else kp_true.double()
-                l_p = pnp_loss(coords.double(), kp3d, K, target, weights=w).float()
-                failures_window += pnp_loss.last_failures
-                total_failures += pnp_loss.last_failures
-            else:
-                l_p = keypoint_loss(coords, kp_true)
+            l_p, failed = _pose_loss(cfg, pnp_loss, net.stride, coords, probs, weight_logits, kp3d, K, kp_true, batch)
+            failures_window += failed
+            total_failures += failed
             if beta is None:
-                ratio = _grad_norm(l_h, params) / max(_grad_norm(l_p, params), 1e-30)
-                beta_t = torch.tensor(cfg.balance * ratio, dtype=torch.float64)
-                if world > 1:
-                    torch.distributed.all_reduce(beta_t)
-                    beta_t /= world
-                beta = float(beta_t)
+                beta = _balance(cfg, l_h, l_p, params, world)
         loss = l_h + (beta or 0.0) * l_p if pose_phase else l_h
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -422,8 +501,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             opt.step()
-        with torch.no_grad():
-            kp_err = (coords - kp_true).norm(dim=-1).mean()
+        kp_err = (coords.detach() - kp_true).norm(dim=-1).mean()
         for key, value in (("loss", loss), ("loss_heatmap", l_h), ("loss_pose", l_p), ("kp_error_px", kp_err)):
             window[key].append(float(value.detach()))
         done = step + 1
@@ -432,52 +510,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             row.update(step=done, lr=_lr(cfg, step), pnp_failures=failures_window, beta=beta or 0.0)
             row["seconds"] = seconds_before + time.perf_counter() - t0
             if rank == 0:
-                _append_log(log_path, columns, row)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", kp=f"{row['kp_error_px']:.2f}px")
-            window = {k: [] for k in window}
-            failures_window = 0
+                _log(log_path, columns, row, bar)
+            window, failures_window = {k: [] for k in window}, 0
         snapshot = done in cfg.snapshot_steps
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps or snapshot):
-            state = {
-                "model": net.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": done,
-                "beta": beta,
-                "seconds": seconds_before + time.perf_counter() - t0,
-                "config": asdict(cfg),
-                "keypoints3d": data.keypoints3d,  # so that `bpnp evaluate` takes a checkpoint too
-            }
+            seconds = seconds_before + time.perf_counter() - t0
+            state = _checkpoint_state(net, opt, done, beta, seconds, cfg, data.keypoints3d)
             _save_atomic(state, ckpt_path)
             if snapshot:
                 _save_atomic(state, out / f"checkpoint_step{done:06d}.pt")
-    summary = {
-        "steps": cfg.steps,
-        "resumed_from": start,
-        "warm_start": cfg.warm_start,
-        "beta": beta,
-        "pnp_failures": total_failures,
-        "nonfinite_steps": nonfinite,
-        # A resumed or warm-started run counts the seconds of the steps it took over.
-        "seconds": seconds_before + time.perf_counter() - t0,
-        "world_size": world,
-        # What the seconds and the bitwise result depend on, for a record read in another sitting.
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        # The same torch and threads on another CPU can part from the first steps: the SIMD
-        # kernels torch picks (AVX2, AVX512) sum in another order.
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
+    seconds = seconds_before + time.perf_counter() - t0
+    summary = _summary(cfg, start, beta, total_failures, nonfinite, seconds, world)
     if rank == 0:
-        final = {
-            "model": net.state_dict(),
-            "config": asdict(cfg),
-            "keypoints3d": data.keypoints3d,
-            "summary": summary,
-        }
-        _save_atomic(final, out / "model.pt")
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        plot_log(log_path, out / "loss.png")
+        _save_final(out, net, cfg, data.keypoints3d, summary)
     summary["model"] = net
     return summary
 
