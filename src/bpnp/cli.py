@@ -471,11 +471,14 @@ def _run_predict(args: argparse.Namespace) -> int:
     """``bpnp predict``."""
     import json
 
-    from .pose.predict import PosePredictor, draw_prediction, read_camera, write_predictions
+    from .interop import read_camera
+    from .pose.predict import PosePredictor, draw_prediction, write_predictions
 
     _existing_files([args.checkpoint, args.camera, *args.images] + ([args.boxes] if args.boxes else []), None)
     try:
         K, dist = read_camera(args.camera)
+        if dist is not None and not dist.any():  # a pinhole camera: the plain (faster) solve
+            dist = None
         predictor = PosePredictor(args.checkpoint, device=args.device)
     except (ValueError, KeyError) as exc:
         raise UsageError(str(exc)) from None

@@ -34,9 +34,8 @@ from .compiler import constant_for_compiler
 from .cost import cost_terms
 from .covariance import pose_covariance
 from .errors import PnPConvergenceWarning, PnPInputError
-from .geometry import rotmat_to_rvec
 from .implicit import implicit_vjp, robust_vjp
-from .normalise import Normalisation
+from .normalise import Normalisation, apply_normalisation
 from .options import SolverOptions
 from .result import PnPResult
 from .solvers.native import UNIT_FIELDS, layer_backward_native, layer_forward_native, native_available
@@ -109,13 +108,6 @@ def _normalisation(units: Tensor) -> Normalisation:
     return Normalisation(units[:, :3], units[:, 3:4], units[:, 4:6], units[:, 6:7], units[:, 7:8])
 
 
-def _f64(x: Tensor | None) -> Tensor | None:
-    """A contiguous float64 tensor with x's values (x itself when it is one: C reads the memory)."""
-    if x is None or (x.dtype == _F64 and x.is_contiguous()):
-        return x
-    return x.detach().to(_F64).contiguous()
-
-
 def _forward(
     x2d: Tensor,
     x3d: Tensor,
@@ -135,8 +127,7 @@ def _forward(
         # the backward then runs on the device in tensor ops.
         host = (None if x is None else x.detach().cpu() for x in (x2d, x3d, K, weights, init_pose, dist))
         return tuple(out.to(x2d.device) for out in _forward(*host, options, solver))
-    data = (_f64(x) for x in (x2d, x3d, K, weights, init_pose, dist))
-    code, out = layer_forward_native(*data, options)
+    code, out = layer_forward_native(x2d, x3d, K, weights, init_pose, dist, options)
     if code:
         _raise_input_error(x2d, x3d, K, weights, init_pose)
     if x2d.dtype == _F64:
@@ -154,20 +145,15 @@ def _forward_torch(
         p = prepare(x2d, x3d, K, weights, init_pose, 1.0, None, settings)
         start = robust_start(p, settings)
         sol = forward_solve(p.x2d_n, p.x3d_n, p.K_n, start.w_solve, start.init_n, start.config)
-        rvec = sol.rvec if sol.rvec is not None else rotmat_to_rvec(sol.R)
-        second = sol.second_cost if sol.second_cost is not None else torch.full_like(sol.cost, float("inf"))
-        iterations = torch.tensor(sol.iterations)
-        solved = Solved(torch.cat([rvec, sol.t], -1), sol.cost, sol.converged, sol.R, sol.hess, iterations, second,
-                        torch.full_like(sol.converged, -1, dtype=torch.int8))  # fmt: skip
-        bad = answer_flags(p, start, solved, settings.options)[5]
-        res = finish(p, start, solved, settings)
+        solved = Solved.from_solution(sol)
+        answer = answer_flags(p, start, solved, settings.options)
+        res = finish(p, start, solved, settings, answer)
+        pose_n, bad = answer[0], answer[5]
         B = x2d.shape[0]
-        c, s, m, f, wmax = (x.expand(B, -1) for x in p.norm)
-        t_n = (res.pose[:, 3:].to(_F64) + (res.R.to(_F64) @ c[..., None])[..., 0]) / s
-        units = torch.cat([c, s, m, f, wmax, t_n], -1)
+        units = torch.cat([*(x.expand(B, -1) for x in p.norm), pose_n[:, 3:]], -1)
         flags = torch.stack([res.converged, res.ambiguous, res.trusted, bad], -1)
         hess = torch.where(bad[:, None, None], torch.eye(6, dtype=_F64, device=x2d.device), sol.hess)
-        summary = torch.stack([iterations.to(x2d.device), (~res.converged).sum()]).to(torch.int32)
+        summary = torch.stack([solved.iterations.to(x2d.device), (~res.converged).sum()]).to(torch.int32)
         return res.pose, res.R, res.cost.to(_F64), res.second_cost.to(_F64), hess, units, flags, summary
 
 
@@ -196,9 +182,7 @@ def _backward(
         with torch.no_grad():
             grads = _graph_backward(inputs, pose, R, units, flags, grad_pose, grad_R, needs)
     else:
-        x2d64, x3d64, K64, w64, dist64, pose64, R64 = (_f64(x) for x in (*inputs, pose, R))
-        forward = (pose64, R64, hess, units, flags)
-        grads = layer_backward_native(x2d64, x3d64, K64, w64, dist64, forward, _f64(grad_pose), _f64(grad_R), needs)
+        grads = layer_backward_native(*inputs, (pose, R, hess, units, flags), grad_pose, grad_R, needs)
     return tuple(_like(g, x) for g, x in zip(grads, inputs))
 
 
@@ -225,15 +209,12 @@ def _graph_backward(
     gradients (a double backward differentiates it): the normalised problem with the forward's
     constants, its Hessian recomputed from the graph-connected optimum, :func:`bpnp.implicit.implicit_vjp`,
     and the change of units undone."""
-    centre, scale, principal, focal, wmax = _normalisation(units)
+    norm = _normalisation(units)
+    centre, scale, principal, focal, wmax = norm
     x2d, x3d, K, weights, dist = inputs
     x2d, x3d, K, pose, R, grad_pose = (x.to(_F64) for x in (x2d, x3d, K, pose, R, grad_pose))
     w = torch.ones_like(x2d[..., 0]) if weights is None else weights.to(_F64)
-    x2d_n = (x2d - principal[:, None]) / focal[:, :, None]
-    x3d_n = (x3d - centre[:, None]) / scale[:, :, None]
-    top = (K[:, :2, :] - principal[:, :, None] * K[:, 2:3, :]) / focal[:, :, None]
-    K_n = torch.cat([top, K[:, 2:3, :].expand(top.shape[0], 1, 3)], 1)
-    w_n = w / wmax
+    x2d_n, x3d_n, K_n, w_n = apply_normalisation(x2d, x3d, K, w, norm)
     t_n = (pose[:, 3:] + (R @ centre[..., None])[..., 0]) / scale
     # t = s t_n - R c: the normalised pose's gradients
     grad_t = grad_pose[:, 3:]

@@ -6,6 +6,9 @@ moves between the two libraries; the solve is bpnp's global one (float64) and ne
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -14,7 +17,37 @@ from .geometry import project
 from .layer import solve_pnp
 from .options import SolverOptions
 
-__all__ = ["solvePnP", "projectPoints"]
+__all__ = ["solvePnP", "projectPoints", "read_camera", "camera_from_dict", "INTRINSICS", "DISTORTION"]
+
+#: The names of a camera's intrinsics and of OpenCV's lens coefficients in a camera JSON.
+INTRINSICS = ("fx", "fy", "cx", "cy")
+DISTORTION = ("k1", "k2", "p1", "p2", "k3")
+
+
+def read_camera(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``K (3, 3)`` and the distortion ``(5,)`` (or None) of a camera JSON: ``fx, fy, cx, cy`` and
+    optionally ``k1, k2, p1, p2, k3`` (what ``bpnp calibrate --json`` writes; an absent coefficient
+    is 0), or ``{"K": [[...], ...], "dist": [...]}``.
+
+    Raises:
+        ValueError: neither form, naming the file and what is missing.
+    """
+    return camera_from_dict(json.loads(Path(path).read_text()), str(path))
+
+
+def camera_from_dict(data: dict, source: str = "camera") -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`read_camera` of a dictionary (e.g. ``bpnp calibrate``'s result); ``source`` names it
+    in the error."""
+    if "K" in data:
+        K = np.asarray(data["K"], dtype=np.float64).reshape(3, 3)
+        dist = data.get("dist")
+        return K, None if dist is None else np.asarray(dist, dtype=np.float64).reshape(5)
+    missing = [k for k in INTRINSICS if k not in data]
+    if missing:
+        raise ValueError(f"{source}: a camera needs fx, fy, cx, cy (or K); missing {', '.join(missing)}")
+    K = np.array([[data["fx"], 0.0, data["cx"]], [0.0, data["fy"], data["cy"]], [0.0, 0.0, 1.0]])
+    dist = np.array([data.get(k, 0.0) for k in DISTORTION]) if any(k in data for k in DISTORTION) else None
+    return K, dist
 
 
 def _points(name: str, a, dim: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from .cost import cost_terms
 from .fused import solve_least_squares_fused
-from .geometry import rotmat_to_rvec
 from .implicit import implicit_vjp, robust_vjp
 from .options import RansacOptions, SolverOptions
 from .result import PnPResult
@@ -30,16 +29,7 @@ class _PnPFunction(torch.autograd.Function):
     @staticmethod
     def forward(x2d, x3d, K, weights, loss_scale, dist, x2d_start, init_pose, config):  # type: ignore[override]
         sol = forward_solve(x2d, x3d, K, weights, init_pose, config, loss_scale, dist, x2d_start)
-        rvec = sol.rvec if sol.rvec is not None else rotmat_to_rvec(sol.R)
-        pose = torch.cat([rvec, sol.t], -1)
-        second = sol.second_cost if sol.second_cost is not None else torch.full_like(sol.cost, float("inf"))
-        # trusted: the solver's own check of warm-started answers (the C solver), else unknown (-1)
-        trusted = (
-            sol.trusted.to(torch.int8)
-            if sol.trusted is not None
-            else torch.full_like(sol.converged, -1, dtype=torch.int8)
-        )
-        return pose, sol.cost, sol.converged, sol.R, sol.hess, torch.tensor(sol.iterations), second, trusted
+        return tuple(Solved.from_solution(sol))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

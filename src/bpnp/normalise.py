@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .geometry import rvec_to_rotmat
 
-__all__ = ["Normalisation", "normalise_problem", "pose_to_normalised", "pose_from_normalised"]
+__all__ = ["Normalisation", "normalise_problem", "apply_normalisation", "pose_to_normalised", "pose_from_normalised"]
 
 
 class Normalisation(NamedTuple):
@@ -55,13 +55,23 @@ def normalise_problem(
         principal = K[:, :2, 2] / k22[:, None]
         wmax = weights.amax(-1, keepdim=True)
         wmax = torch.where(wmax > 0, wmax, torch.ones_like(wmax))
+    norm = Normalisation(centre, scale, principal, focal, wmax)
+    return (*apply_normalisation(x2d, x3d, K, weights, norm), norm)
+
+
+def apply_normalisation(
+    x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor, norm: Normalisation
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The change of units with given constants (differentiable in the inputs): ``x2d_n, x3d_n,
+    K_n, weights_n`` (per-item constants make shared inputs per item)."""
+    centre, scale, principal, focal, wmax = norm
     # (out-of-place subtraction, then in place: one temporary per input, autograd-safe)
     x3d_n = (x3d - centre[:, None]).div_(scale[:, :, None])
     x2d_n = (x2d - principal[:, None]).div_(focal[:, :, None])
     # K_n = A K with A = [[1/f, 0, -m_x/f], [0, 1/f, -m_y/f], [0, 0, 1]]: its principal point is 0.
     top = (K[:, :2, :] - principal[:, :, None] * K[:, 2:3, :]) / focal[:, :, None]
-    K_n = torch.cat([top, K[:, 2:3, :]], 1)
-    return x2d_n, x3d_n, K_n, weights / wmax, Normalisation(centre, scale, principal, focal, wmax)
+    K_n = torch.cat([top, K[:, 2:3, :].expand(top.shape[0], 1, 3)], 1)
+    return x2d_n, x3d_n, K_n, weights / wmax
 
 
 def pose_to_normalised(pose: Tensor, norm: Normalisation) -> Tensor:

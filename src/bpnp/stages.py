@@ -267,13 +267,32 @@ class Solved(NamedTuple):
     second: Tensor  # (B,)
     checked: Tensor  # (B,) int8: the C solver's warm-start check (1/0), else -1
 
+    @classmethod
+    def from_solution(cls, sol: PnPSolution) -> Solved:
+        """A forward solver's answer as the autograd function returns it."""
+        rvec = sol.rvec if sol.rvec is not None else rotmat_to_rvec(sol.R)
+        second = sol.second_cost if sol.second_cost is not None else torch.full_like(sol.cost, float("inf"))
+        # trusted: the solver's own check of warm-started answers (the C solver), else unknown (-1)
+        checked = (
+            sol.trusted.to(torch.int8)
+            if sol.trusted is not None
+            else torch.full_like(sol.converged, -1, dtype=torch.int8)
+        )
+        pose = torch.cat([rvec, sol.t], -1)
+        return cls(pose, sol.cost, sol.converged, sol.R, sol.hess, torch.tensor(sol.iterations), second, checked)
 
-def finish(problem: Problem, start: Start, solved: Solved, settings: Settings) -> PnPResult:
+
+def finish(
+    problem: Problem, start: Start, solved: Solved, settings: Settings, flags: tuple[Tensor, ...] | None = None
+) -> PnPResult:
     """Flags, fallbacks for items without an answer, the user's units and dtype, the covariance
-    (on demand), the warning, and the unbatched view."""
+    (on demand), the warning, and the unbatched view (``flags``: :func:`answer_flags`' answer,
+    when the caller has it already)."""
     p, options = problem, settings.options
     w_n = start.w_solve
-    pose_n, R, converged, ambiguous, trusted, bad, dof = answer_flags(p, start, solved, options)
+    if flags is None:
+        flags = answer_flags(p, start, solved, options)
+    pose_n, R, converged, ambiguous, trusted, bad, dof = flags
     R_n = R.detach()
     pose = pose_from_normalised(pose_n, R, p.norm)
     unit = p.norm.weight[:, 0] * p.norm.focal[:, 0] ** 2

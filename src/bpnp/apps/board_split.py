@@ -20,26 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..interop import camera_from_dict, read_camera
 from ..layer import solve_pnp
 from ..pose import bop
 from ..pose.data import OBJ_ID, write_model
 from ..pose.mesh import load_mesh
 from ..pose.targets import board_keypoints, chessboard_corners, write_chessboard
-from .calibrate import DISTORTION, detect_corners
+from .calibrate import detect_corners
 
-__all__ = ["board_split", "read_camera"]
-
-
-def read_camera(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``K (3, 3)`` and the distortion ``(5,)`` (or None) of a camera JSON: ``fx, fy, cx, cy`` and
-    optionally ``k1, k2, p1, p2, k3`` (what ``bpnp calibrate --json`` writes)."""
-    data = json.loads(Path(path).read_text())
-    missing = [k for k in ("fx", "fy", "cx", "cy") if k not in data]
-    if missing:
-        raise ValueError(f"{path}: a camera needs fx, fy, cx, cy; missing {', '.join(missing)}")
-    K = np.array([[data["fx"], 0.0, data["cx"]], [0.0, data["fy"], data["cy"]], [0.0, 0.0, 1.0]])
-    dist = np.array([data.get(k, 0.0) for k in DISTORTION]) if any(k in data for k in DISTORTION) else None
-    return K, dist
+__all__ = ["board_split"]
 
 
 def board_split(
@@ -60,7 +49,7 @@ def board_split(
         image_paths: photographs (any size, colour or grayscale); out: the data-set folder.
         board: inner corners (cols, rows); square_mm: square side; margin: the board mesh's white
             border in squares (the same as the renders trained on).
-        camera: a camera JSON (:func:`read_camera`); None: calibrate from these photographs.
+        camera: a camera JSON (:func:`bpnp.interop.read_camera`); None: calibrate from these photographs.
     """
     import cv2
 
@@ -131,5 +120,4 @@ def _camera(camera, gray, names, board, square_mm, out: Path) -> tuple[np.ndarra
     from .calibrate import calibrate
 
     result = calibrate(gray, names, board, square_mm, out=str(out / "calibration"), quiet=True)
-    K = np.array([[result["fx"], 0.0, result["cx"]], [0.0, result["fy"], result["cy"]], [0.0, 0.0, 1.0]])
-    return K, None
+    return camera_from_dict(result)

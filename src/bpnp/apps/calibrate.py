@@ -18,13 +18,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .. import interop
 from ..geometry import project, undistort_pixels
 from ..layer import solve_pnp
 from . import plots
 from .common import finish_experiment, lbfgs, markdown_table, output_dir, progress
 
-INTRINSICS = ("fx", "fy", "cx", "cy")
-DISTORTION = ("k1", "k2", "p1", "p2", "k3")
+INTRINSICS, DISTORTION = interop.INTRINSICS, interop.DISTORTION
 
 
 def _cv2():

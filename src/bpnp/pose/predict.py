@@ -25,7 +25,7 @@ from .data import _crop_matrix
 from .model import heatmap_confidence, learned_weight_factor, soft_argmax, split_outputs
 from .train import load_checkpoint, normalise_images
 
-__all__ = ["Prediction", "PosePredictor", "read_camera", "write_predictions", "draw_prediction"]
+__all__ = ["Prediction", "PosePredictor", "write_predictions", "draw_prediction"]
 
 
 @dataclass
@@ -45,29 +45,6 @@ class Prediction:
     confidence: float
     converged: bool
     box: tuple[float, float, float, float]
-
-
-def read_camera(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``K (3, 3)`` and ``dist (5,)`` or None from a JSON file: ``bpnp calibrate --json`` output
-    (``fx, fy, cx, cy`` and optionally ``k1, k2, p1, p2, k3``) or ``{"K": [[...], ...], "dist": [...]}``.
-
-    Raises:
-        ValueError: neither form, naming the file.
-    """
-    data = json.loads(Path(path).read_text())
-    if "K" in data:
-        K = np.asarray(data["K"], dtype=np.float64).reshape(3, 3)
-        dist = data.get("dist")
-    elif {"fx", "fy", "cx", "cy"} <= set(data):
-        K = np.array([[data["fx"], 0.0, data["cx"]], [0.0, data["fy"], data["cy"]], [0.0, 0.0, 1.0]])
-        dist = [data[k] for k in ("k1", "k2", "p1", "p2", "k3")] if "k1" in data else None
-    else:
-        raise ValueError(f"{path}: expected a camera JSON with K (3x3) or fx, fy, cx, cy")
-    if dist is not None:
-        dist = np.asarray(dist, dtype=np.float64).reshape(5)
-        if not np.any(dist):
-            dist = None
-    return K, dist
 
 
 class PosePredictor:

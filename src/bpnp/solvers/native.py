@@ -285,8 +285,11 @@ def solve_pnp_native(
     return PnPSolution(R, t, cost, hess, conv.bool(), int(iters.max()) if B else 0, rvec, second, trusted.bool())
 
 
-def _f64(x: Tensor) -> Tensor:
-    """A detached, contiguous float64 copy (or view) of a CPU tensor, for the C entry points."""
+def _f64(x: Tensor | None) -> Tensor | None:
+    """A contiguous float64 tensor with the values of a CPU tensor, for the C entry points: ``x``
+    itself when it is one (C reads the memory; no copy per call of a small solve), None for None."""
+    if x is None or (x.dtype == torch.float64 and x.is_contiguous()):
+        return x
     return x.detach().to(torch.float64).contiguous()
 
 
@@ -396,8 +399,8 @@ def layer_forward_native(
 
     Args:
         x2d: ``(B, n, 2)``; x3d: ``(B|1, n, 3)``; K: ``(B|1, 3, 3)``; weights: ``(B|1, n)`` or None;
-        init_pose: ``(B, 6)`` or None; dist: ``(B|1, 5)`` or None; all contiguous float64 CPU
-        tensors, the user's units.
+        init_pose: ``(B, 6)`` or None; dist: ``(B|1, 5)`` or None; CPU tensors (read as float64),
+        the user's units.
         options: :class:`~bpnp.options.SolverOptions`.
     Returns:
         ``(code, outputs)``: a check code (0: solved; else the input check that failed, nothing
@@ -409,6 +412,7 @@ def layer_forward_native(
     lib = _load()
     if lib is None:
         raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
+    x2d, x3d, K, weights, init_pose, dist = (_f64(x) for x in (x2d, x3d, K, weights, init_pose, dist))
     B, n, _ = x2d.shape
     f64 = torch.float64
     out = (
@@ -448,7 +452,7 @@ def layer_backward_native(
     Args:
         x2d, x3d, K, weights, dist: as given to :func:`layer_forward_native`.
         forward: its ``pose, R, H, units, flags``.
-        grad_pose: ``(B, 6)`` contiguous float64; grad_R: ``(B, 3, 3)`` or None.
+        grad_pose: ``(B, 6)``; grad_R: ``(B, 3, 3)`` or None (CPU tensors, read as float64).
         needs: which of ``(x2d, x3d, K, weights, dist)`` need a gradient.
     Returns:
         Per-item gradients ``(B, n, 2), (B, n, 3), (B, 3, 3), (B, n), (B, 5)`` (None where not needed).
@@ -456,12 +460,14 @@ def layer_backward_native(
     lib = _load()
     if lib is None:
         raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
+    x2d, x3d, K, weights, dist, grad_pose, grad_R = (_f64(x) for x in (x2d, x3d, K, weights, dist, grad_pose, grad_R))
     B, n, _ = x2d.shape
     f64 = torch.float64
     shapes = ((B, n, 2), (B, n, 3), (B, 3, 3), (B, n), (B, 5))
     needs = tuple(needs) + (False,) * (5 - len(needs))
     grads = tuple(torch.empty(shape, dtype=f64) if need else None for shape, need in zip(shapes, needs))
     pose, R, H, units, flags = forward
+    pose, R = _f64(pose), _f64(R)
     lib.bpnp_layer_backward(
         B, n, x2d.data_ptr(), x3d.data_ptr(), _batched(x3d, B), K.data_ptr(), _batched(K, B), _address(weights),
         _batched(weights, B), _address(dist), _batched(dist, B), pose.data_ptr(), R.data_ptr(), H.data_ptr(),
