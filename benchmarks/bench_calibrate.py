@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from common import machine, write_json
 
-from bpnp.apps import calibrate as calib
-from bpnp.apps.chessboard import render_views
+from bpnp import calibration as calib
+from bpnp.paper.synthetic_boards import render_views
 
 BARREL = ({"fx": 450.0, "fy": 455.0, "cx": 330.0, "cy": 230.0}, (-0.28, 0.09, 0.001, -0.0008, -0.01))
 

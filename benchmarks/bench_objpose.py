@@ -16,10 +16,12 @@ import torch
 from common import machine, paired, write_json
 
 import bpnp
-from bpnp.apps.objpose import spot_mesh
 from bpnp.losses import BPnPADDLoss, BPnPReprojectionLoss
-from bpnp.pose.data import RenderSettings, load_split, render_dataset
+from bpnp.pose.config import RenderSettings
+from bpnp.pose.data import load_split
 from bpnp.pose.model import KeypointHeatmapNet, heatmap_loss, soft_argmax
+from bpnp.pose.study import spot_mesh
+from bpnp.pose.synthesis import render_dataset
 from bpnp.pose.train import normalise_images
 
 

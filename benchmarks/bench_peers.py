@@ -20,9 +20,9 @@ import torch
 from common import machine, timeit, write_json
 
 import bpnp
-from bpnp.apps.metrics_util import rotation_angle_deg
 from bpnp.cost import cost_only
 from bpnp.geometry import rvec_to_rotmat
+from bpnp.metrics import rotation_angle_deg
 from bpnp.solvers.native import native_available
 from bpnp.synthetic import random_problems
 

@@ -8,35 +8,35 @@ import pytest
 pytest.importorskip("matplotlib")
 cv2 = pytest.importorskip("cv2")
 
-from bpnp.apps import calib, chessboard, pose, sfm  # noqa: E402
 from bpnp.cli import main  # noqa: E402
+from bpnp.paper import learn_intrinsics, learn_pose, learn_structure, synthetic_boards  # noqa: E402
 
 CHESSBOARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "chessboard"
 
 
 def test_pose_demo(tmp_path):
-    m = pose.run(str(tmp_path), iters=300, quiet=True)
+    m = learn_pose.run(str(tmp_path), iters=300, quiet=True)
     assert m["rotation_error_deg"] < 0.1 and m["translation_error_rel"] < 1e-3
     for name in ("metrics.json", "report.md", "loss.png", "keypoints.png"):
         assert (tmp_path / name).exists()
 
 
 def test_sfm_demo(tmp_path):
-    m = sfm.run(str(tmp_path), iters=12, quiet=True)
+    m = learn_structure.run(str(tmp_path), iters=12, quiet=True)
     assert m["start_rms_error_rel_to_size"] > 0.2
     assert m["rms_error_rel_to_size"] < 0.01
     assert (tmp_path / "points.png").exists()
 
 
 def test_calib_demo(tmp_path):
-    m = calib.run(str(tmp_path), quiet=True, seed=1)
+    m = learn_intrinsics.run(str(tmp_path), quiet=True, seed=1)
     assert min(m["start_error_rel"].values()) > 0.2
     assert m["max_error_rel"] < 1e-3
     assert (tmp_path / "intrinsics.png").exists()
 
 
 def test_calibrate_synthetic_against_truth_and_opencv(tmp_path):
-    r = chessboard.run_synthetic(str(tmp_path), count=12, quiet=True)
+    r = synthetic_boards.run_synthetic(str(tmp_path), count=12, quiet=True)
     assert r["images_used"] == 12
     assert r["max_error_rel_to_truth"] < 2e-3
     assert max(abs(v) for v in r["relative_to_opencv"].values()) < 1e-6
@@ -72,7 +72,7 @@ def test_cli_rejects_bad_board():
 
 @pytest.mark.skipif(not CHESSBOARD.is_dir(), reason=f"real photographs not found at {CHESSBOARD}")
 def test_calibrate_real_photographs_with_distortion(tmp_path):
-    from bpnp.apps import calibrate
+    from bpnp import calibration as calibrate
 
     paths = sorted(CHESSBOARD.glob("left*.jpg"))
     r = calibrate.calibrate(
@@ -88,7 +88,7 @@ def test_calibrate_real_photographs_with_distortion(tmp_path):
 def test_sfm_from_scratch(seed, tmp_path):
     # No knowledge of the shape: a random cloud; plain descent stalls, the factorization start and
     # the layer reach the truth (aligned RMS < 1%).
-    m = sfm.run(str(tmp_path), seed=seed, from_scratch=True, quiet=True)
+    m = learn_structure.run(str(tmp_path), seed=seed, from_scratch=True, quiet=True)
     assert m["rms_error_rel_to_size"] < 0.01
     assert m["random_start_plain_descent_rms_rel_to_size"] > 0.05
     assert (tmp_path / "points.png").exists()

@@ -91,16 +91,47 @@ def test_answer_independent_of_the_batch(backend):
         ("max_iter", True),
         ("global_search", "no"),
         ("check_every", 0),
-        ("screen_ratio", 0.5),
-        ("thin_ratio", float("nan")),
-        ("dedupe", -1.0),
-        ("lm_rtol", 0.0),
-        ("so3_iters", -1),
+        ("warm_start_ratio", 0.0),
+        ("ambiguity_threshold", float("nan")),
     ],
 )
 def test_options_validated(field, value):
     with pytest.raises(bpnp.PnPInputError, match=field):
         bpnp.SolverOptions(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("screen_ratio", 0.5), ("thin_ratio", float("nan")), ("dedupe", -1.0), ("lm_rtol", 0.0), ("so3_iters", -1)],
+)
+def test_internal_thresholds_validated_and_not_options(field, value):
+    # The solver's tuning constants are no keyword of the public options, yet read through them
+    # (one source for both solvers) and checked when changed.
+    with pytest.raises(TypeError):
+        bpnp.SolverOptions(**{field: getattr(bpnp.SolverOptions(), field)})
+    with pytest.raises(bpnp.PnPInputError, match=field):
+        bpnp.SolverOptions()._tuned(**{field: value})
+
+
+def test_the_native_struct_reads_every_option_and_threshold_once_by_name():
+    # The load-time layout check compares offsets and types, blind to two fields of one type
+    # swapped: the names, in order, are read from the C source here.
+    import re
+    from pathlib import Path
+
+    from bpnp.options import NATIVE_FIELDS, SolverOptions, _Tuning
+
+    names = [name for name, _ in NATIVE_FIELDS]
+    public = {f.name for f in dataclasses.fields(SolverOptions)} - {"_tuning", "check_every"}
+    assert len(names) == len(set(names)) and set(names) == public | {f.name for f in dataclasses.fields(_Tuning)}
+    source = (Path(bpnp.__file__).parent / "solvers" / "native_pnp.c").read_text()
+    struct = re.search(r"typedef struct \{([^}]*)\} Options;", source).group(1)
+    declared = [
+        (name, int if kind == "int" else float)
+        for kind, names_ in re.findall(r"\b(int|double)\s+([^;]+);", struct)
+        for name in re.split(r"[\s,]+", names_.strip())
+    ]
+    assert declared == list(NATIVE_FIELDS)
 
 
 def test_options_frozen_and_api_keyword_only():

@@ -124,16 +124,16 @@ LENSES = {
 def test_calibrate_rendered_boards_through_lenses(lens, count, tmp_path):
     # Rendered through a known lens: with --distortion the RMS is OpenCV's; the pinhole fit of the
     # same (distorted) photographs finishes too.
-    from bpnp.apps import chessboard
+    from bpnp.paper import synthetic_boards
 
     camera, coeffs = LENSES[lens]
-    r = chessboard.run_synthetic(
+    r = synthetic_boards.run_synthetic(
         str(tmp_path), count=count, seed=3, distortion=True, quiet=True, camera=camera, lens=coeffs
     )
     assert r["images_used"] == count
     assert abs(r["relative_to_opencv"]["rms"]) < 1e-6
     assert r["max_error_rel_to_truth"] < 5e-3
-    pinhole = chessboard.run_synthetic(
+    pinhole = synthetic_boards.run_synthetic(
         str(tmp_path / "pinhole"), count=count, seed=3, quiet=True, camera=camera, lens=coeffs
     )
     assert max(abs(pinhole["relative_to_opencv"][k]) for k in ("fx", "fy", "cx", "cy")) < 1e-6
@@ -152,7 +152,7 @@ def test_the_defaults_that_help_states_are_the_ones_that_apply():
     import argparse
 
     from bpnp.cli import build_parser
-    from bpnp.pose.train import TrainConfig
+    from bpnp.pose.config import TrainConfig
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     checked = []
@@ -168,7 +168,9 @@ def test_the_defaults_that_help_states_are_the_ones_that_apply():
                 continue
             values = list(actual) if isinstance(actual, (list, tuple)) else [actual]
             words = stated.split()
-            if all(isinstance(v, (int, float)) for v in values):
+            if all(isinstance(v, bool) for v in values):
+                assert words == ["on" if v else "off" for v in values], (command, action.dest)
+            elif all(isinstance(v, (int, float)) for v in values):
                 assert [float(w) for w in words] == [float(v) for v in values], (command, action.dest)
             else:
                 assert words == [str(v) for v in values], (command, action.dest)

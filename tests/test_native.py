@@ -155,8 +155,10 @@ def test_native_options_struct_matches():
     # non-default option reaches the C solver (max_iter=1 stops it early).
     p = random_problems(16, 12, seed=3)
     full = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)
-    short = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights, options=bpnp.SolverOptions(max_iter=1, screen_iter=0))
-    ref = solve_pnp_forward(p.x2d, p.x3d, p.K, p.weights, options=bpnp.SolverOptions(max_iter=1, screen_iter=0))
+    short = native.solve_pnp_native(
+        p.x2d, p.x3d, p.K, p.weights, options=bpnp.SolverOptions(max_iter=1)._tuned(screen_iter=0)
+    )
+    ref = solve_pnp_forward(p.x2d, p.x3d, p.K, p.weights, options=bpnp.SolverOptions(max_iter=1)._tuned(screen_iter=0))
     assert short.iterations == 1 and full.iterations > 1
     assert torch.allclose(short.cost, ref.cost, rtol=1e-9)
 

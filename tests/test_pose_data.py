@@ -11,11 +11,13 @@ import bpnp
 pytest.importorskip("trimesh")
 pytest.importorskip("moderngl")
 
-from bpnp.apps.objpose import spot_mesh  # noqa: E402
 from bpnp.pose import bop  # noqa: E402
-from bpnp.pose.data import RenderSettings, load_split, render_dataset  # noqa: E402
+from bpnp.pose.config import RenderSettings  # noqa: E402
+from bpnp.pose.data import load_split  # noqa: E402
 from bpnp.pose.mesh import farthest_point_keypoints, load_mesh, mesh_diameter  # noqa: E402
 from bpnp.pose.render import Renderer, RenderUnavailableError  # noqa: E402
+from bpnp.pose.study import spot_mesh  # noqa: E402
+from bpnp.pose.synthesis import render_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +190,7 @@ def test_keypoints_from_the_model_when_the_data_set_has_none(tmp_path):
 
 
 def test_render_splits_reuses_only_what_matches(tmp_path):
-    from bpnp.pose.data import render_splits
+    from bpnp.pose.synthesis import render_splits
 
     settings = RenderSettings(size=32)
     first = render_splits(spot_mesh(), tmp_path, {"train": 3, "test": 2}, settings, seed=4)
@@ -261,7 +263,7 @@ def test_distinctive_keypoints_refuse_a_symmetric_object(tmp_path):
 
 def test_keypoint_method_recorded_and_checked(tmp_path):
     from bpnp import cli
-    from bpnp.pose.data import KEYPOINT_METHODS, render_splits
+    from bpnp.pose.synthesis import KEYPOINT_METHODS, render_splits
 
     assert cli.KEYPOINT_METHODS == KEYPOINT_METHODS  # the CLI's copy, kept to spare torch at start-up
 

@@ -195,7 +195,7 @@ def test_quartic_and_p3p_recover_known_solutions():
 def test_native_and_torch_ransac_rounds_agree():
     p, inl = outlier_problems(64, 40, 0.4, seed=2)
     from bpnp.normalise import normalise_problem
-    from bpnp.solvers.init import normalised_rays
+    from bpnp.solvers.candidates import normalised_rays
     from bpnp.solvers.native import ransac_round_native
 
     x2d, x3d, K, w, _ = normalise_problem(p.x2d, p.x3d, p.K, torch.ones(1, 40, dtype=f64))

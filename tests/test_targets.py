@@ -45,8 +45,9 @@ def test_flat_and_thin_point_sets_have_a_hull_and_a_diameter():
 
 def rendered_boards(folder: Path, count: int, split: str, seed: int) -> Path:
     """A tiny split (32 px, no occluders) of a 9x6 board with 25 mm squares; skips without OpenGL."""
-    from bpnp.pose.data import RenderSettings, render_dataset
+    from bpnp.pose.config import RenderSettings
     from bpnp.pose.render import RenderUnavailableError
+    from bpnp.pose.synthesis import render_dataset
 
     board = write_chessboard(folder / "board", 9, 6, square_mm=25.0)
     try:
@@ -57,7 +58,8 @@ def rendered_boards(folder: Path, count: int, split: str, seed: int) -> Path:
 
 
 def tiny_training(data: Path, out: Path, variant: str, steps: int):
-    from bpnp.pose.train import TrainConfig, train
+    from bpnp.pose.config import TrainConfig
+    from bpnp.pose.train import train
 
     config = TrainConfig(
         data=str(data), out=str(out), variant=variant, steps=steps, batch_size=8, size=32, width=8, lr=1e-2,
@@ -89,7 +91,7 @@ def synthetic_photographs(folder: Path, count: int, seed: int):
 
     import cv2
 
-    from bpnp.apps.chessboard import render_views
+    from bpnp.paper.synthetic_boards import render_views
 
     K = np.array([[600.0, 0, 320], [0, 600, 240], [0, 0, 1]])
     images, poses = render_views(K, count, (9, 6), seed=seed)
@@ -105,8 +107,8 @@ def synthetic_photographs(folder: Path, count: int, seed: int):
 def test_photographs_of_a_board_become_a_split_with_the_poses_they_were_taken_at(tmp_path):
     import json
 
-    from bpnp.apps.board_split import board_split
     from bpnp.geometry import rvec_to_rotmat
+    from bpnp.pose.board_split import board_split
     from bpnp.pose.data import load_split
 
     paths, poses, camera = synthetic_photographs(tmp_path, 4, seed=3)
@@ -125,6 +127,65 @@ def test_photographs_of_a_board_become_a_split_with_the_poses_they_were_taken_at
     assert data.images.shape == (4, 64, 64, 3) and data.keypoints3d.shape == (9, 3)
 
 
+def test_a_lens_flows_from_the_photographs_through_loading_and_scoring(tmp_path):
+    # Boards photographed through a strong barrel lens: the split records its dist, a crop keeps
+    # it (K' = A K), the loaded keypoints are where OpenCV projects them through that lens, and
+    # scoring measures the 2D error through it.
+    import json
+
+    import cv2
+
+    from bpnp.paper.synthetic_boards import render_views
+    from bpnp.pose.board_split import board_split
+    from bpnp.pose.data import _crop_matrix, load_split
+    from bpnp.pose.evaluate import score_predictions
+
+    K = np.array([[420.0, 0, 320], [0, 420, 240], [0, 0, 1]])
+    dist = np.array([-0.3, 0.09, 0.001, -0.0005, -0.01])
+    images, _ = render_views(K, 4, (9, 6), seed=5, dist=dist)
+    paths = [tmp_path / f"wide{i}.png" for i in range(len(images))]
+    for path, img in zip(paths, images):
+        cv2.imwrite(str(path), img)
+    camera = tmp_path / "camera.json"
+    camera.write_text(json.dumps({"K": K.tolist(), "dist": dist.tolist()}))
+    summary = board_split(paths, tmp_path / "data", (9, 6), 20.0, camera=camera, quiet=True)
+    assert len(summary["images"]) >= 3 and summary["gt_rms_px_max"] < 0.5
+    split = tmp_path / "data" / "test"
+    data = load_split(split, size=128, cache=False)
+    assert data.dist is not None and np.allclose(data.dist, dist)
+    info = json.loads((split / "000000" / "scene_gt_info.json").read_text())
+    gt = json.loads((split / "000000" / "scene_gt.json").read_text())
+    far = 0.0
+    for j, (_, im_id, _) in enumerate(data.ids):
+        entry = gt[str(im_id)][0]
+        R, t = np.array(entry["cam_R_m2c"]).reshape(3, 3), np.array(entry["cam_t_m2c"])
+        uv, _ = cv2.projectPoints(data.keypoints3d, cv2.Rodrigues(R)[0], t, K, dist)
+        A = _crop_matrix(tuple(info[str(im_id)][0]["bbox_obj"]), 128, 0.2)
+        expected = uv[:, 0] @ A[:, :2].T + A[:, 2]
+        assert np.abs(data.keypoints2d[j] - expected).max() < 1e-6
+        pinhole, _ = cv2.projectPoints(data.keypoints3d, cv2.Rodrigues(R)[0], t, K, None)
+        far = max(far, np.abs(pinhole[:, 0] - uv[:, 0]).max())
+    assert far > 5.0  # the lens matters here: ignoring it would be pixels off
+    # The true poses score perfectly; a shifted one by its error through the lens.
+    rows = ["scene_id,im_id,obj_id,score,R,t,time"]
+    shift = np.array([2.0, 0.0, 0.0])
+    for _, im_id, obj in data.ids:
+        entry = gt[str(im_id)][0]
+        t = np.array(entry["cam_t_m2c"]) + (shift if im_id == data.ids[0][1] else 0.0)
+        rows.append(f"0,{im_id},{obj},1,{' '.join(map(str, entry['cam_R_m2c']))},{' '.join(map(str, t))},-1")
+    (tmp_path / "p.csv").write_text("\n".join(rows) + "\n")
+    _, per = score_predictions(tmp_path / "p.csv", split)
+    assert np.allclose(per["proj2d_px"][1:], 0.0, atol=1e-9)
+    entry = gt[str(data.ids[0][1])][0]
+    R, t = np.array(entry["cam_R_m2c"]).reshape(3, 3), np.array(entry["cam_t_m2c"])
+    from bpnp.pose.evaluate import model_points
+
+    points, _ = model_points(split, 1)
+    a, _ = cv2.projectPoints(points, cv2.Rodrigues(R)[0], t, K, dist)
+    b, _ = cv2.projectPoints(points, cv2.Rodrigues(R)[0], t + shift, K, dist)
+    assert abs(per["proj2d_px"][0] - np.linalg.norm(a - b, axis=-1).mean()) < 1e-6
+
+
 @pytest.mark.skipif(not SHARED_BOARDS, reason="the shared chessboard photographs are not beside this checkout")
 def test_the_shared_photographs_make_a_split_from_the_command_line(tmp_path, capsys):
     import json
@@ -138,7 +199,8 @@ def test_the_shared_photographs_make_a_split_from_the_command_line(tmp_path, cap
 
 
 def test_views_within_a_cone_see_the_front_of_a_planar_target():
-    from bpnp.pose.data import RenderSettings, rotation_in_cone
+    from bpnp.pose.config import RenderSettings
+    from bpnp.pose.synthesis import rotation_in_cone
 
     rng = np.random.default_rng(0)
     R = np.stack([rotation_in_cone(rng, 50.0) for _ in range(2000)])
@@ -182,7 +244,7 @@ def test_board_keypoints_are_corners_in_the_mesh_frame(tmp_path):
 
 
 def test_the_board_experiment_trains_evaluates_on_photographs_and_continues(tmp_path):
-    from bpnp.apps.board_experiment import run
+    from bpnp.pose.board_study import run
     from bpnp.pose.render import RenderUnavailableError
 
     photos, _, camera = synthetic_photographs(tmp_path, 3, seed=5)
@@ -203,9 +265,10 @@ def test_the_board_experiment_trains_evaluates_on_photographs_and_continues(tmp_
 
 
 def test_evaluate_refuses_a_network_of_another_object(tmp_path):
-    from bpnp.apps.objpose import spot_mesh
-    from bpnp.pose.data import RenderSettings, render_dataset
+    from bpnp.pose.config import RenderSettings
     from bpnp.pose.evaluate import evaluate
+    from bpnp.pose.study import spot_mesh
+    from bpnp.pose.synthesis import render_dataset
 
     train_split = rendered_boards(tmp_path, 8, "train", seed=1)
     render_dataset(spot_mesh(), tmp_path / "spot", 4, RenderSettings(size=32, occluder_prob=0.0), seed=2, split="test")

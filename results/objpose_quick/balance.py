@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bpnp.apps.objpose import paired_interval
+from bpnp.pose.study import paired_interval
 
 HERE = Path(__file__).resolve().parent
 RUNS_DIR = Path("runs") / "objpose_quick"  # where the experiment writes its run folders

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from balance import COLUMNS, HERE, MESHES, RUNS_DIR, _fmt, differences  # noqa: E402
 
-from bpnp.apps.objpose import paired_interval  # noqa: E402
+from bpnp.pose.study import paired_interval  # noqa: E402
 
 FIGURE = HERE.parents[1] / "docs" / "figures" / "objpose_weight_head.png"
 SETTINGS = {

@@ -1,5 +1,5 @@
 """The ``bpnp`` command: the demos, the calibration tool and the object-pose tool (render, train,
-evaluate, score, experiment), thin over :mod:`bpnp.apps` and :mod:`bpnp.pose`."""
+evaluate, score, experiment), thin over :mod:`bpnp.paper`, :mod:`bpnp.calibration` and :mod:`bpnp.pose`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from .cli_config import ConfigError
 
 
 class UsageError(Exception):
@@ -74,7 +76,7 @@ def _device(text: str) -> str:
     return text
 
 
-# bpnp.pose.data.KEYPOINT_METHODS, spelt out: importing it would load torch for every --help.
+# bpnp.pose.synthesis.KEYPOINT_METHODS, spelt out: importing it would load numpy and the mesh tools for every --help.
 KEYPOINT_METHODS = ("fps", "distinctive")
 
 
@@ -85,12 +87,12 @@ def _report_name(text: str) -> str:
 
 
 def _variants(text: str) -> tuple[str, ...]:
-    from .pose.train import VARIANTS
+    from .pose.objectives import OBJECTIVES
 
     names = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in names if v not in VARIANTS]
+    bad = [v for v in names if v not in OBJECTIVES]
     if not names or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(VARIANTS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(OBJECTIVES)}, got {text!r}")
     return names
 
 
@@ -104,10 +106,12 @@ def _add_pose_commands(sub) -> None:
 
 
 def _add_render_command(sub) -> None:
+    from .cli_config import add_config_options
+    from .pose.config import RenderSettings
+
     ren = sub.add_parser("render", help="render a mesh into a BOP-format training/test set")
     ren.add_argument("--mesh", required=True, help="OBJ/PLY/GLB mesh (any units: --diameter scales it)")
     ren.add_argument("--count", type=_positive_int, required=True, help="images to render")
-    ren.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default 128)")
     ren.add_argument("--out", required=True, help="data-set folder (models/, keypoints.json, <split>/)")
     ren.add_argument("--split", default="train", help="split folder name (default train)")
     ren.add_argument("--seed", type=int, default=0, help="makes the split reproducible (default 0)")
@@ -119,17 +123,7 @@ def _add_render_command(sub) -> None:
         default="fps",
         help="fps: farthest points over the surface; distinctive: over the points that break the --symmetric axis",
     )
-    ren.add_argument("--occluders", type=_fraction, default=0.3, help="share of images with occluders")
-    ren.add_argument(
-        "--view-cone",
-        type=_positive_float,
-        default=None,
-        metavar="DEG",
-        help="views within DEG of the object's z axis (a planar target from the front); default: every view",
-    )
-    ren.add_argument(
-        "--photo", action="store_true", help="look like photographs: camera effects, photo-like backgrounds, hands"
-    )
+    add_config_options(ren, RenderSettings, ("size", "occluder_prob", "view_cone", "photo", "background", "focal"))
     ren.add_argument("--texture", default=None, help="texture image for a mesh with UV coordinates")
     ren.add_argument(
         "--symmetric", choices=["x", "y", "z"], default=None, help="axis of a continuous symmetry (evaluation: ADD-S)"
@@ -137,66 +131,28 @@ def _add_render_command(sub) -> None:
     ren.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# TrainConfig fields that `bpnp train` offers as options (progress: --quiet; snapshot_steps: experiments).
+TRAIN_OPTIONS = (
+    "data", "test_data", "obj_id", "variant", "steps", "batch_size", "lr", "lr_final", "clip_grad",
+    "warmup_frac", "balance", "beta", "confidence_weights", "learn_weights", "weight_head", "size",
+    "width", "sigma", "window", "augment", "workers", "threads", "seed", "device", "log_every",
+    "checkpoint_every", "out", "warm_start",
+)  # fmt: skip
+
+
 def _add_train_command(sub) -> None:
+    from .cli_config import add_config_options
+    from .pose.config import TrainConfig
+
     tr = sub.add_parser("train", help="train a keypoint network (optionally through the PnP layer)")
-    tr.add_argument("--config", default=None, help="JSON config (bpnp.pose.train.TrainConfig fields)")
+    tr.add_argument("--config", default=None, help="JSON config (bpnp.pose.config.TrainConfig fields)")
     tr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    tr.add_argument(
-        "--checkpoint-every",
-        type=_positive_int,
-        default=None,
-        help="steps between checkpoints, a multiple of the log interval (default 100): a kill loses at most this many",
-    )
-    tr.add_argument("--data", default=None, help="BOP split folder to train on")
-    tr.add_argument("--test-data", default=None, help="BOP split folder to evaluate on afterwards")
     tr.add_argument("--mesh", default=None, help="render a data set of this mesh first (into OUT/data)")
     tr.add_argument("--count", type=_positive_int, default=4000, help="with --mesh: training renders (default 4000)")
     tr.add_argument("--test-count", type=_positive_int, default=500, help="with --mesh: test renders (default 500)")
-    # These options override the --config file's fields; without either, TrainConfig's defaults.
-    tr.add_argument("--obj-id", type=_positive_int, default=None, help="BOP object id to train on (default 1)")
-    tr.add_argument(
-        "--variant",
-        type=_variants,
-        default=None,
-        help="heatmap, bpnp (+ BPnP reprojection loss), bpnp-add (+ BPnP ADD loss, the default: it helps most) or coord (control)",
-    )
-    tr.add_argument("--steps", type=_positive_int, default=None, help="training steps (default 1000)")
-    tr.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default 32)")
-    tr.add_argument("--lr", type=_positive_float, default=None, help="Adam's initial learning rate (default 3e-3)")
-    tr.add_argument("--size", type=_positive_int, default=None, help="input image side, a multiple of 16 (default 128)")
-    tr.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 1)")
-    tr.add_argument("--seed", type=int, default=None, help="weights, batch order, augmentation (default 0)")
-    tr.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
-    tr.add_argument(
-        "--balance",
-        type=_positive_float,
-        default=None,
-        help="the pose loss's gradient norm over the heatmap loss's at the end of the warm-up, which sets beta (default 0.3)",
-    )
-    tr.add_argument(
-        "--beta",
-        type=_nonnegative_float,
-        default=None,
-        help="weight of the pose loss, fixed instead of set by --balance",
-    )
-    tr.add_argument(
-        "--learn-weights",
-        action="store_true",
-        help="the pose loss trains the PnP weights (the heatmaps' confidences) too (bpnp, bpnp-add)",
-    )
-    tr.add_argument(
-        "--weight-head",
-        action="store_true",
-        help="PnP weights: the confidences times factors from a head of their own that only the pose loss trains",
-    )
-    tr.add_argument("--out", default=None, help="run folder (default runs/train)")
-    tr.add_argument(
-        "--warm-start",
-        default=None,
-        metavar="CHECKPOINT",
-        help="start from this checkpoint of a run with the same data, seed and schedule (its heatmap-only phase)",
-    )
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    # The run's settings: they override the --config file's (or the resumed run's) fields.
+    add_config_options(tr, TrainConfig, TRAIN_OPTIONS, parsers={"device": _device}, unset=True)
 
 
 def _add_evaluate_command(sub) -> None:
@@ -238,9 +194,18 @@ def _add_score_command(sub) -> None:
 
 
 def _add_experiment_command(sub) -> None:
+    from .cli_config import add_config_options
+    from .pose.study import FULL_BUDGET, PoseLossSetting
+
     ex = sub.add_parser("experiment", help="objpose: variants x meshes x seeds, paired comparison report")
     ex.add_argument(
         "--meshes", nargs="+", default=["spot", "cow", "teapot"], help="spot, cow, teapot or paths (default all three)"
+    )
+    ex.add_argument(
+        "--data-root",
+        default=None,
+        metavar="DIR",
+        help="folder with meshes/cow and meshes/teapot, such as ../shared/data (default: $BPNP_SHARED_DATA)",
     )
     ex.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
     ex.add_argument(
@@ -249,12 +214,6 @@ def _add_experiment_command(sub) -> None:
         default=("heatmap", "bpnp", "bpnp-add", "coord"),
         help="comma-separated, of heatmap, bpnp, bpnp-add, coord (default all four; heatmap is the baseline)",
     )
-    ex.add_argument("--steps", type=_positive_int, default=20000, help="training steps per variant (default 20000)")
-    ex.add_argument(
-        "--train-count", type=_positive_int, default=20000, help="training renders per mesh (default 20000)"
-    )
-    ex.add_argument("--test-count", type=_positive_int, default=1000, help="test renders per mesh (default 1000)")
-    ex.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default 128)")
     ex.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     ex.add_argument(
         "--keypoints",
@@ -262,28 +221,8 @@ def _add_experiment_command(sub) -> None:
         default="fps",
         help="keypoints of symmetric meshes (teapot): fps over the surface, or distinctive (on what breaks the symmetry)",
     )
-    ex.add_argument(
-        "--balance",
-        type=_positive_float,
-        default=None,
-        help="as for train, for every variant but heatmap (runs in folders of their own, e.g. bpnp-add-balance0.1_seed0)",
-    )
-    ex.add_argument(
-        "--beta",
-        type=_nonnegative_float,
-        default=None,
-        help="as for train, for every variant but heatmap (runs in folders of their own, e.g. bpnp-add-beta0.5_seed0)",
-    )
-    ex.add_argument(
-        "--learn-weights",
-        action="store_true",
-        help="as for train, for bpnp and bpnp-add (runs in folders of their own, e.g. bpnp-add-learned-weights_seed0)",
-    )
-    ex.add_argument(
-        "--weight-head",
-        action="store_true",
-        help="as for train, for bpnp and bpnp-add (runs in folders of their own, e.g. bpnp-add-weight-head_seed0)",
-    )
+    add_config_options(ex, FULL_BUDGET, ("steps", "train_count", "test_count", "size", "batch_size", "width"))
+    add_config_options(ex, PoseLossSetting, note=" (runs in folders of their own)")
     ex.add_argument("--out", default=None, help="output folder (default runs/objpose_experiment)")
     ex.add_argument(
         "--finished-only",
@@ -330,9 +269,12 @@ def _run_pose(args: argparse.Namespace) -> int:
 
 def _run_render(args: argparse.Namespace) -> int:
     """``bpnp render``."""
-    from .pose.data import RenderSettings, render_dataset
+    from .cli_config import config_from_args, config_values
+    from .pose.config import RenderSettings
+    from .pose.synthesis import render_dataset
     from .progress import progress
 
+    settings = config_from_args(RenderSettings, config_values(args, RenderSettings))
     if not Path(args.mesh).is_file():
         raise UsageError(f"--mesh: {args.mesh}: no such file")
     if args.size % 16:
@@ -345,7 +287,7 @@ def _run_render(args: argparse.Namespace) -> int:
         args.mesh,
         args.out,
         args.count,
-        RenderSettings(size=args.size, occluder_prob=args.occluders, view_cone=args.view_cone, photo=args.photo),
+        settings,
         seed=args.seed,
         split=args.split,
         diameter_mm=args.diameter,
@@ -360,48 +302,42 @@ def _run_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace, overrides: dict):
+    """The run's TrainConfig: the resumed run's or the --config file's fields, or the defaults,
+    with the command line's options over them; a refused value is a usage error."""
+    from .cli_config import in_option_words
+    from .pose.config import TrainConfig
+
+    try:
+        if args.resume:
+            config_file = Path(args.resume) / "config.json"
+            if not config_file.is_file():
+                raise UsageError(f"--resume: {args.resume} has no config.json (not a training run)")
+            # The folder named on the command line, also where the run was moved after it started.
+            return TrainConfig.from_json(config_file, **{**overrides, "out": args.resume})
+        if args.config:
+            if not Path(args.config).is_file():
+                raise UsageError(f"--config: {args.config}: no such file")
+            return TrainConfig.from_json(args.config, **overrides)
+        return TrainConfig(**overrides)
+    except ValueError as exc:
+        field = str(exc).partition(":")[0]
+        raise UsageError(in_option_words(TrainConfig, str(exc)) if field in overrides else str(exc)) from None
+
+
 def _run_train(args: argparse.Namespace) -> int:
     """``bpnp train``."""
-    from .pose.train import TrainConfig, train
+    from .cli_config import config_values
+    from .pose.config import TrainConfig
+    from .pose.train import train
 
-    overrides = {
-        "data": args.data,
-        "test_data": args.test_data,
-        "obj_id": args.obj_id,
-        "variant": args.variant[0] if args.variant else None,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "balance": args.balance,
-        "beta": args.beta,
-        "learn_weights": True if args.learn_weights else None,
-        "weight_head": True if args.weight_head else None,
-        "size": args.size,
-        "workers": args.workers,
-        "seed": args.seed,
-        "device": args.device,
-        "out": args.out,
-        "warm_start": args.warm_start,
-        "checkpoint_every": args.checkpoint_every,
-    }
+    overrides = config_values(args, TrainConfig, TRAIN_OPTIONS)
     if args.quiet:
         overrides["progress"] = False
-    if args.variant and len(args.variant) > 1:
-        raise UsageError("--variant: one variant per training run")
-    if args.resume:
-        config_file = Path(args.resume) / "config.json"
-        if not config_file.is_file():
-            raise UsageError(f"--resume: {args.resume} has no config.json (not a training run)")
-        # The folder named on the command line, also where the run was moved after it started.
-        cfg = TrainConfig.from_json(config_file, **{**overrides, "out": args.resume})
-    elif args.config:
-        if not Path(args.config).is_file():
-            raise UsageError(f"--config: {args.config}: no such file")
-        cfg = TrainConfig.from_json(args.config, **overrides)
-    else:
-        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    cfg = _train_config(args, overrides)
     if args.mesh:
-        from .pose.data import RenderSettings, render_splits
+        from .pose.config import RenderSettings
+        from .pose.synthesis import render_splits
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("--mesh under torchrun: render the data once with `bpnp render`, then train on it")
@@ -534,10 +470,12 @@ def _run_score(args: argparse.Namespace) -> int:
 
 def _run_experiment(args: argparse.Namespace) -> int:
     """``bpnp experiment``."""
-    from .apps.objpose import Budget, PoseLossSetting, run_experiment
+    from .cli_config import config_from_args, config_values
+    from .pose.study import Budget, PoseLossSetting, run_experiment
 
+    budget = config_from_args(Budget, config_values(args, Budget))
+    setting = config_from_args(PoseLossSetting, config_values(args, PoseLossSetting))
     out = _writable_dir(args.out, str(Path("runs") / "objpose_experiment"))
-    budget = Budget(train_count=args.train_count, test_count=args.test_count, steps=args.steps, size=args.size)
     run_experiment(
         out,
         args.meshes,
@@ -549,7 +487,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
         keypoints=args.keypoints,
         finished_only=args.finished_only,
         report_name=args.report_name,
-        setting=PoseLossSetting(args.beta, args.balance, args.learn_weights, args.weight_head),
+        setting=setting,
+        data_root=args.data_root,
     )
     if not args.quiet:
         print(f"report: {Path(out) / ('report_' + args.report_name if args.report_name else 'report')}.md")
@@ -661,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except UsageError as exc:
+    except (UsageError, ConfigError) as exc:
         print(f"bpnp {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:  # bad data found during the work (e.g. too few boards)
@@ -705,27 +644,33 @@ def _run_demo(args: argparse.Namespace) -> int:
         kw["variants"] = args.variants
     out = args.out or str(Path("runs") / args.name)
     if args.name == "layer":
-        from .apps import layer_demo
+        from .paper import layer_demo
 
         layer_demo.run(out, seed=args.seed, device=args.device, quiet=args.quiet)
     elif args.name == "calibrate":
-        from .apps import chessboard
+        from .paper import synthetic_boards
 
-        chessboard.run_synthetic(out, **kw)
+        synthetic_boards.run_synthetic(out, **kw)
     elif args.name == "all":
-        from .apps import all_demos
+        from .paper import demo_all
 
-        all_demos.run(out, seed=args.seed, device=args.device, quiet=args.quiet)
+        demo_all.run(out, seed=args.seed, device=args.device, quiet=args.quiet)
     else:
         from importlib import import_module
 
-        import_module(f"bpnp.apps.{args.name}").run(out, device=args.device, **kw)
+        module = {
+            "pose": "paper.learn_pose",
+            "sfm": "paper.learn_structure",
+            "calib": "paper.learn_intrinsics",
+            "objpose": "pose.study",
+        }[args.name]
+        import_module(f"bpnp.{module}").run(out, device=args.device, **kw)
     return 0
 
 
 def _run_board_split(args: argparse.Namespace) -> int:
     """``bpnp board-split``."""
-    from .apps.board_split import board_split
+    from .pose.board_split import board_split
 
     _existing_files(args.images, None)
     if args.camera and not Path(args.camera).is_file():
@@ -737,7 +682,7 @@ def _run_board_split(args: argparse.Namespace) -> int:
 
 def _run_board_experiment(args: argparse.Namespace) -> int:
     """``bpnp board-experiment``."""
-    from .apps.board_experiment import run as board_experiment
+    from .pose.board_study import run as board_experiment
 
     _existing_files(args.photos, "--photos")
     _writable_dir(args.out, args.out)
@@ -757,7 +702,8 @@ def _run_board_experiment(args: argparse.Namespace) -> int:
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     """``bpnp calibrate``."""
-    from .apps import calibrate, chessboard
+    from . import calibration as calibrate
+    from .paper import synthetic_boards
 
     args.out = _writable_dir(args.out, str(Path("runs") / "calibrate"))
     if args.json:
@@ -779,7 +725,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             quiet=args.quiet,
         )
     else:
-        result = chessboard.run_synthetic(
+        result = synthetic_boards.run_synthetic(
             args.out, seed=args.seed, iters=args.iters, distortion=args.distortion, quiet=args.quiet
         )
     if args.json:

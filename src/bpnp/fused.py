@@ -36,7 +36,7 @@ from .covariance import pose_covariance
 from .errors import PnPConvergenceWarning, PnPInputError
 from .implicit import implicit_vjp, robust_vjp
 from .normalise import Normalisation, apply_normalisation
-from .options import SolverOptions
+from .options import SolverOptions, _Tuning
 from .result import PnPResult
 from .solvers.native import UNIT_FIELDS, layer_backward_native, layer_forward_native, native_available
 from .stages import Solved, answer_flags, check_distortion, check_settings, finish, forward_solve, prepare, robust_start
@@ -288,7 +288,9 @@ def _options_key(options: SolverOptions) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _options_from_key(key: str) -> SolverOptions:
-    return SolverOptions(**json.loads(key))
+    fields = json.loads(key)
+    tuning = _Tuning(**fields.pop("_tuning"))
+    return SolverOptions(**fields, _tuning=tuning)
 
 
 @torch.library.custom_op("bpnp::layer_forward", mutates_args=())

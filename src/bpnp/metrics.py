@@ -1,5 +1,5 @@
 """Pose-estimation metrics of the field: ADD, ADD-S, 2D projection error, n cm n deg, ADD(-S) AUC;
-and the translation error split into depth and lateral parts.
+the translation error split into depth and lateral parts; the similarity alignment of point sets.
 
 All functions are batched, differentiable where that makes sense, and take poses as ``[rvec, t]``
 ``(B, 6)`` in the OpenCV convention, object points ``(n, 3)`` in the units of the poses.
@@ -19,6 +19,8 @@ __all__ = [
     "rotation_angle_deg",
     "rotation_error_deg",
     "translation_error",
+    "translation_error_rel",
+    "similarity_align",
     "depth_and_lateral_error",
     "keypoint_scale_error",
     "cm_deg_accuracy",
@@ -64,15 +66,16 @@ def add_s(pred: Tensor, true: Tensor, model: Tensor, chunk: int = 1 << 24) -> Te
     return closest.mean(-1)
 
 
-def projection_error(pred: Tensor, true: Tensor, model: Tensor, K: Tensor) -> Tensor:
+def projection_error(pred: Tensor, true: Tensor, model: Tensor, K: Tensor, dist: Tensor | None = None) -> Tensor:
     """2D projection error: mean pixel distance between the model's projections under the two poses.
 
     Args:
-        pred, true: ``(B, 6)``; model: ``(n, 3)``; K: ``(3, 3)`` or ``(B, 3, 3)``.
+        pred, true: ``(B, 6)``; model: ``(n, 3)``; K: ``(3, 3)`` or ``(B, 3, 3)``; dist: the lens,
+            ``(5,)`` or ``(B, 5)`` OpenCV coefficients, or None (pinhole).
     Returns:
         ``(B,)`` pixels.
     """
-    return (project(model, pred, K) - project(model, true, K)).norm(dim=-1).mean(-1)
+    return (project(model, pred, K, dist) - project(model, true, K, dist)).norm(dim=-1).mean(-1)
 
 
 def rotation_angle_deg(R: Tensor, R_ref: Tensor) -> Tensor:
@@ -96,6 +99,25 @@ def rotation_error_deg(pose: Tensor, pose_ref: Tensor) -> Tensor:
 def translation_error(pred: Tensor, true: Tensor) -> Tensor:
     """``|t_pred - t_true|``, ``(B,)`` in the units of the poses."""
     return (pred[:, 3:] - true[:, 3:]).norm(dim=-1)
+
+
+def translation_error_rel(pose: Tensor, pose_ref: Tensor) -> Tensor:
+    """``|t - t_ref| / |t_ref|``: ``(..., 6), (..., 6) -> (...)``."""
+    return (pose[..., 3:] - pose_ref[..., 3:]).norm(dim=-1) / pose_ref[..., 3:].norm(dim=-1)
+
+
+def similarity_align(src: Tensor, dst: Tensor) -> Tensor:
+    """Umeyama's alignment: ``src (n, 3)`` moved by the scale, rotation and translation that best
+    fit it to ``dst (n, 3)`` in least squares; returns the moved copy ``(n, 3)`` (structure known
+    up to a similarity, as in structure from motion, compared with the truth)."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    U, S, Vh = torch.linalg.svd(b.T @ a / src.shape[0])
+    D = torch.ones(3, dtype=src.dtype, device=src.device)
+    D[2] = torch.sign(torch.linalg.det(U @ Vh))  # a rotation, not a reflection
+    R = U @ torch.diag(D) @ Vh
+    scale = (S * D).sum() / a.pow(2).sum(-1).mean()
+    return scale * a @ R.T + mu_d
 
 
 def depth_and_lateral_error(pred: Tensor, true: Tensor, signed: bool = False) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ from .geometry import project, rotmat_to_rvec, rvec_to_rotmat, undistort_points
 from .normalise import Normalisation, normalise_problem, pose_from_normalised, pose_to_normalised
 from .options import RansacOptions, SolverOptions
 from .result import PnPResult
-from .solvers.init import normalised_rays, warm_start_trusted
+from .solvers.candidates import normalised_rays, warm_start_trusted
 from .solvers.native import native_available, native_unavailable_reason, solve_pnp_native, warn_unavailable_once
 from .solvers.pnp import PnPSolution, refine_robust, solve_pnp_forward
 from .solvers.ransac import MIN_CONSENSUS, item_keys

@@ -69,8 +69,8 @@ def analytic_gradient(inputs: dict, name: str, v: torch.Tensor, **solve_kw) -> t
 
 #: The solver with every shortcut off: all 9 eigenvector starts (+ the tetrahedral ones for every
 #: problem), every distinct candidate refined to convergence, no screening.
-EXHAUSTIVE = SolverOptions(
-    num_candidates=9, object_ratio=0.0, screen_iter=0, num_eigvecs=9, solid_eigvecs=9, thin_ratio=1.0
+EXHAUSTIVE = SolverOptions(num_candidates=9)._tuned(
+    object_ratio=0.0, screen_iter=0, num_eigvecs=9, solid_eigvecs=9, thin_ratio=1.0
 )
 
 
@@ -88,7 +88,7 @@ def best_known_minimum(
     """
     from .geometry import rotmat_to_rvec, rvec_to_rotmat
     from .normalise import normalise_problem, pose_from_normalised
-    from .solvers.init import normalised_rays
+    from .solvers.candidates import normalised_rays
     from .solvers.pnp import refine
     from .synthetic import random_rotations
 

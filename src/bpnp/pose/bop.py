@@ -45,6 +45,9 @@ class Annotation:
     K: np.ndarray  # (3, 3)
     bbox_obj: tuple[int, int, int, int] | None = None
     visib_fract: float | None = None
+    # OpenCV's (k1, k2, p1, p2, k3) of the image's lens: not a BOP field (BOP images are
+    # undistorted); bpnp writes it into scene_camera.json as "dist" for photographs it does not undistort.
+    dist: np.ndarray | None = None
 
 
 def _load(path: Path) -> dict:
@@ -69,6 +72,8 @@ def read_scene(scene_dir: str | Path) -> list[Annotation]:
     out = []
     for im_key in sorted(gt, key=int):
         K = np.asarray(cam[im_key]["cam_K"], dtype=np.float64).reshape(3, 3)
+        dist = cam[im_key].get("dist")
+        dist = None if dist is None else np.asarray(dist, dtype=np.float64).reshape(5)
         for inst, entry in enumerate(gt[im_key]):
             meta = info.get(im_key, [{}] * (inst + 1))[inst]
             bbox = meta.get("bbox_obj")
@@ -83,6 +88,7 @@ def read_scene(scene_dir: str | Path) -> list[Annotation]:
                     K,
                     tuple(int(v) for v in bbox) if bbox is not None else None,
                     meta.get("visib_fract"),
+                    dist,
                 )
             )
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import metrics as M
-from ..geometry import project, rvec_to_rotmat
+from ..geometry import rvec_to_rotmat
 from ..layer import solve_pnp
 from . import bop
 from .data import COVERED, HIDDEN_BY_OBJECT, INTERIOR, VISIBLE, PoseData, _scenes, keypoint_visibility, load_split
@@ -96,7 +96,8 @@ def predict(
             w = conf * learned_weight_factor(weight_logits, probs)
         K = torch.from_numpy(data.K[start : start + batch_size])
         w = w.double().cpu() if confidence_weights else None
-        res = solve_pnp(coords.double().cpu(), kp3d, K, w, warn=False)
+        dist = None if data.dist is None else torch.from_numpy(data.dist[start : start + batch_size])
+        res = solve_pnp(coords.double().cpu(), kp3d, K, w, dist=dist, warn=False)
         dt = (time.perf_counter() - t0) / len(images)
         out["kp2d"].append(coords.cpu().double().numpy())
         out["confidence"].append(conf.cpu().double().numpy())
@@ -113,13 +114,15 @@ def pose_metrics(
     points: np.ndarray,
     diameter: float,
     symmetric: bool,
+    dist: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-image metrics ``(N,)`` of predicted against true poses (mm) for model ``points (m, 3)``."""
+    """Per-image metrics ``(N,)`` of predicted against true poses (mm) for model ``points (m, 3)``;
+    the 2D projection error through ``K (N, 3, 3)`` and, when given, the lens ``dist (N, 5)``."""
     pred, true = torch.from_numpy(pred_pose), torch.from_numpy(true_pose)
     pts, Kt = torch.from_numpy(points), torch.from_numpy(K)
     add = M.add(pred, true, pts).numpy()
     adds = M.add_s(pred, true, pts).numpy()
-    proj = M.projection_error(pred, true, pts, Kt).numpy()
+    proj = M.projection_error(pred, true, pts, Kt, None if dist is None else torch.from_numpy(dist)).numpy()
     add_or = adds if symmetric else add
     depth, lateral = M.depth_and_lateral_error(pred, true, signed=True)
     return {
@@ -174,18 +177,16 @@ def evaluate(
     if kp3d.shape != data.keypoints3d.shape or not np.allclose(kp3d, data.keypoints3d):
         check_same_object(kp3d, data_dir, obj_id, cfg.get("data", "its training data"))
         # The network predicts its own keypoints: ground truth for them comes from the pose.
-        data.keypoints2d = project(
-            torch.from_numpy(kp3d), torch.from_numpy(data.pose), torch.from_numpy(data.K)
-        ).numpy()
+        data.keypoints2d = data.project(kp3d)
     points, info = model_points(data_dir, obj_id)
     symmetric = bool(info.get("symmetries_continuous") or info.get("symmetries_discrete"))
     pred = predict(net, data, kp3d, batch_size, device, confidence_weights, cfg.get("window"))
-    per = pose_metrics(pred["pose"], data.pose, data.K, points, float(info["diameter"]), symmetric)
+    per = pose_metrics(pred["pose"], data.pose, data.K, points, float(info["diameter"]), symmetric, data.dist)
     kp_errors = np.linalg.norm(pred["kp2d"] - data.keypoints2d, axis=-1)  # NxK
     per["kp_error_px"] = kp_errors.mean(-1)
     per["kp_error_px_each"] = kp_errors
     # A constellation shrunk towards the object's centre puts the pose too far (the depth bias).
-    centre = project(torch.zeros(1, 3, dtype=torch.float64), torch.from_numpy(data.pose), torch.from_numpy(data.K))
+    centre = torch.from_numpy(data.project(np.zeros((1, 3))))
     per["kp_scale_error"] = M.keypoint_scale_error(
         torch.from_numpy(pred["kp2d"]), torch.from_numpy(data.keypoints2d), centre[:, 0]
     ).numpy()
@@ -346,7 +347,10 @@ def score_predictions(
     points, info = model_points(data_dir, obj_id)
     symmetric = bool(info.get("symmetries_continuous") or info.get("symmetries_discrete"))
     K = np.stack([a.K for a in anns])
-    per = pose_metrics(pred_pose, true_pose, K, points, float(info["diameter"]), symmetric)
+    dist = np.stack([np.zeros(5) if a.dist is None else a.dist for a in anns])
+    per = pose_metrics(
+        pred_pose, true_pose, K, points, float(info["diameter"]), symmetric, dist if dist.any() else None
+    )
     for values in per.values():
         values[~predicted] = False if values.dtype == bool else np.nan
     summary = {
@@ -400,10 +404,9 @@ def draw_overlays(data: PoseData, pred_pose: np.ndarray, points: np.ndarray, pat
     import cv2
 
     count = min(count, len(data))
-    corners = torch.from_numpy(_box_corners(points))
-    K = torch.from_numpy(data.K[:count])
-    true_uv = project(corners, torch.from_numpy(data.pose[:count]), K).numpy()
-    pred_uv = project(corners, torch.from_numpy(pred_pose[:count]), K).numpy()
+    corners = _box_corners(points)
+    true_uv = data.project(corners)[:count]
+    pred_uv = data.project(corners, pred_pose)[:count]
     S = data.images.shape[1]
     scale = max(1, 256 // S)
     cols = int(np.ceil(np.sqrt(count)))

@@ -1,16 +1,9 @@
 """Training a keypoint heatmap network, optionally end to end through the PnP layer.
 
-Variants (``TrainConfig.variant``):
-
-- ``"heatmap"``: the heatmap loss alone (KL to Gaussian targets, :func:`~bpnp.pose.model.heatmap_loss`);
-- ``"bpnp"``: heatmap loss + ``beta`` x :class:`~bpnp.losses.BPnPReprojectionLoss` on the
-  soft-argmax keypoints, after ``warmup_frac`` of the steps with the heatmap loss alone;
-- ``"bpnp-add"``: heatmap loss + ``beta`` x :class:`~bpnp.losses.BPnPADDLoss`, the keypoints'
-  ADD under the BPnP pose against the true pose, divided by the object's diameter: the pose error
-  measured on the object (mm), where ``"bpnp"`` measures it in the image (px), which hardly sees
-  depth;
-- ``"coord"``: the control, heatmap loss + ``beta`` x the same squared pixel error put on the
-  soft-argmax coordinates directly (no PnP).
+The run's settings are a :class:`~bpnp.pose.config.TrainConfig`; what it trains (the heatmap
+loss alone, or plus a pose loss through the PnP layer, or a control) is the registered
+:mod:`~bpnp.pose.objectives` variant it names. This module is the loop: batches, warm-up, the
+loss weight, checkpoints, logs.
 
 ``beta=None`` sets beta once, at the first step after the warm-up, so that the two losses'
 gradient norms (over the network's parameters) stand in the ratio ``balance`` (default 0.3).
@@ -33,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,155 +34,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..losses import BPnPADDLoss, BPnPReprojectionLoss, keypoint_loss
 from ..progress import progress as progress_bar
-from . import bop
+from .config import TrainConfig
 from .data import PoseData, augment_image, load_split
-from .model import (
-    KeypointHeatmapNet,
-    heatmap_confidence,
-    heatmap_loss,
-    learned_weight_factor,
-    soft_argmax,
-    split_outputs,
-)
+from .model import KeypointHeatmapNet, heatmap_loss, soft_argmax, split_outputs
+from .objectives import StepOutputs, objective
 
-__all__ = ["TrainConfig", "train", "load_checkpoint", "normalise_images", "VARIANTS"]
+__all__ = ["train", "load_checkpoint", "normalise_images", "read_log", "plot_log"]
 
-VARIANTS = ("heatmap", "bpnp", "bpnp-add", "coord")
-# The variants whose extra loss goes through the PnP layer.
-THROUGH_PNP = ("bpnp", "bpnp-add")
 MEAN, STD = 0.5, 0.25  # input normalisation of the network
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved as ``config.json`` beside each run.
-
-    Attributes:
-        data: BOP split folder of the training images; test_data: split to evaluate on at the end
-            (optional); obj_id: the object.
-        out: the run folder (checkpoints, log, plots, config).
-        variant: ``"heatmap"``, ``"bpnp"``, ``"bpnp-add"`` or ``"coord"`` (see the module).
-        steps, batch_size, lr: Adam on ``batch_size`` images per step (the global batch under
-            torchrun), cosine decay to ``lr * lr_final``; clip_grad: gradient-norm clip.
-        warmup_frac: share of the steps before the pose/coordinate loss starts.
-        beta: weight of that loss; None: balanced by gradient norms (``balance``) at the end of
-            the warm-up. balance 0.3 and confidence weights are the best of a sweep on spot
-            with ``"bpnp"``; with ``"bpnp-add"`` the balance gave betas of 0.44-2.03, and those
-            above 1 cost keypoint accuracy (docs/objpose.md, "The loss weight, measured").
-        confidence_weights: BPnP weights from the heatmaps' confidences (``bpnp``, ``bpnp-add``).
-        learn_weights: let the pose loss's gradient reach those weights too (through the layer's
-            exact derivative with respect to ``w``), so that training can lower the weight of the
-            keypoints PnP should trust less, as EPro-PnP learns its weights; False: the weights
-            are constants of each step. Needs ``confidence_weights`` and a PnP variant.
-        weight_head: PnP weights from a head of their own instead: the confidences times a factor
-            in (0, 2) that a 1x1 convolution predicts at each keypoint
-            (:func:`~bpnp.pose.model.learned_weight_factor`), trained by the pose loss alone, so
-            that the heatmaps keep the shape the heatmap loss gives them (EPro-PnP's design).
-            Needs ``confidence_weights`` and a PnP variant; not with ``learn_weights``.
-        size: input image side; width: network width; sigma: heatmap target width (cells).
-        window: keypoint readout, :func:`~bpnp.pose.model.soft_argmax` over this many cells
-            around each heatmap's peak (None: the whole map), in training and evaluation alike.
-        augment: photometric augmentation; workers: data-loading worker processes.
-        seed: weights, batch order and augmentation; device: torch device; threads: torch
-            threads (None: torch's default).
-        log_every, checkpoint_every: steps between CSV rows / checkpoints (a multiple of log_every).
-        progress: show a progress bar.
-        snapshot_steps: steps whose checkpoints are also kept, as ``checkpoint_step{N:06d}.pt``.
-        warm_start: a checkpoint (e.g. such a snapshot) of a run with the same data, seed and
-            schedule, taken in this run's heatmap-only phase; training starts at its step.
-    """
-
-    data: str = ""
-    test_data: str | None = None
-    obj_id: int = 1
-    out: str = "runs/train"
-    variant: str = "bpnp-add"
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 3e-3
-    lr_final: float = 0.01
-    clip_grad: float = 10.0
-    warmup_frac: float = 0.3
-    beta: float | None = None
-    balance: float = 0.3
-    confidence_weights: bool = True
-    learn_weights: bool = False
-    weight_head: bool = False
-    size: int = 128
-    width: int = 32
-    sigma: float = 1.0
-    window: int | None = 3
-    augment: bool = True
-    workers: int = 1
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    log_every: int = 10
-    checkpoint_every: int = 100
-    progress: bool = True
-    snapshot_steps: list[int] = field(default_factory=list)
-    warm_start: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
-        for name in ("steps", "batch_size", "size", "width", "log_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if self.size % 16:
-            raise ValueError(f"size: expected a multiple of 16 (the network's stride), got {self.size}")
-        if self.checkpoint_every % self.log_every:
-            raise ValueError(
-                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every ({self.log_every})"
-            )
-        if not 0 <= self.warmup_frac < 1:
-            raise ValueError(f"warmup_frac: expected in [0, 1), got {self.warmup_frac}")
-        for name in ("lr", "sigma", "balance", "clip_grad"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
-        if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta: expected a finite number >= 0 or None, got {self.beta!r}")
-        if self.learn_weights and not (self.confidence_weights and self.variant in THROUGH_PNP):
-            raise ValueError(
-                f"learn_weights: needs confidence_weights and a variant through PnP {THROUGH_PNP}, "
-                f"got variant {self.variant!r}, confidence_weights {self.confidence_weights}"
-            )
-        if self.weight_head and not (self.confidence_weights and self.variant in THROUGH_PNP):
-            raise ValueError(
-                f"weight_head: needs confidence_weights and a variant through PnP {THROUGH_PNP}, "
-                f"got variant {self.variant!r}, confidence_weights {self.confidence_weights}"
-            )
-        if self.weight_head and self.learn_weights:
-            raise ValueError("weight_head and learn_weights: choose one way to learn the PnP weights")
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
-            raise ValueError(f"window: expected a positive integer or None, got {self.window!r}")
-        if self.workers < 0:
-            raise ValueError(f"workers: expected >= 0, got {self.workers}")
-        self.snapshot_steps = [int(k) for k in self.snapshot_steps]
-        if any(not 0 < k <= self.steps for k in self.snapshot_steps):
-            raise ValueError(f"snapshot_steps: expected steps in [1, {self.steps}], got {self.snapshot_steps}")
-
-    @property
-    def warmup_steps(self) -> int:
-        return int(round(self.warmup_frac * self.steps)) if self.variant != "heatmap" else self.steps
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read a config file (JSON); ``overrides`` replace its entries. Unknown keys are an error."""
-        data = json.loads(Path(path).read_text())
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown config keys {unknown} (known: {sorted(known)})")
-        return cls(**data)
 
 
 def normalise_images(images: Tensor) -> Tensor:
@@ -370,14 +223,6 @@ def _restore(
     return start, beta, seconds_before, warm
 
 
-def _pnp_loss(cfg: TrainConfig):
-    """The loss through the PnP layer of a pose variant."""
-    if cfg.variant == "bpnp-add":
-        diameter = float(bop.read_models_info(bop.find_models_dir(cfg.data))[cfg.obj_id]["diameter"])
-        return BPnPADDLoss(scale=diameter, confidence_weighted=cfg.confidence_weights)
-    return BPnPReprojectionLoss(confidence_weighted=cfg.confidence_weights)
-
-
 def _batch_bar(data, cfg: TrainConfig, start: int, rank: int, world: int):
     """The step batches from ``start`` on, through a loader and a progress bar (rank 0)."""
     batches = _StepBatches(data, cfg, start, rank, world)
@@ -389,22 +234,6 @@ def _batch_bar(data, cfg: TrainConfig, start: int, rank: int, world: int):
         prefetch_factor=2 if cfg.workers else None,
     )
     return progress_bar(loader, total=len(batches), desc=f"train {cfg.variant}", disable=not cfg.progress or rank != 0)
-
-
-def _pose_loss(cfg: TrainConfig, pnp_loss, stride: int, coords, probs, weight_logits, kp3d, K, kp_true, batch):
-    """The pose phase's extra loss and the number of PnP failures in it: through the layer
-    (weighted by the heatmaps' confidences, times a weight head's factors), or the coord control."""
-    if cfg.variant not in THROUGH_PNP:
-        return keypoint_loss(coords, kp_true), 0
-    w = None
-    if cfg.confidence_weights:
-        w = heatmap_confidence(probs, coords, stride).double()
-        w = w if cfg.learn_weights else w.detach()
-        if weight_logits is not None:
-            w = w * learned_weight_factor(weight_logits, probs).double()
-    target = batch["pose"].to(K.device) if cfg.variant == "bpnp-add" else kp_true.double()
-    loss = pnp_loss(coords.double(), kp3d, K, target, weights=w).float()
-    return loss, pnp_loss.last_failures
 
 
 def _checkpoint_state(net, opt, done: int, beta, seconds: float, cfg: TrainConfig, keypoints3d) -> dict:
@@ -464,7 +293,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=bool(head)) if world > 1 else net
     params = [p for p in net.parameters() if p.requires_grad]
     kp3d = torch.from_numpy(data.keypoints3d).to(device)
-    pnp_loss = _pnp_loss(cfg)
+    pose_loss = objective(cfg)
     log_path = out / "log.csv"
     columns = ["step", "lr", "loss", "loss_heatmap", "loss_pose", "kp_error_px", "pnp_failures", "beta", "seconds"]
     if rank == 0:
@@ -486,9 +315,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         coords, probs = soft_argmax(logits, net.stride, cfg.window)
         l_h = heatmap_loss(logits, kp_true, net.stride, cfg.sigma)
         l_p = torch.zeros((), device=device)
-        pose_phase = cfg.variant != "heatmap" and step >= cfg.warmup_steps
+        pose_phase = pose_loss.pose_loss and step >= cfg.warmup_steps
         if pose_phase:
-            l_p, failed = _pose_loss(cfg, pnp_loss, net.stride, coords, probs, weight_logits, kp3d, K, kp_true, batch)
+            outputs = StepOutputs(coords, probs, weight_logits, net.stride, kp3d, K, kp_true, batch["pose"])
+            l_p, failed = pose_loss(outputs)
             failures_window += failed
             total_failures += failed
             if beta is None:

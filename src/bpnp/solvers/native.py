@@ -1,6 +1,6 @@
 """The native CPU forward: ``native_pnp.c``, compiled when the package is built, called through ctypes.
 
-The C file is the torch solver's algorithm (:mod:`bpnp.solvers.init`, :mod:`~bpnp.solvers.lm`,
+The C file is the torch solver's algorithm (:mod:`bpnp.solvers.candidates`, :mod:`~bpnp.solvers.lm`,
 :mod:`~bpnp.solvers.pnp`) per problem, with threads over the batch: on the CPU it removes the
 eager-dispatch overhead and the memory traffic of batched temporaries, which dominate there.
 

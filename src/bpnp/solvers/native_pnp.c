@@ -1,5 +1,5 @@
 /*
- * bpnp's native CPU forward: the global PnP solve of bpnp/solvers (init.py, lm.py, pnp.py)
+ * bpnp's native CPU forward: the global PnP solve of bpnp/solvers (candidates.py, lm.py, pnp.py)
  * written per problem in C and run over the batch by a few threads.
  *
  * Why: in eager PyTorch a batched solve of small problems costs thousands of tensor
@@ -669,7 +669,7 @@ static void levenberg_marquardt(const Problem *p, const Options *o, LMState *s, 
 /* ---------------------------------------------------------------- global initialisation */
 
 /* Rotation k (0..11) of the tetrahedral group: the even permutation matrices with an even
- * number of sign flips (the order of bpnp.solvers.init._rotation_group). */
+ * number of sign flips (the order of bpnp.solvers.candidates._rotation_group). */
 static void tetra_rotation(int k, double *R) {
     static const int perms[3][3] = {{0, 1, 2}, {1, 2, 0}, {2, 0, 1}};
     static const double signs[4][3] = {{1, 1, 1}, {1, -1, -1}, {-1, 1, -1}, {-1, -1, 1}};
@@ -689,7 +689,7 @@ static double quad9(const double *Om, const double *r, double *o_r) {
 }
 
 /* Local minimum of vec(R)^T Om vec(R) on SO(3) by damped Newton from R, on the chart
- * R <- exp([d]_x) R (as bpnp.solvers.init.minimise_on_so3). The torch version runs a fixed
+ * R <- exp([d]_x) R (as bpnp.solvers.candidates.minimise_on_so3). The torch version runs a fixed
  * number of iterations for the whole batch; here a start stops once its Newton step is below
  * 1e-12 rad, which changes the answer by rounding only. */
 static double minimise_on_so3(const double *Om, double *R, int iters, double lam0) {
@@ -850,7 +850,7 @@ static double build_omega(const Problem *p, double *On, double *T, double *centr
     return norm;
 }
 
-/* Candidate poses, best first (as bpnp.solvers.init.initial_poses); returns their number. */
+/* Candidate poses, best first (as bpnp.solvers.candidates.initial_poses); returns their number. */
 static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], double (*tc)[3], double *keyc) {
     const int n = p->n;
     double centre[3], covs[9], T[27], On[81];
@@ -952,7 +952,7 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
 }
 
 /* Whether a warm-started answer R sits in the global basin by the object-space error (as
- * bpnp.solvers.init.warm_start_trusted): its error is at most warm_start_ratio times the best
+ * bpnp.solvers.candidates.warm_start_trusted): its error is at most warm_start_ratio times the best
  * minimum of the eigenvector starts (solid_eigvecs of them, both signs). */
 static int object_space_trusted(const Problem *p, const Options *o, const double *R) {
     double centre[3], covs[9], T[27], On[81], V[81], ev[9];
@@ -1165,7 +1165,7 @@ static void exhaustive(Options *o) {
 }
 
 /* The k-th of the 24 rotations of the cube (signed permutation matrices of determinant +1), in
- * the order of bpnp.solvers.init._rotation_group: permutations in lexicographic order, signs
+ * the order of bpnp.solvers.candidates._rotation_group: permutations in lexicographic order, signs
  * (+,+,+), (+,+,-), ... per row. */
 static void cube_rotation(int k, double *R) {
     static const int perms[6][3] = {{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}};

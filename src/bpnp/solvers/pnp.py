@@ -12,7 +12,7 @@ from torch import Tensor
 from ..cost import cost_terms, distorted_cost_terms, point_terms
 from ..geometry import rvec_to_rotmat
 from ..options import MAX_CANDIDATES, SolverOptions
-from .init import initial_poses
+from .candidates import initial_poses
 from .lm import LMResult, levenberg_marquardt
 
 
@@ -206,7 +206,7 @@ def solve_pnp_forward(
 def cube_rotations(dtype: torch.dtype, device: torch.device) -> Tensor:
     """``(24, 3, 3)`` the rotations of the cube (signed permutation matrices of determinant +1),
     in the order the C solver builds them."""
-    from .init import _rotation_group
+    from .candidates import _rotation_group
 
     return _rotation_group(dtype, device, 24)
 
@@ -215,7 +215,7 @@ def _cube_pass(x2d, x3d, K, weights, o: SolverOptions, check_every: int):
     """LM from the 24 cube rotations, the object on the mean ray of its pixels at the depth that
     matches their spread (moved in front of the camera where needed); screened, then refined;
     returns ``_solve_pass``'s tuple for the best start of each problem."""
-    from .init import normalised_rays
+    from .candidates import normalised_rays
 
     B, n, _ = x2d.shape
     w = weights.expand(B, n)
@@ -364,14 +364,8 @@ def needle_like(x3d: Tensor, weights: Tensor, thin_ratio: float) -> Tensor:
 
 def exhaustive_options(options: SolverOptions) -> SolverOptions:
     """``options`` with every shortcut of the global search off (the small-problem search)."""
-    return dataclasses.replace(
-        options,
-        num_candidates=MAX_CANDIDATES,
-        object_ratio=0.0,
-        screen_iter=0,
-        num_eigvecs=9,
-        solid_eigvecs=9,
-        thin_ratio=2.0,
+    return dataclasses.replace(options, num_candidates=MAX_CANDIDATES)._tuned(
+        object_ratio=0.0, screen_iter=0, num_eigvecs=9, solid_eigvecs=9, thin_ratio=2.0
     )
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..options import RansacOptions
-from .init import normalised_rays
+from .candidates import normalised_rays
 
 __all__ = ["RansacResult", "solve_quartic", "p3p", "ransac", "item_keys", "uniform", "mix64"]
 

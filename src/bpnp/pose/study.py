@@ -10,6 +10,7 @@ on the same test images; over several seeds a t-interval of the per-seed mean di
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .common import markdown_table, output_dir, write_json
+from ..reporting import markdown_table, output_dir, write_json
+from .config import option
+from .objectives import OBJECTIVES
 
 if TYPE_CHECKING:
-    from ..pose.train import TrainConfig
+    from .config import TrainConfig
 
 SPOT = "spot/spot_triangulated.obj"
 
@@ -39,65 +42,76 @@ def spot_mesh() -> Path:
     return Path(str(resources.files("bpnp") / "data" / SPOT))
 
 
-def shared_data_dir() -> Path | None:
-    """``../shared/data`` of a checkout (or ``BPNP_SHARED_DATA``), when present."""
-    import os
-
-    for cand in (os.environ.get("BPNP_SHARED_DATA"), Path.cwd().parent / "shared" / "data"):
-        if cand and (Path(cand) / "meshes").is_dir():
-            return Path(cand)
-    return None
-
-
-def mesh_path(name: str) -> Path:
-    """The file of an experiment mesh; FileNotFoundError (saying where it looked) when absent."""
+def mesh_path(name: str, data_root: str | Path | None = None) -> Path:
+    """The file of an experiment mesh: spot ships with the package; cow and teapot lie under
+    ``data_root`` (a folder with ``meshes/cow/cow.obj`` ..., such as a checkout's
+    ``../shared/data``; default: the ``BPNP_SHARED_DATA`` environment variable). Never guessed
+    from the working directory. FileNotFoundError says where it looked."""
     if name == "spot":
         return spot_mesh()
     if name not in MESHES:
         raise ValueError(f"unknown mesh {name!r}: expected one of {sorted(MESHES)} (or give a path)")
-    root = shared_data_dir()
-    if root is None:
-        raise FileNotFoundError(f"mesh {name!r}: no ../shared/data/meshes here (set BPNP_SHARED_DATA)")
-    return root / MESHES[name]["path"]
+    root = data_root if data_root is not None else os.environ.get("BPNP_SHARED_DATA")
+    if not root:
+        raise FileNotFoundError(f"mesh {name!r}: give the data folder (--data-root DIR or BPNP_SHARED_DATA)")
+    path = Path(root) / MESHES[name]["path"]
+    if not path.is_file():
+        raise FileNotFoundError(f"mesh {name!r}: {path}: no such file")
+    return path
 
 
-@dataclass
+@dataclass(frozen=True)
 class Budget:
-    """Sizes of one comparison: images rendered, steps per variant, image side, batch."""
+    """Sizes of one comparison: images rendered, steps per variant, image side, batch, network
+    width. The defaults are the quick demo's; :data:`FULL_BUDGET` is ``bpnp experiment``'s."""
 
-    train_count: int = 4000
-    test_count: int = 500
-    steps: int = 1600
-    size: int = 128
-    batch_size: int = 32
-    width: int = 32
-    workers: int = 1
-    warmup_frac: float = 0.3
+    train_count: int = option(4000, "training renders per mesh")
+    test_count: int = option(500, "test renders per mesh")
+    steps: int = option(1600, "training steps per variant")
+    size: int = option(128, "image side in pixels")
+    batch_size: int = option(32, "images per step")
+    width: int = option(32, "network width")
+    workers: int = option(1, "data-loading worker processes")
+    warmup_frac: float = option(0.3, "share of the steps before the pose loss starts")
+
+    def __post_init__(self) -> None:
+        for name in ("train_count", "test_count", "steps", "size", "batch_size", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+#: ``bpnp experiment``'s budget (the longer comparison).
+FULL_BUDGET = Budget(train_count=20000, test_count=1000, steps=20000)
 
 
 @dataclass(frozen=True)
 class PoseLossSetting:
     """How the variants other than heatmap-only weigh their extra loss, when not by
-    :class:`~bpnp.pose.train.TrainConfig`'s defaults: ``beta`` fixed, or set by ``balance``;
+    :class:`~bpnp.pose.config.TrainConfig`'s defaults: ``beta`` fixed, or set by ``balance``;
     ``learn_weights``: the PnP variants' loss trains the PnP weights too; ``weight_head``: those
-    weights come from a head of their own (:class:`~bpnp.pose.train.TrainConfig`). Such runs lie in
+    weights come from a head of their own (:class:`~bpnp.pose.config.TrainConfig`). Such runs lie in
     folders of their own (``bpnp-add-beta0.5_seed0``), beside the default ones, and share their
     seed's heatmap-only run and warm-up."""
 
-    beta: float | None = None
-    balance: float | None = None
-    learn_weights: bool = False
-    weight_head: bool = False
+    beta: float | None = option(None, "as for train, for every variant but heatmap (e.g. bpnp-add-beta0.5_seed0)")
+    balance: float | None = option(None, "as for train, for every variant but heatmap (e.g. bpnp-add-balance0.1_seed0)")
+    learn_weights: bool = option(False, "as for train, for bpnp and bpnp-add (e.g. bpnp-add-learned-weights_seed0)")
+    weight_head: bool = option(False, "as for train, for bpnp and bpnp-add (e.g. bpnp-add-weight-head_seed0)")
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta: expected a finite number >= 0 or None, got {self.beta!r}")
+        if self.balance is not None and not (math.isfinite(self.balance) and self.balance > 0):
+            raise ValueError(f"balance: expected a finite positive number or None, got {self.balance!r}")
 
     def options(self, variant: str) -> dict[str, Any]:
-        """The :class:`~bpnp.pose.train.TrainConfig` fields this setting changes for ``variant``."""
-        from ..pose.train import THROUGH_PNP
-
-        if variant == "heatmap":
+        """The :class:`~bpnp.pose.config.TrainConfig` fields this setting changes for ``variant``."""
+        if not OBJECTIVES[variant].pose_loss:
             return {}
         found = self._loss_weight()
         for flag in ("learn_weights", "weight_head"):
-            if getattr(self, flag) and variant in THROUGH_PNP:
+            if getattr(self, flag) and OBJECTIVES[variant].through_pnp:
                 found[flag] = True
         return found
 
@@ -122,14 +136,6 @@ class PoseLossSetting:
 # The setting's switches, as they show in run folders and in reports.
 _FLAG_FOLDERS = {"learn_weights": "-learned-weights", "weight_head": "-weight-head"}
 _FLAG_TEXTS = {"learn_weights": "learned PnP weights", "weight_head": "PnP weights from a head of their own"}
-
-# How a report names each training variant (bpnp.pose.train.VARIANTS).
-VARIANT_LABELS = {
-    "heatmap": "heatmap-only",
-    "bpnp": "+ BPnP reprojection loss",
-    "bpnp-add": "+ BPnP ADD loss",
-    "coord": "coordinate control",
-}
 
 
 def paired_interval(diffs_per_seed: list[np.ndarray], seed: int = 0) -> tuple[float, float, float]:
@@ -165,7 +171,7 @@ def compare(
 ) -> dict[str, Any]:
     """Render, train every variant for every seed, evaluate: the rows of one mesh (``symmetric``:
     the axis of a continuous symmetry, evaluated with ADD-S; ``keypoints``: ``"fps"`` or
-    ``"distinctive"``, see :func:`bpnp.pose.data.render_dataset`; ``setting``: the loss weight
+    ``"distinctive"``, see :func:`bpnp.pose.synthesis.render_dataset`; ``setting``: the loss weight
     of the variants other than heatmap-only, their defaults when None).
 
     ``finished_only``: render and train nothing; read back the seeds whose every variant has
@@ -173,9 +179,9 @@ def compare(
     experiment spread over several sessions can be reported at any point. ``"seeds"`` of the
     result lists the seeds read.
     """
-    from ..pose.data import RenderSettings, render_splits
-    from ..pose.train import TrainConfig
-    from .common import progress
+    from ..progress import progress
+    from .config import RenderSettings, TrainConfig
+    from .synthesis import render_splits
 
     data = out / "data"
     settings = RenderSettings(size=budget.size)
@@ -247,7 +253,7 @@ def _finished_run(cfg: TrainConfig, run_dir: Path) -> tuple[dict, dict] | None:
     experiment folder may have moved: the paths a run recorded count up to the folder of its mesh."""
     import json
 
-    from ..pose.train import TrainConfig
+    from .config import TrainConfig
 
     files = [run_dir / "train_summary.json", run_dir / "eval" / "metrics.json", run_dir / "eval" / "per_image.npz"]
     finished = all(f.is_file() for f in files)
@@ -289,8 +295,8 @@ def _train_and_evaluate(cfg: TrainConfig, test: Path, run_dir: Path, device: str
     (or killed) part way is continued by the same command."""
     import json
 
-    from ..pose.evaluate import evaluate
-    from ..pose.train import train
+    from .evaluate import evaluate
+    from .train import train
 
     finished = _finished_run(cfg, run_dir)
     if finished is not None:
@@ -438,8 +444,8 @@ def _figures(result: dict, root: Path, name: str, link: str = "", tag: str = "")
     when the run's own overlays are gone (a kept record has none)."""
     from PIL import Image
 
-    from ..pose.train import plot_log
-    from .plots import signed_error_histograms
+    from ..plots import signed_error_histograms
+    from .train import plot_log
 
     runs = result["runs"]
     seed = min(next(iter(runs.values())))
@@ -538,8 +544,10 @@ def run_experiment(
     finished_only: bool = False,
     report_name: str | None = None,
     setting: PoseLossSetting | None = None,
+    data_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """The comparison on several meshes and seeds (the longer experiment): one report.
+    ``data_root``: where the meshes other than spot lie (see :func:`mesh_path`).
     ``setting``: the loss weight of the variants other than heatmap-only (see
     :class:`PoseLossSetting`; their defaults when None).
     ``keypoints="distinctive"`` chooses the keypoints of a symmetric mesh among the points that
@@ -553,14 +561,14 @@ def run_experiment(
     if report_name is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", report_name):
         raise ValueError(f"report_name: expected letters, digits, '-' and '_', got {report_name!r}")
     tag = f"_{report_name}" if report_name else ""
-    budget = budget or Budget(train_count=20000, test_count=1000, steps=20000)
+    budget = budget or FULL_BUDGET
     setting = setting or PoseLossSetting()
     root = output_dir(out, "objpose_experiment")
     sections, results, seeds_read = [], {}, {}
     for name in meshes:
         stem = Path(name).stem
         # A report of finished runs reads no mesh: kept records report where the mesh is absent.
-        path = Path(name) if Path(name).suffix or finished_only else mesh_path(name)
+        path = Path(name) if Path(name).suffix or finished_only else mesh_path(name, data_root)
         symmetric = MESHES.get(name, {}).get("symmetric")
         result = compare(
             path,
@@ -594,7 +602,7 @@ def run_experiment(
         sections += [markdown_table(SEED_HEADER, per_seed_rows(result)), ""]
         sections += _figures(result, root / stem, stem, link=f"{stem}/", tag=tag)
     report = [
-        "# Object pose: " + " vs ".join(VARIANT_LABELS.get(v, v) for v in variants),
+        "# Object pose: " + " vs ".join(OBJECTIVES[v].label for v in variants),
         "",
         f"{budget.train_count} training / {budget.test_count} test renders per mesh, {budget.steps} steps of "
         f"{budget.batch_size}"

@@ -12,10 +12,11 @@ import time
 
 import torch
 
+from .. import plots
+from ..calibration import camera_from_params, learn_camera
 from ..geometry import project
-from . import data, plots
-from .calibrate import camera_from_params, learn_camera
-from .common import finish_experiment, markdown_table, output_dir
+from ..reporting import finish_experiment, markdown_table, output_dir
+from . import demo_data
 
 TRUE_K = (800.0, 700.0, 400.0, 300.0)
 NAMES = ("fx", "fy", "cx", "cy")
@@ -25,9 +26,9 @@ def run(out: str | None = None, iters: int = 40, seed: int = 0, device: str = "c
     """Run the calibration experiment; writes metrics.json, plots and report.md into ``out``."""
     path = output_dir(out, "calib")
     dev = torch.device(device)
-    z = data.cube().to(dev)
+    z = demo_data.cube().to(dev)
     truth = torch.tensor(TRUE_K, dtype=torch.float64, device=dev)
-    target = project(z, data.poses()[0].to(dev), camera_from_params(truth))[None]  # 1x8x2
+    target = project(z, demo_data.poses()[0].to(dev), camera_from_params(truth))[None]  # 1x8x2
     g = torch.Generator().manual_seed(seed)
     # Each intrinsic 20-40% off, up or down at random.
     off = 0.2 + 0.2 * torch.rand(4, generator=g, dtype=torch.float64)

@@ -3,7 +3,7 @@
 ``bpnp board-experiment --photos left*.jpg --seeds 0 1 2 --out runs/board``: writes the textured
 board mesh, renders the training split (:mod:`bpnp.pose.photo` effects, views within 70 degrees of
 the board's normal, the board's corners as keypoints), turns the photographs into a BOP test split
-(:mod:`bpnp.apps.board_split`: each pose from its detected corners), trains each variant and seed
+(:mod:`bpnp.pose.board_split`: each pose from its detected corners), trains each variant and seed
 (heatmap-only and the BPnP ADD loss by default) and evaluates it on the photographs, then reports
 each run and the paired difference to heatmap-only (t-interval over the seeds; with one seed a
 bootstrap over the photographs). Finished runs are read back, not trained again, so the command
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import markdown_table
+from ..reporting import markdown_table
 
 __all__ = ["run"]
 
@@ -64,9 +64,10 @@ def run(
 
 
 def _prepare(photos, out: Path, board, square_mm: float, camera, quiet: bool, r: dict) -> tuple[Path, Path]:
-    from ..pose.data import RenderSettings, render_dataset
-    from ..pose.targets import board_keypoints, write_chessboard
     from .board_split import board_split
+    from .config import RenderSettings
+    from .synthesis import render_dataset
+    from .targets import board_keypoints, write_chessboard
 
     train_split = out / "data" / "train"
     if not (train_split / "render_settings.json").is_file():
@@ -85,8 +86,9 @@ def _prepare(photos, out: Path, board, square_mm: float, camera, quiet: bool, r:
 
 
 def _train_and_evaluate(run_dir: Path, train_split: Path, test_split: Path, variant, seed, steps, quiet, size) -> dict:
-    from ..pose.evaluate import evaluate, score_predictions
-    from ..pose.train import TrainConfig, train
+    from .config import TrainConfig
+    from .evaluate import evaluate, score_predictions
+    from .train import train
 
     metrics_file = run_dir / "eval" / "metrics.json"
     if not metrics_file.is_file():
@@ -106,7 +108,7 @@ def _train_and_evaluate(run_dir: Path, train_split: Path, test_split: Path, vari
 
 
 def _report(out: Path, found: dict, variants: Sequence[str], seeds: Sequence[int], quiet: bool, r: dict) -> dict:
-    from .objpose import paired_interval
+    from .study import paired_interval
 
     rows, metrics = [], {"seeds": list(seeds), "variants": {}}
     base = variants[0]

@@ -1,4 +1,4 @@
-"""Shared helpers of the experiments: output folders, JSON, markdown tables, progress bars."""
+"""Shared helpers of the experiments: output folders, JSON, markdown tables, timers, L-BFGS."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from ..progress import progress  # noqa: F401 - the experiments' progress bar
 
 
 def output_dir(out: str | os.PathLike | None, name: str) -> Path:

@@ -115,7 +115,7 @@ def run_synthetic(
         camera: true ``fx, fy, cx, cy`` (default 620, 610, 323, 236).
         lens: true distortion ``(k1, k2, p1, p2, k3)`` of the rendering (default none).
     """
-    from .calibrate import calibrate
+    from ..calibration import calibrate
 
     truth = camera or {"fx": 620.0, "fy": 610.0, "cx": 323.0, "cy": 236.0}
     K = np.array([[truth["fx"], 0, truth["cx"]], [0, truth["fy"], truth["cy"]], [0, 0, 1.0]])

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from .common import markdown_table, output_dir, write_json
+from ..reporting import markdown_table, output_dir, write_json
 
 
 def run(out: str | None = None, seed: int = 0, device: str = "cpu", quiet: bool = False) -> dict:
-    from . import calib, chessboard, pose, sfm
+    from . import learn_intrinsics, learn_pose, learn_structure, synthetic_boards
 
     root = output_dir(out, "all")
     results = {
-        "pose": pose.run(str(root / "pose"), seed=seed, device=device, quiet=quiet),
-        "sfm": sfm.run(str(root / "sfm"), seed=seed, device=device, quiet=quiet),
-        "calib": calib.run(str(root / "calib"), seed=seed, device=device, quiet=quiet),
-        "calibrate": chessboard.run_synthetic(str(root / "calibrate"), seed=seed, quiet=quiet),
+        "pose": learn_pose.run(str(root / "pose"), seed=seed, device=device, quiet=quiet),
+        "sfm": learn_structure.run(str(root / "sfm"), seed=seed, device=device, quiet=quiet),
+        "calib": learn_intrinsics.run(str(root / "calib"), seed=seed, device=device, quiet=quiet),
+        "calibrate": synthetic_boards.run_synthetic(str(root / "calibrate"), seed=seed, quiet=quiet),
     }
     rows = [
         (

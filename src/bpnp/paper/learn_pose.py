@@ -13,13 +13,15 @@ import time
 import numpy as np
 import torch
 
+from .. import plots
 from ..geometry import project
 from ..layer import solve_pnp
+from ..metrics import rotation_error_deg, translation_error_rel
 from ..options import SolverOptions
+from ..progress import progress
+from ..reporting import finish_experiment, markdown_table, output_dir
 from ..synthetic import random_rotations
-from . import data, plots
-from .common import finish_experiment, markdown_table, output_dir, progress
-from .metrics_util import rotation_error_deg, translation_error_rel
+from . import demo_data
 
 
 def run(
@@ -35,9 +37,9 @@ def run(
     torch.manual_seed(seed)
     path = output_dir(out, "pose")
     dev = torch.device(device)
-    z = data.cube().to(dev)
-    K = data.camera_matrix(300.0, 300.0, 128.0, 128.0).to(dev)
-    target_pose = data.poses()[0].to(dev)
+    z = demo_data.cube().to(dev)
+    K = demo_data.camera_matrix(300.0, 300.0, 128.0, 128.0).to(dev)
+    target_pose = demo_data.poses()[0].to(dev)
     target = project(z, target_pose, K)
     # Start: the cube seen from a random other pose (same distance), so keypoints start far.
     g = torch.Generator().manual_seed(seed)

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..calibration import detect_corners
 from ..interop import camera_from_dict, read_camera
 from ..layer import solve_pnp
-from ..pose import bop
-from ..pose.data import OBJ_ID, write_model
-from ..pose.mesh import load_mesh
-from ..pose.targets import board_keypoints, chessboard_corners, write_chessboard
-from .calibrate import detect_corners
+from . import bop
+from .data import OBJ_ID
+from .mesh import load_mesh
+from .synthesis import write_model
+from .targets import board_keypoints, chessboard_corners, write_chessboard
 
 __all__ = ["board_split"]
 
@@ -117,7 +118,7 @@ def _project(points: np.ndarray, poses: np.ndarray, K: np.ndarray, dist: np.ndar
 def _camera(camera, gray, names, board, square_mm, out: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if camera is not None:
         return read_camera(camera)
-    from .calibrate import calibrate
+    from ..calibration import calibrate
 
     result = calibrate(gray, names, board, square_mm, out=str(out / "calibration"), quiet=True)
     return camera_from_dict(result)

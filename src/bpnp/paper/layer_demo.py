@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from ..layer import solve_pnp
+from ..metrics import rotation_error_deg
+from ..reporting import Timer, markdown_table, output_dir, write_json
 from ..synthetic import random_problems
 from ..testing import analytic_gradient, fd_gradient, loss_weights
-from .common import Timer, markdown_table, output_dir, write_json
-from .metrics_util import rotation_error_deg
 
 
 def run(

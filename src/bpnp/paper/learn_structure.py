@@ -13,12 +13,14 @@ import time
 
 import torch
 
+from .. import plots
 from ..geometry import project
 from ..layer import solve_pnp
+from ..metrics import similarity_align
 from ..options import SolverOptions
-from . import data, plots
-from .common import finish_experiment, lbfgs, markdown_table, output_dir, progress
-from .metrics_util import similarity_align
+from ..progress import progress
+from ..reporting import finish_experiment, lbfgs, markdown_table, output_dir
+from . import demo_data
 
 SCALE = 5.86e-6
 FOCAL = 5e-4
@@ -176,10 +178,10 @@ def run(
     torch.manual_seed(seed)
     path = output_dir(out, "sfm")
     dev = torch.device(device)
-    truth = (data.duck()[:1000] * SCALE).to(dev)
+    truth = (demo_data.duck()[:1000] * SCALE).to(dev)
     views = 12
-    poses = data.poses()[:views].to(dev)
-    K = data.camera_matrix(FOCAL, FOCAL, 0.0, 0.0).to(dev)
+    poses = demo_data.poses()[:views].to(dev)
+    K = demo_data.camera_matrix(FOCAL, FOCAL, 0.0, 0.0).to(dev)
     weights = visibility(truth, views).to(torch.float64)
     x2d = project(truth, poses, K)  # 12x1000x2, the observations
     size = float(torch.cdist(truth, truth).max())

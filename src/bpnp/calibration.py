@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .. import interop
-from ..geometry import project, undistort_pixels
-from ..layer import solve_pnp
-from . import plots
-from .common import finish_experiment, lbfgs, markdown_table, output_dir, progress
+from . import interop, plots
+from .geometry import project, undistort_pixels
+from .layer import solve_pnp
+from .progress import progress
+from .reporting import finish_experiment, lbfgs, markdown_table, output_dir
 
 INTRINSICS, DISTORTION = interop.INTRINSICS, interop.DISTORTION
 
