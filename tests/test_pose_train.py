@@ -733,6 +733,14 @@ def test_config_checks(tmp_path):
         (["render", "--mesh", "nope.obj", "--count", "2", "--out", "{tmp}"], "no such file"),
         (["render", "--mesh", "{mesh}", "--count", "2", "--size", "50", "--out", "{tmp}"], "multiple of 16"),
         (
+            ["render", "--mesh", "{mesh}", "--count", "2", "--lens-field", "5", "--out", "{tmp}/r"],
+            "--lens-field: expected",
+        ),
+        (
+            ["render", "--mesh", "{mesh}", "--count", "2", "--occluders", "1.5", "--out", "{tmp}/r"],
+            "--occluders: expected",
+        ),
+        (
             ["render", "--mesh", "{mesh}", "--count", "2", "--keypoint-method", "distinctive", "--out", "{tmp}"],
             "--symmetric",
         ),

@@ -127,6 +127,44 @@ def test_photographs_of_a_board_become_a_split_with_the_poses_they_were_taken_at
     assert data.images.shape == (4, 64, 64, 3) and data.keypoints3d.shape == (9, 3)
 
 
+def test_renders_through_a_lens_show_the_corners_where_the_lens_puts_them(tmp_path):
+    # Windows of a strong barrel lens, up to 0.8 off its axis: every inner corner of the board
+    # lies, in the rendered image, where projecting through the lens puts it (a sub-pixel corner
+    # search started there stays put); without the lens it would be pixels off.
+    import dataclasses
+
+    import cv2
+
+    from bpnp.pose.config import RenderSettings
+    from bpnp.pose.data import load_split
+    from bpnp.pose.synthesis import render_dataset
+    from bpnp.pose.targets import board_keypoints, write_chessboard
+
+    lens = (-0.32, 0.1, 0.0005, -0.0005, 0.0)
+    mesh = write_chessboard(tmp_path / "mesh", 9, 6, 20.0, margin=1.0)
+    # 384 px: squares of 12-25 px, where the corner search itself is good to ~0.15 px (pinhole).
+    settings = RenderSettings(
+        size=384, occluder_prob=0.0, view_cone=30.0, background="black", lens=lens, lens_field=0.8
+    )
+    split = render_dataset(
+        mesh, tmp_path / "data", 6, settings, seed=1, diameter_mm=None, keypoints=board_keypoints(9, 6, 20.0)
+    )
+    data = load_split(split, size=384, cache=False)
+    assert data.dist is not None and np.allclose(data.dist, lens)
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 50, 1e-4)
+    moved = []
+    for j in range(len(data)):
+        gray = cv2.cvtColor(data.images[j], cv2.COLOR_RGB2GRAY)
+        start = data.keypoints2d[j, :8].astype(np.float32)  # the eight inner corners
+        found = cv2.cornerSubPix(gray, start.reshape(-1, 1, 2).copy(), (3, 3), (-1, -1), criteria)[:, 0]
+        moved.append(np.linalg.norm(found - start, axis=-1))
+    moved = np.concatenate(moved)
+    pinhole = dataclasses.replace(data, dist=None).project(data.keypoints3d)
+    pinhole_off = np.linalg.norm(pinhole[:, :8] - data.keypoints2d[:, :8], axis=-1)
+    assert np.median(moved) < 0.15 and moved.max() < 0.5, moved
+    assert pinhole_off.max() > 3.0
+
+
 def test_a_lens_flows_from_the_photographs_through_loading_and_scoring(tmp_path):
     # Boards photographed through a strong barrel lens: the split records its dist, a crop keeps
     # it (K' = A K), the loaded keypoints are where OpenCV projects them through that lens, and
@@ -262,6 +300,40 @@ def test_the_board_experiment_trains_evaluates_on_photographs_and_continues(tmp_
     stamp = (tmp_path / "exp" / "heatmap_seed0" / "model.pt").stat().st_mtime_ns
     run(photos, tmp_path / "exp", steps=8, camera=camera, quiet=True, render=tiny)  # reads the runs back
     assert (tmp_path / "exp" / "heatmap_seed0" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_the_board_experiment_renders_through_the_photographs_lens(tmp_path):
+    # A wide-angle camera's lens (its JSON gives dist): the renders are windows of that lens, the
+    # photographs' split records it, and evaluation runs through it.
+    import json
+
+    import cv2
+
+    from bpnp.paper.synthetic_boards import render_views
+    from bpnp.pose.board_study import run
+    from bpnp.pose.render import RenderUnavailableError
+
+    K = np.array([[420.0, 0, 320], [0, 420, 240], [0, 0, 1]])
+    dist = [-0.3, 0.09, 0.0, 0.0, 0.0]
+    images, _ = render_views(K, 3, (9, 6), seed=7, dist=np.array(dist))
+    photos = [tmp_path / f"wide{i}.png" for i in range(len(images))]
+    for path, img in zip(photos, images):
+        cv2.imwrite(str(path), img)
+    camera = tmp_path / "camera.json"
+    camera.write_text(json.dumps({"K": K.tolist(), "dist": dist}))
+    try:
+        metrics = run(
+            photos, tmp_path / "exp", variants=("heatmap",), steps=4, camera=camera, quiet=True,
+            render={"count": 8, "size": 32},
+        )  # fmt: skip
+    except RenderUnavailableError as exc:
+        pytest.skip(f"no OpenGL here: {exc}")
+    settings = json.loads((tmp_path / "exp" / "data" / "train" / "render_settings.json").read_text())
+    corner = np.linalg.norm([(0 - 320) / 420, (0 - 240) / 420])
+    assert settings["lens"] == dist and abs(settings["lens_field"] - 0.8 * corner) < 1e-9
+    cameras = json.loads((tmp_path / "exp" / "data" / "train" / "000000" / "scene_camera.json").read_text())
+    assert all(c["dist"] == dist for c in cameras.values())
+    assert np.isfinite(metrics["variants"]["heatmap"]["kp_error_px"]["mean"])
 
 
 def test_evaluate_refuses_a_network_of_another_object(tmp_path):

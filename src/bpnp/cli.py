@@ -123,7 +123,11 @@ def _add_render_command(sub) -> None:
         default="fps",
         help="fps: farthest points over the surface; distinctive: over the points that break the --symmetric axis",
     )
-    add_config_options(ren, RenderSettings, ("size", "occluder_prob", "view_cone", "photo", "background", "focal"))
+    add_config_options(
+        ren,
+        RenderSettings,
+        ("size", "occluder_prob", "view_cone", "photo", "background", "focal", "lens", "lens_field"),
+    )
     ren.add_argument("--texture", default=None, help="texture image for a mesh with UV coordinates")
     ren.add_argument(
         "--symmetric", choices=["x", "y", "z"], default=None, help="axis of a continuous symmetry (evaluation: ADD-S)"
@@ -553,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--margin", type=_nonnegative_float, default=0.5, help="white border in squares (default 0.5)")
     bs.add_argument("--camera", default=None, help="camera JSON (fx, fy, cx, cy [, k1..k3]); default: calibrate")
     bs.add_argument("--split", default="test", help="split folder name (default test)")
+    bs.add_argument(
+        "--distortion",
+        action="store_true",
+        help="without --camera: calibrate k1, k2, p1, p2, k3 too (wide-angle lenses)",
+    )
     bs.add_argument("--quiet", action="store_true", help="no summary line")
     be = sub.add_parser(
         "board-experiment", help="sim-to-real: train on renders of a board, evaluate on its photographs"
@@ -565,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--board", type=_board, default=(9, 6), help="inner corners COLSxROWS (default 9x6)")
     be.add_argument("--square", type=_positive_float, default=25.0, help="square side in mm (default 25)")
     be.add_argument("--camera", default=None, help="camera JSON of the photographs; default: calibrate from them")
+    be.add_argument(
+        "--distortion",
+        action="store_true",
+        help="without --camera: calibrate the lens too; the renders then look through it (wide-angle lenses)",
+    )
     be.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -676,7 +690,17 @@ def _run_board_split(args: argparse.Namespace) -> int:
     if args.camera and not Path(args.camera).is_file():
         raise UsageError(f"--camera: {args.camera}: no such file")
     _writable_dir(args.out, args.out)
-    board_split(args.images, args.out, args.board, args.square, args.margin, args.camera, args.split, quiet=args.quiet)
+    board_split(
+        args.images,
+        args.out,
+        args.board,
+        args.square,
+        args.margin,
+        args.camera,
+        args.split,
+        args.quiet,
+        args.distortion,
+    )
     return 0
 
 
@@ -696,6 +720,7 @@ def _run_board_experiment(args: argparse.Namespace) -> int:
         args.square,
         args.camera,
         args.quiet,
+        distortion=args.distortion,
     )
     return 0
 

@@ -79,6 +79,8 @@ def add_config_options(
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = (parsers or {}).get(f.name) or _parser_of(str(f.type)) or str
+            if "nargs" in f.metadata:  # a fixed-length tuple of numbers
+                kw.update(type=float, nargs=f.metadata["nargs"])
             if "choices" in f.metadata:
                 kw["choices"] = tuple(f.metadata["choices"])
             kw["metavar"] = f.metadata.get("metavar", _flag(f)[2:].upper().replace("-", "_"))

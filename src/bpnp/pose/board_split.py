@@ -41,6 +41,7 @@ def board_split(
     camera: str | Path | None = None,
     split: str = "test",
     quiet: bool = False,
+    distortion: bool = False,
 ) -> dict:
     """Write ``out/models``, ``out/keypoints.json`` and the split ``out/<split>/000000`` (BOP) of
     the photographs in which the board is found; returns (and writes as ``out/<split>/board_split.json``)
@@ -50,7 +51,8 @@ def board_split(
         image_paths: photographs (any size, colour or grayscale); out: the data-set folder.
         board: inner corners (cols, rows); square_mm: square side; margin: the board mesh's white
             border in squares (the same as the renders trained on).
-        camera: a camera JSON (:func:`bpnp.interop.read_camera`); None: calibrate from these photographs.
+        camera: a camera JSON (:func:`bpnp.interop.read_camera`); None: calibrate from these
+            photographs (``distortion``: with OpenCV's k1, k2, p1, p2, k3, for a wide-angle lens).
     """
     import cv2
 
@@ -64,7 +66,7 @@ def board_split(
     used = [i for i, c in enumerate(found) if c is not None]
     if not used:
         raise ValueError(f"images: the {board[0]}x{board[1]} board was found in none of them")
-    K, dist = _camera(camera, gray, [Path(p).name for p in image_paths], board, square_mm, out)
+    K, dist = _camera(camera, gray, [Path(p).name for p in image_paths], board, square_mm, out, distortion)
     corners = chessboard_corners(*board, square_mm)
     mesh = load_mesh(write_chessboard(out / "board_mesh", *board, square_mm, margin), diameter_mm=None)
     write_model(mesh, out, "board.obj", keypoints=board_keypoints(*board, square_mm))
@@ -97,6 +99,7 @@ def board_split(
         "gt_rms_px_max": float(rms.max()),
         "K": K.tolist(),
         "dist": None if dist is None else dist.tolist(),
+        "image_size": [int(colour[used[0]].shape[1]), int(colour[used[0]].shape[0])],
         "board": list(board),
         "square_mm": square_mm,
         "margin": margin,
@@ -115,10 +118,10 @@ def _project(points: np.ndarray, poses: np.ndarray, K: np.ndarray, dist: np.ndar
     return project(torch.from_numpy(points), torch.from_numpy(poses), torch.from_numpy(K), d).numpy()
 
 
-def _camera(camera, gray, names, board, square_mm, out: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _camera(camera, gray, names, board, square_mm, out: Path, distortion: bool) -> tuple[np.ndarray, np.ndarray | None]:
     if camera is not None:
         return read_camera(camera)
     from ..calibration import calibrate
 
-    result = calibrate(gray, names, board, square_mm, out=str(out / "calibration"), quiet=True)
+    result = calibrate(gray, names, board, square_mm, distortion, out=str(out / "calibration"), quiet=True)
     return camera_from_dict(result)

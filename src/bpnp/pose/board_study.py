@@ -46,13 +46,17 @@ def run(
     quiet: bool = False,
     render: dict | None = None,
     size: int | None = None,
+    distortion: bool = False,
 ) -> dict:
     """Render, split the photographs, train and evaluate every variant and seed, report
     (``out/report.md``, ``out/metrics.json``); returns the metrics. ``render`` replaces entries of
-    :data:`RENDER` (tests make tiny experiments with it); ``size`` the network's input size."""
+    :data:`RENDER` (tests make tiny experiments with it); ``size`` the network's input size.
+    When the camera has a lens model (given, or calibrated with ``distortion``), the renders are
+    windows of that lens (:class:`~bpnp.pose.config.RenderSettings` ``lens``) up to 80% of the way
+    to the photographs' corners, and evaluation solves PnP through it."""
     out = Path(out)
     settings = {**RENDER, **(render or {})}
-    train_split, test_split = _prepare(photos, out, board, square_mm, camera, quiet, settings)
+    train_split, test_split = _prepare(photos, out, board, square_mm, camera, quiet, settings, distortion)
     found: dict[str, dict[int, dict]] = {v: {} for v in variants}
     for seed in seeds:
         for variant in variants:
@@ -63,26 +67,39 @@ def run(
     return _report(out, found, variants, seeds, quiet, settings)
 
 
-def _prepare(photos, out: Path, board, square_mm: float, camera, quiet: bool, r: dict) -> tuple[Path, Path]:
+def _prepare(photos, out: Path, board, square_mm: float, camera, quiet: bool, r: dict, distortion: bool):
+    """The photographs' split (first: the renders take its lens), then the training renders."""
     from .board_split import board_split
     from .config import RenderSettings
     from .synthesis import render_dataset
     from .targets import board_keypoints, write_chessboard
 
+    test_split = out / "real" / "test"
+    if not (test_split / "board_split.json").is_file():
+        board_split(photos, out / "real", board, square_mm, r["margin"], camera, quiet=quiet, distortion=distortion)
+    real = json.loads((test_split / "board_split.json").read_text())
     train_split = out / "data" / "train"
     if not (train_split / "render_settings.json").is_file():
         mesh = write_chessboard(out / "mesh", *board, square_mm, margin=r["margin"])
         settings = RenderSettings(
-            size=r["size"], occluder_prob=r["occluder_prob"], view_cone=r["view_cone"], photo=True
+            size=r["size"], occluder_prob=r["occluder_prob"], view_cone=r["view_cone"], photo=True, **_lens_of(real)
         )
         render_dataset(
             mesh, out / "data", r["count"], settings, seed=r["seed"], split="train", diameter_mm=None,
             keypoints=board_keypoints(*board, square_mm),
         )  # fmt: skip
-    test_split = out / "real" / "test"
-    if not (test_split / "board_split.json").is_file():
-        board_split(photos, out / "real", board, square_mm, r["margin"], camera, quiet=quiet)
     return train_split, test_split
+
+
+def _lens_of(real: dict) -> dict:
+    """``RenderSettings`` entries for the photographs' lens: none for a pinhole camera; else the
+    lens, its windows up to 80% of the way to the farthest image corner (normalised, distorted)."""
+    if not real.get("dist") or not any(real["dist"]):
+        return {}
+    K, (w, h) = np.asarray(real["K"]), real.get("image_size", (2 * real["K"][0][2], 2 * real["K"][1][2]))
+    corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], dtype=np.float64)
+    normalised = (corners - K[:2, 2]) / np.diag(K)[:2]
+    return {"lens": tuple(real["dist"]), "lens_field": float(0.8 * np.linalg.norm(normalised, axis=1).max())}
 
 
 def _train_and_evaluate(run_dir: Path, train_split: Path, test_split: Path, variant, seed, steps, quiet, size) -> dict:

@@ -39,6 +39,10 @@ class RenderSettings:
     - ``photo``: look like photographs (:mod:`bpnp.pose.photo`): photo-like backgrounds for half
       the images, a hand over the object's edge instead of polygons for half the occluded ones,
       and a camera's exposure, gamma, vignetting, blur, noise, grayscale and JPEG.
+    - ``lens``: each image is a window of a camera with this lens (OpenCV's distortion), centred
+      at a random point up to ``lens_field`` off its axis: what a crop around an object in a
+      wide-angle photograph sees. The window's ``K`` (its principal point then lies off the
+      image) and the lens are recorded in ``scene_camera.json`` (``cam_K``, ``dist``).
     """
 
     size: int = option(128, "image side in pixels")
@@ -52,8 +56,21 @@ class RenderSettings:
         metavar="DEG",
     )
     photo: bool = option(False, "look like photographs: camera effects, photo-like backgrounds, hands")
+    lens: tuple[float, float, float, float, float] | None = option(
+        None, "render through this lens: OpenCV's k1 k2 p1 p2 k3 (e.g. a wide-angle camera's)", nargs=5, metavar="K"
+    )
+    lens_field: float = option(
+        0.6, "with --lens: the object appears up to this far off the lens axis (normalised image coordinates)"
+    )
 
     def __post_init__(self) -> None:
+        if self.lens is not None:
+            lens = tuple(float(v) for v in self.lens)
+            if len(lens) != 5 or not all(math.isfinite(v) for v in lens):
+                raise ValueError(f"lens: expected 5 finite coefficients k1 k2 p1 p2 k3, got {self.lens!r}")
+            object.__setattr__(self, "lens", lens)
+        if not (math.isfinite(self.lens_field) and 0 <= self.lens_field <= 2):
+            raise ValueError(f"lens_field: expected a number in [0, 2], got {self.lens_field!r}")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"size: expected a positive integer, got {self.size!r}")
         if not (math.isfinite(self.focal) and self.focal > 0):

@@ -61,9 +61,17 @@ def rotation_in_cone(rng: np.random.Generator, cone_deg: float) -> np.ndarray:
 
 
 def _place(
-    rng: np.random.Generator, verts: np.ndarray, diameter: float, K: np.ndarray, size: int, fill, cone: float | None
+    rng: np.random.Generator,
+    verts: np.ndarray,
+    diameter: float,
+    K: np.ndarray,
+    size: int,
+    fill,
+    cone: float | None,
+    lens: tuple | None = None,
 ):
-    """A pose whose projected bounding box spans ``fill`` of the image, placed at random inside it."""
+    """A pose whose projected bounding box spans ``fill`` of the image, placed at random inside it
+    (through ``lens``: the pinhole placement, then moved so that the lens's box has its centre)."""
     R = random_rotation(rng) if cone is None else rotation_in_cone(rng, cone)
     d = K[0, 0] * diameter / (0.6 * size)
     target = rng.uniform(*fill) * size
@@ -78,7 +86,72 @@ def _place(
     half = (hi - lo) / 2
     want = np.array([rng.uniform(half[i], size - 1 - half[i]) if size - 1 > 2 * half[i] else size / 2 for i in (0, 1)])
     t[:2] += (want - centre) * t[2] / np.array([K[0, 0], K[1, 1]])
+    for _ in range(3 if lens is not None else 0):  # the lens moves the box: fixed-point steps back
+        uv = _project(verts, R, t, K, lens)
+        t[:2] += (want - (uv.min(0) + uv.max(0)) / 2) * t[2] / np.array([K[0, 0], K[1, 1]])
     return R, t
+
+
+def _shift(margin: int) -> np.ndarray:
+    """What a camera matrix gains when its image is padded by ``margin`` pixels on every side."""
+    return np.array([[0.0, 0.0, margin], [0.0, 0.0, margin], [0.0, 0.0, 0.0]])
+
+
+def _lens_window(rng: np.random.Generator, settings: RenderSettings) -> np.ndarray:
+    """The camera matrix of a ``size``-pixel window of the lens's camera whose centre lies at a
+    random distorted image point within ``lens_field`` of the axis (uniform over that disc)."""
+    S, f = settings.size, settings.focal * settings.size
+    radius, angle = settings.lens_field * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+    centre = radius * np.array([np.cos(angle), np.sin(angle)])
+    c = (S - 1) / 2 - f * centre
+    return np.array([[f, 0.0, c[0]], [0.0, f, c[1]], [0.0, 0.0, 1.0]])
+
+
+def _undistorted_window(K: np.ndarray, lens: tuple, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel of a lens window lies in the pinhole image of the same camera matrix:
+    ``(size, size, 2)`` pixels, and ``(size, size)`` whether the lens has an inverse there."""
+    import torch
+
+    from ..geometry import undistort_points
+
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    xd = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1]], -1).reshape(-1, 2)
+    xn, ok = undistort_points(torch.from_numpy(xd), torch.tensor(lens, dtype=torch.float64))
+    xn = xn.numpy()
+    pix = np.stack([K[0, 0] * xn[:, 0] + K[0, 2], K[1, 1] * xn[:, 1] + K[1, 2]], -1)
+    return pix.reshape(size, size, 2), ok.numpy().reshape(size, size)
+
+
+def _lens_margin(settings: RenderSettings) -> int:
+    """Pixels by which the pinhole render must overhang a lens window, wherever the window lies."""
+    if settings.lens is None:
+        return 0
+    S, f = settings.size, settings.focal * settings.size
+    worst = 0.0
+    for angle in np.linspace(0, 2 * np.pi, 16, endpoint=False):
+        centre = settings.lens_field * np.array([np.cos(angle), np.sin(angle)])
+        K = np.array([[f, 0.0, (S - 1) / 2 - f * centre[0]], [0.0, f, (S - 1) / 2 - f * centre[1]], [0, 0, 1.0]])
+        pix, ok = _undistorted_window(K, settings.lens, S)
+        if not ok.all():
+            raise ValueError(f"lens {settings.lens}: not invertible within lens_field {settings.lens_field}")
+        worst = max(worst, float(np.abs(pix - np.clip(pix, 0, S - 1)).max()))
+    if worst > 2 * S:
+        raise ValueError(
+            f"lens {settings.lens}: a window {settings.lens_field} off axis needs {worst:.0f} px of render"
+        )
+    return int(np.ceil(worst)) + 2
+
+
+def _through_lens(rgb: np.ndarray, cover: np.ndarray, K: np.ndarray, lens: tuple, margin: int, size: int):
+    """The window of ``K`` through ``lens``, from the pinhole render padded by ``margin``."""
+    import cv2
+
+    pix, _ = _undistorted_window(K, lens, size)
+    maps = (pix + margin).astype(np.float32)
+    mx, my = np.ascontiguousarray(maps[..., 0]), np.ascontiguousarray(maps[..., 1])
+    rgb = cv2.remap(rgb, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    cover = cv2.remap(cover.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return rgb, cover
 
 
 def _hull_points(vertices: np.ndarray) -> np.ndarray:
@@ -243,7 +316,8 @@ def render_dataset(
     S = settings.size
     f = settings.focal * S
     K = np.array([[f, 0.0, (S - 1) / 2], [0.0, f, (S - 1) / 2], [0.0, 0.0, 1.0]])
-    renderer = Renderer(mesh, S, S)
+    margin = _lens_margin(settings)
+    renderer = Renderer(mesh, S + 2 * margin, S + 2 * margin)
     hull = _hull_points(mesh.vertices)  # the projected box depends on these alone
     rng = np.random.default_rng(seed)
     split_dir = out / split
@@ -257,8 +331,12 @@ def render_dataset(
             for sub in ("rgb", "mask", "mask_visib"):
                 (scene_dir / sub).mkdir(parents=True, exist_ok=True)
             scenes[scene_id] = ({}, {}, {}, {})
-        R, t = _place(rng, hull, diameter, K, S, settings.fill, settings.view_cone)
-        rgb, cover = renderer.render(R, t, K, _shading(rng))
+        if settings.lens is not None:
+            K = _lens_window(rng, settings)
+        R, t = _place(rng, hull, diameter, K, S, settings.fill, settings.view_cone, settings.lens)
+        rgb, cover = renderer.render(R, t, K + _shift(margin), _shading(rng))
+        if settings.lens is not None:
+            rgb, cover = _through_lens(rgb, cover, K, settings.lens, margin, S)
         mask = cover > 0.5
         img, visible = _compose(rng, settings, rgb, cover, mask)
         img8 = camera_effects(img, rng) if settings.photo else np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
@@ -266,9 +344,11 @@ def render_dataset(
         cv2.imwrite(str(scene_dir / "mask" / f"{im_id:06d}_000000.png"), mask.astype(np.uint8) * 255)
         cv2.imwrite(str(scene_dir / "mask_visib" / f"{im_id:06d}_000000.png"), visible.astype(np.uint8) * 255)
         gt, cam, meta, kps = scenes[scene_id]
-        kps[im_id] = _project(keypoints, R, t, K).tolist()
+        kps[im_id] = _project(keypoints, R, t, K, settings.lens).tolist()
         gt[im_id] = [{"cam_R_m2c": R.reshape(-1), "cam_t_m2c": t, "obj_id": OBJ_ID}]
         cam[im_id] = {"cam_K": K.reshape(-1), "depth_scale": 1.0}
+        if settings.lens is not None:
+            cam[im_id]["dist"] = list(settings.lens)  # not a BOP field: OpenCV's (k1, k2, p1, p2, k3)
         n_all, n_vis = int(mask.sum()), int(visible.sum())
         meta[im_id] = [
             {
