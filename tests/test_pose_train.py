@@ -785,7 +785,7 @@ def test_cli_rejects_a_bad_loss_weight(tmp_path, capsys, command, option, value,
     assert not out.exists()  # refused before any folder is made
 
 
-def test_cli_render_train_evaluate(tmp_path, capsys):
+def test_cli_render_train_evaluate(tmp_path, capsys, monkeypatch):
     from bpnp.cli import main
 
     data = tmp_path / "data"
@@ -842,6 +842,15 @@ def test_cli_render_train_evaluate(tmp_path, capsys):
     assert main(plain + ["--out", str(tmp_path / "e"), "--unweighted", "--no-visibility", "--quiet"]) == 0
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["pnp_weights"] == "none" and "kp_hidden_fraction" not in metrics
+    import bpnp.pose.evaluate as evaluation
+
+    seen, solve = [], evaluation.solve_pnp
+    monkeypatch.setattr(evaluation, "solve_pnp", lambda *a, **kw: seen.append(kw) or solve(*a, **kw))
+    robust = ["--out", str(tmp_path / "r"), "--pnp-loss", "huber", "--ransac", "--no-visibility", "--quiet"]
+    assert main(plain + robust) == 0
+    assert seen and all(kw["loss"] == "huber" and kw["ransac"] is True for kw in seen)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["pnp_loss"] == "huber" and metrics["pnp_ransac"] is True and metrics["images"] == 4
     assert Path(run / "config.json").is_file()
 
 

@@ -168,6 +168,10 @@ def _add_evaluate_command(sub) -> None:
     ev.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     ev.add_argument("--unweighted", action="store_true", help="plain PnP (default: weighted by heatmap confidence)")
     ev.add_argument(
+        "--pnp-loss", choices=("l2", "huber", "cauchy"), default="l2", help="the test-time PnP's cost (default l2)"
+    )
+    ev.add_argument("--ransac", action="store_true", help="test-time PnP with RANSAC (threshold 4 crop pixels)")
+    ev.add_argument(
         "--no-visibility", action="store_true", help="skip the keypoints' visibility (ray casting the model)"
     )
     ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
@@ -397,6 +401,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             confidence_weights=not args.unweighted,
             visibility=not args.no_visibility,
+            loss=args.pnp_loss,
+            ransac=args.ransac,
         )
     except ValueError as exc:  # e.g. a network of another object: no folder left behind
         if made and not any(Path(out).iterdir()):

@@ -258,8 +258,10 @@ def keypoint_visibility(
     codes = np.where(hidden_by_surface(mesh, kp, R, t), HIDDEN_BY_OBJECT, VISIBLE).astype(np.uint8)
     for row, (scene_dir, ann) in enumerate(anns):
         name = f"{ann.im_id:06d}_{ann.instance:06d}.png"
-        full = cv2.imread(str(scene_dir / "mask" / name), cv2.IMREAD_GRAYSCALE)
-        visib = cv2.imread(str(scene_dir / "mask_visib" / name), cv2.IMREAD_GRAYSCALE)
+        paths = (scene_dir / "mask" / name, scene_dir / "mask_visib" / name)
+        if not all(path.is_file() for path in paths):  # photographs have no masks: not asked (OpenCV warns)
+            continue
+        full, visib = (cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) for path in paths)
         if full is None or visib is None:
             continue
         uv = np.rint(_project(kp, ann.R, ann.t, ann.K, ann.dist)).astype(np.int64)

@@ -73,9 +73,12 @@ def predict(
     device: str = "cpu",
     confidence_weights: bool = False,
     window: int | None = 3,
+    loss: str = "l2",
+    ransac: bool = False,
 ) -> dict[str, np.ndarray]:
     """Keypoints and PnP poses for every image of ``data`` (``window``: the soft-argmax readout,
-    see :func:`~bpnp.pose.model.soft_argmax`).
+    see :func:`~bpnp.pose.model.soft_argmax`; ``loss``, ``ransac``: the PnP's, as in
+    :func:`~bpnp.solve_pnp`, its threshold in the network's crop pixels).
 
     Returns:
         ``kp2d (N, k, 2)``, ``confidence (N, k)`` (the heatmaps'; the PnP weights are these, times
@@ -97,7 +100,7 @@ def predict(
         K = torch.from_numpy(data.K[start : start + batch_size])
         w = w.double().cpu() if confidence_weights else None
         dist = None if data.dist is None else torch.from_numpy(data.dist[start : start + batch_size])
-        res = solve_pnp(coords.double().cpu(), kp3d, K, w, dist=dist, warn=False)
+        res = solve_pnp(coords.double().cpu(), kp3d, K, w, dist=dist, loss=loss, ransac=ransac, warn=False)
         dt = (time.perf_counter() - t0) / len(images)
         out["kp2d"].append(coords.cpu().double().numpy())
         out["confidence"].append(conf.cpu().double().numpy())
@@ -156,6 +159,8 @@ def evaluate(
     quiet: bool = True,
     confidence_weights: bool = True,
     visibility: bool = True,
+    loss: str = "l2",
+    ransac: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the BOP split ``data_dir``; write ``metrics.json``,
     ``per_image.npz``, ``predictions.csv`` (BOP result format), ``overlays.png`` and
@@ -168,7 +173,9 @@ def evaluate(
 
     ``visibility``: also say which keypoints could be seen (:func:`~bpnp.pose.data.keypoint_visibility`,
     ``kp_visibility (N, k)`` in ``per_image.npz``) and report the keypoint error of the visible,
-    the self-occluded and the covered ones apart (ray casting: a few seconds per 1,000 images)."""
+    the self-occluded and the covered ones apart (ray casting: a few seconds per 1,000 images).
+    ``loss`` (``"huber"``, ``"cauchy"``) and ``ransac`` make the test-time PnP robust to keypoints
+    placed far off (recorded as ``pnp_loss``, ``pnp_ransac``)."""
     net, ckpt = load_checkpoint(checkpoint, device)
     cfg = ckpt["config"]
     obj_id = cfg["obj_id"] if obj_id is None else obj_id
@@ -180,7 +187,7 @@ def evaluate(
         data.keypoints2d = data.project(kp3d)
     points, info = model_points(data_dir, obj_id)
     symmetric = bool(info.get("symmetries_continuous") or info.get("symmetries_discrete"))
-    pred = predict(net, data, kp3d, batch_size, device, confidence_weights, cfg.get("window"))
+    pred = predict(net, data, kp3d, batch_size, device, confidence_weights, cfg.get("window"), loss, ransac)
     per = pose_metrics(pred["pose"], data.pose, data.K, points, float(info["diameter"]), symmetric, data.dist)
     kp_errors = np.linalg.norm(pred["kp2d"] - data.keypoints2d, axis=-1)  # NxK
     per["kp_error_px"] = kp_errors.mean(-1)
@@ -202,6 +209,8 @@ def evaluate(
         "pnp_weights": ("confidence x learned" if net.weight_head is not None else "confidence")
         if confidence_weights
         else "none",
+        "pnp_loss": loss,
+        "pnp_ransac": bool(ransac),
         "symmetric": symmetric,
         "diameter_mm": float(info["diameter"]),
         "kp_error_px_mean": float(per["kp_error_px"].mean()),
