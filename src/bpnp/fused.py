@@ -38,7 +38,12 @@ from .implicit import implicit_vjp, robust_vjp
 from .normalise import Normalisation, apply_normalisation
 from .options import SolverOptions, _Tuning
 from .result import PnPResult
-from .solvers.native import UNIT_FIELDS, layer_backward_native, layer_forward_native, native_available
+from .solvers.native import (
+    layer_backward_native,
+    layer_forward_native,
+    layer_forward_outputs,
+    native_available,
+)
 from .stages import Solved, answer_flags, check_distortion, check_settings, finish, forward_solve, prepare, robust_start
 
 __all__ = ["solve_least_squares_fused"]
@@ -309,19 +314,7 @@ def _layer_forward_op(
 
 @_layer_forward_op.register_fake
 def _(x2d, x3d, K, weights, init_pose, dist, options, solver):
-    B = x2d.shape[0]
-    e = x2d.new_empty
-    f64 = dict(dtype=_F64)
-    return (
-        e(B, 6),
-        e(B, 3, 3),
-        e(B, **f64),
-        e(B, **f64),
-        e(B, 6, 6, **f64),
-        e(B, UNIT_FIELDS, **f64),
-        e(B, 4, dtype=torch.bool),
-        e(2, dtype=torch.int32),
-    )
+    return layer_forward_outputs(x2d.shape[0], x2d.new_empty, x2d.dtype)
 
 
 @torch.library.custom_op("bpnp::layer_backward", mutates_args=())

@@ -16,7 +16,7 @@ from typing import Any
 
 from .objectives import OBJECTIVES
 
-__all__ = ["RenderSettings", "TrainConfig", "option"]
+__all__ = ["RenderSettings", "TrainConfig", "option", "check_positive_ints"]
 
 
 def option(default: Any, help: str, **metadata: Any) -> Any:
@@ -24,6 +24,14 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
+
+
+def check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
+    """ValueError naming the first of ``names`` whose value in ``config`` is not an int >= 1."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,7 @@ class RenderSettings:
             object.__setattr__(self, "lens", lens)
         if not (math.isfinite(self.lens_field) and 0 <= self.lens_field <= 2):
             raise ValueError(f"lens_field: expected a number in [0, 2], got {self.lens_field!r}")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"size: expected a positive integer, got {self.size!r}")
+        check_positive_ints(self, ("size",))
         if not (math.isfinite(self.focal) and self.focal > 0):
             raise ValueError(f"focal: expected a finite positive number, got {self.focal!r}")
         if not 0 <= self.occluder_prob <= 1:
@@ -152,10 +159,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.variant not in OBJECTIVES:
             raise ValueError(f"variant: expected one of {tuple(OBJECTIVES)}, got {self.variant!r}")
-        for name in ("steps", "batch_size", "size", "width", "log_every", "checkpoint_every", "obj_id"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        check_positive_ints(self, ("steps", "batch_size", "size", "width", "log_every", "checkpoint_every", "obj_id"))
         if self.size % 16:
             raise ValueError(f"size: expected a multiple of 16 (the network's stride), got {self.size}")
         if self.checkpoint_every % self.log_every:

@@ -69,14 +69,11 @@ def _project(points: np.ndarray, R: np.ndarray, t: np.ndarray, K: np.ndarray, di
     cam = points @ R.T + t
     xy = cam[:, :2] / cam[:, 2:3]
     if dist is not None and np.any(dist):
-        k1, k2, p1, p2, k3 = dist
-        x, y = xy[:, 0], xy[:, 1]
-        r2 = x * x + y * y
-        radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
-        xy = np.stack(
-            [x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x), y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y],
-            -1,
-        )
+        import torch
+
+        from ..geometry import distort
+
+        xy = distort(torch.from_numpy(xy), torch.as_tensor(dist, dtype=torch.float64)).numpy()
     return xy @ K[:2, :2].T + K[:2, 2]
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..reporting import markdown_table, output_dir, write_json
-from .config import option
+from .config import check_positive_ints, option
 from .objectives import OBJECTIVES
 
 if TYPE_CHECKING:
@@ -75,10 +75,7 @@ class Budget:
     warmup_frac: float = option(0.3, "share of the steps before the pose loss starts")
 
     def __post_init__(self) -> None:
-        for name in ("train_count", "test_count", "steps", "size", "batch_size", "width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        check_positive_ints(self, ("train_count", "test_count", "steps", "size", "batch_size", "width"))
 
 
 #: ``bpnp experiment``'s budget (the longer comparison).

@@ -384,6 +384,24 @@ def _batched(x: Tensor | None, B: int) -> int:
     return int(x is not None and (x.shape[0] != 1 or B == 1))
 
 
+def layer_forward_outputs(B: int, empty=torch.empty, pose_dtype: torch.dtype = torch.float64) -> tuple[Tensor, ...]:
+    """The outputs of ``bpnp_layer_forward`` for a batch of ``B``, allocated by ``empty`` (e.g. a
+    fake tensor's ``new_empty``): ``pose (B, 6)`` and ``R (B, 3, 3)`` in ``pose_dtype``; ``cost``,
+    ``second_cost (B,)``, ``H (B, 6, 6)``, ``units (B, UNIT_FIELDS)`` float64; ``flags (B, 4)``
+    bool; ``summary (2,)`` int32. The one description of the C call's output layout."""
+    f64 = torch.float64
+    return (
+        empty(B, 6, dtype=pose_dtype),
+        empty(B, 3, 3, dtype=pose_dtype),
+        empty(B, dtype=f64),
+        empty(B, dtype=f64),
+        empty(B, 6, 6, dtype=f64),
+        empty(B, UNIT_FIELDS, dtype=f64),
+        empty(B, 4, dtype=torch.bool),  # C writes 0/1 bytes
+        empty(2, dtype=torch.int32),
+    )
+
+
 def layer_forward_native(
     x2d: Tensor,
     x3d: Tensor,
@@ -414,17 +432,7 @@ def layer_forward_native(
         raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
     x2d, x3d, K, weights, init_pose, dist = (_f64(x) for x in (x2d, x3d, K, weights, init_pose, dist))
     B, n, _ = x2d.shape
-    f64 = torch.float64
-    out = (
-        torch.empty(B, 6, dtype=f64),
-        torch.empty(B, 3, 3, dtype=f64),
-        torch.empty(B, dtype=f64),
-        torch.empty(B, dtype=f64),
-        torch.empty(B, 6, 6, dtype=f64),
-        torch.empty(B, UNIT_FIELDS, dtype=f64),
-        torch.empty(B, 4, dtype=torch.bool),  # C writes 0/1 bytes
-        torch.empty(2, dtype=torch.int32),
-    )
+    out = layer_forward_outputs(B)
     code = lib.bpnp_layer_forward(
         B, n, x2d.data_ptr(), x3d.data_ptr(), _batched(x3d, B), K.data_ptr(), _batched(K, B), _address(weights),
         _batched(weights, B), _address(init_pose), _address(dist), _batched(dist, B),
