@@ -25,17 +25,6 @@ from bpnp.paper.synthetic_boards import render_views
 BARREL = ({"fx": 450.0, "fy": 455.0, "cx": 330.0, "cy": 230.0}, (-0.28, 0.09, 0.001, -0.0008, -0.01))
 
 
-def learn(x2d: torch.Tensor, x3d: torch.Tensor, start: torch.Tensor, distortion: bool) -> tuple[torch.Tensor, int]:
-    """calibrate()'s two stages: pinhole, then (optionally) distortion from the pinhole answer."""
-    params, _, losses, _ = calib.learn_camera(x2d, x3d, start, quiet=True)
-    evaluations = len(losses)
-    if distortion:
-        start = torch.cat([params, torch.zeros(5, dtype=torch.float64)])
-        params, _, losses, _ = calib.learn_camera(x2d, x3d, start, quiet=True, rtol=1e-8)
-        evaluations += len(losses)
-    return params, evaluations
-
-
 def one_set(name: str, images: list[np.ndarray], distortion: bool, rounds: int) -> dict:
     board = (9, 6)
     found = [c for c in calib.detect_corners(images, board) if c is not None]
@@ -43,21 +32,21 @@ def one_set(name: str, images: list[np.ndarray], distortion: bool, rounds: int) 
     obj = calib.board_points(board)
     x2d, x3d = torch.from_numpy(np.stack(found)), torch.from_numpy(obj)
     start = calib.zhang_start(obj, found, (w, h))
-    learn(x2d, x3d, start, distortion)  # warm-up
+    calib.fit_camera(x2d, x3d, start, distortion, quiet=True)  # warm-up
     ours, theirs = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        params, evaluations = learn(x2d, x3d, start, distortion)
+        fit = calib.fit_camera(x2d, x3d, start, distortion, quiet=True)
         ours.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         ref = calib.opencv_calibration(obj, found, (w, h), distortion)
         theirs.append(time.perf_counter() - t0)
-    fx_rel = float(params[0]) / ref["fx"] - 1
+    fx_rel = float(fit.params[0]) / ref["fx"] - 1
     return {
         "set": name,
         "images": len(found),
         "distortion": distortion,
-        "evaluations": evaluations,
+        "evaluations": fit.evaluations,
         "bpnp_s": float(np.median(ours)),
         "opencv_s": float(np.median(theirs)),
         "fx_relative_to_opencv": fx_rel,

@@ -70,3 +70,38 @@ def test_solvepnp_with_distortion_minimises_the_distorted_error():
     assert ok and np.allclose(r, r0, atol=1e-6) and np.allclose(t, t0, rtol=1e-6, atol=1e-6)
     with pytest.raises(bpnp.PnPInputError, match="distCoeffs"):
         bpnp.interop.solvePnP(obj, img, K, np.zeros(8) + 0.1)
+
+
+@pytest.mark.parametrize("with_dist", [False, True])
+def test_project_jacobian_matches_opencv(with_dist):
+    p = random_problems(4, 12, seed=2)
+    dist = torch.from_numpy(DIST) if with_dist else None
+    pixels, J = bpnp.geometry.project_jacobian(p.x3d, p.pose, p.K, dist)
+    assert torch.equal(pixels, bpnp.project(p.x3d, p.pose, p.K, dist))
+    assert J.shape == (4, 12, 2, 15 if with_dist else 10)
+    for i in range(4):
+        _, ref = cv2.projectPoints(
+            p.x3d[i].numpy(), p.pose[i, :3].numpy(), p.pose[i, 3:].numpy(), p.K[i].numpy(), DIST if with_dist else None
+        )
+        ref = ref.reshape(12, 2, -1)[..., : J.shape[-1]]  # OpenCV's column order: rvec, t, f, c, dist
+        assert np.abs(J[i].numpy() - ref).max() < 1e-9 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("angle", [0.0, 1e-7, 1e-4, 0.5, 3.1])
+def test_project_jacobian_is_exact_near_the_identity(angle):
+    # OpenCV's Rodrigues derivative is approximate near zero; autograd of project() is the reference.
+    x3d = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    K = torch.tensor([[500.0, 2.0, 320.0], [0.0, 510.0, 240.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    axis = torch.tensor([0.6, -0.48, 0.64], dtype=torch.float64)
+    pose = torch.cat([angle * axis, torch.tensor([0.1, -0.2, 6.0], dtype=torch.float64)])[None]
+    dist = torch.from_numpy(DIST)
+    _, J = bpnp.geometry.project_jacobian(x3d, pose, K, dist)
+
+    def pixels(pose, fx, fy, cx, cy, d):
+        cam = torch.stack([torch.stack([fx, K[0, 1], cx]), torch.stack([K[1, 0], fy, cy]), K[2]])
+        return bpnp.project(x3d, pose, cam, d)
+
+    args = (pose, K[0, 0], K[1, 1], K[0, 2], K[1, 2], dist)
+    ref = torch.autograd.functional.jacobian(pixels, args)
+    ref = torch.cat([ref[0][0, :, :, 0], *(r[0][..., None] for r in ref[1:5]), ref[5][0]], -1)
+    assert (J[0] - ref).abs().max() <= 1e-13 * ref.abs().max()

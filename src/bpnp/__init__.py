@@ -11,6 +11,7 @@ from .errors import BackendUnavailableError, NativeSolverWarning, PnPConvergence
 from .geometry import (
     distort,
     project,
+    project_jacobian,
     project_points,
     rotmat_to_rvec,
     rvec_to_rotmat,
@@ -29,6 +30,7 @@ __all__ = [
     "PnPInputError",
     "PnPResult",
     "project",
+    "project_jacobian",
     "project_points",
     "rotmat_to_rvec",
     "rvec_to_rotmat",

@@ -2,8 +2,10 @@
 
 Corners are detected with OpenCV; the intrinsics (and, with ``distortion=True``, OpenCV's
 ``k1, k2, p1, p2, k3``) are learned jointly over all images: every image's pose comes from the
-layer for the current intrinsics, the loss is the mean squared reprojection error, and L-BFGS
-follows its gradient. OpenCV's ``calibrateCamera`` on the same detections is reported beside it.
+layer for the current intrinsics, the loss is the mean squared reprojection error, and
+Levenberg-Marquardt minimises it with the residuals' exact Jacobian, in which the layer's backward
+supplies how each pose moves with the camera (variable projection: the poses are never unknowns
+of the fit). OpenCV's ``calibrateCamera`` on the same detections is reported beside it.
 
 With distortion, the layer itself takes the coefficients (``solve_pnp(..., dist=...)``): its
 poses minimise the error in distorted pixels, and its gradient reaches the coefficients
@@ -14,15 +16,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from . import interop, plots
-from .geometry import project, undistort_pixels
+from .geometry import project, project_jacobian, undistort_pixels
 from .layer import solve_pnp
 from .progress import progress
-from .reporting import finish_experiment, lbfgs, markdown_table, output_dir
+from .reporting import finish_experiment, markdown_table, output_dir
 
 INTRINSICS, DISTORTION = interop.INTRINSICS, interop.DISTORTION
 
@@ -85,16 +88,74 @@ def reproject(x3d: torch.Tensor, pose: torch.Tensor, params: torch.Tensor) -> to
     return project(x3d, pose, camera_from_params(params[:4]), params[4:] if params.numel() > 4 else None)
 
 
-def _solve_poses(x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Poses ``(B, 6)`` from the layer for the current camera (with its lens distortion: the
-    layer minimises the error in distorted pixels and differentiates it w.r.t. ``dist`` too)."""
-    K = camera_from_params(params[:4])
-    dist = params[4:] if params.numel() > 4 else None
+class CameraFit(NamedTuple):
+    """What :func:`learn_camera` found: the parameters, their path and the poses."""
+
+    params: torch.Tensor  # (p,) fx, fy, cx, cy [, k1, k2, p1, p2, k3]
+    history: np.ndarray  # (T+1, p) the start, then every accepted step
+    losses: list[float]  # (T+1) mean squared reprojection error (px^2) of each entry of history
+    poses: torch.Tensor  # (B, 6) the layer's poses for params
+    evaluations: int  # solves through the layer (rejected trial steps included)
+
+
+def camera_residuals(
+    x2d: torch.Tensor, x3d: torch.Tensor, params: torch.Tensor, jacobian: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Reprojection residuals at the layer's poses for the camera ``params``, and their exact
+    Jacobian with respect to ``params``, the poses' dependence on the camera included.
+
+    The layer gives each image's pose ``y_b`` and, by its backward (the implicit function
+    theorem), ``d y_b / d params``: six backward passes, one per pose coordinate, each reaching
+    every image at once because each image has its own copy of the camera. Then
+    ``d r / d params = J_params + J_pose (d y / d params)``, with the projection's Jacobians in
+    closed form (:func:`~bpnp.geometry.project_jacobian`).
+
+    Args:
+        x2d: ``(B, n, 2)`` detections; x3d: ``(n, 3)`` board points; params: ``(p,)``, p = 4 or 9.
+        jacobian: False computes the residuals only.
+    Returns:
+        residuals ``(B, n, 2)``, poses ``(B, 6)`` (detached) and the Jacobian ``(B*n*2, p)`` or None.
+    Raises:
+        ValueError: when the distortion cannot be inverted at the detections or a residual is not
+            finite (the camera is outside the valid region).
+    """
+    B, p = x2d.shape[0], params.numel()
+    camera = camera_from_params(params[:4])
+    K = camera.expand(B, 3, 3).clone().requires_grad_(jacobian)
+    dist = params[4:].expand(B, p - 4).clone().requires_grad_(jacobian) if p > 4 else None
     if dist is not None:
-        # Coefficients whose lens model cannot be inverted at the detections are outside the
-        # valid region (ValueError: the caller's line search backs off from them).
-        undistort_pixels(x2d.detach(), K.detach(), dist.detach())
-    return solve_pnp(x2d, x3d, K, dist=dist, warn=False).pose
+        undistort_pixels(x2d, camera, params[4:])
+    with torch.enable_grad():
+        pose = solve_pnp(x2d, x3d, K, dist=dist, warn=False).pose
+    pixels, J = project_jacobian(x3d, pose.detach(), camera, None if dist is None else params[4:])
+    residuals = pixels - x2d
+    if not bool(torch.isfinite(residuals).all()):
+        raise ValueError("the camera gives non-finite reprojections")
+    if not jacobian:
+        return residuals, pose.detach(), None
+    leaves = [K] if dist is None else [K, dist]
+    rows = []
+    for j in range(6):
+        grads = torch.autograd.grad(pose[:, j].sum(), leaves, retain_graph=j < 5)
+        columns = [grads[0][:, 0, 0], grads[0][:, 1, 1], grads[0][:, 0, 2], grads[0][:, 1, 2]]
+        rows.append(torch.stack(columns + (list(grads[1].unbind(-1)) if dist is not None else []), -1))
+    pose_derivative = torch.stack(rows, 1)  # B x 6 x p
+    total = J[..., 6 : 6 + p] + J[..., :6] @ pose_derivative[:, None]
+    return residuals, pose.detach(), total.reshape(-1, p)
+
+
+def parameter_units(x2d: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """``(p,)`` a unit per camera parameter in which each moves the detections about equally:
+    the start's intrinsics; each distortion coefficient in the unit that moves the detections as
+    much as a relative change of the focal length (k1, k2, k3 multiply r^2, r^4, r^6: a fixed
+    unit would leave k3 a thousand times less sensitive)."""
+    scale = start[:4].abs()
+    if start.numel() > 4:
+        xn = (x2d - start[2:4]) / start[:2]
+        r2 = xn.pow(2).sum(-1).flatten()
+        unit = torch.stack([r2.mean(), r2.pow(2).mean(), r2.mean(), r2.mean(), r2.pow(3).mean()])
+        scale = torch.cat([scale, 1.0 / unit.clamp_min(1e-12)])
+    return scale
 
 
 def learn_camera(
@@ -103,72 +164,69 @@ def learn_camera(
     start: torch.Tensor,
     iters: int = 30,
     quiet: bool = False,
-    rtol: float = 1e-10,
+    rtol: float = 1e-14,
     desc: str = "calibrate",
     loss_floor: float = 0.0,
-):
-    """L-BFGS through the layer on ``start`` = (fx, fy, cx, cy[, k1, k2, p1, p2, k3]).
+) -> CameraFit:
+    """Levenberg-Marquardt through the layer on ``start`` = (fx, fy, cx, cy[, k1, k2, p1, p2, k3]).
 
-    Stops when an L-BFGS step changes the loss by less than ``rtol`` relative, or when the loss
-    falls below ``loss_floor`` times the first one (noise-free data).
-    Returns ``(params, history (T+1, p), losses [T], poses (B, 6))``, one entry per evaluation.
+    Each step solves the damped normal equations of the residuals' exact Jacobian
+    (:func:`camera_residuals`, the layer's derivatives inside), in :func:`parameter_units`.
+    A trial camera outside the valid region (focal lengths not positive, distortion that cannot
+    be inverted) or with a higher loss is rejected and the damping raised.
+    Stops when a step lowers the loss (or would, by the linear model) by less than ``rtol``
+    relative, when the loss falls below
+    ``loss_floor`` times the first one (noise-free data), or after ``iters`` steps.
     """
-    # Unknowns of order one: intrinsics relative to the start; each distortion coefficient in the
-    # unit that moves the detections as much as a relative change of the focal length (k1, k2,
-    # k3 multiply r^2, r^4, r^6: a fixed unit would leave k3 a thousand times less sensitive and
-    # L-BFGS crawling along it).
-    scale = start[:4].abs()
-    if start.numel() > 4:
-        xn = (x2d - start[2:4]) / start[:2]
-        r2 = xn.pow(2).sum(-1).flatten()
-        unit = torch.stack([r2.mean(), r2.pow(2).mean(), r2.mean(), r2.mean(), r2.pow(3).mean()])
-        scale = torch.cat([scale, 1.0 / unit.clamp_min(1e-12)])
-    u = torch.nn.Parameter(start / scale)
-    opt, restart = lbfgs(u, history=30, tolerance_grad=1e-12, tolerance_change=1e-14)
-    history, losses = [start.detach().cpu().numpy().copy()], []
-
-    def closure():
-        opt.zero_grad()
-        params = u * scale
-        # A trial point outside the valid region (focal lengths not positive, distortion that
-        # cannot be inverted) gets a large finite loss: the line search backs off from it.
-        try:
-            p = params.detach()
-            if not bool(torch.isfinite(p).all()) or float(p[0]) <= 0 or float(p[1]) <= 0:
-                raise ValueError("intrinsics outside the valid region")
-            pose = _solve_poses(x2d, x3d, params)
-            loss = (reproject(x3d, pose, params) - x2d).pow(2).sum(-1).mean()
-            if not bool(torch.isfinite(loss)):
-                raise ValueError("non-finite loss")
-        except ValueError:
-            loss = (u * 0).sum() + 1e6 * (1.0 + (max(losses) if losses else 1.0))
-        loss.backward()
-        losses.append(float(loss.detach()))
-        history.append(params.detach().cpu().numpy().copy())
-        return loss
-
-    prev = None
-    resets = 0
+    scale = parameter_units(x2d, start)
+    params = start.clone()
+    residuals, pose, J = camera_residuals(x2d, x3d, params)
+    losses = [float(residuals.pow(2).sum(-1).mean())]
+    history, evaluations, damping = [params.cpu().numpy().copy()], 1, 1e-3
     for _ in progress(range(iters), desc=desc, disable=quiet):
-        before = u.detach().clone()
-        opt.step(closure)
-        if torch.equal(before, u.detach()):
-            # A zero step (the line search found no decrease): L-BFGS starts again from a plain
-            # gradient step; twice in a row means the minimum is reached.
-            resets += 1
-            if resets >= 2:
-                break
-            opt = restart()
+        Js = J * scale
+        normal, gradient = Js.T @ Js, Js.T @ residuals.flatten()
+        damped = normal + damping * torch.diag(torch.diagonal(normal).clamp_min(1e-300))
+        step = -torch.linalg.solve(damped, gradient)
+        # The linear model's decrease of the sum of squares: when even that is below rtol, no
+        # trial is worth a solve (near the optimum, rounding would reject it anyway).
+        if float(-2.0 * gradient @ step - step @ normal @ step) <= rtol * float(residuals.pow(2).sum()):
+            break
+        trial = params + step * scale
+        evaluations += 1
+        try:
+            if not bool(torch.isfinite(trial).all()) or float(trial[0]) <= 0 or float(trial[1]) <= 0:
+                raise ValueError("focal lengths must be positive")
+            r_trial, pose_trial, J_trial = camera_residuals(x2d, x3d, trial)
+            loss = float(r_trial.pow(2).sum(-1).mean())
+        except ValueError:
+            loss = float("inf")
+        if not loss <= losses[-1]:
+            damping *= 10.0
+            if damping > 1e12:
+                break  # no step lowers the loss: the minimum is reached
             continue
-        resets = 0
-        if prev is not None and abs(prev - losses[-1]) <= rtol * losses[-1]:
+        params, residuals, pose, J = trial, r_trial, pose_trial, J_trial
+        history.append(params.cpu().numpy().copy())
+        losses.append(loss)
+        damping = max(damping / 10.0, 1e-12)
+        if losses[-2] - loss <= rtol * loss or loss < 1e-24 + loss_floor * losses[0]:
             break
-        if len(losses) > 3 and min(losses) < 1e-24 + loss_floor * losses[0]:
-            break
-        prev = losses[-1]
-    params = (u * scale).detach()
-    pose = _solve_poses(x2d, x3d, params)
-    return params, np.stack(history), losses, pose
+    return CameraFit(params, np.stack(history), losses, pose, evaluations)
+
+
+def fit_camera(
+    x2d: torch.Tensor, x3d: torch.Tensor, start: torch.Tensor, distortion: bool, iters: int = 30, quiet: bool = False
+) -> CameraFit:
+    """:func:`learn_camera` from the pinhole ``start (4,)``; with ``distortion``, the lens too.
+
+    With distortion the fit starts from ``start`` and zero coefficients, where the undistortion is
+    well defined.
+    """
+    if not distortion:
+        return learn_camera(x2d, x3d, start, iters=iters, quiet=quiet)
+    start = torch.cat([start[:4], torch.zeros(5, dtype=start.dtype, device=start.device)])
+    return learn_camera(x2d, x3d, start, iters=iters, quiet=quiet)
 
 
 def zhang_start(obj: np.ndarray, detections: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
@@ -239,14 +297,8 @@ def calibrate(
     x3d = torch.from_numpy(obj)
     start = zhang_start(obj, [found[i] for i in used], (w, h))
     detect_seconds = time.perf_counter() - t0
-    params, history, losses, pose = learn_camera(x2d, x3d, start, iters=iters, quiet=quiet)
-    if distortion:
-        # Distortion from the pinhole answer: a start where the undistortion is well defined.
-        start = torch.cat([params, torch.zeros(5, dtype=torch.float64)])
-        # k3 is weakly determined: stop at a 1e-8 relative loss change (RMS to ~1e-6 px).
-        params, history2, losses2, pose = learn_camera(x2d, x3d, start, iters=iters, quiet=quiet, rtol=1e-8)
-        history = np.concatenate([np.pad(history, ((0, 0), (0, 5))), history2[1:]])
-        losses = losses + losses2
+    fit = fit_camera(x2d, x3d, start, distortion, iters=iters, quiet=quiet)
+    params, history, losses, pose = fit.params, fit.history, fit.losses, fit.poses
     seconds = time.perf_counter() - t0
     residual = (reproject(x3d, pose, params) - x2d).pow(2).sum(-1)  # B x n
     rms = float(residual.mean().sqrt())
@@ -264,7 +316,7 @@ def calibrate(
             "board": list(board),
             "square": square,
             "distortion": distortion,
-            "evaluations": len(losses),
+            "evaluations": fit.evaluations,
             "seconds": seconds,
             "detection_seconds": detect_seconds,
         }
@@ -298,7 +350,7 @@ def calibrate(
         reproject(x3d, pose, params)[worst].detach().numpy(),
         f"{names_used[worst]}: detected vs reprojected (worst image, RMS {float(per_image[worst]):.3f} px)",
     )
-    table, report = _table_and_report(result, truth, title, len(used), board, len(losses), seconds)
+    table, report = _table_and_report(result, truth, title, len(used), board, fit.evaluations, seconds)
     return finish_experiment(path, report, result, table, quiet)
 
 

@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--distortion", action="store_true", help="also learn k1, k2, p1, p2, k3")
     cal.add_argument("--json", default=None, help="write the result here too")
     cal.add_argument("--out", default=None, help="output folder (default runs/calibrate)")
-    cal.add_argument("--iters", type=_positive_int, default=30, help="L-BFGS steps (default 30)")
+    cal.add_argument("--iters", type=_positive_int, default=30, help="Levenberg-Marquardt steps at most (default 30)")
     cal.add_argument("--seed", type=int, default=0, help="synthetic set: random poses (default 0)")
     cal.add_argument("--quiet", action="store_true", help="no progress bar or table")
     bs = sub.add_parser("board-split", help="chessboard photographs as a BOP test split (poses from their corners)")
