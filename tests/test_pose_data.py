@@ -116,6 +116,15 @@ def test_render_writes_bop_and_is_deterministic(rendered, tmp_path):
     assert not np.array_equal(load_split(other / "train", size=64).pose, data.pose)
 
 
+def test_crop_margin_frames_an_object_as_the_renders_did(rendered, tmp_path):
+    from bpnp.pose.data import DEFAULT_CROP_MARGIN, crop_margin_for
+
+    # renders: the box side spans 0.4-0.8 of the image; a crop with margin m makes it 1 / (1 + m)
+    margin = crop_margin_for(rendered / "train")
+    assert 1.0 / (1.0 + margin) == pytest.approx(0.6)
+    assert crop_margin_for(tmp_path) == DEFAULT_CROP_MARGIN  # not rendered by bpnp: the BOP default
+
+
 def test_cache_matches_fresh_read(rendered):
     split = rendered / "train"
     cached = load_split(split, size=64)

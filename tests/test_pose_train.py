@@ -575,12 +575,29 @@ def test_cli_train_under_torchrun(tiny_data, tmp_path):
 
 
 def test_evaluate_writes_metrics_bop_csv_and_overlays(tiny_data, tmp_path):
+    import cv2
+
     from bpnp.pose import bop
     from bpnp.pose.evaluate import evaluate
 
     train(_tiny(tiny_data, tmp_path / "run", variant="bpnp", steps=8, warmup_frac=0.5))
     metrics = evaluate(tmp_path / "run" / "model.pt", tiny_data / "test", tmp_path / "eval")
     assert metrics["images"] == 8
+    # the crop margin that frames objects as the training renders did travels in the checkpoint
+    from bpnp.pose.data import crop_margin_for
+
+    stored = torch.load(tmp_path / "run" / "model.pt", weights_only=False)["crop_margin"]
+    assert stored == metrics["crop_margin"] == crop_margin_for(tiny_data / "train")
+    # ... and so does the model's hull: at the true pose its projection spans the rendered box
+    from bpnp.pose.predict import PosePredictor, Prediction
+
+    predictor = PosePredictor(tmp_path / "run" / "model.pt")
+    assert 4 <= len(predictor.outline3d) < 2000
+    gt = bop.read_scene(tiny_data / "test" / "000000")
+    for a in gt:
+        pose = np.concatenate([cv2.Rodrigues(a.R)[0].ravel(), a.t])
+        box = predictor._object_box(Prediction(pose, np.zeros((9, 2)), 1.0, True, (0, 0, 1, 1)), a.K, None)
+        assert np.abs(np.subtract(box, a.bbox_obj)).max() <= 2.5  # the render's box: whole pixels
     for key in ("kp_error_px_mean", "proj2d_5px", "add_0.1d", "adds_0.1d", "5cm5deg", "add_auc_10cm", "pnp_converged"):
         assert np.isfinite(metrics[key]), key
     rows = bop.read_results_csv(tmp_path / "eval" / "predictions.csv")

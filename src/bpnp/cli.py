@@ -159,6 +159,12 @@ def _add_train_command(sub) -> None:
     add_config_options(tr, TrainConfig, TRAIN_OPTIONS, parsers={"device": _device}, unset=True)
 
 
+CROP_MARGIN_HELP = (
+    "crop margin around the object's box in images larger than the network's input "
+    "(default: the one that frames the object as the training renders did)"
+)
+
+
 def _add_evaluate_command(sub) -> None:
     ev = sub.add_parser("evaluate", help="evaluate a trained network on a BOP split")
     ev.add_argument("--checkpoint", required=True, help="model.pt of a training run")
@@ -174,6 +180,7 @@ def _add_evaluate_command(sub) -> None:
     ev.add_argument(
         "--no-visibility", action="store_true", help="skip the keypoints' visibility (ray casting the model)"
     )
+    ev.add_argument("--crop-margin", type=_nonnegative_float, default=None, help=CROP_MARGIN_HELP)
     ev.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
     ev.add_argument("--quiet", action="store_true", help="do not print the metrics")
 
@@ -189,6 +196,7 @@ def _add_predict_command(sub) -> None:
     pr.add_argument("--out", required=True, help="BOP result CSV to write (and a JSON of every image beside it)")
     pr.add_argument("--overlays", default=None, help="folder for each image with the predicted pose drawn on it")
     pr.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    pr.add_argument("--crop-margin", type=_nonnegative_float, default=None, help=CROP_MARGIN_HELP)
     pr.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -403,6 +411,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             visibility=not args.no_visibility,
             loss=args.pnp_loss,
             ransac=args.ransac,
+            crop_margin=args.crop_margin,
         )
     except ValueError as exc:  # e.g. a network of another object: no folder left behind
         if made and not any(Path(out).iterdir()):
@@ -425,7 +434,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         K, dist = read_camera(args.camera)
         if dist is not None and not dist.any():  # a pinhole camera: the plain (faster) solve
             dist = None
-        predictor = PosePredictor(args.checkpoint, device=args.device)
+        predictor = PosePredictor(args.checkpoint, device=args.device, margin=args.crop_margin)
     except (ValueError, KeyError) as exc:
         raise UsageError(str(exc)) from None
     names = [Path(i).name for i in args.images]
@@ -576,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="runs/board", help="experiment folder (default runs/board)")
     be.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default 0)")
     be.add_argument("--variants", type=_variants, default=("heatmap", "bpnp-add"), help="default heatmap,bpnp-add")
-    be.add_argument("--steps", type=_positive_int, default=1600, help="training steps per run (default 1600)")
+    be.add_argument("--steps", type=_positive_int, default=3200, help="training steps per run (default 3200)")
     be.add_argument("--board", type=_board, default=(9, 6), help="inner corners COLSxROWS (default 9x6)")
     be.add_argument("--square", type=_positive_float, default=25.0, help="square side in mm (default 25)")
     be.add_argument("--camera", default=None, help="camera JSON of the photographs; default: calibrate from them")

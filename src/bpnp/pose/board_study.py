@@ -39,7 +39,7 @@ def run(
     out: str | Path,
     seeds: Sequence[int] = (0,),
     variants: Sequence[str] = ("heatmap", "bpnp-add"),
-    steps: int = 1600,
+    steps: int = 3200,
     board: tuple[int, int] = (9, 6),
     square_mm: float = 25.0,
     camera: str | Path | None = None,
@@ -104,6 +104,7 @@ def _lens_of(real: dict) -> dict:
 
 def _train_and_evaluate(run_dir: Path, train_split: Path, test_split: Path, variant, seed, steps, quiet, size) -> dict:
     from .config import TrainConfig
+    from .data import crop_margin_for
     from .evaluate import evaluate, score_predictions
     from .train import train
 
@@ -114,7 +115,9 @@ def _train_and_evaluate(run_dir: Path, train_split: Path, test_split: Path, vari
             out=str(run_dir), progress=not quiet, size=size, log_every=min(10, steps), checkpoint_every=min(100, steps),
         )  # fmt: skip
         train(cfg, resume=(run_dir / "checkpoint.pt").is_file())
-        evaluate(run_dir / "model.pt", test_split, run_dir / "eval", quiet=True)
+        # The renders' framing (also recorded in the checkpoint; given here for runs that predate it).
+        margin = crop_margin_for(train_split)
+        evaluate(run_dir / "model.pt", test_split, run_dir / "eval", quiet=True, crop_margin=margin)
     if not (run_dir / "score" / "per_image.npz").is_file():
         score_predictions(run_dir / "eval" / "predictions.csv", test_split, run_dir / "score", quiet=True)
     per = dict(np.load(run_dir / "eval" / "per_image.npz"))

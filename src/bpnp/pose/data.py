@@ -7,6 +7,7 @@ one ``np.load``. Rendering a data set is :mod:`bpnp.pose.synthesis`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 from . import bop
 from .mesh import (
     farthest_point_keypoints,
+    hull_vertices,
     load_mesh,
 )
 
@@ -91,6 +93,43 @@ def load_keypoints(dataset_dir: str | Path, obj_id: int, count: int = 8) -> np.n
     mesh = load_mesh(models / f"obj_{obj_id:06d}.ply", diameter_mm=None)
     # load_mesh centres the mesh on its box; keypoints must be in the model's own frame.
     return farthest_point_keypoints(mesh, count, seed=0) + mesh.centre
+
+
+#: The crop margin of images that ``bpnp render`` did not make (its framing is not known).
+DEFAULT_CROP_MARGIN = 0.2
+
+
+def crop_margin_for(split_dir: str | Path) -> float:
+    """The crop margin that frames an object's box as the renders of ``split_dir`` frame it.
+
+    A render's object box spans a share of the image drawn from ``RenderSettings.fill``; a crop
+    around a box with margin ``m`` makes it span ``1 / (1 + m)``. Matching the two at the centre of
+    that range keeps the object at the scale the network learned: evaluated at the default 0.2
+    (a span of 0.83, beyond the renders' 0.4-0.8), networks trained on board renders shrank the
+    keypoints of photographs by 4-5% and put the board 1-5 cm too far.
+    Data not rendered by bpnp (no ``render_settings.json``): :data:`DEFAULT_CROP_MARGIN`.
+    """
+    record = Path(split_dir) / "render_settings.json"
+    if not record.is_file():
+        return DEFAULT_CROP_MARGIN
+    low, high = json.loads(record.read_text())["fill"]
+    return 2.0 / (low + high) - 1.0
+
+
+@functools.lru_cache(maxsize=8)
+def object_outline(split_dir: str | Path, obj_id: int) -> np.ndarray:
+    """``(h, 3)`` the vertices of the convex hull of the object's model (``models/`` of
+    ``split_dir``), in the model's frame: a perspective projection takes its extremes over a convex
+    set at vertices, so their projections bound the object's image box exactly. ``(0, 3)`` when
+    the split has no model."""
+    import trimesh
+
+    try:
+        models = bop.find_models_dir(split_dir)
+    except FileNotFoundError:
+        return np.zeros((0, 3))
+    mesh = trimesh.load(str(models / f"obj_{obj_id:06d}.ply"), process=False)
+    return hull_vertices(np.asarray(mesh.vertices, dtype=np.float64))
 
 
 def _crop_matrix(bbox: tuple[int, int, int, int], size: int, margin: float) -> np.ndarray:

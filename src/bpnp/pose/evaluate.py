@@ -24,7 +24,17 @@ from .. import metrics as M
 from ..geometry import rvec_to_rotmat
 from ..layer import solve_pnp
 from . import bop
-from .data import COVERED, HIDDEN_BY_OBJECT, INTERIOR, VISIBLE, PoseData, _scenes, keypoint_visibility, load_split
+from .data import (
+    COVERED,
+    DEFAULT_CROP_MARGIN,
+    HIDDEN_BY_OBJECT,
+    INTERIOR,
+    VISIBLE,
+    PoseData,
+    _scenes,
+    keypoint_visibility,
+    load_split,
+)
 from .model import heatmap_confidence, learned_weight_factor, soft_argmax, split_outputs
 from .train import load_checkpoint, normalise_images
 
@@ -161,6 +171,7 @@ def evaluate(
     visibility: bool = True,
     loss: str = "l2",
     ransac: bool = False,
+    crop_margin: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the BOP split ``data_dir``; write ``metrics.json``,
     ``per_image.npz``, ``predictions.csv`` (BOP result format), ``overlays.png`` and
@@ -175,11 +186,16 @@ def evaluate(
     ``kp_visibility (N, k)`` in ``per_image.npz``) and report the keypoint error of the visible,
     the self-occluded and the covered ones apart (ray casting: a few seconds per 1,000 images).
     ``loss`` (``"huber"``, ``"cauchy"``) and ``ransac`` make the test-time PnP robust to keypoints
-    placed far off (recorded as ``pnp_loss``, ``pnp_ransac``)."""
+    placed far off (recorded as ``pnp_loss``, ``pnp_ransac``). Images larger than the network's
+    input (photographs) are cropped around the object's box with ``crop_margin``; default: the
+    margin that frames it as the training renders did (recorded in the checkpoint,
+    :func:`~bpnp.pose.data.crop_margin_for`)."""
     net, ckpt = load_checkpoint(checkpoint, device)
     cfg = ckpt["config"]
     obj_id = cfg["obj_id"] if obj_id is None else obj_id
-    data = load_split(data_dir, obj_id=obj_id, size=cfg["size"], limit=limit)
+    if crop_margin is None:
+        crop_margin = ckpt.get("crop_margin", DEFAULT_CROP_MARGIN)
+    data = load_split(data_dir, obj_id=obj_id, size=cfg["size"], margin=crop_margin, limit=limit)
     kp3d = np.asarray(ckpt["keypoints3d"], dtype=np.float64)
     if kp3d.shape != data.keypoints3d.shape or not np.allclose(kp3d, data.keypoints3d):
         check_same_object(kp3d, data_dir, obj_id, cfg.get("data", "its training data"))
@@ -211,6 +227,7 @@ def evaluate(
         else "none",
         "pnp_loss": loss,
         "pnp_ransac": bool(ransac),
+        "crop_margin": crop_margin,
         "symmetric": symmetric,
         "diameter_mm": float(info["diameter"]),
         "kp_error_px_mean": float(per["kp_error_px"].mean()),

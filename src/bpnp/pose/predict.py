@@ -21,7 +21,7 @@ import torch
 from ..geometry import project, rvec_to_rotmat
 from ..layer import solve_pnp
 from . import bop
-from .data import _crop_matrix
+from .data import DEFAULT_CROP_MARGIN, _crop_matrix
 from .model import heatmap_confidence, learned_weight_factor, soft_argmax, split_outputs
 from .train import load_checkpoint, normalise_images
 
@@ -53,18 +53,25 @@ class PosePredictor:
     Args:
         checkpoint: path of the checkpoint.
         device: where the network runs.
-        margin: crop margin around a box (the training data's default, 0.2).
+        margin: crop margin around a box; default: the one that frames the object as the
+            training renders did (:func:`~bpnp.pose.data.crop_margin_for`, kept in the checkpoint).
         passes: crops of a whole image: the most confident of a grid of crops, then ``passes - 1``
             crops around the keypoints found.
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", margin: float = 0.2, passes: int = 3) -> None:
+    def __init__(
+        self, checkpoint: str | Path, device: str = "cpu", margin: float | None = None, passes: int = 3
+    ) -> None:
         self.net, ckpt = load_checkpoint(checkpoint, device)
         self.size = int(ckpt["config"]["size"])
         self.window = ckpt["config"].get("window")
         self.keypoints3d = np.asarray(ckpt["keypoints3d"], dtype=np.float64)
         self.obj_id = int(ckpt["config"]["obj_id"])
-        self.device, self.margin, self.passes = device, margin, passes
+        margin = ckpt.get("crop_margin", DEFAULT_CROP_MARGIN) if margin is None else margin
+        self.device, self.margin, self.passes = device, float(margin), passes
+        # What bounds the object's image box (checkpoints older than it: the keypoints).
+        outline = np.asarray(ckpt.get("outline3d", np.zeros((0, 3))), dtype=np.float64)
+        self.outline3d = outline if len(outline) else self.keypoints3d
 
     @torch.no_grad()
     def __call__(
@@ -97,9 +104,10 @@ class PosePredictor:
             found[i] = self._search(images[i], Ks[i], dist)
         return found  # type: ignore[return-value]
 
-    def _search(self, image: np.ndarray, K: np.ndarray, dist: np.ndarray | None) -> Prediction:
-        """The object in a whole image: the crop of a grid over positions and sizes where the
-        heatmaps are most confident, then ``passes - 1`` crops around the keypoints found."""
+    def _search(self, image: np.ndarray, K: np.ndarray, dist: np.ndarray | None, candidates: int = 3) -> Prediction:
+        """The object in a whole image: the ``candidates`` crops of a grid over positions and sizes
+        where the heatmaps are most confident, each cropped again ``passes - 1`` times around the
+        object's box at the pose found (framed as in training); the most confident wins."""
         H, W = image.shape[:2]
         boxes = []
         for frac in (0.35, 0.5, 0.65, 0.8, 1.0):
@@ -109,10 +117,23 @@ class PosePredictor:
             boxes += [(float(x), float(y), side, side) for y in ys for x in xs]
         boxes.append((0.0, 0.0, float(W), float(H)))
         tries = self._pass([image] * len(boxes), np.broadcast_to(K, (len(boxes), 3, 3)), boxes, dist)
-        best = max(tries, key=lambda p: p.confidence)
+        found = sorted(tries, key=lambda p: -p.confidence)[:candidates]
         for _ in range(self.passes - 1):
-            best = self._pass([image], K[None], [_keypoint_box(best.keypoints)], dist)[0]
-        return best
+            again = [self._object_box(p, K, dist) for p in found]
+            found = self._pass([image] * len(found), np.broadcast_to(K, (len(found), 3, 3)), again, dist)
+        return max(found, key=lambda p: p.confidence)
+
+    def _object_box(self, p: Prediction, K: np.ndarray, dist: np.ndarray | None) -> tuple[float, float, float, float]:
+        """The box of the object's outline projected at ``p.pose`` (the box training framed), or
+        of the keypoints found where that pose is not usable (not converged, behind the camera)."""
+        pose = torch.from_numpy(np.asarray(p.pose, dtype=np.float64))
+        R = rvec_to_rotmat(pose[:3]).numpy()
+        depth = self.outline3d @ R[2] + float(pose[5])
+        if not p.converged or not np.isfinite(depth).all() or depth.min() <= 0:
+            return _keypoint_box(p.keypoints)
+        dist_t = None if dist is None else torch.from_numpy(np.asarray(dist, dtype=np.float64))
+        uv = project(torch.from_numpy(self.outline3d), pose, torch.from_numpy(np.asarray(K, dtype=np.float64)), dist_t)
+        return _keypoint_box(uv.numpy())
 
     @torch.no_grad()
     def _pass(self, images, Ks, boxes, dist) -> list[Prediction]:

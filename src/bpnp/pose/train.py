@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..progress import progress as progress_bar
 from .config import TrainConfig
-from .data import PoseData, augment_image, load_split
+from .data import PoseData, augment_image, crop_margin_for, load_split, object_outline
 from .model import KeypointHeatmapNet, heatmap_loss, soft_argmax, split_outputs
 from .objectives import StepOutputs, objective
 
@@ -190,6 +190,7 @@ def _log(path: Path, columns: list[str], row: dict, bar) -> None:
 def _save_final(out: Path, net: KeypointHeatmapNet, cfg: TrainConfig, keypoints3d, summary: dict) -> None:
     """``model.pt``, ``train_summary.json`` and ``loss.png`` of a finished run."""
     final = {"model": net.state_dict(), "config": asdict(cfg), "keypoints3d": keypoints3d, "summary": summary}
+    final.update(_framing(cfg))
     _save_atomic(final, out / "model.pt")
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_log(out / "log.csv", out / "loss.png")
@@ -245,7 +246,14 @@ def _checkpoint_state(net, opt, done: int, beta, seconds: float, cfg: TrainConfi
         "seconds": seconds,
         "config": asdict(cfg),
         "keypoints3d": keypoints3d,  # so that `bpnp evaluate` takes a checkpoint too
+        **_framing(cfg),
     }
+
+
+def _framing(cfg: TrainConfig) -> dict:
+    """How crops of other images should frame the object (``crop_margin``) and what bounds its
+    image box (``outline3d``, the model's hull vertices): for evaluate and predict."""
+    return {"crop_margin": crop_margin_for(cfg.data), "outline3d": object_outline(cfg.data, cfg.obj_id)}
 
 
 def _summary(cfg: TrainConfig, start: int, beta, failures: int, nonfinite: int, seconds: float, world: int) -> dict:
