@@ -192,6 +192,17 @@ def test_op_count_is_small_and_independent_of_batch():
     assert launches <= 12 and syncs <= 1, counts
 
 
+def test_device_path_op_count_holds():
+    # The torch solver (the GPU path) of one problem: a ceiling that catches a regression (the
+    # issue's budget, <= 2,000 launches and <= 2 syncs at every B, is not reached: RESULTS.md).
+    p = random_problems(1, 50, seed=0)
+    x2d = p.x2d.clone().requires_grad_()
+    launches, syncs = count_launches(
+        lambda: bpnp.solve_pnp(x2d, p.x3d, p.K, p.weights, backend="torch", warn=False).pose.sum().backward()
+    )
+    assert launches <= 3050 and syncs <= 36, (launches, syncs)
+
+
 class PoseNet(torch.nn.Module):
     """A learnable correction of the pixels, then the layer."""
 

@@ -90,26 +90,32 @@ def orthonormalise(M: Tensor) -> Tensor:
     return quaternion_to_rotmat(rotmat_to_quaternion(M))
 
 
+# Entries of a symmetric 3x3 matrix (row-major index) whose products give its cofactors
+# c00, c01, c02, c11, c12, c22 = first * second - third * fourth (d f - e e, c e - b f, ...), and
+# the adjugate's 9 entries as indices into those six.
+_COFACTOR_TERMS = ((4, 2, 1, 0, 1, 0), (8, 5, 5, 8, 2, 4), (5, 1, 2, 2, 0, 1), (5, 8, 4, 2, 5, 1))
+_ADJUGATE = (0, 1, 2, 1, 3, 4, 2, 4, 5)
+
+
+@functools.cache
+def _cofactor_indices(device: torch.device) -> tuple[Tensor, Tensor]:
+    """:data:`_COFACTOR_TERMS` and :data:`_ADJUGATE` as index tensors on ``device`` (made once)."""
+    return torch.tensor(_COFACTOR_TERMS, device=device), torch.tensor(_ADJUGATE, device=device)
+
+
 def _solve3_spd(A: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Solve ``A x = g`` for symmetric 3x3 ``A`` in closed form; also whether A is PD."""
-    a, b, c = A[..., 0, 0], A[..., 0, 1], A[..., 0, 2]
-    d, e, f = A[..., 1, 1], A[..., 1, 2], A[..., 2, 2]
-    c00 = d * f - e * e
-    c01 = c * e - b * f
-    c02 = b * e - c * d
-    c11 = a * f - c * c
-    c12 = b * c - a * e
-    c22 = a * d - b * b
-    det = a * c00 + b * c01 + c * c02
-    pd = (a > 0) & (c22 > 0) & (det > 0)
+    """Solve ``A x = g`` for symmetric 3x3 ``A`` in closed form (cofactors); also whether A is PD.
+    The six cofactors are one gathered product, so the work is a few dozen elementwise operations
+    (kernels, on a GPU) for any batch; each entry is rounded as the scalar formulas would."""
+    flat = A.flatten(-2)
+    idx, adjugate = _cofactor_indices(A.device)
+    cof = flat[..., idx[0]] * flat[..., idx[1]] - flat[..., idx[2]] * flat[..., idx[3]]  # ...x6
+    p = flat[..., :3] * cof[..., :3]
+    det = p[..., 0] + p[..., 1] + p[..., 2]
+    pd = (flat[..., 0] > 0) & (cof[..., 5] > 0) & (det > 0)
     det = torch.where(pd, det, torch.ones_like(det))
-    g0, g1, g2 = g.unbind(-1)
-    x = (
-        torch.stack(
-            [c00 * g0 + c01 * g1 + c02 * g2, c01 * g0 + c11 * g1 + c12 * g2, c02 * g0 + c12 * g1 + c22 * g2], -1
-        )
-        / det[..., None]
-    )
+    q = cof[..., adjugate].unflatten(-1, (3, 3)) * g[..., None, :]
+    x = (q[..., 0] + q[..., 1] + q[..., 2]) / det[..., None]
     return torch.where(pd[..., None], x, torch.zeros_like(x)), pd
 
 
@@ -154,11 +160,10 @@ def minimise_on_so3(
         H_gn = 2.0 * (JO @ J.transpose(-1, -2))
         H = H_gn + (N + N.transpose(-1, -2)) - 2.0 * N.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye
         damp = torch.diag_embed(lam[..., None] * H_gn.diagonal(dim1=-2, dim2=-1).clamp_min(1e-12 * scale[..., None]))
-        step, pd = _solve3_spd(H + damp, -grad)
-        # Far from a minimum the exact Hessian can be indefinite: take the Gauss-Newton step.
-        step_gn, pd_gn = _solve3_spd(H_gn + damp, -grad)
-        step = torch.where(pd[..., None], step, step_gn)
-        pd = pd | pd_gn
+        # Far from a minimum the exact Hessian can be indefinite: then the Gauss-Newton step.
+        both, both_pd = _solve3_spd(torch.stack([H, H_gn]) + damp, -grad)
+        step = torch.where(both_pd[0, ..., None], both[0], both[1])
+        pd = both_pd[0] | both_pd[1]
         R_new = rvec_to_rotmat(step) @ R
         h_new, o_new = value(R_new)
         ok = running & pd & (h_new <= h)
