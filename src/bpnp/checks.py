@@ -134,6 +134,9 @@ def check_pnp_values(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None
     not): finite, K upper triangular with a positive diagonal, weights non-negative with 4
     positive per item."""
     named = [("x2d", x2d), ("x3d", x3d), ("K", K), ("weights", weights), ("init_pose", init_pose)]
+    if not _any_invalid(x2d, x3d, K, weights, init_pose):
+        return
+    # Something is wrong: the checks one by one, for the message that names it.
     for name, t in named:
         if t is not None:
             check_finite(name, t)
@@ -143,3 +146,16 @@ def check_pnp_values(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None
             raise PnPInputError(f"weights: must be non-negative, got a minimum of {float(weights.min()):.3g}")
         if bool(((weights > 0).sum(-1) < 4).any()):
             raise PnPInputError("weights: every problem needs at least 4 points with positive weight")
+
+
+def _any_invalid(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None, init_pose: Tensor | None) -> bool:
+    """Whether any check of :func:`check_pnp_values` fails, with one host read of a device value
+    (each check on its own reads one: a GPU sync each)."""
+    K = K.detach()
+    bad = [~torch.isfinite(t.detach()).all() for t in (x2d, x3d, K, weights, init_pose) if t is not None]
+    lower = torch.stack([K[..., 1, 0], K[..., 2, 0], K[..., 2, 1]], -1)
+    bad += [(lower != 0).any(), (K[..., 0, 0] <= 0).any(), (K[..., 1, 1] <= 0).any(), (K[..., 2, 2] <= 0).any()]
+    if weights is not None:
+        w = weights.detach()
+        bad += [(w < 0).any(), ((w > 0).sum(-1) < 4).any()]
+    return bool(torch.stack(bad).any())
