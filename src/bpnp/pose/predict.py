@@ -130,10 +130,10 @@ class PosePredictor:
         R = rvec_to_rotmat(pose[:3]).numpy()
         depth = self.outline3d @ R[2] + float(pose[5])
         if not p.converged or not np.isfinite(depth).all() or depth.min() <= 0:
-            return _keypoint_box(p.keypoints)
+            return _box_of(p.keypoints)
         dist_t = None if dist is None else torch.from_numpy(np.asarray(dist, dtype=np.float64))
         uv = project(torch.from_numpy(self.outline3d), pose, torch.from_numpy(np.asarray(K, dtype=np.float64)), dist_t)
-        return _keypoint_box(uv.numpy())
+        return _box_of(uv.numpy())
 
     @torch.no_grad()
     def _pass(self, images, Ks, boxes, dist) -> list[Prediction]:
@@ -166,8 +166,9 @@ class PosePredictor:
         ]
 
 
-def _keypoint_box(kp: np.ndarray) -> tuple[float, float, float, float]:
-    lo, hi = kp.min(0), kp.max(0)
+def _box_of(points: np.ndarray) -> tuple[float, float, float, float]:
+    """``(x, y, w, h)`` of ``(m, 2)`` pixels, in the whole-pixel convention of BOP's boxes."""
+    lo, hi = points.min(0), points.max(0)
     return (float(lo[0]), float(lo[1]), float(hi[0] - lo[0]) + 1.0, float(hi[1] - lo[1]) + 1.0)
 
 
