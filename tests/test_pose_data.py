@@ -123,6 +123,8 @@ def test_crop_margin_frames_an_object_as_the_renders_did(rendered, tmp_path):
     margin = crop_margin_for(rendered / "train")
     assert 1.0 / (1.0 + margin) == pytest.approx(0.6)
     assert crop_margin_for(tmp_path) == DEFAULT_CROP_MARGIN  # not rendered by bpnp: the BOP default
+    (tmp_path / "render_settings.json").write_text('{"size": 64}')  # a record that predates fill
+    assert crop_margin_for(tmp_path) == DEFAULT_CROP_MARGIN
 
 
 def test_cache_matches_fresh_read(rendered):

@@ -110,9 +110,10 @@ def crop_margin_for(split_dir: str | Path) -> float:
     Data not rendered by bpnp (no ``render_settings.json``): :data:`DEFAULT_CROP_MARGIN`.
     """
     record = Path(split_dir) / "render_settings.json"
-    if not record.is_file():
+    fill = json.loads(record.read_text()).get("fill") if record.is_file() else None
+    if not fill:
         return DEFAULT_CROP_MARGIN
-    low, high = json.loads(record.read_text())["fill"]
+    low, high = fill
     return 2.0 / (low + high) - 1.0
 
 
@@ -125,11 +126,12 @@ def object_outline(split_dir: str | Path, obj_id: int) -> np.ndarray:
     import trimesh
 
     try:
-        models = bop.find_models_dir(split_dir)
+        path = bop.find_models_dir(split_dir) / f"obj_{obj_id:06d}.ply"
     except FileNotFoundError:
         return np.zeros((0, 3))
-    mesh = trimesh.load(str(models / f"obj_{obj_id:06d}.ply"), process=False)
-    return hull_vertices(np.asarray(mesh.vertices, dtype=np.float64))
+    if not path.is_file():
+        return np.zeros((0, 3))
+    return hull_vertices(np.asarray(trimesh.load(str(path), process=False).vertices, dtype=np.float64))
 
 
 def _crop_matrix(bbox: tuple[int, int, int, int], size: int, margin: float) -> np.ndarray:
