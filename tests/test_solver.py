@@ -206,3 +206,19 @@ def test_check_every_does_not_change_answer():
     a = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, backend="torch")
     b = bpnp.solve_pnp(p.x2d, p.x3d, p.K, p.weights, backend="torch", options=bpnp.SolverOptions(check_every=5))
     assert torch.allclose(a.pose, b.pose, atol=1e-10) and b.converged.all()
+
+
+def test_closed_form_3x3_solve_matches_lapack_and_flags_indefinite_systems():
+    from bpnp.solvers.candidates import _solve3_spd
+
+    g = torch.Generator().manual_seed(4)
+    M = torch.randn(2, 50, 3, 3, dtype=torch.float64, generator=g)
+    A = M @ M.transpose(-1, -2) + 0.1 * torch.eye(3, dtype=torch.float64)
+    A[1, ::2] -= 5.0 * torch.eye(3, dtype=torch.float64)  # every other one indefinite
+    rhs = torch.randn(2, 50, 3, dtype=torch.float64, generator=g)
+    x, pd = _solve3_spd(A, rhs)
+    definite = torch.linalg.eigvalsh(A)[..., 0] > 0
+    assert torch.equal(pd, definite) and not bool(pd[1, ::2].any())
+    ref = torch.linalg.solve(A, rhs[..., None])[..., 0]
+    assert torch.allclose(x[pd], ref[pd], rtol=1e-9, atol=1e-12)
+    assert torch.equal(x[~pd], torch.zeros_like(x[~pd]))  # no step where A is not positive definite
