@@ -132,7 +132,8 @@ class PosePredictor:
         if not p.converged or not np.isfinite(depth).all() or depth.min() <= 0:
             return _box_of(p.keypoints)
         dist_t = None if dist is None else torch.from_numpy(np.asarray(dist, dtype=np.float64))
-        uv = project(torch.from_numpy(self.outline3d), pose, torch.from_numpy(np.asarray(K, dtype=np.float64)), dist_t)
+        # (a copy: K may be a read-only broadcast view, which torch.from_numpy warns about)
+        uv = project(torch.from_numpy(self.outline3d), pose, torch.tensor(np.asarray(K), dtype=torch.float64), dist_t)
         return _box_of(uv.numpy())
 
     @torch.no_grad()
