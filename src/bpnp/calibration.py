@@ -223,9 +223,8 @@ def fit_camera(
     With distortion the fit starts from ``start`` and zero coefficients, where the undistortion is
     well defined.
     """
-    if not distortion:
-        return learn_camera(x2d, x3d, start, iters=iters, quiet=quiet)
-    start = torch.cat([start[:4], torch.zeros(5, dtype=start.dtype, device=start.device)])
+    if distortion:
+        start = torch.cat([start[:4], torch.zeros(5, dtype=start.dtype, device=start.device)])
     return learn_camera(x2d, x3d, start, iters=iters, quiet=quiet)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -32,9 +32,30 @@ def check_tensor(name: str, t: object) -> Tensor:
     return t
 
 
+#: A value check: a 0-d bool tensor, True where the check fails, and the message that says so.
+Problem = tuple[Tensor, Callable[[], str]]
+
+
+def _raise_first(problems: Sequence[Problem]) -> None:
+    """Raise the message of the first failing check. Every condition is read from the device at
+    once (one host read, a GPU sync), and one by one only when something failed."""
+    if not problems or not bool(torch.stack([bad for bad, _ in problems]).any()):
+        return
+    for bad, message in problems:
+        if bool(bad):
+            raise PnPInputError(message())
+
+
+def _finite_problems(named: Sequence[tuple[str, Tensor | None]]) -> list[Problem]:
+    return [
+        (~torch.isfinite(t.detach()).all(), lambda name=name, t=t: f"{name}: contains NaN or inf (shape {_shape(t)})")
+        for name, t in named
+        if t is not None
+    ]
+
+
 def check_finite(name: str, t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise PnPInputError(f"{name}: contains NaN or inf (shape {_shape(t)})")
+    _raise_first(_finite_problems([(name, t)]))
 
 
 def check_same_device_dtype(named: Sequence[tuple[str, Tensor]]) -> None:
@@ -50,16 +71,25 @@ def check_same_device_dtype(named: Sequence[tuple[str, Tensor]]) -> None:
             )
 
 
-def check_camera_matrix(K: Tensor) -> None:
+def _camera_problems(K: Tensor) -> list[Problem]:
+    K = K.detach()
     lower = torch.stack([K[..., 1, 0], K[..., 2, 0], K[..., 2, 1]], -1)
-    if bool((lower != 0).any()):
-        raise PnPInputError(
-            f"K: expected upper-triangular camera matrices (K[1,0] = K[2,0] = K[2,1] = 0), shape {_shape(K)}"
-        )
-    if bool((K[..., 0, 0] <= 0).any()) or bool((K[..., 1, 1] <= 0).any()):
-        raise PnPInputError(f"K: focal lengths K[0,0] and K[1,1] must be positive, shape {_shape(K)}")
-    if bool((K[..., 2, 2] <= 0).any()):
-        raise PnPInputError(f"K: K[2,2] must be positive (usually 1), shape {_shape(K)}")
+    shape = _shape(K)
+    return [
+        (
+            (lower != 0).any(),
+            lambda: f"K: expected upper-triangular camera matrices (K[1,0] = K[2,0] = K[2,1] = 0), shape {shape}",
+        ),
+        (
+            ((K[..., 0, 0] <= 0) | (K[..., 1, 1] <= 0)).any(),
+            lambda: f"K: focal lengths K[0,0] and K[1,1] must be positive, shape {shape}",
+        ),
+        ((K[..., 2, 2] <= 0).any(), lambda: f"K: K[2,2] must be positive (usually 1), shape {shape}"),
+    ]
+
+
+def check_camera_matrix(K: Tensor) -> None:
+    _raise_first(_camera_problems(K))
 
 
 def canonical_pnp_inputs(
@@ -132,30 +162,17 @@ def canonical_pnp_shapes(
 def check_pnp_values(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None, init_pose: Tensor | None) -> None:
     """The checks of :func:`canonical_pnp_inputs` on the values (the inputs as given, batched or
     not): finite, K upper triangular with a positive diagonal, weights non-negative with 4
-    positive per item."""
+    positive per item. One host read of a device value when all pass (each check reading its own
+    would be a GPU sync each)."""
     named = [("x2d", x2d), ("x3d", x3d), ("K", K), ("weights", weights), ("init_pose", init_pose)]
-    if not _any_invalid(x2d, x3d, K, weights, init_pose):
-        return
-    # Something is wrong: the checks one by one, for the message that names it.
-    for name, t in named:
-        if t is not None:
-            check_finite(name, t)
-    check_camera_matrix(K.detach())
-    if weights is not None:
-        if bool((weights < 0).any()):
-            raise PnPInputError(f"weights: must be non-negative, got a minimum of {float(weights.min()):.3g}")
-        if bool(((weights > 0).sum(-1) < 4).any()):
-            raise PnPInputError("weights: every problem needs at least 4 points with positive weight")
-
-
-def _any_invalid(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None, init_pose: Tensor | None) -> bool:
-    """Whether any check of :func:`check_pnp_values` fails, with one host read of a device value
-    (each check on its own reads one: a GPU sync each)."""
-    K = K.detach()
-    bad = [~torch.isfinite(t.detach()).all() for t in (x2d, x3d, K, weights, init_pose) if t is not None]
-    lower = torch.stack([K[..., 1, 0], K[..., 2, 0], K[..., 2, 1]], -1)
-    bad += [(lower != 0).any(), (K[..., 0, 0] <= 0).any(), (K[..., 1, 1] <= 0).any(), (K[..., 2, 2] <= 0).any()]
+    problems = _finite_problems(named) + _camera_problems(K)
     if weights is not None:
         w = weights.detach()
-        bad += [(w < 0).any(), ((w > 0).sum(-1) < 4).any()]
-    return bool(torch.stack(bad).any())
+        problems += [
+            ((w < 0).any(), lambda: f"weights: must be non-negative, got a minimum of {float(w.min()):.3g}"),
+            (
+                ((w > 0).sum(-1) < 4).any(),
+                lambda: "weights: every problem needs at least 4 points with positive weight",
+            ),
+        ]
+    _raise_first(problems)
