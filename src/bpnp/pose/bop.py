@@ -25,6 +25,7 @@ __all__ = [
     "read_models_info",
     "write_models_info",
     "find_models_dir",
+    "model_path",
     "scene_dirs",
     "write_results_csv",
     "read_results_csv",
@@ -126,6 +127,11 @@ def find_models_dir(split_dir: str | Path) -> Path:
         if (cand / "models_info.json").is_file():
             return cand
     raise FileNotFoundError(f"{split_dir}: no models/models_info.json beside or inside it")
+
+
+def model_path(models_dir: str | Path, obj_id: int) -> Path:
+    """The mesh of object ``obj_id`` in a ``models/`` folder (BOP's ``obj_000001.ply``)."""
+    return Path(models_dir) / f"obj_{obj_id:06d}.ply"
 
 
 def read_models_info(models_dir: str | Path) -> dict[int, dict]:

@@ -89,8 +89,7 @@ def load_keypoints(dataset_dir: str | Path, obj_id: int, count: int = 8) -> np.n
             data = json.loads(path.read_text())
             if str(obj_id) in data:
                 return np.asarray(data[str(obj_id)], dtype=np.float64)
-    models = bop.find_models_dir(dataset_dir)
-    mesh = load_mesh(models / f"obj_{obj_id:06d}.ply", diameter_mm=None)
+    mesh = load_mesh(bop.model_path(bop.find_models_dir(dataset_dir), obj_id), diameter_mm=None)
     # load_mesh centres the mesh on its box; keypoints must be in the model's own frame.
     return farthest_point_keypoints(mesh, count, seed=0) + mesh.centre
 
@@ -126,7 +125,7 @@ def object_outline(split_dir: str | Path, obj_id: int) -> np.ndarray:
     import trimesh
 
     try:
-        path = bop.find_models_dir(split_dir) / f"obj_{obj_id:06d}.ply"
+        path = bop.model_path(bop.find_models_dir(split_dir), obj_id)
     except FileNotFoundError:
         return np.zeros((0, 3))
     if not path.is_file():
@@ -287,8 +286,7 @@ def keypoint_visibility(
     split_dir = Path(split_dir)
     anns = _instances(split_dir, _scenes(split_dir), obj_id, min_visib)[:limit]
     kp = np.asarray(keypoints3d, dtype=np.float64)
-    models = bop.find_models_dir(split_dir)
-    mesh = load_mesh(models / f"obj_{obj_id:06d}.ply", diameter_mm=None)
+    mesh = load_mesh(bop.model_path(bop.find_models_dir(split_dir), obj_id), diameter_mm=None)
     # load_mesh centres the model: rays must be cast in the file's (the poses') coordinates.
     mesh.vertices = mesh.vertices + mesh.centre
     R = np.stack([a.R for _, a in anns])

@@ -48,7 +48,7 @@ def model_points(split_dir: str | Path, obj_id: int, count: int = 1000) -> tuple
 
     models = bop.find_models_dir(split_dir)
     info = bop.read_models_info(models)[obj_id]
-    verts = np.asarray(trimesh.load(str(models / f"obj_{obj_id:06d}.ply"), process=False).vertices, dtype=np.float64)
+    verts = np.asarray(trimesh.load(str(bop.model_path(models, obj_id)), process=False).vertices, dtype=np.float64)
     return verts[:: max(1, len(verts) // count)], info
 
 
@@ -63,7 +63,7 @@ def check_same_object(keypoints3d: np.ndarray, split_dir: str | Path, obj_id: in
 
     models = bop.find_models_dir(split_dir)
     diameter = float(bop.read_models_info(models)[obj_id]["diameter"])
-    mesh = trimesh.load(str(models / f"obj_{obj_id:06d}.ply"), force="mesh", process=False)
+    mesh = trimesh.load(str(bop.model_path(models, obj_id)), force="mesh", process=False)
     rng = np.random.default_rng(0)
     surface = sample_surface(mesh.vertices, mesh.faces, 20000, rng) if len(mesh.faces) else mesh.vertices
     off = float(np.median(cKDTree(np.asarray(surface)).query(keypoints3d[:-1])[0]))

@@ -396,7 +396,7 @@ def write_model(
     out = Path(out)
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    write_ply(mesh, models / f"obj_{OBJ_ID:06d}.ply")
+    write_ply(mesh, bop.model_path(models, OBJ_ID))
     lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
     info = {"diameter": mesh.diameter, "min_x": lo[0], "min_y": lo[1], "min_z": lo[2]}
     info.update({"size_x": hi[0] - lo[0], "size_y": hi[1] - lo[1], "size_z": hi[2] - lo[2]})
