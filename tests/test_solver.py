@@ -222,3 +222,16 @@ def test_closed_form_3x3_solve_matches_lapack_and_flags_indefinite_systems():
     ref = torch.linalg.solve(A, rhs[..., None])[..., 0]
     assert torch.allclose(x[pd], ref[pd], rtol=1e-9, atol=1e-12)
     assert torch.equal(x[~pd], torch.zeros_like(x[~pd]))  # no step where A is not positive definite
+
+
+def test_rotate_by_equals_rodrigues_times_rotation():
+    # The solvers' update exp([v]_x) R in few kernels (sinc-based coefficients) against
+    # rvec_to_rotmat's Taylor-guarded ones, from v = 0 to angles near pi.
+    from bpnp.geometry import rotate_by
+
+    g = torch.Generator().manual_seed(5)
+    R = bpnp.rvec_to_rotmat(torch.randn(40, 3, dtype=torch.float64, generator=g))
+    for scale in (0.0, 1e-12, 1e-6, 1e-4, 1e-2, 1.0, 3.0):
+        v = scale * torch.randn(40, 3, dtype=torch.float64, generator=g)
+        expected = bpnp.rvec_to_rotmat(v) @ R
+        assert (rotate_by(v, R) - expected).abs().max() < 4e-15, scale

@@ -9,15 +9,17 @@ Derivatives are taken with respect to a local perturbation ``xi = (omega, tau)``
 - ``hess``: the exact ``d2f/dxi2`` (B, 6, 6): Gauss-Newton term plus the residual curvature
   of the projection and of the rotation.
 
-The per-point projection and residual (:func:`point_terms`) is the one kernel the torch solver,
-the cost and the backward (:mod:`bpnp.implicit`) share; the C solver (``solvers/native_pnp.c``)
-is its translation. Everything is written with differentiable tensor ops: the backward's
+The per-point projection and residual (``_projection``) is the one kernel the torch solver, the
+cost and the backward (:mod:`bpnp.implicit`, through :func:`point_terms`) share; the C solver
+(``solvers/native_pnp.c``) is its translation. :func:`cost_terms` is written for a GPU: about 40
+tensor operations (kernel launches) for the exact Hessian of any batch. Everything is written with differentiable tensor ops: the backward's
 double-backward differentiates :func:`cost_terms` (the Hessian) through autograd, and the tests
 check the closed-form backward against autograd through :func:`gradient_in_chart`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -31,12 +33,6 @@ class CostTerms(NamedTuple):
     grad: Tensor  # (B, 6)
     hess: Tensor | None  # (B, 6, 6) exact, or None
     min_depth: Tensor  # (B,) smallest camera-frame depth among points with weight > 0
-
-
-def camera_coefficients(K: Tensor) -> tuple[Tensor, ...]:
-    """Entries ``m00, m01, m11, c0, c1`` of ``K / K[2,2]`` used by the projection, each ``(B|1, 1)``."""
-    k22 = K[..., 2, 2]
-    return tuple((K[..., i, j] / k22)[..., None] for i, j in ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2)))
 
 
 class PointTerms(NamedTuple):
@@ -75,18 +71,36 @@ def point_terms(
     Returns:
         :class:`PointTerms`.
     """
-    P = R @ x3d.transpose(-1, -2)  # Bx3xN
+    P, depth, iz, ab, M, centre, pm, r = _projection(R, t, x2d, x3d, K, min_depth)
     P0, P1, P2 = P.unbind(-2)
-    depth = P2 + t[:, 2:3]
-    X2 = depth if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(depth, min_depth)
-    m00, m01, m11, c0, c1 = camera_coefficients(K)
-    iz = 1.0 / X2
-    a = (P0 + t[:, 0:1]) * iz
-    b = (P1 + t[:, 1:2]) * iz
-    ma = m00 * a + m01 * b
-    ru = ma + c0 - x2d[..., 0]
-    rv = m11 * b + c1 - x2d[..., 1]
-    return PointTerms(P, P0, P1, P2, depth, iz, a, b, ma, ru, rv, m00, m01, m11, c0, c1)
+    a, b = ab.unbind(-2)
+    ru, rv = r.unbind(-2)
+    m00, m01, m11 = M[:, 0, 0:1], M[:, 0, 1:2], M[:, 1, 1:2]
+    return PointTerms(P, P0, P1, P2, depth, iz, a, b, pm[:, 0], ru, rv, m00, m01, m11, centre[:, 0], centre[:, 1])
+
+
+class _Projection(NamedTuple):
+    P: Tensor  # (B, 3, n) R X, without t
+    depth: Tensor  # (B, n) z of R X + t (unclamped)
+    iz: Tensor  # (B, n) 1 / depth (clamped to min_depth)
+    ab: Tensor  # (B, 2, n) normalised image coordinates
+    M: Tensor  # (B|1, 2, 2) K[:2, :2] / K[2, 2]
+    centre: Tensor  # (B|1, 2, 1) K[:2, 2] / K[2, 2]
+    pm: Tensor  # (B, 2, n) M ab
+    r: Tensor  # (B, 2, n) pixel residuals (projection - x2d)
+
+
+def _projection(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, min_depth: Tensor | float) -> _Projection:
+    """The one projection and residual kernel: :func:`point_terms` and :func:`cost_terms` read it."""
+    P = R @ x3d.transpose(-1, -2)  # Bx3xN: R X, the lever arm of the rotation
+    depth = P[:, 2] + t[:, 2:3]
+    z = depth if isinstance(min_depth, float) and min_depth == 0.0 else torch.maximum(depth, min_depth)
+    iz = z.reciprocal()
+    ab = (P[:, :2] + t[:, :2, None]) * iz[:, None]
+    M = K[..., :2, :2].triu() / K[..., 2:, 2:]  # K[1, 0] is not read: K is upper triangular
+    centre = K[..., :2, 2:] / K[..., 2:, 2:]
+    pm = M @ ab
+    return _Projection(P, depth, iz, ab, M, centre, pm, (pm + centre) - x2d.transpose(-1, -2))
 
 
 def gradient_in_chart(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor) -> Tensor:
@@ -165,77 +179,60 @@ def cost_terms(
     Returns:
         :class:`CostTerms`.
     """
-    # Structure of arrays: every per-point quantity is a contiguous (B, n) tensor, which keeps
-    # the elementwise work on fast paths; the sums over points are batched matmuls.
-    pt = point_terms(R, t, x2d, x3d, K, min_depth)
-    P, P0, P1, P2, depth, iz, a, b, ma, ru, rv, m00, m01, m11, c0, c1 = pt
-    w0 = weights.expand(depth.shape)
-    big = torch.finfo(depth.dtype).max
-    seen_depth = torch.where(w0 > 0, depth, torch.full_like(depth, big)).amin(-1)
+    # Structure of arrays: per-point quantities are (B, k, n) tensors with the points last, and
+    # every sum over points is one batched matmul; the whole evaluation is ~45 tensor operations
+    # for any batch (each a kernel launch on a GPU).
+    P, depth, iz, _, M, _, pm, r = _projection(R, t, x2d, x3d, K, min_depth)
+    w0 = weights[:, None, :]
+    seen_depth = depth.masked_fill(weights <= 0, torch.finfo(depth.dtype).max).amin(-1)
     if loss == "l2":
         w = w0
     else:
-        rho, d1, d2 = robust_loss(ru * ru + rv * rv, loss, loss_scale)
-        w = w0 * d1
-    wru = w * ru
-    wrv = w * rv
-    cost = (wru * ru + wrv * rv).sum(-1) if loss == "l2" else (w0 * rho).sum(-1)
-    # d pixel / d X rows (gu, gv), and d pixel / d xi = [P x g, g].
-    gu0, gu1, gu2 = m00 * iz, m01 * iz, -ma * iz
-    gv1, gv2 = m11 * iz, -(m11 * b) * iz
-    zero = torch.zeros_like(iz)
-    J = torch.stack(
-        [
-            P1 * gu2 - P2 * gu1,
-            P2 * gu0 - P0 * gu2,
-            P0 * gu1 - P1 * gu0,
-            gu0,
-            gu1,
-            gu2,
-            P1 * gv2 - P2 * gv1,
-            -P0 * gv2,
-            P0 * gv1,
-            zero,
-            gv1,
-            gv2,
-        ],
-        -2,
-    )  # Bx12xN
-    Jt = J.reshape(J.shape[0], 2, 6, -1).transpose(1, 2).reshape(J.shape[0], 6, -1)  # Bx6x2N
-    wr = torch.cat([wru, wrv], -1)  # Bx2N
-    grad = 2.0 * (Jt @ wr[..., None])[..., 0]
+        rho, d1, d2 = robust_loss((r * r).sum(1), loss, loss_scale)
+        w = w0 * d1[:, None]
+    wr = w * r
+    cost = (wr * r).sum((1, 2)) if loss == "l2" else (weights * rho).sum(-1)
+    # G[:, :, k] = d pixel_k / d(R X + t) and J[:, :, k] = d pixel_k / d xi = [P x G_k, G_k].
+    G = torch.cat([M.transpose(-1, -2)[..., None] * iz[:, None, None], (pm * -iz[:, None])[:, None]], 1)  # Bx3x2xN
+    J = torch.cat([torch.linalg.cross(P[:, :, None].expand_as(G), G, dim=1), G], 1).flatten(2)  # Bx6x2N
+    grad = 2.0 * (J @ wr.flatten(1)[..., None])[..., 0]
     if not hessian:
         return CostTerms(cost, grad, None, seen_depth)
-    hess = (Jt * torch.cat([w, w], -1)[:, None, :]) @ Jt.transpose(-1, -2)  # Gauss-Newton / 2
+    gn = (J * w.expand(-1, 2, -1).flatten(1)[:, None]) @ J.transpose(-1, -2)  # Gauss-Newton / 2
     if loss != "l2":
         # rho'' term: ds_i/dxi = 2 J_i^T r_i, so (1/2) sum w rho'' (2 J^T r)(2 J^T r)^T.
-        n = depth.shape[-1]
-        G = Jt[..., :n] * ru[:, None] + Jt[..., n:] * rv[:, None]  # Bx6xN
-        hess = hess + (G * (2.0 * w0 * d2)[:, None]) @ G.transpose(-1, -2)
+        Jr = (J.unflatten(2, (2, -1)) * r[:, None]).sum(2)  # Bx6xN
+        gn = gn + (Jr * (2.0 * weights * d2)[:, None]) @ Jr.transpose(-1, -2)
     if hessian == "gauss-newton":
-        return CostTerms(cost, grad, 2.0 * hess, seen_depth)
+        return CostTerms(cost, grad, 2.0 * gn, seen_depth)
 
-    # Residual curvature. Of d2 pixel/dX2 (weighted by the residuals) only three entries are
-    # non-zero: c02, c12, c22; with j_k = dX_k/dxi = [P x e_k, e_k] its pull-back is
-    # sum (j2 b^T + b j2^T), b = c02 j0 + c12 j1 + c22/2 j2: one batched matmul.
-    q0 = m00 * wru  # (M^T r) times the weight, M = K[:2,:2]/k22
-    q1 = m01 * wru + m11 * wrv
-    iz2 = iz * iz
-    c02 = -q0 * iz2
-    c12 = -q1 * iz2
-    c22h = (q0 * a + q1 * b) * iz2  # c22 / 2
-    j2 = torch.stack([P1, -P0, zero, zero, zero, torch.ones_like(iz)], -2)  # Bx6xN
-    bvec = torch.stack([-c12 * P2 + c22h * P1, c02 * P2 - c22h * P0, -c02 * P1 + c12 * P0, c02, c12, c22h], -2)
-    curv = j2 @ bvec.transpose(-1, -2)  # Bx6x6
-    # Rotation curvature: sym(s P^T) - (s.P) I in the rotation block, s = w (dpix/dX)^T r.
-    s = torch.stack([wru * gu0, wru * gu1 + wrv * gv1, wru * gu2 + wrv * gv2], -2)  # Bx3xN
+    # Residual curvature. With s = sum_k G_k w r_k (d cost / d(R X + t), halved), the weighted
+    # second derivatives of the pixels have three non-zero entries, (c02, c12, c22 / 2) = -s / z;
+    # with j2 = d depth / d xi = [P x e2, e2] their pull-back is sum j2 b^T + b j2^T,
+    # b = [P x c, c]. The rotation adds sym(s P^T) - (s.P) I to its block.
+    s = (G * wr[:, None]).sum(2)  # Bx3xN
+    c = s * iz[:, None]
+    b = torch.cat([torch.linalg.cross(P, c, dim=1), c], 1)  # Bx6xN, the negated b
+    depth_row, depth_const, rot_block = _hessian_constants(P.dtype, P.device)
+    j2 = depth_row @ P + depth_const  # Bx6xN
     sP = s @ P.transpose(-1, -2)  # Bx3x3
-    eye = torch.eye(3, dtype=R.dtype, device=R.device)
-    rot = 0.5 * (sP + sP.transpose(-1, -2)) - sP.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye
-    hess = hess + curv + curv.transpose(-1, -2)
-    hess = torch.cat([torch.cat([hess[..., :3, :3] + rot, hess[..., :3, 3:]], -1), hess[..., 3:, :]], -2)
-    hess = 2.0 * hess
-    return CostTerms(cost, grad, hess, seen_depth)
+    half = 0.5 * gn - j2 @ b.transpose(-1, -2) + torch.nn.functional.pad(0.5 * sP, (0, 3, 0, 3))
+    hess = half + half.transpose(-1, -2) - sP.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] * rot_block
+    return CostTerms(cost, grad, 2.0 * hess, seen_depth)
+
+
+@functools.cache
+def _hessian_constants(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Constants of :func:`cost_terms`' Hessian on ``device`` (made once): ``A (6, 3)`` and
+    ``e (6, 1)`` with ``A P + e = d depth / d xi = (P1, -P0, 0, 0, 0, 1)``, and the ``(6, 6)``
+    identity of the rotation block."""
+    A = torch.zeros(6, 3, dtype=dtype, device=device)
+    A[0, 1], A[1, 0] = 1.0, -1.0
+    e = torch.zeros(6, 1, dtype=dtype, device=device)
+    e[5] = 1.0
+    rot = torch.zeros(6, 6, dtype=dtype, device=device)
+    rot[:3, :3] = torch.eye(3, dtype=dtype, device=device)
+    return A, e, rot
 
 
 def cost_only(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor) -> Tensor:

@@ -9,6 +9,9 @@ All functions accept arbitrary leading batch dimensions and are differentiable.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from torch import Tensor
 
@@ -80,6 +83,40 @@ def rvec_to_rotmat(rvec: Tensor) -> Tensor:
     k = skew(rvec)
     eye = torch.eye(3, dtype=rvec.dtype, device=rvec.device).expand(k.shape)
     return eye + a * k + b * (k @ k)
+
+
+def rotate_by(rvec: Tensor, R: Tensor) -> Tensor:
+    """``rvec_to_rotmat(rvec) @ R`` in ten tensor operations, for the solvers' updates.
+
+    Rodrigues' coefficients ``sin(t)/t`` and ``(1 - cos t)/t^2 = sinc(t/2)^2 / 2`` come from
+    :func:`torch.sinc`, exact at ``t = 0``; the values equal :func:`rvec_to_rotmat`'s to rounding,
+    but second derivatives through it at ``rvec = 0`` are not smooth (use :func:`rvec_to_rotmat`
+    where autograd differentiates twice).
+
+    Args:
+        rvec: ``(..., 3)``; R: ``(..., 3, 3)`` (broadcast against each other).
+    Returns:
+        ``(..., 3, 3)``.
+    """
+    generators, scales, powers = _rodrigues_constants(rvec.dtype, rvec.device)
+    sincs = torch.sinc(torch.linalg.vector_norm(rvec, dim=-1, keepdim=True) * scales)
+    coef = sincs.pow(powers) / powers  # (sin t / t, (1 - cos t) / t^2)
+    k = (rvec @ generators).unflatten(-1, (3, 3))  # [rvec]_x
+    kR = k @ R
+    return torch.addcmul(torch.addcmul(R, coef[..., :1, None], kR), coef[..., 1:, None], k @ kR)
+
+
+@functools.cache
+def _rodrigues_constants(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`rotate_by`'s constants on ``device`` (made once): the ``(3, 9)`` map of a vector to
+    its flattened cross-product matrix, the sinc arguments' scales ``(1/pi, 1/(2 pi))`` per unit
+    angle, and the powers ``(1, 2)`` (their inverses are also the coefficients' factors)."""
+    generators = torch.zeros(3, 3, 3, dtype=dtype, device=device)
+    for k, (i, j) in enumerate(((1, 2), (2, 0), (0, 1))):
+        generators[k, i, j], generators[k, j, i] = -1.0, 1.0
+    scales = torch.tensor([1.0 / math.pi, 0.5 / math.pi], dtype=dtype, device=device)
+    powers = torch.tensor([1.0, 2.0], dtype=dtype, device=device)
+    return generators.reshape(3, 9), scales, powers
 
 
 def rotmat_to_quaternion(R: Tensor) -> Tensor:

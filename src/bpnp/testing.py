@@ -137,7 +137,9 @@ def best_known_minimum(
     return cost.gather(1, best[:, None])[:, 0] * norm.weight[:, 0] * norm.focal[:, 0] ** 2, pose
 
 
-#: ATen operations that launch no kernel of their own: views and metadata.
+#: ATen operations that launch no kernel of their own: views and metadata (``_unsafe_view`` is the
+#: view ``matmul`` returns), and ``scalar_tensor``, the host scalar a Python number becomes when it is
+#: an operand (``torch.where(mask, x, 0.0)``).
 NOT_LAUNCHES = frozenset(
     "aten::" + name
     for name in (
@@ -145,6 +147,7 @@ NOT_LAUNCHES = frozenset(
         "squeeze", "permute", "transpose", "t", "empty_like", "empty_strided", "unbind", "split", "narrow",
         "_reshape_alias", "lift_fresh", "resolve_conj", "resolve_neg", "expand_as", "view_as", "diagonal",
         "unflatten", "flatten", "contiguous", "to", "result_type", "split_with_sizes", "chunk", "lift",
+        "_unsafe_view", "scalar_tensor",
     )
 )  # fmt: skip
 

@@ -18,7 +18,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from ..geometry import quaternion_to_rotmat, rotmat_to_quaternion, rvec_to_rotmat
+from ..geometry import quaternion_to_rotmat, rotate_by, rotmat_to_quaternion
 from ..options import SolverOptions
 
 
@@ -99,24 +99,23 @@ _ADJUGATE = (0, 1, 2, 1, 3, 4, 2, 4, 5)
 
 @functools.cache
 def _cofactor_indices(device: torch.device) -> tuple[Tensor, Tensor]:
-    """:data:`_COFACTOR_TERMS` and :data:`_ADJUGATE` as index tensors on ``device`` (made once)."""
-    return torch.tensor(_COFACTOR_TERMS, device=device), torch.tensor(_ADJUGATE, device=device)
+    """:data:`_COFACTOR_TERMS` (flattened) and :data:`_ADJUGATE` as index tensors on ``device``
+    (made once)."""
+    return torch.tensor(_COFACTOR_TERMS, device=device).flatten(), torch.tensor(_ADJUGATE, device=device)
 
 
 def _solve3_spd(A: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Solve ``A x = g`` for symmetric 3x3 ``A`` in closed form (cofactors); also whether A is PD.
-    The six cofactors are one gathered product, so the work is a few dozen elementwise operations
-    (kernels, on a GPU) for any batch; each entry is rounded as the scalar formulas would."""
+    The six cofactors are one gathered product, so the work is about a dozen elementwise
+    operations (kernels, on a GPU) for any batch."""
     flat = A.flatten(-2)
-    idx, adjugate = _cofactor_indices(A.device)
-    cof = flat[..., idx[0]] * flat[..., idx[1]] - flat[..., idx[2]] * flat[..., idx[3]]  # ...x6
-    p = flat[..., :3] * cof[..., :3]
-    det = p[..., 0] + p[..., 1] + p[..., 2]
-    pd = (flat[..., 0] > 0) & (cof[..., 5] > 0) & (det > 0)
-    det = torch.where(pd, det, torch.ones_like(det))
-    q = cof[..., adjugate].unflatten(-1, (3, 3)) * g[..., None, :]
-    x = (q[..., 0] + q[..., 1] + q[..., 2]) / det[..., None]
-    return torch.where(pd[..., None], x, torch.zeros_like(x)), pd
+    terms, adjugate = _cofactor_indices(A.device)
+    products = flat[..., terms].unflatten(-1, (2, 2, 6)).prod(-2)  # ...x2x6
+    cof = products[..., 0, :] - products[..., 1, :]  # c00, c01, c02, c11, c12, c22
+    det = (flat[..., :3] * cof[..., :3]).sum(-1)
+    pd = (torch.stack([flat[..., 0], cof[..., 5], det], -1) > 0).all(-1)
+    x = (cof[..., adjugate].unflatten(-1, (3, 3)) * g[..., None, :]).sum(-1) / torch.where(pd, det, 1.0)[..., None]
+    return torch.where(pd[..., None], x, 0.0), pd
 
 
 def minimise_on_so3(
@@ -136,43 +135,46 @@ def minimise_on_so3(
         ``R (B, S, 3, 3)`` and the cost ``(B, S)``.
     """
     B, S = R.shape[:2]
-    eye = torch.eye(3, dtype=R.dtype, device=R.device)
-    scale = omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None].clamp_min(1e-300)
+    generators = _skew_generators(R.dtype, R.device)
+    eye = generators.new_ones(3).diag()
+    floor = 1e-12 * omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
 
     def value(R):
-        r = R.reshape(B, S, 9)
-        o_r = r @ omega  # BxSx9 (omega symmetric)
-        return (r * o_r).sum(-1), o_r
+        o_r = R.reshape(B, S, 9) @ omega  # BxSx9 (omega symmetric)
+        return (R.reshape(B, S, 9) * o_r).sum(-1), o_r
 
     h, o_r = value(R)
     lam = torch.full((B, S), lam0, dtype=R.dtype, device=R.device)
     running = torch.ones(B, S, dtype=torch.bool, device=R.device) if active is None else active.clone()
     for _ in range(iters):
-        r0, r1, r2 = R[..., 0, :], R[..., 1, :], R[..., 2, :]
-        z = torch.zeros_like(r0)
-        # Rows of d vec(R)/d d_a = vec([e_a]_x R).
-        J = torch.stack(
-            [torch.cat([z, -r2, r1], -1), torch.cat([r2, z, -r0], -1), torch.cat([-r1, r0, z], -1)], -2
-        )  # BxSx3x9
-        grad = 2.0 * (J * o_r[..., None, :]).sum(-1)
-        JO = (J.reshape(B, S * 3, 9) @ omega).reshape(B, S, 3, 9)
+        J = (generators @ R[:, :, None]).flatten(-2)  # BxSx3x9, rows vec([e_a]_x R) = d vec(R)/d d_a
+        grad = 2.0 * (J @ o_r[..., None])[..., 0]
+        H_gn = 2.0 * (J.reshape(B, S * 3, 9) @ omega).reshape(B, S, 3, 9) @ J.transpose(-1, -2)
         N = R @ o_r.reshape(B, S, 3, 3).transpose(-1, -2)
-        H_gn = 2.0 * (JO @ J.transpose(-1, -2))
-        H = H_gn + (N + N.transpose(-1, -2)) - 2.0 * N.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye
-        damp = torch.diag_embed(lam[..., None] * H_gn.diagonal(dim1=-2, dim2=-1).clamp_min(1e-12 * scale[..., None]))
+        X = N - N.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye
+        H = H_gn + (X + X.transpose(-1, -2))
+        damp = torch.diag_embed(lam[..., None] * torch.maximum(H_gn.diagonal(dim1=-2, dim2=-1), floor))
         # Far from a minimum the exact Hessian can be indefinite: then the Gauss-Newton step.
-        both, both_pd = _solve3_spd(torch.stack([H, H_gn]) + damp, -grad)
-        step = torch.where(both_pd[0, ..., None], both[0], both[1])
-        pd = both_pd[0] | both_pd[1]
-        R_new = rvec_to_rotmat(step) @ R
+        both, both_pd = _solve3_spd(torch.stack([H, H_gn]) + damp, grad)
+        step = -torch.where(both_pd[0, ..., None], both[0], both[1])
+        R_new = rotate_by(step, R)
         h_new, o_new = value(R_new)
-        ok = running & pd & (h_new <= h)
+        ok = running & (both_pd[0] | both_pd[1]) & (h_new <= h)
         R = torch.where(ok[..., None, None], R_new, R)
         h = torch.where(ok, h_new, h)
         o_r = torch.where(ok[..., None], o_new, o_r)
-        lam = torch.where(ok, lam * 0.1, lam * 10.0).clamp(1e-12, 1e12)
+        lam = (lam * torch.where(ok, 0.1, 10.0)).clamp(1e-12, 1e12)
         running = running & ~(ok & ((step * step).sum(-1) < 1e-24))
-    return orthonormalise(R), h
+    # The updates keep R a rotation to rounding; one Newton-Schulz step of the polar factor,
+    # R (3 I - R^T R) / 2, removes the drift (as orthonormalise would, to O(eps^2)).
+    return torch.sub(1.5 * R, R @ (R.transpose(-1, -2) @ R), alpha=0.5), h
+
+
+@functools.cache
+def _skew_generators(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(3, 3, 3)`` the cross-product matrices ``[e_a]_x`` on ``device`` (made once)."""
+    eye = torch.eye(3, dtype=dtype, device=device)
+    return torch.linalg.cross(eye[None].expand(3, 3, 3), eye[:, None, :].expand(3, 3, 3))  # row i: e_i x e_a
 
 
 def _object_space(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor) -> tuple[Tensor, ...]:

@@ -38,10 +38,9 @@ def _damped_step(hess: Tensor, grad: Tensor, damp: Tensor | None) -> tuple[Tenso
     A = hess if damp is None else hess + torch.diag_embed(damp)
     L, info = torch.linalg.cholesky_ex(A)
     pd = info == 0
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    L = torch.where(pd[:, None, None], L, eye)
-    step = -torch.cholesky_solve(grad[..., None], L)[..., 0]
-    return torch.where(pd[:, None], step, torch.zeros_like(step)), pd
+    # Where A is not positive definite L holds garbage and so may the solve: the step is zero.
+    step = torch.cholesky_solve(grad[..., None], L)[..., 0]
+    return torch.where(pd[:, None], step, 0.0).neg(), pd
 
 
 def _newton_polish(
@@ -146,18 +145,22 @@ def levenberg_marquardt(
         trial = retract(st, step)
         t_cost, t_grad, t_hess = evaluate(trial, idx)
         g_step = (grad * step).sum(-1)
-        predicted = -(g_step + 0.5 * (step[:, None, :] @ hess @ step[:, :, None])[:, 0, 0])
-        ok = pd & torch.isfinite(t_cost) & (t_cost <= cost) & ~done
-        rho = (cost - t_cost) / torch.where(predicted.abs() > 0, predicted, torch.ones_like(predicted))
+        # -(g.step + step.H.step / 2)
+        predicted = -(step * torch.add(grad, (hess @ step[..., None])[..., 0], alpha=0.5)).sum(-1)
+        trying = pd & ~done
+        # (a trial cost that is not finite never passes: active items have finite costs)
+        ok = trying & (t_cost <= cost)
+        rho = (cost - t_cost) / torch.where(predicted.abs() > 0, predicted, 1.0)
         # Nielsen's damping update (with a faster shrink, so we reach Newton steps sooner).
         shrink = torch.clamp(1.0 - (2.0 * rho - 1.0) ** 3, min=0.1)
-        lam = torch.where(ok, lam * shrink, torch.where(done, lam, lam * nu)).clamp(1e-15, 1e30)
-        nu = torch.where(ok, torch.full_like(nu, 2.0), torch.where(done, nu, nu * 2.0))
-        tol = rtol * cost + at
-        newly = ok & (-g_step <= tol)
+        lam = (lam * torch.where(ok, shrink, torch.where(done, 1.0, nu))).clamp(1e-15, 1e30)
+        nu = torch.where(ok, 2.0, torch.where(done, nu, 2.0 * nu))
+        # Converged: the decrement -g.step is within rtol * cost + atol (as g.step >= -that).
+        neg_tol = cost * -rtol - at
+        newly = ok & (g_step >= neg_tol)
         # A step that cannot lower the cost any more is at the floor of float precision; an item
         # whose damping exploded has stalled.
-        at_floor = ~ok & ~done & pd & (-g_step <= 1e3 * tol)
+        at_floor = (trying ^ ok) & (g_step >= 1e3 * neg_tol)
         blown = lam >= 1e20
         st = tuple(_select(ok, a, b) for a, b in zip(trial, st))
         cost = torch.where(ok, t_cost, cost)
@@ -166,7 +169,7 @@ def levenberg_marquardt(
         conv = conv | newly | (at_floor & ~blown)
         done = done | newly | at_floor | blown
         if it % check_every == 0:
-            active = int((~done).sum())
+            active = done.numel() - int(done.sum())
             if active == 0:
                 break
             if compact and active <= done.numel() // 2:

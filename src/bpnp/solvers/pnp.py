@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..cost import cost_terms, distorted_cost_terms, point_terms
-from ..geometry import rvec_to_rotmat
+from ..geometry import rotate_by
 from ..options import MAX_CANDIDATES, SolverOptions
 from .candidates import initial_poses
 from .lm import LMResult, levenberg_marquardt
@@ -79,28 +78,21 @@ def refine(
     if depth_floor is None:
         depth_floor = start_depth_floor(t, options)
 
+    scale = loss_scale if isinstance(loss_scale, Tensor) else torch.full_like(depth_floor, loss_scale)
+    terms = cost_terms if dist is None else distorted_cost_terms
+    hessian = True if exact_hessian else "gauss-newton"
+
     def evaluate(state, idx):
-        scale = loss_scale if isinstance(loss_scale, Tensor) else torch.full_like(depth_floor, loss_scale)
         data = (x2d, x3d, K, weights, depth_floor, scale) + (() if dist is None else (dist,))
         if idx is not None:
             data = tuple(x if x.shape[0] == 1 else x[idx] for x in data)
-        terms = cost_terms if dist is None else partial(distorted_cost_terms, dist=data[6])
-        ct = terms(
-            state[0],
-            state[1],
-            *data[:4],
-            hessian=True if exact_hessian else "gauss-newton",
-            min_depth=data[4],
-            loss=loss,
-            loss_scale=data[5],
-        )
-        bad = ct.min_depth <= data[4][:, 0]
+        extra = {} if dist is None else {"dist": data[6]}
+        ct = terms(*state, *data[:4], hessian=hessian, min_depth=data[4], loss=loss, loss_scale=data[5], **extra)
         # A pose that puts weighted points behind the camera is not a valid trial point.
-        cost = torch.where(bad, torch.full_like(ct.cost, float("inf")), ct.cost)
-        return cost, ct.grad, ct.hess
+        return ct.cost.masked_fill(ct.min_depth <= data[4][:, 0], float("inf")), ct.grad, ct.hess
 
     def retract(state, step):
-        return rvec_to_rotmat(step[:, :3]) @ state[0], state[1] + step[:, 3:]
+        return rotate_by(step[:, :3], state[0]), state[1] + step[:, 3:]
 
     def negligible(state, step):
         # A step below float64 resolution cannot move the pose: the answer is final.
