@@ -175,10 +175,15 @@ def main() -> None:
         kind = "with distortion" if row["distortion"] else "pinhole"
         L.append(f"- Calibration, {row['set']}, {kind}: {ratio:.1f}x OpenCV, goal <= 10 ({ok(ratio <= 10)}).")
     torch_counts = [c for c in load("bench_latency")["launches"] if c["backend"] == "torch"]
+    launches = [c["launches"] for c in torch_counts]
+    under = [str(c["B"]) for c in torch_counts if c["launches"] <= 2000]
+    budget = "met" if len(under) == len(launches) else ("met at B = " + ", ".join(under) if under else "not met")
+    native = ", ".join(str(c["launches"]) for c in load("bench_latency")["launches"] if c["backend"] == "native")
     L.append(
         "- The torch solver's kernel launches per fwd+bwd <= 2,000 and <= 2 host syncs at B = 1, 128, 1024: "
         + ", ".join(f"{c['launches']} ({c['syncs']} syncs)" for c in torch_counts)
-        + " (not met; the C solver's fused path: 4, no sync)."
+        + f" (<= 2,000: {budget}; within 5% of each other: {ok(max(launches) <= 1.05 * min(launches))}; "
+        + f"<= 2 syncs: {ok(max(c['syncs'] for c in torch_counts) <= 2)}; the C solver's fused path: {native})."
     )
     es = {b: r["exponents"] for b, r in bs["backends"].items()}
     L.append(

@@ -110,11 +110,13 @@ def _solve3_spd(A: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     operations (kernels, on a GPU) for any batch."""
     flat = A.flatten(-2)
     terms, adjugate = _cofactor_indices(A.device)
-    products = flat[..., terms].unflatten(-1, (2, 2, 6)).prod(-2)  # ...x2x6
+    factors = flat.index_select(-1, terms).unflatten(-1, (2, 2, 6))
+    products = factors[..., 0, :] * factors[..., 1, :]  # ...x2x6
     cof = products[..., 0, :] - products[..., 1, :]  # c00, c01, c02, c11, c12, c22
     det = (flat[..., :3] * cof[..., :3]).sum(-1)
     pd = (torch.stack([flat[..., 0], cof[..., 5], det], -1) > 0).all(-1)
-    x = (cof[..., adjugate].unflatten(-1, (3, 3)) * g[..., None, :]).sum(-1) / torch.where(pd, det, 1.0)[..., None]
+    adj = cof.index_select(-1, adjugate).unflatten(-1, (3, 3))
+    x = (adj * g[..., None, :]).sum(-1) / torch.where(pd, det, 1.0)[..., None]
     return torch.where(pd[..., None], x, 0.0), pd
 
 
@@ -136,7 +138,7 @@ def minimise_on_so3(
     """
     B, S = R.shape[:2]
     generators = _skew_generators(R.dtype, R.device)
-    eye = generators.new_ones(3).diag()
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
     floor = 1e-12 * omega.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-300)
 
     def value(R):
@@ -147,7 +149,7 @@ def minimise_on_so3(
     lam = torch.full((B, S), lam0, dtype=R.dtype, device=R.device)
     running = torch.ones(B, S, dtype=torch.bool, device=R.device) if active is None else active.clone()
     for _ in range(iters):
-        J = (generators @ R[:, :, None]).flatten(-2)  # BxSx3x9, rows vec([e_a]_x R) = d vec(R)/d d_a
+        J = (R.reshape(B, S, 9) @ generators).unflatten(-1, (3, 9))  # BxSx3x9, rows vec([e_a]_x R)
         grad = 2.0 * (J @ o_r[..., None])[..., 0]
         H_gn = 2.0 * (J.reshape(B, S * 3, 9) @ omega).reshape(B, S, 3, 9) @ J.transpose(-1, -2)
         N = R @ o_r.reshape(B, S, 3, 3).transpose(-1, -2)
@@ -172,9 +174,12 @@ def minimise_on_so3(
 
 @functools.cache
 def _skew_generators(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(3, 3, 3)`` the cross-product matrices ``[e_a]_x`` on ``device`` (made once)."""
+    """``(9, 27)`` the linear map ``vec(R) -> [vec([e_0]_x R), vec([e_1]_x R), vec([e_2]_x R)]``
+    on ``device`` (made once): the rows of d vec(R) / d d_a, for all starts in one matmul."""
     eye = torch.eye(3, dtype=dtype, device=device)
-    return torch.linalg.cross(eye[None].expand(3, 3, 3), eye[:, None, :].expand(3, 3, 3))  # row i: e_i x e_a
+    skews = torch.linalg.cross(eye[None].expand(3, 3, 3), eye[:, None, :].expand(3, 3, 3))  # [e_a]_x
+    # vec(G R)[3 i + j] = sum_k G[i, k] R[k, j]: the map takes R[k, j] to it with weight G[i, k].
+    return torch.einsum("aik,jl->kjail", skews, eye).reshape(9, 27)
 
 
 def _object_space(x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor) -> tuple[Tensor, ...]:

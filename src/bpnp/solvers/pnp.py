@@ -160,9 +160,9 @@ def solve_pnp_forward(
         def take(x: Tensor | None) -> Tensor | None:
             return x if x is None or x.shape[0] == 1 else x[idx]
 
-        return list(
-            _solve_pass(x2d[idx], take(x3d), take(K), take(weights), take(init_R), take(init_t), opts, check_every)
-        )
+        data = (x2d[idx], take(x3d), take(K), take(weights))
+        starts = _pass_starts(*data, take(init_R), take(init_t), opts, check_every)
+        return _pass_select(starts, *_refine_starts([starts.lm], *data, opts, check_every), opts)
 
     everything = torch.arange(B, device=x2d.device)
     result = run(everything, o) if not bool(small.any()) else None
@@ -178,21 +178,70 @@ def solve_pnp_forward(
         heavy = heavy | needle_like(x3d, weights, o.thin_ratio).expand(B)
         again = ((result[7] | heavy) & ~small).nonzero()[:, 0]
         if again.numel():
-            second_pass = run(again, full)
-            better = second_pass[2] < result[2][again]
-            result = _merge(result, second_pass, again[better], B, rows=better.nonzero()[:, 0])
-            if o.cube_starts:
-                take = lambda x: x if x.shape[0] == 1 else x[again]  # noqa: E731
-                third = list(_cube_pass(x2d[again], take(x3d), take(K), take(weights), o, check_every))
-                better = third[2] < result[2][again]
-                # The answer it replaces is another minimum, when its pose differs.
-                dR = (third[0] - result[0][again]).flatten(1).norm(dim=-1)
-                dt = (third[1] - result[1][again]).norm(dim=-1)
-                distinct = (dR > o.dedupe) | (dt > o.dedupe * third[1].norm(dim=-1))
-                old_cost = torch.where(distinct, result[2][again], torch.full_like(dR, float("inf")))
-                third[6] = torch.minimum(result[6][again], old_cost)
-                result = _merge(result, third, again[better], B, rows=better.nonzero()[:, 0])
+            result = _escalate(result, again, x2d, x3d, K, weights, init_R, init_t, o, check_every)
     return _finish(*result[:7], o)
+
+
+def _escalate(result: list, again: Tensor, x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_every):
+    """The second and third passes of the problems ``again`` (the exhaustive search, and LM from
+    the cube's rotations), the better answer winning each time (ties: the earlier). Their LM
+    starts run as one batch (each start's run is its own: the answers of separate runs, in the
+    iterations of the longer one)."""
+    B = x2d.shape[0]
+
+    def take(x: Tensor | None) -> Tensor | None:
+        return x if x is None or x.shape[0] == 1 else x[again]
+
+    data = (x2d[again], take(x3d), take(K), take(weights))
+    full = exhaustive_options(o)
+    second = _pass_starts(*data, take(init_R), take(init_t), full, check_every)
+    parts = [second.lm] + ([_cube_starts(*data, o, check_every)] if o.cube_starts else [])
+    outs = _refine_starts(parts, *data, o, check_every)
+    second_pass = _pass_select(second, outs[0], full)
+    better = second_pass[2] < result[2][again]
+    result = _merge(result, second_pass, again[better], B, rows=better.nonzero()[:, 0])
+    if not o.cube_starts:
+        return result
+    third = _cube_select(parts[1], outs[1], again.numel())
+    better = third[2] < result[2][again]
+    # The answer it replaces is another minimum, when its pose differs.
+    dR = (third[0] - result[0][again]).flatten(1).norm(dim=-1)
+    dt = (third[1] - result[1][again]).norm(dim=-1)
+    distinct = (dR > o.dedupe) | (dt > o.dedupe * third[1].norm(dim=-1))
+    old_cost = torch.where(distinct, result[2][again], torch.full_like(dR, float("inf")))
+    third[6] = torch.minimum(result[6][again], old_cost)
+    return _merge(result, third, again[better], B, rows=better.nonzero()[:, 0])
+
+
+class _Starts(NamedTuple):
+    """LM starts of one pass: ``R (M, 3, 3)``, ``t (M, 3)``, their depth floors ``(M, 1)`` and the
+    problem of each ``item (M,)``."""
+
+    R: Tensor
+    t: Tensor
+    floor: Tensor
+    item: Tensor
+
+
+def _refine_starts(parts: list[_Starts], x2d, x3d, K, weights, o: SolverOptions, check_every: int) -> list[LMResult]:
+    """LM from the starts of one or more passes over the same problems, as one batch; the
+    :class:`~bpnp.solvers.lm.LMResult` of each part (``iterations``: the batch's)."""
+    item = torch.cat([part.item for part in parts])
+
+    def take(x: Tensor) -> Tensor:
+        return x if x.shape[0] == 1 else x[item]
+
+    R, t, floor = (torch.cat([getattr(part, f) for part in parts]) for f in ("R", "t", "floor"))
+    out = refine(R, t, x2d[item], take(x3d), take(K), take(weights), o, check_every=check_every, depth_floor=floor)
+    if len(parts) == 1:
+        return [out]
+    results, start = [], 0
+    for part in parts:
+        rows = slice(start, start + part.item.numel())
+        start = rows.stop
+        fields = (out.cost, out.grad, out.hess, out.converged)
+        results.append(LMResult(tuple(s[rows] for s in out.state), *(f[rows] for f in fields), out.iterations))
+    return results
 
 
 def cube_rotations(dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -203,10 +252,10 @@ def cube_rotations(dtype: torch.dtype, device: torch.device) -> Tensor:
     return _rotation_group(dtype, device, 24)
 
 
-def _cube_pass(x2d, x3d, K, weights, o: SolverOptions, check_every: int):
-    """LM from the 24 cube rotations, the object on the mean ray of its pixels at the depth that
-    matches their spread (moved in front of the camera where needed); screened, then refined;
-    returns ``_solve_pass``'s tuple for the best start of each problem."""
+def _cube_starts(x2d, x3d, K, weights, o: SolverOptions, check_every: int) -> _Starts:
+    """The third pass's LM starts: the 24 cube rotations, the object on the mean ray of its pixels
+    at the depth that matches their spread (moved in front of the camera where needed),
+    screened."""
     from .candidates import normalised_rays
 
     B, n, _ = x2d.shape
@@ -225,12 +274,12 @@ def _cube_pass(x2d, x3d, K, weights, o: SolverOptions, check_every: int):
     nearest = torch.where(w[item] > 0, depth, torch.full_like(depth, float("inf"))).amin(-1)
     margin = o.depth_margin * object_size(x3d, weights).expand(B, 1)[item, 0]
     t0[:, 2] = torch.where(nearest <= 0, t0[:, 2] + (margin - nearest), t0[:, 2])
-
-    def take(x: Tensor) -> Tensor:
-        return x if x.shape[0] == 1 else x[item]
-
     floor = start_depth_floor(t0, o)
     if o.screen_iter > 0:
+
+        def take(x: Tensor) -> Tensor:
+            return x if x.shape[0] == 1 else x[item]
+
         pre = refine(
             R0, t0, x2d[item], take(x3d), take(K), take(weights), o, max_iter=o.screen_iter,
             check_every=check_every, polish_steps=0, depth_floor=floor,
@@ -241,25 +290,29 @@ def _cube_pass(x2d, x3d, K, weights, o: SolverOptions, check_every: int):
         )
         keep = c <= o.screen_ratio * item_best[item] + 1e-12
         R0, t0, floor, item = pre.state[0][keep], pre.state[1][keep], floor[keep], item[keep]
-    out = refine(R0, t0, x2d[item], take(x3d), take(K), take(weights), o, check_every=check_every, depth_floor=floor)
+    return _Starts(R0, t0, floor, item)
+
+
+def _cube_select(starts: _Starts, out: LMResult, B: int) -> list:
+    """The third pass's answer (``_pass_select``'s list) from its LM: each problem's best start."""
+    item = starts.item
+    device = item.device
     cost = torch.nan_to_num(out.cost, nan=float("inf"))
     # first lowest per problem (the C solver's order)
-    item_best = torch.full((B,), float("inf"), dtype=cost.dtype, device=cost.device).scatter_reduce(
+    item_best = torch.full((B,), float("inf"), dtype=cost.dtype, device=device).scatter_reduce(
         0, item, cost, reduce="amin"
     )
-    ar = torch.arange(item.numel(), device=x2d.device)
+    ar = torch.arange(item.numel(), device=device)
     is_best = cost == item_best[item]
-    first = torch.full((B,), item.numel(), dtype=torch.long, device=x2d.device)
+    first = torch.full((B,), item.numel(), dtype=torch.long, device=device)
     first = first.scatter_reduce(0, item[is_best], ar[is_best], reduce="amin")
     # problems none of whose starts survived (all inf): take their first start
     none = first >= item.numel()
-    any_row = torch.full((B,), item.numel(), dtype=torch.long, device=x2d.device).scatter_reduce(
-        0, item, ar, reduce="amin"
-    )
+    any_row = torch.full((B,), item.numel(), dtype=torch.long, device=device).scatter_reduce(0, item, ar, reduce="amin")
     sel = torch.where(none, any_row, first)
     ok = out.converged[sel] & torch.isfinite(cost[sel])
-    inf = torch.full((B,), float("inf"), dtype=x2d.dtype, device=x2d.device)
-    return out.state[0][sel], out.state[1][sel], cost[sel], out.hess[sel], ok, out.iterations, inf, none
+    inf = torch.full((B,), float("inf"), dtype=cost.dtype, device=device)
+    return [out.state[0][sel], out.state[1][sel], cost[sel], out.hess[sel], ok, out.iterations, inf, none]
 
 
 def refine_robust(
@@ -385,10 +438,20 @@ def _repair_depth(R0: Tensor, t0: Tensor, x3d: Tensor, weights: Tensor, o: Solve
     return t0, nearest <= 0
 
 
-def _solve_pass(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_every: int):
-    """One global search: candidates, depth repair, screening, refinement, selection; returns
-    ``(R, t, cost, hess, converged, iterations, second_cost, repaired)`` before the
-    well-posedness test (``repaired``: some candidate needed the depth repair)."""
+class _PassStarts(NamedTuple):
+    """A global search's LM starts (screened) and what its selection needs: the index of each
+    start among the ``B * k`` candidate slots, ``k``, ``B`` and which problems needed the depth
+    repair."""
+
+    lm: _Starts
+    flat: Tensor
+    k: int
+    B: int
+    repaired: Tensor
+
+
+def _pass_starts(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_every: int) -> _PassStarts:
+    """One global search up to its final LM: candidates, depth repair, screening."""
     B, n, _ = x2d.shape
     R0, t0, key = initial_poses(x2d, x3d, K, weights, o)
     t0, behind = _repair_depth(R0, t0, x3d, weights, o)
@@ -399,6 +462,8 @@ def _solve_pass(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_ev
         # The best-ranked candidate is valid: skip those whose object-space error is far worse.
         worth = worth & ((key[:, :1] >= 1.0) | (key <= o.object_ratio * key[:, :1] + 1e-12))
     worth[:, 0] = True
+    # The C solver repairs the candidates it refines: those worth it.
+    repaired = (behind & worth).any(-1)
     if init_R is not None:
         R0 = torch.cat([init_R[:, None], R0], 1)
         t0 = torch.cat([init_t[:, None], t0], 1)
@@ -417,18 +482,9 @@ def _solve_pass(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_ev
         # Screening: a few iterations for every candidate of items with several, then only those
         # within a factor of the item's best cost go on (the others sit in basins that cannot win).
         pre = refine(
-            Rf,
-            tf,
-            x2d[item],
-            take(x3d),
-            take(K),
-            take(weights),
-            o,
-            max_iter=o.screen_iter,
-            check_every=check_every,
-            polish_steps=0,
-            depth_floor=floor,
-        )
+            Rf, tf, x2d[item], take(x3d), take(K), take(weights), o, max_iter=o.screen_iter,
+            check_every=check_every, polish_steps=0, depth_floor=floor,
+        )  # fmt: skip
         c = torch.nan_to_num(pre.cost, nan=float("inf"))
         item_best = torch.full((B,), float("inf"), dtype=c.dtype, device=c.device)
         item_best = item_best.scatter_reduce(0, item, c, reduce="amin")
@@ -438,9 +494,16 @@ def _solve_pass(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_ev
         Rf = torch.where(several[:, None, None], pre.state[0], Rf)[keep]
         tf = torch.where(several[:, None], pre.state[1], tf)[keep]
         flat, item, floor = flat[keep], item[keep], floor[keep]
-    out = refine(Rf, tf, x2d[item], take(x3d), take(K), take(weights), o, check_every=check_every, depth_floor=floor)
+    return _PassStarts(_Starts(Rf, tf, floor, item), flat, k, B, repaired)
+
+
+def _pass_select(starts: _PassStarts, out: LMResult, o: SolverOptions) -> list:
+    """A global search's answer from its final LM: ``[R, t, cost, hess, converged, iterations,
+    second_cost, repaired]`` before the well-posedness test."""
+    flat, item, k, B = starts.flat, starts.lm.item, starts.k, starts.B
+    device, dtype = flat.device, out.cost.dtype
     Rr, tr = out.state
-    inf = torch.full((B * k,), float("inf"), dtype=x2d.dtype, device=x2d.device)
+    inf = torch.full((B * k,), float("inf"), dtype=dtype, device=device)
     cost = inf.index_copy(0, flat, torch.nan_to_num(out.cost, nan=float("inf"))).reshape(B, k)
     # A finite cost from refine() means every weighted point is in front of the camera; the first
     # lowest wins (the C solver's order).
@@ -448,22 +511,20 @@ def _solve_pass(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_ev
     none_valid = ~torch.isfinite(cost).any(-1)
     # Position of each item's winner among the refined candidates; without a valid one, the
     # first refined candidate.
-    ar = torch.arange(flat.numel(), device=x2d.device)
-    pos = torch.full((B * k,), -1, dtype=torch.long, device=x2d.device).index_copy(0, flat, ar)
-    first = torch.full((B,), flat.numel(), dtype=torch.long, device=x2d.device)
+    ar = torch.arange(flat.numel(), device=device)
+    pos = torch.full((B * k,), -1, dtype=torch.long, device=device).index_copy(0, flat, ar)
+    first = torch.full((B,), flat.numel(), dtype=torch.long, device=device)
     first = first.scatter_reduce(0, item, ar, reduce="amin")
-    sel = torch.where(none_valid, first, pos[torch.arange(B, device=x2d.device) * k + best])
+    sel = torch.where(none_valid, first, pos[torch.arange(B, device=device) * k + best])
     R, t, cost_sel, hess = Rr[sel], tr[sel], out.cost[sel], out.hess[sel]
     # The best other minimum: a refined valid candidate whose pose differs from the winner's.
     dR = (Rr - R[item]).flatten(1).norm(dim=-1)
     dt = (tr - t[item]).norm(dim=-1)
     distinct = (dR > o.dedupe) | (dt > o.dedupe * t[item].norm(dim=-1))
     other = torch.where(distinct & (ar != sel[item]), torch.nan_to_num(out.cost, nan=float("inf")), torch.inf)
-    second = torch.full((B,), float("inf"), dtype=x2d.dtype, device=x2d.device).scatter_reduce(0, item, other, "amin")
+    second = torch.full((B,), float("inf"), dtype=dtype, device=device).scatter_reduce(0, item, other, "amin")
     ok = out.converged[sel] & ~none_valid
-    # The C solver repairs the candidates it refines: those worth it.
-    repaired = (behind & worth[:, -behind.shape[1] :]).any(-1)
-    return R, t, cost_sel, hess, ok, out.iterations, second, repaired
+    return [R, t, cost_sel, hess, ok, out.iterations, second, starts.repaired]
 
 
 def _finish(
