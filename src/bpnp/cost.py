@@ -12,9 +12,10 @@ Derivatives are taken with respect to a local perturbation ``xi = (omega, tau)``
 The per-point projection and residual (``_projection``) is the one kernel the torch solver, the
 cost and the backward (:mod:`bpnp.implicit`, through :func:`point_terms`) share; the C solver
 (``solvers/native_pnp.c``) is its translation. :func:`cost_terms` is written for a GPU: about 40
-tensor operations (kernel launches) for the exact Hessian of any batch. Everything is written with differentiable tensor ops: the backward's
-double-backward differentiates :func:`cost_terms` (the Hessian) through autograd, and the tests
-check the closed-form backward against autograd through :func:`gradient_in_chart`.
+tensor operations (kernel launches) for the exact Hessian of any batch. Everything is written
+with differentiable tensor ops: the backward's double-backward differentiates :func:`cost_terms`
+(the Hessian) through autograd, and the tests check the closed-form backward against autograd
+through :func:`gradient_in_chart`.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def cost_terms(
     cost = (wr * r).sum((1, 2)) if loss == "l2" else (weights * rho).sum(-1)
     # G[:, :, k] = d pixel_k / d(R X + t) and J[:, :, k] = d pixel_k / d xi = [P x G_k, G_k].
     G = torch.cat([M.transpose(-1, -2)[..., None] * iz[:, None, None], (pm * -iz[:, None])[:, None]], 1)  # Bx3x2xN
-    J = torch.cat([torch.linalg.cross(P[:, :, None].expand_as(G), G, dim=1), G], 1).flatten(2)  # Bx6x2N
+    J = torch.cat([torch.linalg.cross(P[:, :, None], G, dim=1), G], 1).flatten(2)  # Bx6x2N
     grad = 2.0 * (J @ wr.flatten(1)[..., None])[..., 0]
     if not hessian:
         return CostTerms(cost, grad, None, seen_depth)
@@ -208,31 +209,30 @@ def cost_terms(
 
     # Residual curvature. With s = sum_k G_k w r_k (d cost / d(R X + t), halved), the weighted
     # second derivatives of the pixels have three non-zero entries, (c02, c12, c22 / 2) = -s / z;
-    # with j2 = d depth / d xi = [P x e2, e2] their pull-back is sum j2 b^T + b j2^T,
-    # b = [P x c, c]. The rotation adds sym(s P^T) - (s.P) I to its block.
+    # with j2 = d depth / d xi = [P x e2, e2] = (P1, -P0, 0, 0, 0, 1) their pull-back is
+    # sum j2 b^T + b j2^T, b = [P x c, c], and sum j2 b^T = D sum (P0, P1, 1) b^T. The rotation
+    # adds sym(s P^T) - (s.P) I to its block.
     s = (G * wr[:, None]).sum(2)  # Bx3xN
     c = s * iz[:, None]
     b = torch.cat([torch.linalg.cross(P, c, dim=1), c], 1)  # Bx6xN, the negated b
-    depth_row, depth_const, rot_block = _hessian_constants(P.dtype, P.device)
-    j2 = depth_row @ P + depth_const  # Bx6xN
+    depth_map, rot_block = _hessian_constants(P.dtype, P.device)
+    j2_b = depth_map @ (torch.nn.functional.pad(P[:, :2], (0, 0, 0, 1), value=1.0) @ b.transpose(-1, -2))
     sP = s @ P.transpose(-1, -2)  # Bx3x3
-    half = 0.5 * gn - j2 @ b.transpose(-1, -2) + torch.nn.functional.pad(0.5 * sP, (0, 3, 0, 3))
+    half = 0.5 * gn - j2_b + torch.nn.functional.pad(0.5 * sP, (0, 3, 0, 3))
     hess = half + half.transpose(-1, -2) - sP.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] * rot_block
     return CostTerms(cost, grad, 2.0 * hess, seen_depth)
 
 
 @functools.cache
-def _hessian_constants(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Constants of :func:`cost_terms`' Hessian on ``device`` (made once): ``A (6, 3)`` and
-    ``e (6, 1)`` with ``A P + e = d depth / d xi = (P1, -P0, 0, 0, 0, 1)``, and the ``(6, 6)``
-    identity of the rotation block."""
-    A = torch.zeros(6, 3, dtype=dtype, device=device)
-    A[0, 1], A[1, 0] = 1.0, -1.0
-    e = torch.zeros(6, 1, dtype=dtype, device=device)
-    e[5] = 1.0
+def _hessian_constants(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Constants of :func:`cost_terms`' Hessian on ``device`` (made once): ``D (6, 3)`` with
+    ``D (P0, P1, 1) = (P1, -P0, 0, 0, 0, 1) = d depth / d xi``, and the ``(6, 6)`` identity of the
+    rotation block."""
+    D = torch.zeros(6, 3, dtype=dtype, device=device)
+    D[0, 1], D[1, 0], D[5, 2] = 1.0, -1.0, 1.0
     rot = torch.zeros(6, 6, dtype=dtype, device=device)
     rot[:3, :3] = torch.eye(3, dtype=dtype, device=device)
-    return A, e, rot
+    return D, rot
 
 
 def cost_only(R: Tensor, t: Tensor, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor) -> Tensor:
