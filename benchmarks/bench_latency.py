@@ -8,7 +8,8 @@
 - ``dist=`` B = 1 forward against the same solve without ``dist`` (<= 3x);
 - B = 1024, n = 50, two threads: forward against the SQPnP loop (<= 0.5x);
 - the kernel launches and host syncs of one forward+backward (:func:`bpnp.testing.count_launches`)
-  of each backend at B = 1, 128 and 1024 (n = 50, 30% planar, 0.5-2 px noise).
+  of each backend at B = 1, 128 and 1024 (n = 50, 30% planar, 0.5-2 px noise), the torch solver
+  with the CPU's and with CUDA's default LM host-check interval (``check_every`` 1 and 4).
 
 Times are medians over interleaved rounds; in a round every contender runs a fixed number of
 back-to-back calls (warm caches, as in a training loop) and the per-call mean is recorded, so
@@ -118,16 +119,19 @@ def main() -> None:
     torch.set_num_threads(threads)
 
     counts = []
-    for backend in ("native", "torch"):
+    # check_every: the CPU default (1) and the CUDA one (4: a host check every 4th LM iteration)
+    for backend, check_every in (("native", 1), ("torch", 1), ("torch", 4)):
+        options = bpnp.SolverOptions(check_every=check_every)
         for B in (1, 128, 1024):
             x2d, x3d, K, w = mixed_problems(B, seed=5)
             leaf = x2d.clone().requires_grad_()
 
-            def step(leaf=leaf, x3d=x3d, K=K, w=w, backend=backend):
-                bpnp.solve_pnp(leaf, x3d, K, w, warn=False, backend=backend).pose.sum().backward()
+            def step(leaf=leaf, x3d=x3d, K=K, w=w, backend=backend, options=options):
+                bpnp.solve_pnp(leaf, x3d, K, w, warn=False, backend=backend, options=options).pose.sum().backward()
 
             launches, syncs = count_launches(step)
-            counts.append({"backend": backend, "B": B, "launches": launches, "syncs": syncs})
+            row = {"backend": backend, "check_every": check_every, "B": B, "launches": launches, "syncs": syncs}
+            counts.append(row)
 
     print("| what | ours (ms) | reference (ms) | ratio | goal |\n|---|---|---|---|---|")
     table = []
@@ -138,9 +142,9 @@ def main() -> None:
         print(
             f"| {label} | {1e3 * ours:.3f} | {1e3 * ref:.3f} | {ours / ref:.2f} | {'<= ' + str(goal) if goal else '-'} |"
         )
-    print("\n| backend | B | kernel launches (fwd+bwd) | host syncs |\n|---|---|---|---|")
+    print("\n| backend | check_every | B | kernel launches (fwd+bwd) | host syncs |\n|---|---|---|---|---|")
     for c in counts:
-        print(f"| {c['backend']} | {c['B']} | {c['launches']} | {c['syncs']} |")
+        print(f"| {c['backend']} | {c['check_every']} | {c['B']} | {c['launches']} | {c['syncs']} |")
     out = write_json("bench_latency", {"machine": machine(), "rows": table, "launches": counts})
     print(f"\nwritten {out}")
 
