@@ -1183,10 +1183,10 @@ static void cube_rotation(int k, double *R) {
         }
 }
 
-/* The third pass of an escalated problem (bpnp.solvers.pnp._cube_pass): LM from the 24 cube
- * rotations with the object on the mean ray of its pixels at the depth that matches their
- * spread (moved in front of the camera where needed), screened as the candidates are; the
- * first lowest of the refined starts. */
+/* The third pass of an escalated problem (bpnp.solvers.pnp._cube_starts and _cube_select): LM
+ * from the 24 cube rotations with the object on the mean ray of its pixels at the depth that
+ * matches their spread (moved in front of the camera where needed), screened as the candidates
+ * are; the first lowest of the refined starts. */
 static void cube_pass(const Problem *p, const Options *o, LMState *out) {
     double wsum = 0, mean[3] = {0, 0, 0};
     for (int i = 0; i < p->n; i++) {
