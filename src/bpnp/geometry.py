@@ -111,9 +111,7 @@ def _rodrigues_constants(dtype: torch.dtype, device: torch.device) -> tuple[Tens
     """:func:`rotate_by`'s constants on ``device`` (made once): the ``(3, 9)`` map of a vector to
     its flattened cross-product matrix, the sinc arguments' scales ``(1/pi, 1/(2 pi))`` per unit
     angle, and the powers ``(1, 2)`` (their inverses are also the coefficients' factors)."""
-    generators = torch.zeros(3, 3, 3, dtype=dtype, device=device)
-    for k, (i, j) in enumerate(((1, 2), (2, 0), (0, 1))):
-        generators[k, i, j], generators[k, j, i] = -1.0, 1.0
+    generators = skew(torch.eye(3, dtype=dtype, device=device))  # [e_k]_x
     scales = torch.tensor([1.0 / math.pi, 0.5 / math.pi], dtype=dtype, device=device)
     powers = torch.tensor([1.0, 2.0], dtype=dtype, device=device)
     return generators.reshape(3, 9), scales, powers

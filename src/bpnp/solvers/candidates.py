@@ -18,7 +18,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from ..geometry import quaternion_to_rotmat, rotate_by, rotmat_to_quaternion
+from ..geometry import quaternion_to_rotmat, rotate_by, rotmat_to_quaternion, skew
 from ..options import SolverOptions
 
 
@@ -177,7 +177,7 @@ def _skew_generators(dtype: torch.dtype, device: torch.device) -> Tensor:
     """``(9, 27)`` the linear map ``vec(R) -> [vec([e_0]_x R), vec([e_1]_x R), vec([e_2]_x R)]``
     on ``device`` (made once): the rows of d vec(R) / d d_a, for all starts in one matmul."""
     eye = torch.eye(3, dtype=dtype, device=device)
-    skews = torch.linalg.cross(eye[None].expand(3, 3, 3), eye[:, None, :].expand(3, 3, 3))  # [e_a]_x
+    skews = skew(eye)  # [e_a]_x
     # vec(G R)[3 i + j] = sum_k G[i, k] R[k, j]: the map takes R[k, j] to it with weight G[i, k].
     return torch.einsum("aik,jl->kjail", skews, eye).reshape(9, 27)
 
