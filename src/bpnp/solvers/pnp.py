@@ -85,7 +85,7 @@ def refine(
     def evaluate(state, idx):
         data = (x2d, x3d, K, weights, depth_floor, scale) + (() if dist is None else (dist,))
         if idx is not None:
-            data = tuple(x if x.shape[0] == 1 else x[idx] for x in data)
+            data = tuple(_take(x, idx) for x in data)
         extra = {} if dist is None else {"dist": data[6]}
         ct = terms(*state, *data[:4], hessian=hessian, min_depth=data[4], loss=loss, loss_scale=data[5], **extra)
         # A pose that puts weighted points behind the camera is not a valid trial point.
@@ -157,11 +157,8 @@ def solve_pnp_forward(
     small = (weights.expand(B, n) > 0).sum(-1) <= o.small_problem
 
     def run(idx: Tensor, opts: SolverOptions) -> list:
-        def take(x: Tensor | None) -> Tensor | None:
-            return x if x is None or x.shape[0] == 1 else x[idx]
-
-        data = (x2d[idx], take(x3d), take(K), take(weights))
-        starts = _pass_starts(*data, take(init_R), take(init_t), opts, check_every)
+        data = (x2d[idx], _take(x3d, idx), _take(K, idx), _take(weights, idx))
+        starts = _pass_starts(*data, _take(init_R, idx), _take(init_t, idx), opts, check_every)
         return _pass_select(starts, *_refine_starts([starts.lm], *data, opts, check_every), opts)
 
     everything = torch.arange(B, device=x2d.device)
@@ -188,13 +185,9 @@ def _escalate(result: list, again: Tensor, x2d, x3d, K, weights, init_R, init_t,
     starts run as one batch (each start's run is its own: the answers of separate runs, in the
     iterations of the longer one)."""
     B = x2d.shape[0]
-
-    def take(x: Tensor | None) -> Tensor | None:
-        return x if x is None or x.shape[0] == 1 else x[again]
-
-    data = (x2d[again], take(x3d), take(K), take(weights))
+    data = (x2d[again], _take(x3d, again), _take(K, again), _take(weights, again))
     full = exhaustive_options(o)
-    second = _pass_starts(*data, take(init_R), take(init_t), full, check_every)
+    second = _pass_starts(*data, _take(init_R, again), _take(init_t, again), full, check_every)
     parts = [second.lm] + ([_cube_starts(*data, o, check_every)] if o.cube_starts else [])
     outs = _refine_starts(parts, *data, o, check_every)
     second_pass = _pass_select(second, outs[0], full)
@@ -227,12 +220,9 @@ def _refine_starts(parts: list[_Starts], x2d, x3d, K, weights, o: SolverOptions,
     """LM from the starts of one or more passes over the same problems, as one batch; the
     :class:`~bpnp.solvers.lm.LMResult` of each part (``iterations``: the batch's)."""
     item = torch.cat([part.item for part in parts])
-
-    def take(x: Tensor) -> Tensor:
-        return x if x.shape[0] == 1 else x[item]
-
     R, t, floor = (torch.cat([getattr(part, f) for part in parts]) for f in ("R", "t", "floor"))
-    out = refine(R, t, x2d[item], take(x3d), take(K), take(weights), o, check_every=check_every, depth_floor=floor)
+    rows = (x2d[item], _take(x3d, item), _take(K, item), _take(weights, item))
+    out = refine(R, t, *rows, o, check_every=check_every, depth_floor=floor)
     if len(parts) == 1:
         return [out]
     results, start = [], 0
@@ -267,30 +257,52 @@ def _cube_starts(x2d, x3d, K, weights, o: SolverOptions, check_every: int) -> _S
     t_guess = mean / spread.clamp_min(1e-12)
     G = cube_rotations(x2d.dtype, x2d.device)
     S = G.shape[0]
-    item = torch.arange(B, device=x2d.device).repeat_interleave(S)
-    R0 = G.repeat(B, 1, 1)
-    t0 = t_guess[item].clone()
-    depth = (R0[:, 2:3, :] @ x3d.expand(B, n, 3)[item].transpose(-1, -2))[:, 0] + t0[:, 2:3]
-    nearest = torch.where(w[item] > 0, depth, torch.full_like(depth, float("inf"))).amin(-1)
-    margin = o.depth_margin * object_size(x3d, weights).expand(B, 1)[item, 0]
-    t0[:, 2] = torch.where(nearest <= 0, t0[:, 2] + (margin - nearest), t0[:, 2])
-    floor = start_depth_floor(t0, o)
+    R0 = G.expand(B, S, 3, 3)
+    t0, _ = _repair_depth(R0, t_guess[:, None].expand(B, S, 3), x3d, weights, o)
+    t0 = t0.reshape(-1, 3)
+    starts = _Starts(
+        R0.reshape(-1, 3, 3), t0, start_depth_floor(t0, o), torch.arange(B, device=x2d.device).repeat_interleave(S)
+    )
     if o.screen_iter > 0:
+        starts = _screen(starts, (x2d, x3d, K, weights), o, check_every)[0]
+    return starts
 
-        def take(x: Tensor) -> Tensor:
-            return x if x.shape[0] == 1 else x[item]
 
-        pre = refine(
-            R0, t0, x2d[item], take(x3d), take(K), take(weights), o, max_iter=o.screen_iter,
-            check_every=check_every, polish_steps=0, depth_floor=floor,
-        )  # fmt: skip
-        c = torch.nan_to_num(pre.cost, nan=float("inf"))
-        item_best = torch.full((B,), float("inf"), dtype=c.dtype, device=c.device).scatter_reduce(
-            0, item, c, reduce="amin"
-        )
-        keep = c <= o.screen_ratio * item_best[item] + 1e-12
-        R0, t0, floor, item = pre.state[0][keep], pre.state[1][keep], floor[keep], item[keep]
-    return _Starts(R0, t0, floor, item)
+def _screen(
+    starts: _Starts, data: tuple, o: SolverOptions, check_every: int, several: Tensor | None = None
+) -> tuple[_Starts, Tensor]:
+    """Screening: ``o.screen_iter`` LM iterations from every start, then only the starts within
+    ``o.screen_ratio`` of their problem's best cost go on (the others sit in basins that cannot
+    win), from where the iterations left them.
+
+    Args:
+        starts: ``M`` starts of the problems ``data = (x2d, x3d, K, weights)`` (``B`` of them).
+        several: ``(M,)`` bool, the starts of problems with several; the others are not screened
+            and go on from where they were (they start afresh, as the C solver's). None: all.
+    Returns:
+        The starts that go on and which they are, ``(M,)`` bool.
+    """
+    x2d, x3d, K, weights = data
+    item = starts.item
+    pre = refine(
+        starts.R, starts.t, x2d[item], _take(x3d, item), _take(K, item), _take(weights, item), o,
+        max_iter=o.screen_iter, check_every=check_every, polish_steps=0, depth_floor=starts.floor,
+    )  # fmt: skip
+    c = torch.nan_to_num(pre.cost, nan=float("inf"))
+    item_best = torch.full((x2d.shape[0],), float("inf"), dtype=c.dtype, device=c.device)
+    item_best = item_best.scatter_reduce(0, item, c, reduce="amin")
+    keep = c <= o.screen_ratio * item_best[item] + 1e-12
+    R, t = pre.state
+    if several is not None:
+        keep = ~several | keep
+        R = torch.where(several[:, None, None], R, starts.R)
+        t = torch.where(several[:, None], t, starts.t)
+    return _Starts(R[keep], t[keep], starts.floor[keep], item[keep]), keep
+
+
+def _take(x: Tensor | None, rows: Tensor) -> Tensor | None:
+    """The ``rows`` of a per-problem input; an input shared by the batch (leading 1) or None as is."""
+    return x if x is None or x.shape[0] == 1 else x[rows]
 
 
 def _cube_select(starts: _Starts, out: LMResult, B: int) -> list:
@@ -471,30 +483,13 @@ def _pass_starts(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_e
     k = R0.shape[1]
     flat = worth.reshape(-1).nonzero()[:, 0]  # indices into the B*k candidates
     item = flat // k
-
-    def take(x: Tensor) -> Tensor:
-        return x if x.shape[0] == 1 else x[item]
-
     Rf, tf = R0.reshape(-1, 3, 3)[flat], t0.reshape(-1, 3)[flat]
-    floor = start_depth_floor(tf, o)
+    starts = _Starts(Rf, tf, start_depth_floor(tf, o), item)
     per_item = torch.zeros(B, dtype=torch.long, device=x2d.device).index_add_(0, item, torch.ones_like(item))
     if o.screen_iter > 0 and bool((per_item > 1).any()):
-        # Screening: a few iterations for every candidate of items with several, then only those
-        # within a factor of the item's best cost go on (the others sit in basins that cannot win).
-        pre = refine(
-            Rf, tf, x2d[item], take(x3d), take(K), take(weights), o, max_iter=o.screen_iter,
-            check_every=check_every, polish_steps=0, depth_floor=floor,
-        )  # fmt: skip
-        c = torch.nan_to_num(pre.cost, nan=float("inf"))
-        item_best = torch.full((B,), float("inf"), dtype=c.dtype, device=c.device)
-        item_best = item_best.scatter_reduce(0, item, c, reduce="amin")
-        several = per_item[item] > 1
-        keep = ~several | (c <= o.screen_ratio * item_best[item] + 1e-12)
-        # Items with one candidate skip the screening (as the C solver): they start afresh.
-        Rf = torch.where(several[:, None, None], pre.state[0], Rf)[keep]
-        tf = torch.where(several[:, None], pre.state[1], tf)[keep]
-        flat, item, floor = flat[keep], item[keep], floor[keep]
-    return _PassStarts(_Starts(Rf, tf, floor, item), flat, k, B, repaired)
+        starts, keep = _screen(starts, (x2d, x3d, K, weights), o, check_every, several=per_item[item] > 1)
+        flat = flat[keep]
+    return _PassStarts(starts, flat, k, B, repaired)
 
 
 def _pass_select(starts: _PassStarts, out: LMResult, o: SolverOptions) -> list:
