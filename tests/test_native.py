@@ -219,6 +219,39 @@ def test_other_builds_agree(tmp_path):
     assert torch.allclose(got["hess"], ref.hess, rtol=1e-8, atol=1e-8 * ref.hess.abs().max())
 
 
+AVX2_PROBE = """
+import sys, torch
+from bpnp.solvers import native
+from bpnp.synthetic import random_problems
+print(native.native_build(), native.native_unavailable_reason())
+p = random_problems(200, 15, seed=12)
+s = native.solve_pnp_native(p.x2d, p.x3d, p.K, p.weights)
+torch.save({"R": s.R, "cost": s.cost}, sys.argv[1])
+"""
+
+
+@needs_native
+@pytest.mark.skipif(native._library_path("_native_pnp_omp_avx2") is None, reason="no AVX2 build (not x86-64)")
+def test_avx2_build_only_where_the_cpu_has_it(tmp_path):
+    # Picked by default where PyTorch sees AVX2 (or AVX-512); with ATEN_CPU_CAPABILITY=default the
+    # portable OpenMP build; asked for by name there, it is refused with the reason. Same answers.
+    if native._cpu_has_avx2():
+        assert native.native_build() == "openmp-avx2"
+        ref = native.solve_pnp_native(
+            *(getattr(random_problems(200, 15, seed=12), k) for k in ("x2d", "x3d", "K", "weights"))
+        )
+        out = tmp_path / "portable.pt"
+        assert _run_python(AVX2_PROBE, str(out), BPNP_NATIVE_BUILD="openmp").split() == ["openmp", "None"]
+        got = torch.load(out)
+        assert (got["R"] - ref.R).abs().max() < 1e-10
+        assert torch.allclose(got["cost"], ref.cost, rtol=1e-10)
+    plain = _run_python(AVX2_PROBE, str(tmp_path / "plain.pt"), ATEN_CPU_CAPABILITY="default")
+    assert plain.split() == ["openmp", "None"]
+    code = "from bpnp.solvers import native; print(native.native_build(), '|', native.native_unavailable_reason())"
+    refused = _run_python(code, ATEN_CPU_CAPABILITY="default", BPNP_NATIVE_BUILD="openmp-avx2")
+    assert refused.strip() == "None | this CPU lacks AVX2 or FMA"
+
+
 FORK_PROBE = """
 import multiprocessing as mp, sys, torch, bpnp
 from bpnp.synthetic import random_problems

@@ -45,8 +45,9 @@ __all__ = [
 
 _HERE = Path(__file__).parent
 _SOURCE = _HERE / "native_pnp.c"
-#: The builds, best first: module name stem -> name for BPNP_NATIVE_BUILD.
-_BUILDS = {"openmp": "_native_pnp_omp", "pthreads": "_native_pnp"}
+#: The builds, best first: name for BPNP_NATIVE_BUILD -> module name stem. "openmp-avx2" is the
+#: OpenMP build compiled for AVX2 + FMA (x86-64 only), loaded where the CPU has both.
+_BUILDS = {"openmp-avx2": "_native_pnp_omp_avx2", "openmp": "_native_pnp_omp", "pthreads": "_native_pnp"}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -160,6 +161,10 @@ def _load() -> ctypes.CDLL | None:
         for name, stem in _BUILDS.items():
             if choice not in ("auto", name):
                 continue
+            if name == "openmp-avx2" and not _cpu_has_avx2():
+                if choice == name:
+                    errors.append("this CPU lacks AVX2 or FMA")
+                continue
             path = _library_path(stem)
             if path is None:
                 errors.append(f"{stem} was not built (no C compiler when the package was installed?)")
@@ -171,6 +176,13 @@ def _load() -> ctypes.CDLL | None:
                 errors.append(str(exc))
         _reason = "; ".join(errors)
         return None
+
+
+def _cpu_has_avx2() -> bool:
+    """Whether the CPU runs AVX2 and FMA code (PyTorch's dispatch level says so: its AVX2 level
+    needs both; ATEN_CPU_CAPABILITY=default turns it off)."""
+    get = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    return get is not None and get() in ("AVX2", "AVX512")
 
 
 @constant_for_compiler
@@ -186,7 +198,7 @@ def native_unavailable_reason() -> str | None:
 
 
 def native_build() -> str | None:
-    """The build in use: ``"openmp"`` or ``"pthreads"`` (None when unavailable)."""
+    """The build in use: ``"openmp-avx2"``, ``"openmp"`` or ``"pthreads"`` (None when unavailable)."""
     _load()
     return _build_name
 
