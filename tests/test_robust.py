@@ -211,7 +211,9 @@ def test_native_and_torch_ransac_rounds_agree():
     Rt, tt, st, ct = _round(ids, pick, rays, x2d, x3d, K, w.expand(64, 40), tau2[:, None], unbounded)
     assert sn.shape == (64, 16) and Rn.shape == (64, 16, 3, 3)
     assert bool(torch.isinf(sn[:5, 3]).all()) and bool(torch.isinf(st[:5, 3]).all())
-    torch.testing.assert_close(sn, st, rtol=1e-6, atol=1e-15)
+    # (1e-5: an ill-posed triple's quartic amplifies rounding; the AVX2 build's fused multiply-adds
+    # moved one of 1,024 scores by 1.06e-6 relative)
+    torch.testing.assert_close(sn, st, rtol=1e-5, atol=1e-15)
     assert bool((cn.long() == ct).all())
     # The pose where a consensus tells the sample's roots apart (with every point outside the
     # threshold, all roots score alike and either may be the first of the lowest).
