@@ -128,7 +128,8 @@ def minimise_on_so3(
     Damped Newton with the exact Hessian on the chart ``R <- exp([d]_x) R``, at most ``iters``
     iterations, all in closed-form tensor ops (3x3 solves by cofactors): the starts of one
     item share their ``Omega``, so the 9x9 products are one matmul per item. A start stops once
-    an accepted Newton step is below 1e-12 rad (as the C solver's).
+    a Newton step (accepted or not) is below 1e-8 rad, the minimum to float64's resolution of the
+    cost (as the C solver's).
 
     Args:
         omega: ``(B, 9, 9)``; R: ``(B, S, 3, 3)`` starts; lam0: initial damping;
@@ -161,12 +162,13 @@ def minimise_on_so3(
         step = -torch.where(both_pd[0, ..., None], both[0], both[1])
         R_new = rotate_by(step, R)
         h_new, o_new = value(R_new)
-        ok = running & (both_pd[0] | both_pd[1]) & (h_new <= h)
+        pd = both_pd[0] | both_pd[1]
+        ok = running & pd & (h_new <= h)
         R = torch.where(ok[..., None, None], R_new, R)
         h = torch.where(ok, h_new, h)
         o_r = torch.where(ok[..., None], o_new, o_r)
         lam = (lam * torch.where(ok, 0.1, 10.0)).clamp(1e-12, 1e12)
-        running = running & ~(ok & ((step * step).sum(-1) < 1e-24))
+        running = running & ~(pd & ((step * step).sum(-1) < 1e-16))
     # The updates keep R a rotation to rounding; one Newton-Schulz step of the polar factor,
     # R (3 I - R^T R) / 2, removes the drift (as orthonormalise would, to O(eps^2)).
     return torch.sub(1.5 * R, R @ (R.transpose(-1, -2) @ R), alpha=0.5), h

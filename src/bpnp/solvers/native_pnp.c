@@ -187,13 +187,17 @@ static double hypot_fast(double a, double b) {
 
 /* Eigen-decomposition of a symmetric N x N matrix (N <= 9), eigenvalues ascending: Householder
  * reduction to tridiagonal form, then the implicit QL algorithm (as in EISPACK tred2/tql2).
- * A is read only; column j of V (row-major, V[i*N+j]) is the eigenvector of ev[j]. Non-finite
- * input gives NaN output. */
-static void symmetric_eig(int N, const double *A, double *V, double *ev) {
-    double d[9], e[9];
+ * A is read only; column j of V (row-major, V[i*N+j]) is the eigenvector of ev[j]. V = NULL:
+ * eigenvalues only (the same values, bit for bit: the vectors' accumulation and rotations never
+ * feed the values; a 6x6 takes a third of the time). Non-finite input gives NaN output. */
+static void symmetric_eig(int N, const double *A, double *V_out, double *ev) {
+    double d[9], e[9], work[81];
+    const int vectors = V_out != NULL;
+    double *V = vectors ? V_out : work;
     for (int k = 0; k < N * N; k++) {
         if (!isfinite(A[k])) {
-            for (int j = 0; j < N * N; j++) V[j] = NAN;
+            if (vectors)
+                for (int j = 0; j < N * N; j++) V[j] = NAN;
             for (int j = 0; j < N; j++) ev[j] = NAN;
             return;
         }
@@ -249,7 +253,9 @@ static void symmetric_eig(int N, const double *A, double *V, double *ev) {
         }
         d[i] = h;
     }
-    for (int i = 0; i < N - 1; i++) {
+    if (!vectors) /* the diagonal of the tridiagonal form, where the accumulation below finds it */
+        for (int j = 0; j < N; j++) d[j] = VV(j, j);
+    for (int i = 0; i < N - 1 && vectors; i++) {
         VV(N - 1, i) = VV(i, i);
         VV(i, i) = 1.0;
         double h = d[i + 1];
@@ -263,11 +269,11 @@ static void symmetric_eig(int N, const double *A, double *V, double *ev) {
         }
         for (int k = 0; k <= i; k++) VV(k, i + 1) = 0.0;
     }
-    for (int j = 0; j < N; j++) {
+    for (int j = 0; j < N && vectors; j++) {
         d[j] = VV(N - 1, j);
         VV(N - 1, j) = 0.0;
     }
-    VV(N - 1, N - 1) = 1.0;
+    if (vectors) VV(N - 1, N - 1) = 1.0;
     e[0] = 0.0;
     /* implicit QL on the tridiagonal matrix (d, e) */
     for (int i = 1; i < N; i++) e[i - 1] = e[i];
@@ -305,7 +311,7 @@ static void symmetric_eig(int N, const double *A, double *V, double *ev) {
                     c = p / r;
                     p = c * d[i] - s * g;
                     d[i + 1] = h + s * (c * g + s * d[i]);
-                    for (int k = 0; k < N; k++) {
+                    for (int k = 0; k < N && vectors; k++) {
                         h = VV(k, i + 1);
                         VV(k, i + 1) = s * VV(k, i) + c * h;
                         VV(k, i) = c * VV(k, i) - s * h;
@@ -327,7 +333,7 @@ static void symmetric_eig(int N, const double *A, double *V, double *ev) {
             if (ev[j] < ev[m]) m = j;
         if (m != i) {
             double tmp = ev[i]; ev[i] = ev[m]; ev[m] = tmp;
-            for (int k = 0; k < N; k++) {
+            for (int k = 0; k < N && vectors; k++) {
                 tmp = VV(k, i); VV(k, i) = VV(k, m); VV(k, m) = tmp;
             }
         }
@@ -688,11 +694,20 @@ static double quad9(const double *Om, const double *r, double *o_r) {
     return h;
 }
 
+/* The converged minima of one Omega's starts so far (rotations and costs). */
+typedef struct {
+    int m;
+    double R[MAX_STARTS][9], h[MAX_STARTS];
+} SO3Minima;
+
 /* Local minimum of vec(R)^T Om vec(R) on SO(3) by damped Newton from R, on the chart
- * R <- exp([d]_x) R (as bpnp.solvers.candidates.minimise_on_so3). The torch version runs a fixed
- * number of iterations for the whole batch; here a start stops once its Newton step is below
- * 1e-12 rad, which changes the answer by rounding only. */
-static double minimise_on_so3(const double *Om, double *R, int iters, double lam0) {
+ * R <- exp([d]_x) R (as bpnp.solvers.candidates.minimise_on_so3): at most iters iterations; a
+ * start stops once its Newton step is below 1e-8 rad (the minimum to float64's resolution of
+ * the cost; the pixel-space LM refines the answer anyway). With found (else NULL): a start that
+ * comes within 1e-4 (Frobenius) of a converged minimum of an earlier start takes that minimum
+ * instead of converging to it (the torch version runs on; the answers differ by rounding, and
+ * 5% of a solve is saved), and a converged start is added to found. */
+static double minimise_on_so3(const double *Om, double *R, int iters, double lam0, SO3Minima *found) {
     /* d vec(R) / d d_a = vec([e_a]_x R): row a has two non-zero 3-blocks, sign * (row src of R)
      * in block blk. */
     static const int blk[3][2] = {{1, 2}, {0, 2}, {0, 1}};
@@ -706,7 +721,16 @@ static double minimise_on_so3(const double *Om, double *R, int iters, double lam
     double lam = lam0;
     double grad[3], JO[3][9], Hgn[9], N[9], H[9], A[9], ng[3], step[3];
     int fresh = 1; /* after a rejected step R is unchanged: only the damping changes */
-    for (int it = 0; it < iters; it++) {
+    int converged = 0;
+    for (int it = 0; it < iters && !converged; it++) {
+        for (int q = 0; fresh && found && q < found->m; q++) {
+            double d2 = 0;
+            for (int k = 0; k < 9; k++) d2 += (R[k] - found->R[q][k]) * (R[k] - found->R[q][k]);
+            if (d2 < 1e-8) {
+                memcpy(R, found->R[q], 9 * sizeof(double));
+                return found->h[q];
+            }
+        }
         if (fresh) { /* gradient, Gauss-Newton and exact Hessian at R */
             for (int a = 0; a < 3; a++) {
                 const double *u = R + 3 * src[a][0], *v = R + 3 * src[a][1];
@@ -764,7 +788,7 @@ static double minimise_on_so3(const double *Om, double *R, int iters, double lam
                 h = hn;
             }
         }
-        if (ok && step[0] * step[0] + step[1] * step[1] + step[2] * step[2] < 1e-24) break;
+        converged = pd && step[0] * step[0] + step[1] * step[1] + step[2] * step[2] < 1e-16;
         fresh = ok;
         lam = ok ? lam * 0.1 : lam * 10.0;
         lam = lam < 1e-12 ? 1e-12 : (lam > 1e12 ? 1e12 : lam);
@@ -772,6 +796,10 @@ static double minimise_on_so3(const double *Om, double *R, int iters, double lam
     double Ro[9];
     orthonormalise(R, Ro);
     memcpy(R, Ro, sizeof Ro);
+    if (found && converged) {
+        memcpy(found->R[found->m], R, sizeof Ro);
+        found->h[found->m++] = h;
+    }
     return h;
 }
 
@@ -859,8 +887,8 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
     double norm = build_omega(p, On, T, centre, covs, buf);
     double V[81], ev[9];
     symmetric_eig(9, On, V, ev);
-    double cV[9], spread[3];
-    symmetric_eig(3, covs, cV, spread);
+    double spread[3];
+    symmetric_eig(3, covs, NULL, spread);
     /* Flat or thin point sets leave Omega with a near null space in which eigenvectors are poor
      * starts: only then are the fixed starts needed (measured in the torch version). */
     int thin = spread[0] < o->thin_ratio * o->thin_ratio * spread[2];
@@ -877,8 +905,10 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
     if (thin)
         for (int k = 0; k < 12; k++) tetra_rotation(k, Rs[S++]);
     double hmax = 0;
+    SO3Minima found;
+    found.m = 0;
     for (int s = 0; s < S; s++) {
-        hs[s] = minimise_on_so3(On, Rs[s], o->so3_iters, o->so3_damping) * norm;
+        hs[s] = minimise_on_so3(On, Rs[s], o->so3_iters, o->so3_damping, &found) * norm;
         if (fabs(hs[s]) > hmax) hmax = fabs(hs[s]);
     }
     for (int s = 0; s < S; s++) {
@@ -968,7 +998,7 @@ static int object_space_trusted(const Problem *p, const Options *o, const double
             double E[9], Rs[9];
             for (int k = 0; k < 9; k++) E[k] = (sg ? -1.0 : 1.0) * V[k * 9 + e] * 1.7320508075688772;
             orthonormalise(E, Rs);
-            double h = minimise_on_so3(On, Rs, o->so3_iters, o->so3_damping);
+            double h = minimise_on_so3(On, Rs, o->so3_iters, o->so3_damping, NULL);
             if (h < best) best = h;
         }
     double o_r[9];
@@ -1107,7 +1137,7 @@ static int well_posed(const double *H, double ratio) {
     double Hs[36], V[36], ev[6];
     for (int a = 0; a < 6; a++)
         for (int b = 0; b < 6; b++) Hs[a * 6 + b] = 0.5 * (H[a * 6 + b] + H[b * 6 + a]);
-    symmetric_eig(6, Hs, V, ev);
+    symmetric_eig(6, Hs, NULL, ev);
     double top = fabs(ev[5]) > 1e-300 ? fabs(ev[5]) : 1e-300;
     return ev[0] > ratio * top;
 }
@@ -1257,7 +1287,7 @@ static int needle_like(const Problem *p, double ratio) {
         for (int a = 0; a < 3; a++)
             for (int b = 0; b < 3; b++) cov[3 * a + b] += p->w[i] * d[a] * d[b];
     }
-    symmetric_eig(3, cov, V, ev);
+    symmetric_eig(3, cov, NULL, ev);
     return ev[1] < ratio * ratio * ev[2];
 }
 
