@@ -403,35 +403,7 @@ static int solve6_chol(const double *A, const double *b, double *x) {
 
 /* ---------------------------------------------------------------- reprojection cost */
 
-/* Adds one point's pull-back through D = dX/dxi = [-[P]_x, I] to the sums of the chart gradient
- * and Hessian: s = dcost_i/dX, Q (Q00 Q01 Q02 Q11 Q12 Q22) = d2cost_i/dX2 (both halved). */
-static inline void accumulate_point(double P0, double P1, double P2, double s0, double s1, double s2, double Q00,
-                                    double Q01, double Q02, double Q11, double Q12, double Q22, double *Gr,
-                                    double *Gt, double *sP, double *Htt, double *Hrt, double *Hrr) {
-    Gr[0] += P1 * s2 - P2 * s1;
-    Gr[1] += P2 * s0 - P0 * s2;
-    Gr[2] += P0 * s1 - P1 * s0;
-    Gt[0] += s0; Gt[1] += s1; Gt[2] += s2;
-    sP[0] += s0 * P0; sP[1] += s0 * P1; sP[2] += s0 * P2;
-    sP[3] += s1 * P0; sP[4] += s1 * P1; sP[5] += s1 * P2;
-    sP[6] += s2 * P0; sP[7] += s2 * P1; sP[8] += s2 * P2;
-    Htt[0] += Q00; Htt[1] += Q01; Htt[2] += Q02; Htt[3] += Q11; Htt[4] += Q12; Htt[5] += Q22;
-    /* C = [P]_x Q (the rotation-translation block), then C [P]_x^T (rotation-rotation) */
-    double C00 = -P2 * Q01 + P1 * Q02, C01 = -P2 * Q11 + P1 * Q12, C02 = -P2 * Q12 + P1 * Q22;
-    double C10 = P2 * Q00 - P0 * Q02, C11 = P2 * Q01 - P0 * Q12, C12 = P2 * Q02 - P0 * Q22;
-    double C20 = -P1 * Q00 + P0 * Q01, C21 = -P1 * Q01 + P0 * Q11, C22 = -P1 * Q02 + P0 * Q12;
-    Hrt[0] += C00; Hrt[1] += C01; Hrt[2] += C02;
-    Hrt[3] += C10; Hrt[4] += C11; Hrt[5] += C12;
-    Hrt[6] += C20; Hrt[7] += C21; Hrt[8] += C22;
-    Hrr[0] += -P2 * C01 + P1 * C02;
-    Hrr[1] += P2 * C00 - P0 * C02;
-    Hrr[2] += -P1 * C00 + P0 * C01;
-    Hrr[3] += P2 * C10 - P0 * C12;
-    Hrr[4] += -P1 * C10 + P0 * C11;
-    Hrr[5] += -P1 * C20 + P0 * C21;
-}
-
-/* The chart gradient g (6) and Hessian H (36) from the sums of accumulate_point; the rotation
+/* The chart gradient g (6) and Hessian H (36) from the sums of chunk_sums; the rotation
  * curvature (D depends on the chart) needs s P^T only. */
 static void assemble_chart(const double *Gr, const double *Gt, const double *sP, const double *Htt,
                            const double *Hrt, const double *Hrr, double *g, double *H) {
@@ -450,22 +422,30 @@ static void assemble_chart(const double *Gr, const double *Gt, const double *sP,
         }
 }
 
-/* Cost, chart gradient and exact chart Hessian (as bpnp.cost.cost_terms with hessian=True):
- * the pose is perturbed as R <- exp([w]_x) R, t <- t + tau. Depths are clamped to min_depth;
- * *seen_depth gets the smallest unclamped depth among points with positive weight. */
-static double cost_terms(const Problem *p, const double *R, const double *t, double min_depth,
-                         double *g, double *H, double *seen_depth) {
+/* The per-point terms of cost_terms for up to COST_CHUNK points, one array per quantity (so that
+ * the sums over the points run several points per SIMD instruction): P = R X, s = dcost_i/dX and
+ * Q = d2cost_i/dX2 (both halved; Q00 Q01 Q02 Q11 Q12 Q22). */
+#define COST_CHUNK 64
+typedef struct {
+    double P0[COST_CHUNK], P1[COST_CHUNK], P2[COST_CHUNK], s0[COST_CHUNK], s1[COST_CHUNK], s2[COST_CHUNK];
+    double Q00[COST_CHUNK], Q01[COST_CHUNK], Q02[COST_CHUNK], Q11[COST_CHUNK], Q12[COST_CHUNK], Q22[COST_CHUNK];
+} PointTerms;
+
+/* Points base .. base + m - 1 (m <= COST_CHUNK) into q; adds their cost to *cost and lowers *seen
+ * to their smallest unclamped depth among points of positive weight. */
+static inline void chunk_terms(const Problem *p, int base, int m, const double *R, const double *t,
+                               double min_depth, PointTerms *q, double *cost_sum, double *seen_min) {
     /* Every per-point term is a pull-back through D: gradient D^T s with s = w (d pixel/dX)^T r,
      * and Hessian D^T Q D with Q = w J^T J (Gauss-Newton) + the residual-weighted curvature of
      * the projection, whose only non-zero entries are Q02, Q12, Q22. */
     const double m00 = p->m00, m01 = p->m01, m11 = p->m11, c0 = p->c0, c1 = p->c1;
+    const double *x3 = p->x3d + 3 * (size_t)base, *x2 = p->x2d + 2 * (size_t)base, *wp = p->w + base;
     double cost = 0, seen = INFINITY;
-    double Gr[3] = {0}, Gt[3] = {0}, Hrr[6] = {0}, Hrt[9] = {0}, Htt[6] = {0}, sP[9] = {0};
     /* Branch-free body, so that the compiler may run several points per SIMD instruction. */
-#pragma omp simd reduction(+ : cost, Gr[:3], Gt[:3], Hrr[:6], Hrt[:9], Htt[:6], sP[:9]) reduction(min : seen)
-    for (int i = 0; i < p->n; i++) {
-        const double *X = p->x3d + 3 * i;
-        double w = p->w[i];
+#pragma omp simd reduction(+ : cost) reduction(min : seen)
+    for (int i = 0; i < m; i++) {
+        const double *X = x3 + 3 * i;
+        double w = wp[i];
         double P0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2];
         double P1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2];
         double P2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2];
@@ -476,23 +456,69 @@ static double cost_terms(const Problem *p, const double *R, const double *t, dou
         double iz = 1.0 / X2;
         double a = (P0 + t[0]) * iz, b = (P1 + t[1]) * iz;
         double ma = m00 * a + m01 * b;
-        double ru = ma + c0 - p->x2d[2 * i], rv = m11 * b + c1 - p->x2d[2 * i + 1];
+        double ru = ma + c0 - x2[2 * i], rv = m11 * b + c1 - x2[2 * i + 1];
         double wru = w * ru, wrv = w * rv;
         cost += wru * ru + wrv * rv;
         double gu0 = m00 * iz, gu1 = m01 * iz, gu2 = -ma * iz;
         double gv1 = m11 * iz, gv2 = -(m11 * b) * iz;
-        double s0 = wru * gu0, s1 = wru * gu1 + wrv * gv1, s2 = wru * gu2 + wrv * gv2;
         double q0 = m00 * wru, q1 = m01 * wru + m11 * wrv, iz2 = iz * iz;
         double wgu0 = w * gu0, wgu1 = w * gu1, wgu2 = w * gu2, wgv1 = w * gv1, wgv2 = w * gv2;
-        double Q00 = wgu0 * gu0, Q01 = wgu0 * gu1, Q11 = wgu1 * gu1 + wgv1 * gv1;
-        double Q02 = wgu0 * gu2 - q0 * iz2;
-        double Q12 = wgu1 * gu2 + wgv1 * gv2 - q1 * iz2;
-        double Q22 = wgu2 * gu2 + wgv2 * gv2 + 2.0 * (q0 * a + q1 * b) * iz2;
-        accumulate_point(P0, P1, P2, s0, s1, s2, Q00, Q01, Q02, Q11, Q12, Q22, Gr, Gt, sP, Htt, Hrt, Hrr);
+        q->P0[i] = P0; q->P1[i] = P1; q->P2[i] = P2;
+        q->s0[i] = wru * gu0; q->s1[i] = wru * gu1 + wrv * gv1; q->s2[i] = wru * gu2 + wrv * gv2;
+        q->Q00[i] = wgu0 * gu0; q->Q01[i] = wgu0 * gu1; q->Q11[i] = wgu1 * gu1 + wgv1 * gv1;
+        q->Q02[i] = wgu0 * gu2 - q0 * iz2;
+        q->Q12[i] = wgu1 * gu2 + wgv1 * gv2 - q1 * iz2;
+        q->Q22[i] = wgu2 * gu2 + wgv2 * gv2 + 2.0 * (q0 * a + q1 * b) * iz2;
     }
-    if (seen_depth) *seen_depth = seen;
-    assemble_chart(Gr, Gt, sP, Htt, Hrt, Hrr, g, H);
-    return cost;
+    *cost_sum += cost;
+    if (seen < *seen_min) *seen_min = seen;
+}
+
+/* Adds the pull-backs through D = dX/dxi = [-[P]_x, I] of m points' terms to the sums of the
+ * chart gradient and Hessian (Gr 3, Gt 3, sP 9, Htt 6, Hrt 9, Hrr 6, in that order). The sums run in several passes of a few accumulators each:
+ * one pass over all 36 spills the SIMD registers, and took twice the time. */
+static inline void chunk_sums(const PointTerms *q, int m, double *sums) {
+    double G[6] = {0}, sP[9] = {0}, Htt[6] = {0}, Hrt[9] = {0}, Hrr[6] = {0};
+#pragma omp simd reduction(+ : G[:6])
+    for (int i = 0; i < m; i++) {
+        G[0] += q->P1[i] * q->s2[i] - q->P2[i] * q->s1[i];
+        G[1] += q->P2[i] * q->s0[i] - q->P0[i] * q->s2[i];
+        G[2] += q->P0[i] * q->s1[i] - q->P1[i] * q->s0[i];
+        G[3] += q->s0[i]; G[4] += q->s1[i]; G[5] += q->s2[i];
+    }
+#pragma omp simd reduction(+ : sP[:9])
+    for (int i = 0; i < m; i++) {
+        sP[0] += q->s0[i] * q->P0[i]; sP[1] += q->s0[i] * q->P1[i]; sP[2] += q->s0[i] * q->P2[i];
+        sP[3] += q->s1[i] * q->P0[i]; sP[4] += q->s1[i] * q->P1[i]; sP[5] += q->s1[i] * q->P2[i];
+        sP[6] += q->s2[i] * q->P0[i]; sP[7] += q->s2[i] * q->P1[i]; sP[8] += q->s2[i] * q->P2[i];
+    }
+#pragma omp simd reduction(+ : Htt[:6])
+    for (int i = 0; i < m; i++) {
+        Htt[0] += q->Q00[i]; Htt[1] += q->Q01[i]; Htt[2] += q->Q02[i];
+        Htt[3] += q->Q11[i]; Htt[4] += q->Q12[i]; Htt[5] += q->Q22[i];
+    }
+    /* C = [P]_x Q (the rotation-translation block), then C [P]_x^T (rotation-rotation) */
+#pragma omp simd reduction(+ : Hrt[:9], Hrr[:6])
+    for (int i = 0; i < m; i++) {
+        double P0 = q->P0[i], P1 = q->P1[i], P2 = q->P2[i];
+        double Q00 = q->Q00[i], Q01 = q->Q01[i], Q02 = q->Q02[i], Q11 = q->Q11[i], Q12 = q->Q12[i], Q22 = q->Q22[i];
+        double C00 = -P2 * Q01 + P1 * Q02, C01 = -P2 * Q11 + P1 * Q12, C02 = -P2 * Q12 + P1 * Q22;
+        double C10 = P2 * Q00 - P0 * Q02, C11 = P2 * Q01 - P0 * Q12, C12 = P2 * Q02 - P0 * Q22;
+        double C20 = -P1 * Q00 + P0 * Q01, C21 = -P1 * Q01 + P0 * Q11, C22 = -P1 * Q02 + P0 * Q12;
+        Hrt[0] += C00; Hrt[1] += C01; Hrt[2] += C02;
+        Hrt[3] += C10; Hrt[4] += C11; Hrt[5] += C12;
+        Hrt[6] += C20; Hrt[7] += C21; Hrt[8] += C22;
+        Hrr[0] += -P2 * C01 + P1 * C02;
+        Hrr[1] += P2 * C00 - P0 * C02;
+        Hrr[2] += -P1 * C00 + P0 * C01;
+        Hrr[3] += P2 * C10 - P0 * C12;
+        Hrr[4] += -P1 * C10 + P0 * C11;
+        Hrr[5] += -P1 * C20 + P0 * C21;
+    }
+    const double *parts[5] = {G, sP, Htt, Hrt, Hrr};
+    static const int sizes[5] = {6, 9, 6, 9, 6};
+    for (int k = 0, at = 0; k < 5; at += sizes[k++])
+        for (int j = 0; j < sizes[k]; j++) sums[at + j] += parts[k][j];
 }
 
 /* OpenCV's radial-tangential lens model at (a, b) (bpnp.geometry.distort): the distorted point
@@ -523,15 +549,14 @@ static inline void distort_point(const double *dist, double a, double b, double 
     }
 }
 
-/* cost_terms for a camera with lens distortion (p->dist): the pixel is K [distort(x/z, y/z), 1]
+/* chunk_terms for a camera with lens distortion (p->dist): the pixel is K [distort(x/z, y/z), 1]
  * (bpnp.cost.distorted_cost_terms, in closed form). The per-point s and Q take the distortion's
  * Jacobian and curvature; the pull-back through the chart is the same. */
-static double cost_terms_distorted(const Problem *p, const double *R, const double *t, double min_depth,
-                                   double *g, double *H, double *seen_depth) {
+static void chunk_terms_distorted(const Problem *p, int base, int m, const double *R, const double *t,
+                                  double min_depth, PointTerms *q, double *cost_sum, double *seen_min) {
     const double m00 = p->m00, m01 = p->m01, m11 = p->m11, c0 = p->c0, c1 = p->c1;
-    double cost = 0, seen = INFINITY;
-    double Gr[3] = {0}, Gt[3] = {0}, Hrr[6] = {0}, Hrt[9] = {0}, Htt[6] = {0}, sP[9] = {0};
-    for (int i = 0; i < p->n; i++) {
+    double cost = 0, seen = *seen_min;
+    for (int i = base; i < base + m; i++) {
         const double *X = p->x3d + 3 * i;
         double w = p->w[i];
         double P0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2];
@@ -562,18 +587,40 @@ static double cost_terms_distorted(const Problem *p, const double *R, const doub
         double Q12 = w * (gu1 * gu2 + gv1 * gv2) - sb * iz2 - (a * Sab + b * Sbb) * iz2;
         double Q22 = w * (gu2 * gu2 + gv2 * gv2) + 2.0 * (sa * a + sb * b) * iz2 +
                      (a * a * Saa + 2.0 * a * b * Sab + b * b * Sbb) * iz2;
-        accumulate_point(P0, P1, P2, s0, s1, s2, Q00, Q01, Q02, Q11, Q12, Q22, Gr, Gt, sP, Htt, Hrt, Hrr);
+        int k = i - base;
+        q->P0[k] = P0; q->P1[k] = P1; q->P2[k] = P2; q->s0[k] = s0; q->s1[k] = s1; q->s2[k] = s2;
+        q->Q00[k] = Q00; q->Q01[k] = Q01; q->Q02[k] = Q02; q->Q11[k] = Q11; q->Q12[k] = Q12; q->Q22[k] = Q22;
+    }
+    *cost_sum += cost;
+    *seen_min = seen;
+}
+
+/* Cost, chart gradient and exact chart Hessian (as bpnp.cost.cost_terms with hessian=True; with
+ * p->dist, bpnp.cost.distorted_cost_terms): the pose is perturbed as R <- exp([w]_x) R,
+ * t <- t + tau. Depths are clamped to min_depth; *seen_depth gets the smallest unclamped depth
+ * among points with positive weight. The points are taken COST_CHUNK at a time: their terms,
+ * then their sums. */
+static double cost_terms(const Problem *p, const double *R, const double *t, double min_depth,
+                         double *g, double *H, double *seen_depth) {
+    double cost = 0, seen = INFINITY, sums[36] = {0};
+    PointTerms q;
+    for (int base = 0; base < p->n; base += COST_CHUNK) {
+        int m = p->n - base < COST_CHUNK ? p->n - base : COST_CHUNK;
+        if (p->dist)
+            chunk_terms_distorted(p, base, m, R, t, min_depth, &q, &cost, &seen);
+        else
+            chunk_terms(p, base, m, R, t, min_depth, &q, &cost, &seen);
+        chunk_sums(&q, m, sums);
     }
     if (seen_depth) *seen_depth = seen;
-    assemble_chart(Gr, Gt, sP, Htt, Hrt, Hrr, g, H);
+    assemble_chart(sums, sums + 3, sums + 6, sums + 15, sums + 21, sums + 30, g, H);
     return cost;
 }
 
 static double evaluate(const Problem *p, const double *R, const double *t, double depth_floor,
                        double *g, double *H) {
     double seen;
-    double c = p->dist ? cost_terms_distorted(p, R, t, depth_floor, g, H, &seen)
-                       : cost_terms(p, R, t, depth_floor, g, H, &seen);
+    double c = cost_terms(p, R, t, depth_floor, g, H, &seen);
     /* A pose that puts weighted points behind the camera is not a valid trial point. */
     return seen <= depth_floor ? INFINITY : c;
 }
@@ -1134,7 +1181,7 @@ static double kth_smallest(double *v, int m, int k) {
  * singular Hessian means the pose is not determined by the data: well posed when the smallest
  * eigenvalue of H exceeds ratio times the largest magnitude (not for a non-finite H). */
 static int well_posed(const double *H, double ratio) {
-    double Hs[36], V[36], ev[6];
+    double Hs[36], ev[6];
     for (int a = 0; a < 6; a++)
         for (int b = 0; b < 6; b++) Hs[a * 6 + b] = 0.5 * (H[a * 6 + b] + H[b * 6 + a]);
     symmetric_eig(6, Hs, NULL, ev);
@@ -1272,7 +1319,7 @@ static void cube_pass(const Problem *p, const Options *o, LMState *out) {
  * object-space minima crowd, and the search missed the best one in 0.3-0.8% of such problems
  * (bpnp.solvers.pnp.needle_like): they are escalated (exhaustive pass and cube starts). */
 static int needle_like(const Problem *p, double ratio) {
-    double c[3] = {0, 0, 0}, ws = 0, cov[9] = {0}, V[9], ev[3];
+    double c[3] = {0, 0, 0}, ws = 0, cov[9] = {0}, ev[3];
     for (int i = 0; i < p->n; i++) {
         if (!(p->w[i] > 0)) continue;
         ws += p->w[i];
