@@ -129,8 +129,9 @@ static void rodrigues(const double *v, double *R) {
         a = 1.0 - th2 / 6.0 + th2 * th2 / 120.0;
         b = 0.5 - th2 / 24.0 + th2 * th2 / 720.0;
     } else {
-        double th = sqrt(th2), s = sin(0.5 * th) / th;
-        a = sin(th) / th;
+        /* sin th = 2 sin(th/2) cos(th/2): one sincos call (GCC fuses a sin and a cos of one argument) */
+        double th = sqrt(th2), sh = sin(0.5 * th), ch = cos(0.5 * th), s = sh / th;
+        a = 2.0 * s * ch;
         b = 2.0 * s * s;
     }
     double x = v[0], y = v[1], z = v[2];
@@ -850,10 +851,62 @@ static double minimise_on_so3(const double *Om, double *R, int iters, double lam
     return h;
 }
 
+/* Adds points base .. base + m - 1 (m <= COST_CHUNK) to the sums of build_omega: A = sum P,
+ * Bs = sum P X^T and M = sum P (x) X X^T over the 6 distinct entries of the symmetric P = w (I -
+ * v v^T / v^T v) and X X^T (X centred), and writes their cheirality terms to buf (when not
+ * NULL). The per-point terms first, then the sums in passes of at most 12 accumulators (as
+ * chunk_sums). */
+static inline void omega_sums(const Problem *p, int base, int m, const double *centre, double *buf, double *A,
+                              double *Bs, double *M) {
+    double Ps[6][COST_CHUNK], X[3][COST_CHUNK];
+    for (int i = 0; i < m; i++) {
+        int pt = base + i;
+        double w = p->w[pt];
+        double va, vb;
+        point_ray(p, pt, &va, &vb);
+        double v[3] = {va, vb, 1.0};
+        double inv = 1.0 / (va * va + vb * vb + 1.0);
+        for (int k = 0; k < 3; k++) X[k][i] = p->x3d[3 * pt + k] - centre[k];
+        static const int rows[6] = {0, 0, 0, 1, 1, 2}, cols[6] = {0, 1, 2, 1, 2, 2};
+        for (int u = 0; u < 6; u++) Ps[u][i] = w * ((rows[u] == cols[u]) - v[rows[u]] * v[cols[u]] * inv);
+        if (buf) {
+            double *q = buf + 13 * (size_t)pt;
+            for (int a = 0; a < 3; a++)
+                for (int k = 0; k < 3; k++) q[3 * a + k] = v[a] * X[k][i];
+            q[9] = v[0]; q[10] = v[1]; q[11] = v[2]; q[12] = w;
+        }
+    }
+    for (int u0 = 0; u0 < 6; u0 += 3) {
+        double a3[3] = {0}, b9[9] = {0};
+#pragma omp simd reduction(+ : a3[:3], b9[:9])
+        for (int i = 0; i < m; i++)
+            for (int u = 0; u < 3; u++) {
+                double P = Ps[u0 + u][i];
+                a3[u] += P;
+                for (int k = 0; k < 3; k++) b9[3 * u + k] += P * X[k][i];
+            }
+        for (int u = 0; u < 3; u++) {
+            A[u0 + u] += a3[u];
+            for (int k = 0; k < 3; k++) Bs[3 * (u0 + u) + k] += b9[3 * u + k];
+        }
+    }
+    for (int u0 = 0; u0 < 6; u0 += 2) {
+        double m12[12] = {0};
+#pragma omp simd reduction(+ : m12[:12])
+        for (int i = 0; i < m; i++) {
+            double x0 = X[0][i], x1 = X[1][i], x2 = X[2][i];
+            double XX[6] = {x0 * x0, x0 * x1, x0 * x2, x1 * x1, x1 * x2, x2 * x2};
+            for (int u = 0; u < 2; u++)
+                for (int v2 = 0; v2 < 6; v2++) m12[6 * u + v2] += Ps[u0 + u][i] * XX[v2];
+        }
+        for (int k = 0; k < 12; k++) M[6 * u0 + k] += m12[k];
+    }
+}
+
 /* The object-space quadratic form Omega divided by its trace (On, 9x9; the trace is returned),
- * T (3x9, t = T vec(R) for the centred points), the weighted centre and covariance of the points,
- * and per point v X^T, v, w for the cheirality test (buf, 13 per point; skipped when NULL). */
-static double build_omega(const Problem *p, double *On, double *T, double *centre, double *covs, double *buf) {
+ * T (3x9, t = T vec(R) for the centred points), the weighted centre of the points, and per point
+ * v X^T, v, w for the cheirality test (buf, 13 per point; skipped when NULL). */
+static double build_omega(const Problem *p, double *On, double *T, double *centre, double *buf) {
     const int n = p->n;
     double wsum = 0;
     centre[0] = centre[1] = centre[2] = 0;
@@ -862,33 +915,9 @@ static double build_omega(const Problem *p, double *On, double *T, double *centr
         for (int k = 0; k < 3; k++) centre[k] += p->w[i] * p->x3d[3 * i + k];
     }
     for (int k = 0; k < 3; k++) centre[k] /= wsum;
-    double A[6] = {0}, Bs[18] = {0}, M[36] = {0}, cov[6] = {0};
-    for (int i = 0; i < n; i++) {
-        double w = p->w[i];
-        double va, vb;
-        point_ray(p, i, &va, &vb);
-        double v[3] = {va, vb, 1.0};
-        double inv = 1.0 / (va * va + vb * vb + 1.0);
-        double X[3] = {p->x3d[3 * i] - centre[0], p->x3d[3 * i + 1] - centre[1], p->x3d[3 * i + 2] - centre[2]};
-        double P[9];
-        for (int a = 0; a < 3; a++)
-            for (int c = 0; c < 3; c++) P[a * 3 + c] = w * ((a == c) - v[a] * v[c] * inv);
-        if (buf) {
-            double *q = buf + 13 * i;
-            for (int a = 0; a < 3; a++)
-                for (int k = 0; k < 3; k++) q[3 * a + k] = v[a] * X[k];
-            q[9] = v[0]; q[10] = v[1]; q[11] = v[2]; q[12] = w;
-        }
-        /* P and X X^T are symmetric: their 6 distinct entries each, 36 products per point. */
-        double Ps[6] = {P[0], P[1], P[2], P[4], P[5], P[8]};
-        double XXs[6] = {X[0] * X[0], X[0] * X[1], X[0] * X[2], X[1] * X[1], X[1] * X[2], X[2] * X[2]};
-        for (int u = 0; u < 6; u++) {
-            A[u] += Ps[u];
-            cov[u] += w * XXs[u];
-            for (int k = 0; k < 3; k++) Bs[u * 3 + k] += Ps[u] * X[k];
-            for (int v2 = 0; v2 < 6; v2++) M[u * 6 + v2] += Ps[u] * XXs[v2];
-        }
-    }
+    double A[6] = {0}, Bs[18] = {0}, M[36] = {0};
+    for (int base = 0; base < n; base += COST_CHUNK)
+        omega_sums(p, base, n - base < COST_CHUNK ? n - base : COST_CHUNK, centre, buf, A, Bs, M);
     /* unpack: sym index of (a, c) into the 6 distinct entries */
     static const int sym[3][3] = {{0, 1, 2}, {1, 3, 4}, {2, 4, 5}};
     double full[81], Bm[27];
@@ -900,10 +929,7 @@ static double build_omega(const Problem *p, double *On, double *T, double *centr
         }
     double Asym[9];
     for (int a = 0; a < 3; a++)
-        for (int c = 0; c < 3; c++) {
-            Asym[a * 3 + c] = A[sym[a][c]];
-            covs[a * 3 + c] = cov[sym[a][c]];
-        }
+        for (int c = 0; c < 3; c++) Asym[a * 3 + c] = A[sym[a][c]];
 
     /* T = -A^-1 Bm, Omega = full + Bm^T T */
     double Om[81];
@@ -925,17 +951,17 @@ static double build_omega(const Problem *p, double *On, double *T, double *centr
     return norm;
 }
 
-/* Candidate poses, best first (as bpnp.solvers.candidates.initial_poses); returns their number. */
-static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], double (*tc)[3], double *keyc) {
+/* Candidate poses, best first (as bpnp.solvers.candidates.initial_poses); returns their number.
+ * spread: the object's principal variances (object_spread). */
+static int initial_poses(const Problem *p, const Options *o, const double *spread, double (*Rc)[9], double (*tc)[3],
+                         double *keyc) {
     const int n = p->n;
-    double centre[3], covs[9], T[27], On[81];
+    double centre[3], T[27], On[81];
     /* per point: v X^T (9), v (3), w; NULL (recompute on the fly) if out of memory */
     double *buf = (double *)malloc(sizeof(double) * 13 * (size_t)n);
-    double norm = build_omega(p, On, T, centre, covs, buf);
+    double norm = build_omega(p, On, T, centre, buf);
     double V[81], ev[9];
     symmetric_eig(9, On, V, ev);
-    double spread[3];
-    symmetric_eig(3, covs, NULL, spread);
     /* Flat or thin point sets leave Omega with a near null space in which eigenvectors are poor
      * starts: only then are the fixed starts needed (measured in the torch version). */
     int thin = spread[0] < o->thin_ratio * o->thin_ratio * spread[2];
@@ -1032,8 +1058,8 @@ static int initial_poses(const Problem *p, const Options *o, double (*Rc)[9], do
  * bpnp.solvers.candidates.warm_start_trusted): its error is at most warm_start_ratio times the best
  * minimum of the eigenvector starts (solid_eigvecs of them, both signs). */
 static int object_space_trusted(const Problem *p, const Options *o, const double *R) {
-    double centre[3], covs[9], T[27], On[81], V[81], ev[9];
-    build_omega(p, On, T, centre, covs, NULL);
+    double centre[3], T[27], On[81], V[81], ev[9];
+    build_omega(p, On, T, centre, NULL);
     int finite = 1;
     for (int k = 0; k < 81; k++) finite &= isfinite(On[k]);
     if (!finite) return 0;
@@ -1088,7 +1114,7 @@ static int repair_depth(const Problem *p, double margin, const double *R, double
 
 /* One global search with the options o (candidates, screening, refinement, selection); returns
  * whether a candidate needed the depth repair. */
-static int solve_pass(const Problem *p, const Options *o, const double *init, LMState *best) {
+static int solve_pass(const Problem *p, const Options *o, const double *spread, const double *init, LMState *best) {
     int repaired = 0;
     LMState cand[MAX_CAND + 1];
     int k = 0;
@@ -1100,7 +1126,7 @@ static int solve_pass(const Problem *p, const Options *o, const double *init, LM
     }
     if (!init || o->global_search) {
         double Rc[MAX_CAND][9], tcand[MAX_CAND][3], kc[MAX_CAND];
-        int m = initial_poses(p, o, Rc, tcand, kc);
+        int m = initial_poses(p, o, spread, Rc, tcand, kc);
         double margin = o->depth_margin * object_size(p);
         /* Only candidates worth it: distinct basins with (nearly) all points in front of the
          * camera, within object_ratio of the best object-space error; the best always. */
@@ -1314,18 +1340,18 @@ static void cube_pass(const Problem *p, const Options *o, LMState *out) {
     out->second = INFINITY;
 }
 
-/* A needle: the weighted point set is thin in two directions (its two smaller spreads below
- * thin_ratio^2 of the largest, as variances): the rotation about its axis is barely seen, the
- * object-space minima crowd, and the search missed the best one in 0.3-0.8% of such problems
- * (bpnp.solvers.pnp.needle_like): they are escalated (exhaustive pass and cube starts). */
-static int needle_like(const Problem *p, double ratio) {
-    double c[3] = {0, 0, 0}, ws = 0, cov[9] = {0}, ev[3];
+/* The principal variances of the weighted object points, ascending (ev, 3: the eigenvalues of
+ * their weighted covariance; zeros without a positive weight). The thin test of the starts and
+ * the needle test read them. */
+static void object_spread(const Problem *p, double *ev) {
+    double c[3] = {0, 0, 0}, ws = 0, cov[9] = {0};
+    ev[0] = ev[1] = ev[2] = 0;
     for (int i = 0; i < p->n; i++) {
         if (!(p->w[i] > 0)) continue;
         ws += p->w[i];
         for (int k = 0; k < 3; k++) c[k] += p->w[i] * p->x3d[3 * i + k];
     }
-    if (!(ws > 0)) return 0;
+    if (!(ws > 0)) return;
     for (int k = 0; k < 3; k++) c[k] /= ws;
     for (int i = 0; i < p->n; i++) {
         if (!(p->w[i] > 0)) continue;
@@ -1335,8 +1361,13 @@ static int needle_like(const Problem *p, double ratio) {
             for (int b = 0; b < 3; b++) cov[3 * a + b] += p->w[i] * d[a] * d[b];
     }
     symmetric_eig(3, cov, NULL, ev);
-    return ev[1] < ratio * ratio * ev[2];
 }
+
+/* A needle: the weighted point set is thin in two directions (its two smaller spreads below
+ * thin_ratio^2 of the largest, as variances): the rotation about its axis is barely seen, the
+ * object-space minima crowd, and the search missed the best one in 0.3-0.8% of such problems
+ * (bpnp.solvers.pnp.needle_like): they are escalated (exhaustive pass and cube starts). */
+static int needle_like(const double *spread, double ratio) { return spread[1] < ratio * ratio * spread[2]; }
 
 /* The global solve of one problem. Problems with few points (where the shortcuts of the search
  * cost little and miss most) get the exhaustive search at once; a problem whose candidates had
@@ -1348,15 +1379,17 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
     int global = !init || o->global_search;
     Options full = *o;
     exhaustive(&full);
+    double spread[3] = {0, 0, 0};
+    if (global) object_spread(p, spread);
     if (npos <= o->small_problem && global) {
-        solve_pass(p, &full, init, best);
-    } else if (solve_pass(p, o, init, best) ? global && o->escalate
+        solve_pass(p, &full, spread, init, best);
+    } else if (solve_pass(p, o, spread, init, best) ? global && o->escalate
                                             : global && o->escalate &&
                                                   (heavy_tailed(p, best->R, best->t, o->escalate_ratio) ||
                                                    misfit(p, best->cost, o->escalate_misfit) ||
-                                                   needle_like(p, o->thin_ratio))) {
+                                                   needle_like(spread, o->thin_ratio))) {
         LMState again;
-        solve_pass(p, &full, init, &again);
+        solve_pass(p, &full, spread, init, &again);
         if (again.cost < best->cost || (isinf(best->cost) && !isinf(again.cost))) {
             if (best->iters > again.iters) again.iters = best->iters;
             *best = again;
