@@ -1182,27 +1182,6 @@ static int solve_pass(const Problem *p, const Options *o, const double *spread, 
     return repaired;
 }
 
-/* Quickselect: the k-th smallest of v[0..m-1] (v is reordered). */
-static double kth_smallest(double *v, int m, int k) {
-    int lo = 0, hi = m - 1;
-    while (lo < hi) {
-        double pivot = v[(lo + hi) / 2];
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] < pivot) i++;
-            while (v[j] > pivot) j--;
-            if (i <= j) {
-                double tmp = v[i]; v[i] = v[j]; v[j] = tmp;
-                i++; j--;
-            }
-        }
-        if (k <= j) hi = j;
-        else if (k >= i) lo = i;
-        else return v[k];
-    }
-    return v[k];
-}
-
 /* A finite cost from the LM means every weighted point is in front of the camera; a (near)
  * singular Hessian means the pose is not determined by the data: well posed when the smallest
  * eigenvalue of H exceeds ratio times the largest magnitude (not for a non-finite H). */
@@ -1215,29 +1194,36 @@ static int well_posed(const double *H, double ratio) {
     return ev[0] > ratio * top;
 }
 
+/* The squared pixel residual of point i at (R, t), unweighted (weights need not be inverse
+ * variances). */
+static inline double squared_residual(const Problem *p, int i, const double *R, const double *t) {
+    const double *X = p->x3d + 3 * i;
+    double P0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2] + t[0];
+    double P1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2] + t[1];
+    double P2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2] + t[2];
+    double a = P0 / P2, b = P1 / P2;
+    double ru = p->m00 * a + p->m01 * b + p->c0 - p->x2d[2 * i], rv = p->m11 * b + p->c1 - p->x2d[2 * i + 1];
+    return ru * ru + rv * rv;
+}
+
 /* Heavy-tailed residuals at (R, t): the largest squared residual exceeds ratio times the median
- * one (points of positive weight; median: the ((m-1)/2)-th smallest), beyond 1e-16. */
+ * one (points of positive weight; median: the ((m-1)/2)-th smallest), beyond 1e-16. The test
+ * top > ratio * v + 1e-16 holds for the median iff it holds for at least (m-1)/2 + 1 of the
+ * values (it holds for every value below one it holds for): a count instead of a selection,
+ * the same answer. */
 static int heavy_tailed(const Problem *p, const double *R, const double *t, double ratio) {
-    double *v = (double *)malloc(sizeof(double) * (size_t)p->n);
-    if (!v) return 0;
     int m = 0;
     double top = 0;
     for (int i = 0; i < p->n; i++) {
-        double w = p->w[i];
-        if (!(w > 0)) continue;
-        const double *X = p->x3d + 3 * i;
-        double P0 = R[0] * X[0] + R[1] * X[1] + R[2] * X[2] + t[0];
-        double P1 = R[3] * X[0] + R[4] * X[1] + R[5] * X[2] + t[1];
-        double P2 = R[6] * X[0] + R[7] * X[1] + R[8] * X[2] + t[2];
-        double a = P0 / P2, b = P1 / P2;
-        double ru = p->m00 * a + p->m01 * b + p->c0 - p->x2d[2 * i], rv = p->m11 * b + p->c1 - p->x2d[2 * i + 1];
-        double r2 = ru * ru + rv * rv; /* unweighted: weights need not be inverse variances */
-        v[m++] = r2;
+        if (!(p->w[i] > 0)) continue;
+        double r2 = squared_residual(p, i, R, t);
+        m++;
         if (r2 > top) top = r2;
     }
-    double med = m ? kth_smallest(v, m, (m - 1) / 2) : 0;
-    free(v);
-    return m > 0 && top > ratio * med + 1e-16;
+    int below = 0;
+    for (int i = 0; i < p->n; i++)
+        below += p->w[i] > 0 && top > ratio * squared_residual(p, i, R, t) + 1e-16;
+    return m > 0 && below >= (m - 1) / 2 + 1;
 }
 
 /* The fit explains little of the image: the RMS residual at (R, t) exceeds ratio times the RMS
