@@ -113,6 +113,14 @@ typedef struct {
 
 /* ---------------------------------------------------------------- small linear algebra */
 
+/* Whether all m values are finite. */
+static int all_finite(const double *v, size_t m) {
+    for (size_t k = 0; k < m; k++)
+        if (!isfinite(v[k])) return 0;
+    return 1;
+}
+
+
 static void mat3_mul(const double *A, const double *B, double *C) {
     double T[9];
     for (int i = 0; i < 3; i++)
@@ -1184,11 +1192,27 @@ static int solve_pass(const Problem *p, const Options *o, const double *spread, 
 
 /* A finite cost from the LM means every weighted point is in front of the camera; a (near)
  * singular Hessian means the pose is not determined by the data: well posed when the smallest
- * eigenvalue of H exceeds ratio times the largest magnitude (not for a non-finite H). */
+ * eigenvalue of H exceeds ratio times the largest (not for a non-finite H). The largest lies
+ * between the largest diagonal entry and the trace (H positive definite), so two Cholesky
+ * tests of H - ratio * bound * I decide all but a band of width 6x at the threshold, where the
+ * eigenvalues do (a sixth of their time). */
 static int well_posed(const double *H, double ratio) {
-    double Hs[36], ev[6];
+    double Hs[36], L[36], ev[6], trace = 0, diag = 0;
     for (int a = 0; a < 6; a++)
         for (int b = 0; b < 6; b++) Hs[a * 6 + b] = 0.5 * (H[a * 6 + b] + H[b * 6 + a]);
+    if (!all_finite(Hs, 36)) return 0;
+    for (int a = 0; a < 6; a++) {
+        trace += Hs[a * 7];
+        if (Hs[a * 7] > diag) diag = Hs[a * 7];
+    }
+    double bounds[2] = {trace, diag}, A[36];
+    for (int k = 0; k < 2; k++) {
+        memcpy(A, Hs, sizeof A);
+        for (int a = 0; a < 6; a++) A[a * 7] -= ratio * bounds[k];
+        int positive = cholesky6(A, L);
+        if (k == 0 && positive) return 1; /* smallest > ratio * trace >= ratio * largest */
+        if (k == 1 && !positive) return 0; /* smallest <= ratio * diag <= ratio * largest */
+    }
     symmetric_eig(6, Hs, NULL, ev);
     double top = fabs(ev[5]) > 1e-300 ? fabs(ev[5]) : 1e-300;
     return ev[0] > ratio * top;
@@ -1731,12 +1755,6 @@ enum {
     CHECK_OK = 0, CHECK_X2D_FINITE, CHECK_X3D_FINITE, CHECK_K_FINITE, CHECK_W_FINITE, CHECK_INIT_FINITE,
     CHECK_K_LOWER, CHECK_K_FOCAL, CHECK_K_SCALE, CHECK_W_NEGATIVE, CHECK_W_FEW
 };
-
-static int all_finite(const double *v, size_t m) {
-    for (size_t k = 0; k < m; k++)
-        if (!isfinite(v[k])) return 0;
-    return 1;
-}
 
 /* The checks of bpnp.checks.canonical_pnp_inputs on the values, in its order. */
 static int check_inputs(int B, int n, const double *x2d, const double *x3d, int nx3d, const double *K, int nK,
