@@ -750,10 +750,12 @@ static double quad9(const double *Om, const double *r, double *o_r) {
     return h;
 }
 
-/* The converged minima of one Omega's starts so far (rotations and costs). */
+/* The converged minima of one Omega's starts so far (rotations, costs and the starts that found
+ * them), and which of them the last start joined (-1: none). */
 typedef struct {
-    int m;
+    int m, joined;
     double R[MAX_STARTS][9], h[MAX_STARTS];
+    int start[MAX_STARTS];
 } SO3Minima;
 
 /* Local minimum of vec(R)^T Om vec(R) on SO(3) by damped Newton from R, on the chart
@@ -778,12 +780,14 @@ static double minimise_on_so3(const double *Om, double *R, int iters, double lam
     double grad[3], JO[3][9], Hgn[9], N[9], H[9], A[9], ng[3], step[3];
     int fresh = 1; /* after a rejected step R is unchanged: only the damping changes */
     int converged = 0;
+    if (found) found->joined = -1;
     for (int it = 0; it < iters && !converged; it++) {
         for (int q = 0; fresh && found && q < found->m; q++) {
             double d2 = 0;
             for (int k = 0; k < 9; k++) d2 += (R[k] - found->R[q][k]) * (R[k] - found->R[q][k]);
             if (d2 < 1e-8) {
                 memcpy(R, found->R[q], 9 * sizeof(double));
+                found->joined = q;
                 return found->h[q];
             }
         }
@@ -988,11 +992,21 @@ static int initial_poses(const Problem *p, const Options *o, const double *sprea
     double hmax = 0;
     SO3Minima found;
     found.m = 0;
+    int same_as[MAX_STARTS], behinds[MAX_STARTS]; /* the earlier start with the same minimum (-1: none) */
     for (int s = 0; s < S; s++) {
+        int m_before = found.m;
         hs[s] = minimise_on_so3(On, Rs[s], o->so3_iters, o->so3_damping, &found) * norm;
+        if (found.m > m_before) found.start[m_before] = s;
+        same_as[s] = found.joined >= 0 ? found.start[found.joined] : -1;
         if (fabs(hs[s]) > hmax) hmax = fabs(hs[s]);
     }
     for (int s = 0; s < S; s++) {
+        if (same_as[s] >= 0) { /* the same rotation: the same translation and cheirality */
+            memcpy(ts[s], ts[same_as[s]], sizeof ts[s]);
+            behinds[s] = behinds[same_as[s]];
+            key[s] = hs[s] / (hmax + 1e-300) + o->behind_penalty * behinds[s] / (double)n;
+            continue;
+        }
         double *R = Rs[s], tcen[3];
         for (int a = 0; a < 3; a++) {
             double v = 0;
@@ -1023,6 +1037,7 @@ static int initial_poses(const Problem *p, const Options *o, const double *sprea
                 if (!(xc0 * va + xc1 * vb + xc2 > 0)) behind++;
             }
         }
+        behinds[s] = behind;
         key[s] = hs[s] / (hmax + 1e-300) + o->behind_penalty * behind / (double)n;
     }
     /* Sort by key; a candidate equal to a better one is pushed to the back. */
