@@ -120,7 +120,6 @@ static int all_finite(const double *v, size_t m) {
     return 1;
 }
 
-
 static void mat3_mul(const double *A, const double *B, double *C) {
     double T[9];
     for (int i = 0; i < 3; i++)
@@ -440,8 +439,8 @@ typedef struct {
     double Q00[COST_CHUNK], Q01[COST_CHUNK], Q02[COST_CHUNK], Q11[COST_CHUNK], Q12[COST_CHUNK], Q22[COST_CHUNK];
 } PointTerms;
 
-/* Points base .. base + m - 1 (m <= COST_CHUNK) into q; adds their cost to *cost and lowers *seen
- * to their smallest unclamped depth among points of positive weight. */
+/* Points base .. base + m - 1 (m <= COST_CHUNK) into q; adds their cost to *cost_sum and lowers
+ * *seen_min to their smallest unclamped depth among points of positive weight. */
 static inline void chunk_terms(const Problem *p, int base, int m, const double *R, const double *t,
                                double min_depth, PointTerms *q, double *cost_sum, double *seen_min) {
     /* Every per-point term is a pull-back through D: gradient D^T s with s = w (d pixel/dX)^T r,
@@ -484,8 +483,9 @@ static inline void chunk_terms(const Problem *p, int base, int m, const double *
 }
 
 /* Adds the pull-backs through D = dX/dxi = [-[P]_x, I] of m points' terms to the sums of the
- * chart gradient and Hessian (Gr 3, Gt 3, sP 9, Htt 6, Hrt 9, Hrr 6, in that order). The sums run in several passes of a few accumulators each:
- * one pass over all 36 spills the SIMD registers, and took twice the time. */
+ * chart gradient and Hessian (Gr 3, Gt 3, sP 9, Htt 6, Hrt 9, Hrr 6, in that order). The sums
+ * run in passes of a few accumulators each: one pass over all 36 spilled the SIMD registers and
+ * took twice the time. */
 static inline void chunk_sums(const PointTerms *q, int m, double *sums) {
     double G[6] = {0}, sP[9] = {0}, Htt[6] = {0}, Hrt[9] = {0}, Hrr[6] = {0};
 #pragma omp simd reduction(+ : G[:6])
@@ -1712,6 +1712,7 @@ void bpnp_ransac_round(int A, int S, int n, const int64_t *ids, const int64_t *s
                        int forked, double *R_out, double *t_out, double *score_out, int32_t *count_out) {
     int want = num_threads < 1 ? 1 : num_threads;
     (void)forked;
+    (void)want; /* read by the OpenMP pragma only */
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 4) num_threads(want) if (want > 1 && !forked && !in_forked_child && A > 8)
 #endif
