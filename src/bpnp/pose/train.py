@@ -281,8 +281,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     Writes into ``cfg.out``: ``config.json``, ``log.csv`` (a row per ``log_every`` steps),
     ``checkpoint.pt`` (every ``checkpoint_every`` steps, atomically), ``model.pt`` (the final
-    network), ``loss.png``. Under torchrun only rank 0 writes.
+    network), ``loss.png``. Under torchrun only rank 0 writes; a process group this call started
+    is destroyed when the run ends (one the caller started is left to the caller).
     """
+    starts_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized()
+    summary = _train(cfg, resume)
+    if starts_group and torch.distributed.is_initialized():
+        # Left alive, gloo's worker threads can abort the interpreter's exit (SIGABRT, "terminate
+        # called without an active exception"; seen once in CI). Not on an exception: the other
+        # ranks may still be in a collective, and the destroy would wait on them.
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _train(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
+    """The training run of :func:`train`."""
     rank, world = _distributed()
     out = Path(cfg.out)
     device = torch.device(cfg.device)
