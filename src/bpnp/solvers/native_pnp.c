@@ -136,7 +136,8 @@ static void rodrigues(const double *v, double *R) {
         a = 1.0 - th2 / 6.0 + th2 * th2 / 120.0;
         b = 0.5 - th2 / 24.0 + th2 * th2 / 720.0;
     } else {
-        /* sin th = 2 sin(th/2) cos(th/2): one sincos call (GCC fuses a sin and a cos of one argument) */
+        /* sin th = 2 sin(th/2) cos(th/2): one sincos call (GCC fuses a sin and a cos of one
+         * argument) */
         double th = sqrt(th2), sh = sin(0.5 * th), ch = cos(0.5 * th), s = sh / th;
         a = 2.0 * s * ch;
         b = 2.0 * s * s;
@@ -741,8 +742,9 @@ static void tetra_rotation(int k, double *R) {
 
 /* r^T Om r for a symmetric Om, and o_r = Om r. o_r is summed as r_0 Om[0] + r_1 Om[1] + ...
  * (rows of Om, its columns): nine independent sums that run as SIMD lanes, where row-by-row dot
- * products were nine chains of dependent adds (a quarter of the SO(3) search's time); the
- * same terms in the same order, so the same values. */
+ * products were nine chains of dependent adds (a quarter of the SO(3) search's time). The same
+ * terms in the same order; the compiler's fused multiply-adds round them differently (the
+ * answers moved by 4e-15). */
 static double quad9(const double *Om, const double *r, double *o_r) {
     double acc[9] = {0};
     for (int j = 0; j < 9; j++)
@@ -920,18 +922,24 @@ static inline void omega_sums(const Problem *p, int base, int m, const double *c
     }
 }
 
+/* The weighted centre of the object points (c, 3); returns the sum of the weights. */
+static double weighted_centre(const Problem *p, double *c) {
+    double wsum = 0;
+    c[0] = c[1] = c[2] = 0;
+    for (int i = 0; i < p->n; i++) {
+        wsum += p->w[i];
+        for (int k = 0; k < 3; k++) c[k] += p->w[i] * p->x3d[3 * i + k];
+    }
+    for (int k = 0; k < 3; k++) c[k] /= wsum;
+    return wsum;
+}
+
 /* The object-space quadratic form Omega divided by its trace (On, 9x9; the trace is returned),
  * T (3x9, t = T vec(R) for the centred points), the weighted centre of the points, and per point
  * v X^T, v, w for the cheirality test (buf, 13 per point; skipped when NULL). */
 static double build_omega(const Problem *p, double *On, double *T, double *centre, double *buf) {
     const int n = p->n;
-    double wsum = 0;
-    centre[0] = centre[1] = centre[2] = 0;
-    for (int i = 0; i < n; i++) {
-        wsum += p->w[i];
-        for (int k = 0; k < 3; k++) centre[k] += p->w[i] * p->x3d[3 * i + k];
-    }
-    for (int k = 0; k < 3; k++) centre[k] /= wsum;
+    weighted_centre(p, centre);
     double A[6] = {0}, Bs[18] = {0}, M[36] = {0};
     for (int base = 0; base < n; base += COST_CHUNK)
         omega_sums(p, base, n - base < COST_CHUNK ? n - base : COST_CHUNK, centre, buf, A, Bs, M);
@@ -1111,12 +1119,7 @@ static int object_space_trusted(const Problem *p, const Options *o, const double
 
 /* Weighted RMS distance of the object points from their weighted centre: the object's size. */
 static double object_size(const Problem *p) {
-    double wsum = 0, c[3] = {0}, ss = 0;
-    for (int i = 0; i < p->n; i++) {
-        wsum += p->w[i];
-        for (int k = 0; k < 3; k++) c[k] += p->w[i] * p->x3d[3 * i + k];
-    }
-    for (int k = 0; k < 3; k++) c[k] /= wsum;
+    double c[3], ss = 0, wsum = weighted_centre(p, c);
     for (int i = 0; i < p->n; i++)
         for (int k = 0; k < 3; k++) {
             double d = p->x3d[3 * i + k] - c[k];
@@ -1374,15 +1377,10 @@ static void cube_pass(const Problem *p, const Options *o, LMState *out) {
  * their weighted covariance; zeros without a positive weight). The thin test of the starts and
  * the needle test read them. */
 static void object_spread(const Problem *p, double *ev) {
-    double c[3] = {0, 0, 0}, ws = 0, cov[9] = {0};
+    /* (weights are finite and >= 0: the zero ones add nothing to the centre) */
+    double c[3], cov[9] = {0};
     ev[0] = ev[1] = ev[2] = 0;
-    for (int i = 0; i < p->n; i++) {
-        if (!(p->w[i] > 0)) continue;
-        ws += p->w[i];
-        for (int k = 0; k < 3; k++) c[k] += p->w[i] * p->x3d[3 * i + k];
-    }
-    if (!(ws > 0)) return;
-    for (int k = 0; k < 3; k++) c[k] /= ws;
+    if (!(weighted_centre(p, c) > 0)) return;
     for (int i = 0; i < p->n; i++) {
         if (!(p->w[i] > 0)) continue;
         double d[3];
