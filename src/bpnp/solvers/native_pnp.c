@@ -740,134 +740,298 @@ static void tetra_rotation(int k, double *R) {
     for (int r = 0; r < 3; r++) R[3 * r + perms[k / 4][r]] = signs[k % 4][r];
 }
 
-/* r^T Om r for a symmetric Om, and o_r = Om r. o_r is summed as r_0 Om[0] + r_1 Om[1] + ...
- * (rows of Om, its columns): nine independent sums that run as SIMD lanes, where row-by-row dot
- * products were nine chains of dependent adds (a quarter of the SO(3) search's time). The same
- * terms in the same order; the compiler's fused multiply-adds round them differently (the
- * answers moved by 4e-15). */
-static double quad9(const double *Om, const double *r, double *o_r) {
-    double acc[9] = {0};
-    for (int j = 0; j < 9; j++)
+/* The SO(3) search runs LANES starts side by side: every quantity of a start is an array over
+ * the lanes, and each step is a loop over them that the compiler turns into SIMD instructions
+ * (one start's 3x3 algebra is too narrow for them). Lanes that are done are masked, not branched
+ * on. With AVX2, 8 lanes (two registers per quantity: independent chains that hide latency, and
+ * the 8 starts of a solid point set in one pass) were 2.5% faster than 4; with SSE2, 4. */
+#ifdef __AVX2__
+#define LANES 8
+#else
+#define LANES 4
+#endif
+#define FOR_LANES _Pragma("omp simd") for (int l = 0; l < LANES; l++)
+
+/* sin and cos of x >= 0 in each lane: reduction by pi/2 in two parts (Cody and Waite), then the
+ * polynomials of fdlibm's __kernel_sin and __kernel_cos on [-pi/4, pi/4] (within 2 ulp of libm
+ * on the angles of the search). Lanes at or above 1e5 (or NaN) take libm's. */
+static inline void sincos_lanes(const double *x, double *s, double *c) {
+    FOR_LANES {
+        double v = x[l] < 1e5 ? x[l] : 0.0;
+        int quadrant = (int)(v * 0.63661977236758134308 + 0.5); /* v >= 0: truncation rounds */
+        double q = quadrant;
+        double r = (v - q * 1.57079632673412561417e+00) - q * 6.07710050650619224932e-11;
+        double z = r * r;
+        double sp = r + r * z * (-1.66666666666666324348e-01 + z * (8.33333333332248946124e-03 +
+                    z * (-1.98412698298579493134e-04 + z * (2.75573137070700676789e-06 +
+                    z * (-2.50507602534068634195e-08 + z * 1.58969099521155010221e-10)))));
+        double cp = 1.0 - 0.5 * z + z * z * (4.16666666666666019037e-02 + z * (-1.38888888888741095749e-03 +
+                    z * (2.48015872894767294178e-05 + z * (-2.75573143513906633035e-07 +
+                    z * (2.08757232129817482790e-09 + z * -1.13596475577881948265e-11)))));
+        int k = quadrant & 3;
+        double ss = (k & 1) ? cp : sp, cc = (k & 1) ? sp : cp;
+        s[l] = k >= 2 ? -ss : ss;
+        c[l] = (k == 1 || k == 2) ? -cc : cc;
+    }
+    for (int l = 0; l < LANES; l++)
+        if (!(x[l] < 1e5)) {
+            s[l] = sin(x[l]);
+            c[l] = cos(x[l]);
+        }
+}
+
+/* rodrigues in each lane. */
+static inline void rodrigues_lanes(const double (*v)[LANES], double (*R)[LANES]) {
+    double sh[LANES], ch[LANES], half[LANES], th[LANES];
+    FOR_LANES {
+        th[l] = sqrt(v[0][l] * v[0][l] + v[1][l] * v[1][l] + v[2][l] * v[2][l]);
+        half[l] = 0.5 * th[l];
+    }
+    sincos_lanes(half, sh, ch);
+    FOR_LANES {
+        double x = v[0][l], y = v[1][l], z = v[2][l], th2 = x * x + y * y + z * z, a, b;
+        if (th2 < 1e-8) {
+            a = 1.0 - th2 / 6.0 + th2 * th2 / 120.0;
+            b = 0.5 - th2 / 24.0 + th2 * th2 / 720.0;
+        } else {
+            double s = sh[l] / th[l];
+            a = 2.0 * s * ch[l];
+            b = 2.0 * s * s;
+        }
+        R[0][l] = 1.0 - b * (y * y + z * z); R[1][l] = -a * z + b * x * y; R[2][l] = a * y + b * x * z;
+        R[3][l] = a * z + b * x * y; R[4][l] = 1.0 - b * (x * x + z * z); R[5][l] = -a * x + b * y * z;
+        R[6][l] = -a * y + b * x * z; R[7][l] = a * x + b * y * z; R[8][l] = 1.0 - b * (x * x + y * y);
+    }
+}
+
+/* r^T Om r for a symmetric Om and o_r = Om r, in each lane (the sums in the order of quad9). */
+static inline void quad9_lanes(const double *Om, const double (*r)[LANES], double (*o_r)[LANES], double *h) {
+    double acc[9][LANES];
+    for (int i = 0; i < 9; i++) FOR_LANES acc[i][l] = Om[i] * r[0][l];
+    for (int j = 1; j < 9; j++)
+        for (int i = 0; i < 9; i++) FOR_LANES acc[i][l] += Om[j * 9 + i] * r[j][l];
+    FOR_LANES h[l] = 0;
+    for (int i = 0; i < 9; i++) FOR_LANES {
+        o_r[i][l] = acc[i][l];
+        h[l] += r[i][l] * acc[i][l];
+    }
+}
+
+/* solve3_spd in each lane: pd[l] = 0 (and x = 0) where A is not positive definite. */
+static inline void solve3_lanes(const double (*A)[LANES], const double (*g)[LANES], double (*x)[LANES], int64_t *pd) {
+    FOR_LANES {
+        double a = A[0][l], b = A[1][l], c = A[2][l], d = A[4][l], e = A[5][l], f = A[8][l];
+        double c00 = d * f - e * e, c01 = c * e - b * f, c02 = b * e - c * d;
+        double c11 = a * f - c * c, c12 = b * c - a * e, c22 = a * d - b * b;
+        double det = a * c00 + b * c01 + c * c02;
+        int64_t ok = a > 0 && c22 > 0 && det > 0;
+        double inv = ok ? 1.0 / det : 0.0;
+        x[0][l] = (c00 * g[0][l] + c01 * g[1][l] + c02 * g[2][l]) * inv;
+        x[1][l] = (c01 * g[0][l] + c11 * g[1][l] + c12 * g[2][l]) * inv;
+        x[2][l] = (c02 * g[0][l] + c12 * g[1][l] + c22 * g[2][l]) * inv;
+        pd[l] = ok;
+    }
+}
+
+/* r^T Om r for a symmetric Om (one rotation, as quad9_lanes). */
+static double quad9(const double *Om, const double *r) {
+    double acc[9];
+    for (int i = 0; i < 9; i++) acc[i] = Om[i] * r[0];
+    for (int j = 1; j < 9; j++)
         for (int i = 0; i < 9; i++) acc[i] += Om[j * 9 + i] * r[j];
     double h = 0;
-    for (int i = 0; i < 9; i++) {
-        o_r[i] = acc[i];
-        h += r[i] * acc[i];
-    }
+    for (int i = 0; i < 9; i++) h += r[i] * acc[i];
     return h;
 }
 
 /* The converged minima of one Omega's starts so far (rotations, costs and the starts that found
- * them), and which of them the last start joined (-1: none). */
+ * them). */
 typedef struct {
-    int m, joined;
+    int m;
     double R[MAX_STARTS][9], h[MAX_STARTS];
     int start[MAX_STARTS];
 } SO3Minima;
 
-/* Local minimum of vec(R)^T Om vec(R) on SO(3) by damped Newton from R, on the chart
- * R <- exp([d]_x) R (as bpnp.solvers.candidates.minimise_on_so3): at most iters iterations; a
- * start stops once its Newton step is below 1e-8 rad (the minimum to float64's resolution of
- * the cost; the pixel-space LM refines the answer anyway). With found (else NULL): a start that
- * comes within 1e-4 (Frobenius) of a converged minimum of an earlier start takes that minimum
- * instead of converging to it (the torch version runs on; the answers differ by rounding, and
- * 5% of a solve is saved), and a converged start is added to found. */
-static double minimise_on_so3(const double *Om, double *R, int iters, double lam0, SO3Minima *found) {
+/* Gradient g, Gauss-Newton Hgn and exact Hessian H (3x3, row-major) of vec(R)^T Om vec(R) on the
+ * chart R <- exp([d]_x) R at R, given o_r = Om vec(R), in each lane. */
+static inline void so3_derivatives_lanes(const double *Om, const double (*R)[LANES], const double (*o_r)[LANES],
+                                         double (*g)[LANES], double (*Hgn)[LANES], double (*H)[LANES]) {
     /* d vec(R) / d d_a = vec([e_a]_x R): row a has two non-zero 3-blocks, sign * (row src of R)
      * in block blk. */
     static const int blk[3][2] = {{1, 2}, {0, 2}, {0, 1}};
     static const int src[3][2] = {{2, 1}, {2, 0}, {1, 0}};
     static const double sgn[3][2] = {{-1, 1}, {1, -1}, {-1, 1}};
+    double JO[3][9][LANES], N[9][LANES];
+    for (int a = 0; a < 3; a++) {
+        const double (*u)[LANES] = R + 3 * src[a][0], (*v)[LANES] = R + 3 * src[a][1];
+        const double *Ou = Om + 27 * blk[a][0], *Ov = Om + 27 * blk[a][1];
+        const double (*gu)[LANES] = o_r + 3 * blk[a][0], (*gv)[LANES] = o_r + 3 * blk[a][1];
+        double su = sgn[a][0], sv = sgn[a][1];
+        FOR_LANES g[a][l] = 2.0 * (su * (u[0][l] * gu[0][l] + u[1][l] * gu[1][l] + u[2][l] * gu[2][l]) +
+                                   sv * (v[0][l] * gv[0][l] + v[1][l] * gv[1][l] + v[2][l] * gv[2][l]));
+        for (int j = 0; j < 9; j++) FOR_LANES
+            JO[a][j][l] = su * (u[0][l] * Ou[j] + u[1][l] * Ou[9 + j] + u[2][l] * Ou[18 + j]) +
+                          sv * (v[0][l] * Ov[j] + v[1][l] * Ov[9 + j] + v[2][l] * Ov[18 + j]);
+    }
+    for (int a = 0; a < 3; a++)
+        for (int b = a; b < 3; b++) {
+            const double (*u)[LANES] = R + 3 * src[b][0], (*v)[LANES] = R + 3 * src[b][1];
+            const double (*ju)[LANES] = JO[a] + 3 * blk[b][0], (*jv)[LANES] = JO[a] + 3 * blk[b][1];
+            FOR_LANES {
+                double val = sgn[b][0] * (ju[0][l] * u[0][l] + ju[1][l] * u[1][l] + ju[2][l] * u[2][l]) +
+                             sgn[b][1] * (jv[0][l] * v[0][l] + jv[1][l] * v[1][l] + jv[2][l] * v[2][l]);
+                Hgn[a * 3 + b][l] = Hgn[b * 3 + a][l] = 2.0 * val;
+            }
+        }
+    /* N = R reshape(o_r)^T */
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++) FOR_LANES
+            N[a * 3 + b][l] = R[a * 3][l] * o_r[b * 3][l] + R[a * 3 + 1][l] * o_r[b * 3 + 1][l] +
+                              R[a * 3 + 2][l] * o_r[b * 3 + 2][l];
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++) FOR_LANES
+            H[a * 3 + b][l] = Hgn[a * 3 + b][l] + N[a * 3 + b][l] + N[b * 3 + a][l] -
+                              (a == b ? 2.0 * (N[0][l] + N[4][l] + N[8][l]) : 0.0);
+}
+
+/* The state of LANES starts of the SO(3) search. 64-bit flags: as wide as the doubles they
+ * select, for the SIMD selects. */
+typedef struct {
+    double R[9][LANES], o_r[9][LANES], h[LANES], lam[LANES]; /* o_r = Om vec(R), h = vec(R)^T o_r */
+    int64_t active[LANES]; /* still iterating */
+    int64_t fresh[LANES];  /* R moved in the last step (else only the damping changed) */
+    int64_t final[LANES];  /* R is a minimum of found (already orthonormal) */
+} SO3Lanes;
+
+/* An active lane that moved and now lies within 1e-4 (Frobenius) of a minimum of found takes the
+ * first such minimum and stops; same_as[l] names the start that found it. */
+static void so3_join_found(SO3Lanes *L, const SO3Minima *found, int nl, int *same_as) {
+    int64_t join[LANES];
+    FOR_LANES join[l] = -1;
+    for (int q = 0; q < found->m; q++) {
+        const double *Rq = found->R[q];
+        double d2[LANES];
+        FOR_LANES d2[l] = 0;
+        for (int k = 0; k < 9; k++) FOR_LANES d2[l] += (L->R[k][l] - Rq[k]) * (L->R[k][l] - Rq[k]);
+        FOR_LANES join[l] = (join[l] < 0 && L->active[l] && L->fresh[l] && d2[l] < 1e-8) ? q : join[l];
+    }
+    for (int l = 0; l < nl; l++)
+        if (join[l] >= 0) {
+            for (int k = 0; k < 9; k++) L->R[k][l] = found->R[join[l]][k];
+            L->h[l] = found->h[join[l]];
+            same_as[l] = found->start[join[l]];
+            L->active[l] = 0;
+            L->final[l] = 1;
+        }
+}
+
+/* The damped Newton step of every lane (pd[l] = 0, step 0, where no damped Hessian is positive
+ * definite). After a rejected step R is unchanged, and so are its derivatives: recomputing them
+ * for every lane gives the same values. */
+static void so3_newton_step(const double *Om, const SO3Lanes *L, double scale, int nl, double (*step)[LANES],
+                            int64_t *pd) {
+    double grad[3][LANES], Hgn[9][LANES], H[9][LANES], A[9][LANES], ng[3][LANES], damp[3][LANES];
+    so3_derivatives_lanes(Om, L->R, L->o_r, grad, Hgn, H);
+    for (int a = 0; a < 3; a++) FOR_LANES {
+        double d = Hgn[a * 4][l];
+        damp[a][l] = L->lam[l] * (d > 1e-12 * scale ? d : 1e-12 * scale);
+        ng[a][l] = -grad[a][l];
+    }
+    for (int k = 0; k < 9; k++) FOR_LANES A[k][l] = H[k][l] + (k % 4 == 0 ? damp[k / 4][l] : 0.0);
+    solve3_lanes(A, ng, step, pd);
+    int64_t indefinite = 0;
+    for (int l = 0; l < nl; l++) indefinite |= L->active[l] && !pd[l];
+    if (indefinite) {
+        /* Far from a minimum the exact Hessian can be indefinite: Gauss-Newton step. */
+        double step2[3][LANES];
+        int64_t pd2[LANES];
+        for (int k = 0; k < 9; k++) FOR_LANES A[k][l] = Hgn[k][l] + (k % 4 == 0 ? damp[k / 4][l] : 0.0);
+        solve3_lanes(A, ng, step2, pd2);
+        for (int a = 0; a < 3; a++) FOR_LANES step[a][l] = pd[l] ? step[a][l] : step2[a][l];
+        FOR_LANES pd[l] = pd[l] || pd2[l];
+    }
+}
+
+/* Takes each active lane's step where it does not raise the cost, adapts the damping, and stops
+ * (converged[l] = 1) the lanes whose step was below 1e-8 rad. */
+static void so3_take_step(const double *Om, SO3Lanes *L, const double (*step)[LANES], const int64_t *pd,
+                          int64_t *converged) {
+    double dR[9][LANES], Rn[9][LANES], on[9][LANES], hn[LANES];
+    rodrigues_lanes(step, dR);
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++) FOR_LANES
+            Rn[3 * a + b][l] = dR[3 * a][l] * L->R[b][l] + dR[3 * a + 1][l] * L->R[3 + b][l] +
+                               dR[3 * a + 2][l] * L->R[6 + b][l];
+    quad9_lanes(Om, Rn, on, hn);
+    FOR_LANES {
+        int64_t ok = L->active[l] && pd[l] && hn[l] <= L->h[l];
+        for (int k = 0; k < 9; k++) {
+            L->R[k][l] = ok ? Rn[k][l] : L->R[k][l];
+            L->o_r[k][l] = ok ? on[k][l] : L->o_r[k][l];
+        }
+        L->h[l] = ok ? hn[l] : L->h[l];
+        double m = ok ? L->lam[l] * 0.1 : L->lam[l] * 10.0;
+        L->lam[l] = m < 1e-12 ? 1e-12 : (m > 1e12 ? 1e12 : m);
+        L->fresh[l] = ok;
+        converged[l] = L->active[l] && pd[l] &&
+                       step[0][l] * step[0][l] + step[1][l] * step[1][l] + step[2][l] * step[2][l] < 1e-16;
+        L->active[l] = L->active[l] && !converged[l];
+    }
+}
+
+/* Local minima of vec(R)^T Om vec(R) on SO(3) by damped Newton from each of the S rotations Rs,
+ * on the chart R <- exp([d]_x) R (as bpnp.solvers.candidates.minimise_on_so3), LANES starts at a
+ * time: at most iters iterations; a start stops once its Newton step is below 1e-8 rad (the
+ * minimum to float64's resolution of the cost; the pixel-space LM refines the answer anyway).
+ * Writes the minima to Rs and their costs to hs. With found (else NULL): a start that comes within
+ * 1e-4 (Frobenius) of a minimum another start converged to takes that minimum instead of
+ * converging to it (the torch version runs on; the answers differ by rounding, and 8% of a solve
+ * is saved) and same_as[s] names that start (-1: none); converged starts are added to found. */
+static void minimise_on_so3(const double *Om, double (*Rs)[9], int S, int iters, double lam0, SO3Minima *found,
+                            double *hs, int *same_as) {
     double scale = 0;
     for (int k = 0; k < 9; k++) scale += Om[k * 10];
     if (!(scale > 1e-300)) scale = 1e-300;
-    double o_r[9];
-    double h = quad9(Om, R, o_r);
-    double lam = lam0;
-    double grad[3], JO[3][9], Hgn[9], N[9], H[9], A[9], ng[3], step[3];
-    int fresh = 1; /* after a rejected step R is unchanged: only the damping changes */
-    int converged = 0;
-    if (found) found->joined = -1;
-    for (int it = 0; it < iters && !converged; it++) {
-        for (int q = 0; fresh && found && q < found->m; q++) {
-            double d2 = 0;
-            for (int k = 0; k < 9; k++) d2 += (R[k] - found->R[q][k]) * (R[k] - found->R[q][k]);
-            if (d2 < 1e-8) {
-                memcpy(R, found->R[q], 9 * sizeof(double));
-                found->joined = q;
-                return found->h[q];
-            }
+    for (int g0 = 0; g0 < S; g0 += LANES) {
+        int nl = S - g0 < LANES ? S - g0 : LANES;
+        SO3Lanes L;
+        for (int l = 0; l < LANES; l++) { /* spare lanes copy the first start and stay inactive */
+            for (int k = 0; k < 9; k++) L.R[k][l] = Rs[g0 + (l < nl ? l : 0)][k];
+            L.active[l] = l < nl;
+            L.lam[l] = lam0;
+            L.fresh[l] = 1;
+            L.final[l] = 0;
+            if (l < nl && same_as) same_as[g0 + l] = -1;
         }
-        if (fresh) { /* gradient, Gauss-Newton and exact Hessian at R */
-            for (int a = 0; a < 3; a++) {
-                const double *u = R + 3 * src[a][0], *v = R + 3 * src[a][1];
-                const double *Ou = Om + 27 * blk[a][0], *Ov = Om + 27 * blk[a][1];
-                double su = sgn[a][0], sv = sgn[a][1];
-                const double *gu = o_r + 3 * blk[a][0], *gv = o_r + 3 * blk[a][1];
-                grad[a] = 2.0 * (su * (u[0] * gu[0] + u[1] * gu[1] + u[2] * gu[2]) +
-                                 sv * (v[0] * gv[0] + v[1] * gv[1] + v[2] * gv[2]));
-                ng[a] = -grad[a];
-                for (int j = 0; j < 9; j++)
-                    JO[a][j] = su * (u[0] * Ou[j] + u[1] * Ou[9 + j] + u[2] * Ou[18 + j]) +
-                               sv * (v[0] * Ov[j] + v[1] * Ov[9 + j] + v[2] * Ov[18 + j]);
-            }
-            for (int a = 0; a < 3; a++)
-                for (int b = a; b < 3; b++) {
-                    const double *u = R + 3 * src[b][0], *v = R + 3 * src[b][1];
-                    const double *ju = JO[a] + 3 * blk[b][0], *jv = JO[a] + 3 * blk[b][1];
-                    double val = sgn[b][0] * (ju[0] * u[0] + ju[1] * u[1] + ju[2] * u[2]) +
-                                 sgn[b][1] * (jv[0] * v[0] + jv[1] * v[1] + jv[2] * v[2]);
-                    Hgn[a * 3 + b] = Hgn[b * 3 + a] = 2.0 * val;
+        quad9_lanes(Om, L.R, L.o_r, L.h);
+        for (int it = 0; it < iters; it++) {
+            if (found) so3_join_found(&L, found, nl, same_as + g0);
+            int64_t any = 0;
+            for (int l = 0; l < nl; l++) any |= L.active[l];
+            if (!any) break;
+            double step[3][LANES];
+            int64_t pd[LANES], converged[LANES];
+            so3_newton_step(Om, &L, scale, nl, step, pd);
+            so3_take_step(Om, &L, step, pd, converged);
+            for (int l = 0; l < nl && found; l++) /* a converged start can be joined from the next step on */
+                if (converged[l]) {
+                    double Rl[9];
+                    for (int k = 0; k < 9; k++) Rl[k] = L.R[k][l];
+                    orthonormalise(Rl, found->R[found->m]);
+                    for (int k = 0; k < 9; k++) L.R[k][l] = found->R[found->m][k];
+                    found->h[found->m] = L.h[l];
+                    found->start[found->m++] = g0 + l;
+                    L.final[l] = 1;
                 }
-            /* N = R reshape(o_r)^T */
-            for (int a = 0; a < 3; a++)
-                for (int b = 0; b < 3; b++)
-                    N[a * 3 + b] = R[a * 3] * o_r[b * 3] + R[a * 3 + 1] * o_r[b * 3 + 1] + R[a * 3 + 2] * o_r[b * 3 + 2];
-            double trN = N[0] + N[4] + N[8];
-            for (int a = 0; a < 3; a++)
-                for (int b = 0; b < 3; b++)
-                    H[a * 3 + b] = Hgn[a * 3 + b] + N[a * 3 + b] + N[b * 3 + a] - (a == b ? 2.0 * trN : 0.0);
         }
-        double damp[3];
-        for (int a = 0; a < 3; a++) {
-            double d = Hgn[a * 4];
-            damp[a] = lam * (d > 1e-12 * scale ? d : 1e-12 * scale);
+        for (int l = 0; l < nl; l++) {
+            double Rl[9];
+            for (int k = 0; k < 9; k++) Rl[k] = L.R[k][l];
+            if (L.final[l]) memcpy(Rs[g0 + l], Rl, sizeof Rl);
+            else orthonormalise(Rl, Rs[g0 + l]);
+            hs[g0 + l] = L.h[l];
         }
-        memcpy(A, H, sizeof A);
-        for (int a = 0; a < 3; a++) A[a * 4] += damp[a];
-        int pd = solve3_spd(A, ng, step);
-        if (!pd) {
-            /* Far from a minimum the exact Hessian can be indefinite: Gauss-Newton step. */
-            memcpy(A, Hgn, sizeof A);
-            for (int a = 0; a < 3; a++) A[a * 4] += damp[a];
-            pd = solve3_spd(A, ng, step);
-        }
-        int ok = 0;
-        if (pd) {
-            double dR[9], Rn[9], on[9];
-            rodrigues(step, dR);
-            mat3_mul(dR, R, Rn);
-            double hn = quad9(Om, Rn, on);
-            if (hn <= h) {
-                ok = 1;
-                memcpy(R, Rn, sizeof Rn);
-                memcpy(o_r, on, sizeof on);
-                h = hn;
-            }
-        }
-        converged = pd && step[0] * step[0] + step[1] * step[1] + step[2] * step[2] < 1e-16;
-        fresh = ok;
-        lam = ok ? lam * 0.1 : lam * 10.0;
-        lam = lam < 1e-12 ? 1e-12 : (lam > 1e12 ? 1e12 : lam);
     }
-    double Ro[9];
-    orthonormalise(R, Ro);
-    memcpy(R, Ro, sizeof Ro);
-    if (found && converged) {
-        memcpy(found->R[found->m], R, sizeof Ro);
-        found->h[found->m++] = h;
-    }
-    return h;
 }
 
 /* Adds points base .. base + m - 1 (m <= COST_CHUNK) to the sums of build_omega: A = sum P,
@@ -889,10 +1053,11 @@ static inline void omega_sums(const Problem *p, int base, int m, const double *c
         static const int rows[6] = {0, 0, 0, 1, 1, 2}, cols[6] = {0, 1, 2, 1, 2, 2};
         for (int u = 0; u < 6; u++) Ps[u][i] = w * ((rows[u] == cols[u]) - v[rows[u]] * v[cols[u]] * inv);
         if (buf) {
-            double *q = buf + 13 * (size_t)pt;
+            double *q = buf + pt;
+            size_t n = (size_t)p->n;
             for (int a = 0; a < 3; a++)
-                for (int k = 0; k < 3; k++) q[3 * a + k] = v[a] * X[k][i];
-            q[9] = v[0]; q[10] = v[1]; q[11] = v[2]; q[12] = w;
+                for (int k = 0; k < 3; k++) q[(3 * a + k) * n] = v[a] * X[k][i];
+            q[9 * n] = v[0]; q[10 * n] = v[1]; q[11 * n] = v[2]; q[12 * n] = w;
         }
     }
     for (int u0 = 0; u0 < 6; u0 += 3) {
@@ -936,7 +1101,8 @@ static double weighted_centre(const Problem *p, double *c) {
 
 /* The object-space quadratic form Omega divided by its trace (On, 9x9; the trace is returned),
  * T (3x9, t = T vec(R) for the centred points), the weighted centre of the points, and per point
- * v X^T, v, w for the cheirality test (buf, 13 per point; skipped when NULL). */
+ * v X^T, v, w for the cheirality test (buf, 13 x n: term k of point i at k n + i, so that the
+ * test runs over points in SIMD lanes; skipped when NULL). */
 static double build_omega(const Problem *p, double *On, double *T, double *centre, double *buf) {
     const int n = p->n;
     weighted_centre(p, centre);
@@ -978,11 +1144,25 @@ static double build_omega(const Problem *p, double *On, double *T, double *centr
 
 /* Candidate poses, best first (as bpnp.solvers.candidates.initial_poses); returns their number.
  * spread: the object's principal variances (object_spread). */
+/* The starts of the SO(3) search from the first m eigenvectors of Omega (columns of V, 9 x 9
+ * row-major), each with both signs: the eigenvector read as a 3x3 matrix, scaled to the norm of a
+ * rotation and made one. Returns their number, 2 m. */
+static int eigenvector_starts(const double *V, int m, double (*Rs)[9]) {
+    int S = 0;
+    for (int e = 0; e < m; e++)
+        for (int sg = 0; sg < 2; sg++) {
+            double E[9];
+            for (int k = 0; k < 9; k++) E[k] = (sg ? -1.0 : 1.0) * V[k * 9 + e] * 1.7320508075688772;
+            orthonormalise(E, Rs[S++]);
+        }
+    return S;
+}
+
 static int initial_poses(const Problem *p, const Options *o, const double *spread, double (*Rc)[9], double (*tc)[3],
                          double *keyc) {
     const int n = p->n;
     double centre[3], T[27], On[81];
-    /* per point: v X^T (9), v (3), w; NULL (recompute on the fly) if out of memory */
+    /* v X^T (9), v (3), w of every point (13 x n); NULL (recompute on the fly) if out of memory */
     double *buf = (double *)malloc(sizeof(double) * 13 * (size_t)n);
     double norm = build_omega(p, On, T, centre, buf);
     double V[81], ev[9];
@@ -993,33 +1173,20 @@ static int initial_poses(const Problem *p, const Options *o, const double *sprea
     int m = thin ? o->num_eigvecs : o->solid_eigvecs;
     if (m > 9) m = 9;
     double Rs[MAX_STARTS][9], hs[MAX_STARTS], ts[MAX_STARTS][3], key[MAX_STARTS];
-    int S = 0;
-    for (int e = 0; e < m; e++)
-        for (int sg = 0; sg < 2; sg++) {
-            double E[9]; /* the eigenvector as a 3x3 matrix, scaled to the norm of a rotation */
-            for (int k = 0; k < 9; k++) E[k] = (sg ? -1.0 : 1.0) * V[k * 9 + e] * 1.7320508075688772;
-            orthonormalise(E, Rs[S++]);
-        }
+    int S = eigenvector_starts(V, m, Rs);
     if (thin)
         for (int k = 0; k < 12; k++) tetra_rotation(k, Rs[S++]);
     double hmax = 0;
     SO3Minima found;
     found.m = 0;
-    int same_as[MAX_STARTS], behinds[MAX_STARTS]; /* the earlier start with the same minimum (-1: none) */
+    int same_as[MAX_STARTS], behinds[MAX_STARTS]; /* the start whose minimum a start took (-1: none) */
+    minimise_on_so3(On, Rs, S, o->so3_iters, o->so3_damping, &found, hs, same_as);
     for (int s = 0; s < S; s++) {
-        int m_before = found.m;
-        hs[s] = minimise_on_so3(On, Rs[s], o->so3_iters, o->so3_damping, &found) * norm;
-        if (found.m > m_before) found.start[m_before] = s;
-        same_as[s] = found.joined >= 0 ? found.start[found.joined] : -1;
+        hs[s] *= norm;
         if (fabs(hs[s]) > hmax) hmax = fabs(hs[s]);
     }
     for (int s = 0; s < S; s++) {
-        if (same_as[s] >= 0) { /* the same rotation: the same translation and cheirality */
-            memcpy(ts[s], ts[same_as[s]], sizeof ts[s]);
-            behinds[s] = behinds[same_as[s]];
-            key[s] = hs[s] / (hmax + 1e-300) + o->behind_penalty * behinds[s] / (double)n;
-            continue;
-        }
+        if (same_as[s] >= 0) continue; /* below, once the start it joined has its translation */
         double *R = Rs[s], tcen[3];
         for (int a = 0; a < 3; a++) {
             double v = 0;
@@ -1033,10 +1200,9 @@ static int initial_poses(const Problem *p, const Options *o, const double *sprea
         if (buf) {
 #pragma omp simd reduction(+ : behind)
             for (int i = 0; i < n; i++) {
-                const double *q = buf + 13 * i;
-                double d = tcen[0] * q[9] + tcen[1] * q[10] + tcen[2] * q[11];
-                for (int k = 0; k < 9; k++) d += R[k] * q[k];
-                behind += (q[12] > 0) & !(d > 0);
+                double d = tcen[0] * buf[9 * n + i] + tcen[1] * buf[10 * n + i] + tcen[2] * buf[11 * n + i];
+                for (int k = 0; k < 9; k++) d += R[k] * buf[k * n + i];
+                behind += (buf[12 * n + i] > 0) & !(d > 0);
             }
         } else {
             for (int i = 0; i < n; i++) {
@@ -1051,7 +1217,13 @@ static int initial_poses(const Problem *p, const Options *o, const double *sprea
             }
         }
         behinds[s] = behind;
-        key[s] = hs[s] / (hmax + 1e-300) + o->behind_penalty * behind / (double)n;
+    }
+    for (int s = 0; s < S; s++) {
+        if (same_as[s] >= 0) { /* the same rotation: the same translation and cheirality */
+            memcpy(ts[s], ts[same_as[s]], sizeof ts[s]);
+            behinds[s] = behinds[same_as[s]];
+        }
+        key[s] = hs[s] / (hmax + 1e-300) + o->behind_penalty * behinds[s] / (double)n;
     }
     /* Sort by key; a candidate equal to a better one is pushed to the back. */
     int order[MAX_STARTS];
@@ -1101,18 +1273,12 @@ static int object_space_trusted(const Problem *p, const Options *o, const double
     if (!finite) return 0;
     symmetric_eig(9, On, V, ev);
     int m = o->solid_eigvecs > 9 ? 9 : o->solid_eigvecs;
-    double best = INFINITY;
-    for (int e = 0; e < m; e++)
-        for (int sg = 0; sg < 2; sg++) {
-            double E[9], Rs[9];
-            for (int k = 0; k < 9; k++) E[k] = (sg ? -1.0 : 1.0) * V[k * 9 + e] * 1.7320508075688772;
-            orthonormalise(E, Rs);
-            double h = minimise_on_so3(On, Rs, o->so3_iters, o->so3_damping, NULL);
-            if (h < best) best = h;
-        }
-    double o_r[9];
-    double h_answer = quad9(On, R, o_r);
-    return h_answer <= o->warm_start_ratio * best + 1e-12;
+    double Rs[18][9], hs[18], best = INFINITY;
+    int S = eigenvector_starts(V, m, Rs);
+    minimise_on_so3(On, Rs, S, o->so3_iters, o->so3_damping, NULL, hs, NULL);
+    for (int s = 0; s < S; s++)
+        if (hs[s] < best) best = hs[s];
+    return quad9(On, R) <= o->warm_start_ratio * best + 1e-12;
 }
 
 /* ---------------------------------------------------------------- one problem */
@@ -1805,17 +1971,19 @@ static int check_inputs(int B, int n, const double *x2d, const double *x3d, int 
  * mean (may be NULL). Sums are taken relative to the first point: points all in one place give
  * exactly that point and a variance of exactly 0 (a plain sum of n equal values can round). */
 static double spread(int n, int d, const double *x, double *mean_out) {
-    double v = 0;
-    for (int k = 0; k < d; k++) {
-        double shift = 0, vk = 0, x0 = x[k];
-        for (int i = 0; i < n; i++) shift += x[d * i + k] - x0;
-        shift /= n;
-        for (int i = 0; i < n; i++) {
-            double dev = (x[d * i + k] - x0) - shift;
-            vk += dev * dev;
+    /* The coordinates' sums side by side: independent chains of adds, each in point order. */
+    double shift[3] = {0, 0, 0}, vk[3] = {0, 0, 0}, v = 0;
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < d; k++) shift[k] += x[d * i + k] - x[k];
+    for (int k = 0; k < d; k++) shift[k] /= n;
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < d; k++) {
+            double dev = (x[d * i + k] - x[k]) - shift[k];
+            vk[k] += dev * dev;
         }
-        v += vk / n;
-        if (mean_out) mean_out[k] = x0 + shift;
+    for (int k = 0; k < d; k++) {
+        v += vk[k] / n;
+        if (mean_out) mean_out[k] = x[k] + shift[k];
     }
     return v;
 }
