@@ -2010,11 +2010,13 @@ static void find_units(int n, const double *x3d, const double *K, const double *
 static void normalise_item(int n, const double *x2d, const double *x3d, const double *K, const double *w,
                            const double *u, double *x2n, double *x3n, double *Kn, double *wn) {
     const double *c = u, s = u[3], m0 = u[4], m1 = u[5], f = u[6], wmax = u[7];
+    /* Reciprocals: the per-point divisions were a third of the C backward. */
+    const double inv_f = 1.0 / f, inv_s = 1.0 / s, inv_w = 1.0 / wmax;
     for (int i = 0; i < n; i++) {
-        x2n[2 * i] = (x2d[2 * i] - m0) / f;
-        x2n[2 * i + 1] = (x2d[2 * i + 1] - m1) / f;
-        for (int k = 0; k < 3; k++) x3n[3 * i + k] = (x3d[3 * i + k] - c[k]) / s;
-        wn[i] = w ? w[i] / wmax : 1.0;
+        x2n[2 * i] = (x2d[2 * i] - m0) * inv_f;
+        x2n[2 * i + 1] = (x2d[2 * i + 1] - m1) * inv_f;
+        for (int k = 0; k < 3; k++) x3n[3 * i + k] = (x3d[3 * i + k] - c[k]) * inv_s;
+        wn[i] = w ? w[i] * inv_w : 1.0;
     }
     for (int k = 0; k < 3; k++) {
         Kn[k] = (K[k] - m0 * K[6 + k]) / f;
@@ -2564,15 +2566,18 @@ static void layer_backward_item(void *arg, int b) {
     /* Back through the change of units (x2d_n = (x2d - m) / f, x3d_n = (x3d - c) / s, w_n = w / w_max,
      * K_n = A K): each gradient is zero for the item where it is not finite. */
     if (gx2) {
-        for (int k = 0; k < 2 * n; k++) gx2[k] /= f;
+        const double inv_f = 1.0 / f;
+        for (int k = 0; k < 2 * n; k++) gx2[k] *= inv_f;
         zero_if_not_finite(gx2, (size_t)2 * n);
     }
     if (gx3) {
-        for (int k = 0; k < 3 * n; k++) gx3[k] /= s;
+        const double inv_s = 1.0 / s;
+        for (int k = 0; k < 3 * n; k++) gx3[k] *= inv_s;
         zero_if_not_finite(gx3, (size_t)3 * n);
     }
     if (gw) {
-        for (int k = 0; k < n; k++) gw[k] /= wmax;
+        const double inv_w = 1.0 / wmax;
+        for (int k = 0; k < n; k++) gw[k] *= inv_w;
         zero_if_not_finite(gw, (size_t)n);
     }
     if (gK) {
