@@ -235,3 +235,22 @@ def test_rotate_by_equals_rodrigues_times_rotation():
         v = scale * torch.randn(40, 3, dtype=torch.float64, generator=g)
         expected = bpnp.rvec_to_rotmat(v) @ R
         assert (rotate_by(v, R) - expected).abs().max() < 4e-15, scale
+
+
+def test_a_converged_answer_wins_a_rounding_tie():
+    # A run cut off at max_iter can end an ulp below the converged runs at the same minimum
+    # (stress set outliers10, seed 1, item 178, in the -fwrapv build): the converged one wins the
+    # tie, a genuinely lower cost still wins, and so does the first lowest without a converged tie.
+    from bpnp.solvers.pnp import _replaces, _winner
+
+    one = torch.tensor(1.0, dtype=torch.float64)
+    below = torch.nextafter(one, torch.tensor(0.0, dtype=torch.float64))
+    cost = torch.stack([one, below, one - 1e-9, one, below, torch.tensor(torch.inf, dtype=torch.float64)])
+    converged = torch.tensor([True, False, False, False, False, False])
+    item = torch.tensor([0, 0, 1, 1, 2, 2])
+    # problem 0: the converged tie; 1: a lower cost beyond rounding; 2: no converged answer
+    assert _winner(cost, converged, item, 3).tolist() == [0, 2, 4]
+    old = [None, None, one.repeat(2), None, torch.tensor([True, False])]
+    new = [None, None, below.repeat(2), None, torch.tensor([False, True])]
+    assert _replaces(old, new).tolist() == [False, True]
+    assert _replaces(new, old).tolist() == [True, False]

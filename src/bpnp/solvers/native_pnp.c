@@ -1311,6 +1311,28 @@ static int repair_depth(const Problem *p, double margin, const double *R, double
 
 /* One global search with the options o (candidates, screening, refinement, selection); returns
  * whether a candidate needed the depth repair. */
+/* The winner among k answers (alive[c] = 0: skipped; alive NULL: all): the lowest cost, except
+ * that the costs within rounding of it (1e-12 relative) tie, and the first converged one of those
+ * wins (else the first lowest). A run cut off at max_iter can end an ulp below the converged runs
+ * at the same minimum; its flag must not become the answer's. As bpnp.solvers.pnp._winner.
+ * Returns -1 when no answer is alive. */
+static int winner(const LMState *const *cand, const int *alive, int k) {
+    int first = -1;
+    for (int c = 0; c < k; c++)
+        if ((!alive || alive[c]) && (first < 0 || cand[c]->cost < cand[first]->cost)) first = c;
+    if (first < 0 || !isfinite(cand[first]->cost)) return first;
+    const double low = cand[first]->cost, band = 1e-12 * fabs(low);
+    for (int c = 0; c < k; c++)
+        if ((!alive || alive[c]) && cand[c]->conv && fabs(cand[c]->cost - low) <= band) return c;
+    return first;
+}
+
+/* Whether answer b replaces answer a (winner() of the two; a first). */
+static int replaces(const LMState *a, const LMState *b) {
+    const LMState *pair[2] = {a, b};
+    return winner(pair, NULL, 2) == 1;
+}
+
 static int solve_pass(const Problem *p, const Options *o, const double *spread, const double *init, LMState *best) {
     int repaired = 0;
     LMState cand[MAX_CAND + 1];
@@ -1353,14 +1375,16 @@ static int solve_pass(const Problem *p, const Options *o, const double *spread, 
         }
         for (int c = 0; c < k; c++) alive[c] = cand[c].cost <= o->screen_ratio * bestc + 1e-12;
     }
-    int sel = -1, iters = 0;
+    int iters = 0;
+    const LMState *ptr[MAX_CAND + 1];
     for (int c = 0; c < k; c++) {
+        ptr[c] = &cand[c];
         if (!alive[c]) continue;
         levenberg_marquardt(p, o, &cand[c], o->max_iter, o->polish_steps);
         if (cand[c].iters > iters) iters = cand[c].iters;
         if (isnan(cand[c].cost)) cand[c].cost = INFINITY;
-        if (sel < 0 || cand[c].cost < cand[sel].cost) sel = c;
     }
+    int sel = winner(ptr, alive, k);
     /* The best other minimum: a refined valid candidate whose pose differs from the winner's. */
     double second = INFINITY;
     const LMState *w = &cand[sel];
@@ -1526,14 +1550,16 @@ static void cube_pass(const Problem *p, const Options *o, LMState *out) {
         }
         for (int k = 0; k < 24; k++) alive[k] = cand[k].cost <= o->screen_ratio * bestc + 1e-12;
     }
-    int sel = -1, iters = 0;
+    int iters = 0;
+    const LMState *ptr[24];
     for (int k = 0; k < 24; k++) {
+        ptr[k] = &cand[k];
         if (!alive[k]) continue;
         levenberg_marquardt(p, o, &cand[k], o->max_iter, o->polish_steps);
         if (cand[k].iters > iters) iters = cand[k].iters;
         if (isnan(cand[k].cost)) cand[k].cost = INFINITY;
-        if (sel < 0 || cand[k].cost < cand[sel].cost) sel = k;
     }
+    int sel = winner(ptr, alive, 24);
     *out = cand[sel];
     out->iters = iters;
     out->second = INFINITY;
@@ -1584,14 +1610,14 @@ static void solve_one(const Problem *p, const Options *o, const double *init, LM
                                                    needle_like(spread, o->thin_ratio))) {
         LMState again;
         solve_pass(p, &full, spread, init, &again);
-        if (again.cost < best->cost || (isinf(best->cost) && !isinf(again.cost))) {
+        if (replaces(best, &again) || (isinf(best->cost) && !isinf(again.cost))) {
             if (best->iters > again.iters) again.iters = best->iters;
             *best = again;
         }
         if (o->cube_starts) {
             LMState third;
             cube_pass(p, o, &third);
-            if (third.cost < best->cost) {
+            if (replaces(best, &third)) {
                 /* the answer it replaces is another minimum, when its pose differs */
                 double dR = 0, dt = 0, tn = 0;
                 for (int j = 0; j < 9; j++) dR += (third.R[j] - best->R[j]) * (third.R[j] - best->R[j]);

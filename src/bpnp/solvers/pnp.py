@@ -191,12 +191,12 @@ def _escalate(result: list, again: Tensor, x2d, x3d, K, weights, init_R, init_t,
     parts = [second.lm] + ([_cube_starts(*data, o, check_every)] if o.cube_starts else [])
     outs = _refine_starts(parts, *data, o, check_every)
     second_pass = _pass_select(second, outs[0], full)
-    better = second_pass[2] < result[2][again]
+    better = _replaces([r[again] for r in result[:5]], second_pass)
     result = _merge(result, second_pass, again[better], B, rows=better.nonzero()[:, 0])
     if not o.cube_starts:
         return result
     third = _cube_select(parts[1], outs[1], again.numel())
-    better = third[2] < result[2][again]
+    better = _replaces([r[again] for r in result[:5]], third)
     # The answer it replaces is another minimum, when its pose differs.
     dR = (third[0] - result[0][again]).flatten(1).norm(dim=-1)
     dt = (third[1] - result[1][again]).norm(dim=-1)
@@ -305,23 +305,48 @@ def _take(x: Tensor | None, rows: Tensor) -> Tensor | None:
     return x if x is None or x.shape[0] == 1 else x[rows]
 
 
+def _winner(cost: Tensor, converged: Tensor, item: Tensor, B: int) -> Tensor:
+    """Each problem's winning answer, as the C solver's ``winner()``: the lowest cost, except that
+    the costs within rounding of it (1e-12 relative) tie and the first converged one of those wins
+    (else the first lowest). A run cut off at ``max_iter`` can end an ulp below the converged runs
+    at the same minimum; its flag must not become the answer's.
+
+    Args:
+        cost: ``(N,)`` the answers' costs (no NaN); converged: ``(N,)``; item: ``(N,)`` the problem
+            of each answer, in ``[0, B)``.
+    Returns:
+        ``(B,)`` indices into the N answers (N for a problem without one).
+    """
+    N, device = cost.numel(), cost.device
+    ar = torch.arange(N, device=device)
+    low = torch.full((B,), float("inf"), dtype=cost.dtype, device=device).scatter_reduce(0, item, cost, "amin")[item]
+    tie = converged & torch.isfinite(low) & ((cost - low).abs() <= 1e-12 * low.abs())
+    none = torch.full((B,), N, dtype=torch.long, device=device)
+    first = none.scatter_reduce(0, item, torch.where(cost == low, ar, N), "amin")
+    first_tie = none.scatter_reduce(0, item, torch.where(tie, ar, N), "amin")
+    return torch.where(first_tie < N, first_tie, first)
+
+
+def _replaces(old: list, new: list) -> Tensor:
+    """``(M,)`` whether each answer of ``new`` replaces that of ``old`` (``_pass_select`` lists of M
+    problems): ``_winner`` of the two, the old one first."""
+    M = new[2].shape[0]
+    both = torch.arange(M, device=new[2].device).repeat(2)
+    cost = torch.nan_to_num(torch.cat([old[2], new[2]]), nan=float("inf"))
+    return _winner(cost, torch.cat([old[4], new[4]]), both, M) >= M
+
+
 def _cube_select(starts: _Starts, out: LMResult, B: int) -> list:
     """The third pass's answer (``_pass_select``'s list) from its LM: each problem's best start."""
     item = starts.item
     device = item.device
     cost = torch.nan_to_num(out.cost, nan=float("inf"))
-    # first lowest per problem (the C solver's order)
-    item_best = torch.full((B,), float("inf"), dtype=cost.dtype, device=device).scatter_reduce(
-        0, item, cost, reduce="amin"
-    )
+    sel = _winner(cost, out.converged, item, B)
+    # problems none of whose starts survived: take their first start
+    none = sel >= item.numel()
     ar = torch.arange(item.numel(), device=device)
-    is_best = cost == item_best[item]
-    first = torch.full((B,), item.numel(), dtype=torch.long, device=device)
-    first = first.scatter_reduce(0, item[is_best], ar[is_best], reduce="amin")
-    # problems none of whose starts survived (all inf): take their first start
-    none = first >= item.numel()
     any_row = torch.full((B,), item.numel(), dtype=torch.long, device=device).scatter_reduce(0, item, ar, reduce="amin")
-    sel = torch.where(none, any_row, first)
+    sel = torch.where(none, any_row, sel)
     ok = out.converged[sel] & torch.isfinite(cost[sel])
     inf = torch.full((B,), float("inf"), dtype=cost.dtype, device=device)
     return [out.state[0][sel], out.state[1][sel], cost[sel], out.hess[sel], ok, out.iterations, inf, none]
@@ -495,29 +520,22 @@ def _pass_starts(x2d, x3d, K, weights, init_R, init_t, o: SolverOptions, check_e
 def _pass_select(starts: _PassStarts, out: LMResult, o: SolverOptions) -> list:
     """A global search's answer from its final LM: ``[R, t, cost, hess, converged, iterations,
     second_cost, repaired]`` before the well-posedness test."""
-    flat, item, k, B = starts.flat, starts.lm.item, starts.k, starts.B
-    device, dtype = flat.device, out.cost.dtype
+    flat, item, B = starts.flat, starts.lm.item, starts.B
+    device = flat.device
     Rr, tr = out.state
-    inf = torch.full((B * k,), float("inf"), dtype=dtype, device=device)
-    cost = inf.index_copy(0, flat, torch.nan_to_num(out.cost, nan=float("inf"))).reshape(B, k)
-    # A finite cost from refine() means every weighted point is in front of the camera; the first
-    # lowest wins (the C solver's order).
-    best = cost.argmin(-1)
-    none_valid = ~torch.isfinite(cost).any(-1)
-    # Position of each item's winner among the refined candidates; without a valid one, the
-    # first refined candidate.
+    # A finite cost from refine() means every weighted point is in front of the camera; without
+    # one, the first lowest is the first refined candidate (all costs inf).
+    cost = torch.nan_to_num(out.cost, nan=float("inf"))
+    sel = _winner(cost, out.converged, item, B)
+    none_valid = ~torch.isfinite(cost[sel])
     ar = torch.arange(flat.numel(), device=device)
-    pos = torch.full((B * k,), -1, dtype=torch.long, device=device).index_copy(0, flat, ar)
-    first = torch.full((B,), flat.numel(), dtype=torch.long, device=device)
-    first = first.scatter_reduce(0, item, ar, reduce="amin")
-    sel = torch.where(none_valid, first, pos[torch.arange(B, device=device) * k + best])
     R, t, cost_sel, hess = Rr[sel], tr[sel], out.cost[sel], out.hess[sel]
     # The best other minimum: a refined valid candidate whose pose differs from the winner's.
     dR = (Rr - R[item]).flatten(1).norm(dim=-1)
     dt = (tr - t[item]).norm(dim=-1)
     distinct = (dR > o.dedupe) | (dt > o.dedupe * t[item].norm(dim=-1))
-    other = torch.where(distinct & (ar != sel[item]), torch.nan_to_num(out.cost, nan=float("inf")), torch.inf)
-    second = torch.full((B,), float("inf"), dtype=dtype, device=device).scatter_reduce(0, item, other, "amin")
+    other = torch.where(distinct & (ar != sel[item]), cost, torch.inf)
+    second = torch.full((B,), float("inf"), dtype=cost.dtype, device=device).scatter_reduce(0, item, other, "amin")
     ok = out.converged[sel] & ~none_valid
     return [R, t, cost_sel, hess, ok, out.iterations, second, starts.repaired]
 
