@@ -1142,8 +1142,6 @@ static double build_omega(const Problem *p, double *On, double *T, double *centr
     return norm;
 }
 
-/* Candidate poses, best first (as bpnp.solvers.candidates.initial_poses); returns their number.
- * spread: the object's principal variances (object_spread). */
 /* The starts of the SO(3) search from the first m eigenvectors of Omega (columns of V, 9 x 9
  * row-major), each with both signs: the eigenvector read as a 3x3 matrix, scaled to the norm of a
  * rotation and made one. Returns their number, 2 m. */
@@ -1158,6 +1156,8 @@ static int eigenvector_starts(const double *V, int m, double (*Rs)[9]) {
     return S;
 }
 
+/* Candidate poses, best first (as bpnp.solvers.candidates.initial_poses); returns their number.
+ * spread: the object's principal variances (object_spread). */
 static int initial_poses(const Problem *p, const Options *o, const double *spread, double (*Rc)[9], double (*tc)[3],
                          double *keyc) {
     const int n = p->n;
@@ -1309,8 +1309,6 @@ static int repair_depth(const Problem *p, double margin, const double *R, double
     return mind <= 0;
 }
 
-/* One global search with the options o (candidates, screening, refinement, selection); returns
- * whether a candidate needed the depth repair. */
 /* The winner among k answers (alive[c] = 0: skipped; alive NULL: all): the lowest cost, except
  * that the costs within rounding of it (1e-12 relative) tie, and the first converged one of those
  * wins (else the first lowest). A run cut off at max_iter can end an ulp below the converged runs
@@ -1333,6 +1331,8 @@ static int replaces(const LMState *a, const LMState *b) {
     return winner(pair, NULL, 2) == 1;
 }
 
+/* One global search with the options o (candidates, screening, refinement, selection); returns
+ * whether a candidate needed the depth repair. */
 static int solve_pass(const Problem *p, const Options *o, const double *spread, const double *init, LMState *best) {
     int repaired = 0;
     LMState cand[MAX_CAND + 1];
