@@ -128,24 +128,38 @@ static void mat3_mul(const double *A, const double *B, double *C) {
     memcpy(C, T, sizeof T);
 }
 
-/* Rodrigues' formula, with the Taylor series of its coefficients below |v| = 1e-4. */
-static void rodrigues(const double *v, double *R) {
-    double th2 = v[0] * v[0] + v[1] * v[1] + v[2] * v[2];
-    double a, b;
+/* The coefficients of Rodrigues' formula R = I + a [v]_x + b [v]_x^2 from th2 = |v|^2, th = |v|
+ * and the sine and cosine of th / 2 (sin th = 2 sin(th/2) cos(th/2)), with their Taylor series
+ * below |v| = 1e-4, where th, sh and ch are not read. */
+static inline void rodrigues_coefficients(double th2, double th, double sh, double ch, double *a, double *b) {
     if (th2 < 1e-8) {
-        a = 1.0 - th2 / 6.0 + th2 * th2 / 120.0;
-        b = 0.5 - th2 / 24.0 + th2 * th2 / 720.0;
+        *a = 1.0 - th2 / 6.0 + th2 * th2 / 120.0;
+        *b = 0.5 - th2 / 24.0 + th2 * th2 / 720.0;
     } else {
-        /* sin th = 2 sin(th/2) cos(th/2): one sincos call (GCC fuses a sin and a cos of one
-         * argument) */
-        double th = sqrt(th2), sh = sin(0.5 * th), ch = cos(0.5 * th), s = sh / th;
-        a = 2.0 * s * ch;
-        b = 2.0 * s * s;
+        double s = sh / th;
+        *a = 2.0 * s * ch;
+        *b = 2.0 * s * s;
     }
-    double x = v[0], y = v[1], z = v[2];
-    R[0] = 1.0 - b * (y * y + z * z); R[1] = -a * z + b * x * y;        R[2] = a * y + b * x * z;
-    R[3] = a * z + b * x * y;        R[4] = 1.0 - b * (x * x + z * z); R[5] = -a * x + b * y * z;
-    R[6] = -a * y + b * x * z;       R[7] = a * x + b * y * z;        R[8] = 1.0 - b * (x * x + y * y);
+}
+
+/* R = I + a [v]_x + b [v]_x^2 for v = (x, y, z); entry k at R[k * stride] (stride LANES: one lane
+ * of a lane array). */
+static inline void rodrigues_matrix(double x, double y, double z, double a, double b, double *R, int stride) {
+    R[0] = 1.0 - b * (y * y + z * z); R[stride] = -a * z + b * x * y; R[2 * stride] = a * y + b * x * z;
+    R[3 * stride] = a * z + b * x * y; R[4 * stride] = 1.0 - b * (x * x + z * z); R[5 * stride] = -a * x + b * y * z;
+    R[6 * stride] = -a * y + b * x * z; R[7 * stride] = a * x + b * y * z; R[8 * stride] = 1.0 - b * (x * x + y * y);
+}
+
+/* Rodrigues' formula. */
+static void rodrigues(const double *v, double *R) {
+    double th2 = v[0] * v[0] + v[1] * v[1] + v[2] * v[2], th = 0, sh = 0, ch = 1, a, b;
+    if (!(th2 < 1e-8)) { /* one sincos call: GCC fuses a sin and a cos of one argument */
+        th = sqrt(th2);
+        sh = sin(0.5 * th);
+        ch = cos(0.5 * th);
+    }
+    rodrigues_coefficients(th2, th, sh, ch, &a, &b);
+    rodrigues_matrix(v[0], v[1], v[2], a, b, R, 1);
 }
 
 /* Any 3x3 matrix read as a unit quaternion (w, x, y, z), w >= 0, by Shepperd's pivoting (as
@@ -789,18 +803,9 @@ static inline void rodrigues_lanes(const double (*v)[LANES], double (*R)[LANES])
     }
     sincos_lanes(half, sh, ch);
     FOR_LANES {
-        double x = v[0][l], y = v[1][l], z = v[2][l], th2 = x * x + y * y + z * z, a, b;
-        if (th2 < 1e-8) {
-            a = 1.0 - th2 / 6.0 + th2 * th2 / 120.0;
-            b = 0.5 - th2 / 24.0 + th2 * th2 / 720.0;
-        } else {
-            double s = sh[l] / th[l];
-            a = 2.0 * s * ch[l];
-            b = 2.0 * s * s;
-        }
-        R[0][l] = 1.0 - b * (y * y + z * z); R[1][l] = -a * z + b * x * y; R[2][l] = a * y + b * x * z;
-        R[3][l] = a * z + b * x * y; R[4][l] = 1.0 - b * (x * x + z * z); R[5][l] = -a * x + b * y * z;
-        R[6][l] = -a * y + b * x * z; R[7][l] = a * x + b * y * z; R[8][l] = 1.0 - b * (x * x + y * y);
+        double x = v[0][l], y = v[1][l], z = v[2][l], a, b;
+        rodrigues_coefficients(x * x + y * y + z * z, th[l], sh[l], ch[l], &a, &b);
+        rodrigues_matrix(x, y, z, a, b, &R[0][l], LANES);
     }
 }
 
