@@ -342,11 +342,8 @@ def _cube_select(starts: _Starts, out: LMResult, B: int) -> list:
     device = item.device
     cost = torch.nan_to_num(out.cost, nan=float("inf"))
     sel = _winner(cost, out.converged, item, B)
-    # problems none of whose starts survived: take their first start
+    # The screening keeps each problem's best start, so every problem has a winner (sel < N).
     none = sel >= item.numel()
-    ar = torch.arange(item.numel(), device=device)
-    any_row = torch.full((B,), item.numel(), dtype=torch.long, device=device).scatter_reduce(0, item, ar, reduce="amin")
-    sel = torch.where(none, any_row, sel)
     ok = out.converged[sel] & torch.isfinite(cost[sel])
     inf = torch.full((B,), float("inf"), dtype=cost.dtype, device=device)
     return [out.state[0][sel], out.state[1][sel], cost[sel], out.hess[sel], ok, out.iterations, inf, none]
