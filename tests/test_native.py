@@ -116,6 +116,57 @@ def test_native_symmetric_eig():
             assert (V.T @ V - torch.eye(N, dtype=torch.float64)).abs().max() < 1e-13
 
 
+@needs_native
+def test_symmetric_eig_in_lanes_gives_the_same_bits():
+    # The layer's forward decomposes the Omegas of a chunk of problems side by side in SIMD lanes;
+    # a problem's answer must not depend on its neighbours, so each lane must give exactly what
+    # the one-matrix routine gives: for Omegas of real problems and for the awkward cases (zero
+    # rows, repeated and zero eigenvalues, huge and tiny entries, NaN), in full and partial groups.
+    lib = native._load()
+    P = ctypes.POINTER(ctypes.c_double)
+    g = torch.Generator().manual_seed(1)
+    mats = []
+    for rank in (0, 1, 2, 3, 5, 8, 9):
+        F = torch.randn(9, rank, generator=g, dtype=torch.float64)
+        mats.append(F @ F.T)
+    mats.append(torch.diag(torch.tensor([3.0, 1, 1, 1, 0, 0, 2, 2, 5], dtype=torch.float64)))
+    blocks = torch.zeros(9, 9, dtype=torch.float64)
+    blocks[:3, :3] = mats[3][:3, :3]
+    blocks[5:, 5:] = mats[6][5:, 5:]
+    mats += [blocks, mats[6] * 1e150, mats[6] * 1e-150, mats[6].clone().fill_diagonal_(float("nan"))]
+    for _ in range(20):
+        F = torch.randn(9, 9, generator=g, dtype=torch.float64)
+        mats.append(F + F.T)
+    A = torch.stack(mats).contiguous()
+    m = A.shape[0]
+
+    def lanes(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        V, ev = torch.empty(B.shape[0], 9, 9, dtype=torch.float64), torch.empty(B.shape[0], 9, dtype=torch.float64)
+        width = lib.bpnp_symmetric_eig9_lanes(
+            B.shape[0], ctypes.cast(B.data_ptr(), P), ctypes.cast(V.data_ptr(), P), ctypes.cast(ev.data_ptr(), P)
+        )
+        return V, ev, width
+
+    V, ev, width = lanes(A)
+    for k in range(m):
+        V1, ev1 = torch.empty(9, 9, dtype=torch.float64), torch.empty(9, dtype=torch.float64)
+        lib.bpnp_symmetric_eig(
+            9, ctypes.cast(A[k].data_ptr(), P), ctypes.cast(V1.data_ptr(), P), ctypes.cast(ev1.data_ptr(), P)
+        )
+        same = torch.equal(V1, V[k]) and torch.equal(ev1, ev[k])
+        both_nan = V1.isnan().all() and V[k].isnan().all() and ev1.isnan().all() and ev[k].isnan().all()
+        assert same or (k == 11 and both_nan), k
+    # a partial group (fewer matrices than lanes) and another order of the neighbours
+    for order in (torch.arange(3), torch.randperm(m, generator=g)[:width]):
+        Vp, evp, _ = lanes(A[order].contiguous())
+        assert torch.equal(torch.nan_to_num(Vp), torch.nan_to_num(V[order]))
+        assert torch.equal(torch.nan_to_num(evp), torch.nan_to_num(ev[order]))
+    scale = A[:11].abs().amax((1, 2))
+    assert (
+        (V[:11] @ torch.diag_embed(ev[:11]) @ V[:11].mT - A[:11]).abs().amax((1, 2)) <= 1e-13 * scale + 1e-300
+    ).all()
+
+
 def _run_python(code: str, *args: str, timeout: float = 300, **env: str) -> str:
     full_env = {**os.environ, **env}
     out = subprocess.run(
