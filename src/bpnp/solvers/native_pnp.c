@@ -202,195 +202,21 @@ static void rotation_to_rvec(const double *R, double *rvec) {
     for (int i = 0; i < 3; i++) rvec[i] = scale * q[1 + i];
 }
 
-/* The eigen-decompositions run without FMA contraction (of a * b + c into one rounding): the
- * compiler contracts the one-matrix code and the lane code below differently, and only without it
- * do both give the same bits, so that a problem's answer does not depend on whether its batch
- * neighbours sent its Omega through the lanes. (No slower: their time is in chains of square roots
- * and divisions.) */
-#if defined(__clang__)
-#define NO_CONTRACT _Pragma("clang fp contract(off)")
-#define NO_CONTRACT_FN
-#elif defined(__GNUC__)
-#define NO_CONTRACT
-#define NO_CONTRACT_FN __attribute__((optimize("fp-contract=off")))
-#else
-#define NO_CONTRACT
-#define NO_CONTRACT_FN
-#endif
-
-/* sqrt(a^2 + b^2): the direct formula unless it could over- or underflow (libm's hypot is
- * several times slower and was 2% of the solve). */
-NO_CONTRACT_FN static double hypot_fast(double a, double b) {
-    NO_CONTRACT
-    double r2 = a * a + b * b;
-    return (r2 > 1e-290 && r2 < 1e290) ? sqrt(r2) : hypot(a, b);
-}
-
-/* Eigen-decomposition of a symmetric N x N matrix (N <= 9), eigenvalues ascending: Householder
- * reduction to tridiagonal form, then the implicit QL algorithm (as in EISPACK tred2/tql2).
- * A is read only; column j of V (row-major, V[i*N+j]) is the eigenvector of ev[j]. V = NULL:
- * eigenvalues only (the same values, bit for bit: the vectors' accumulation and rotations never
- * feed the values; a 6x6 takes a third of the time). Non-finite input gives NaN output. */
-NO_CONTRACT_FN static void symmetric_eig(int N, const double *A, double *V_out, double *ev) {
-    NO_CONTRACT
-    double d[9], e[9], work[81];
-    const int vectors = V_out != NULL;
-    double *V = vectors ? V_out : work;
-    for (int k = 0; k < N * N; k++) {
-        if (!isfinite(A[k])) {
-            if (vectors)
-                for (int j = 0; j < N * N; j++) V[j] = NAN;
-            for (int j = 0; j < N; j++) ev[j] = NAN;
-            return;
-        }
-        V[k] = A[k];
-    }
-#define VV(i, j) V[(i) * N + (j)]
-    for (int j = 0; j < N; j++) d[j] = VV(N - 1, j);
-    for (int i = N - 1; i > 0; i--) {
-        double scale = 0.0, h = 0.0;
-        for (int k = 0; k < i; k++) scale += fabs(d[k]);
-        if (scale == 0.0) {
-            e[i] = d[i - 1];
-            for (int j = 0; j < i; j++) {
-                d[j] = VV(i - 1, j);
-                VV(i, j) = 0.0;
-                VV(j, i) = 0.0;
-            }
-        } else {
-            for (int k = 0; k < i; k++) {
-                d[k] /= scale;
-                h += d[k] * d[k];
-            }
-            double f = d[i - 1], g = sqrt(h);
-            if (f > 0) g = -g;
-            e[i] = scale * g;
-            h -= f * g;
-            d[i - 1] = f - g;
-            for (int j = 0; j < i; j++) e[j] = 0.0;
-            for (int j = 0; j < i; j++) {
-                f = d[j];
-                VV(j, i) = f;
-                g = e[j] + VV(j, j) * f;
-                for (int k = j + 1; k <= i - 1; k++) {
-                    g += VV(k, j) * d[k];
-                    e[k] += VV(k, j) * f;
-                }
-                e[j] = g;
-            }
-            f = 0.0;
-            for (int j = 0; j < i; j++) {
-                e[j] /= h;
-                f += e[j] * d[j];
-            }
-            double hh = f / (h + h);
-            for (int j = 0; j < i; j++) e[j] -= hh * d[j];
-            for (int j = 0; j < i; j++) {
-                f = d[j];
-                g = e[j];
-                for (int k = j; k <= i - 1; k++) VV(k, j) -= (f * e[k] + g * d[k]);
-                d[j] = VV(i - 1, j);
-                VV(i, j) = 0.0;
-            }
-        }
-        d[i] = h;
-    }
-    if (!vectors) /* the diagonal of the tridiagonal form, where the accumulation below finds it */
-        for (int j = 0; j < N; j++) d[j] = VV(j, j);
-    for (int i = 0; i < N - 1 && vectors; i++) {
-        VV(N - 1, i) = VV(i, i);
-        VV(i, i) = 1.0;
-        double h = d[i + 1];
-        if (h != 0.0) {
-            for (int k = 0; k <= i; k++) d[k] = VV(k, i + 1) / h;
-            for (int j = 0; j <= i; j++) {
-                double g = 0.0;
-                for (int k = 0; k <= i; k++) g += VV(k, i + 1) * VV(k, j);
-                for (int k = 0; k <= i; k++) VV(k, j) -= g * d[k];
-            }
-        }
-        for (int k = 0; k <= i; k++) VV(k, i + 1) = 0.0;
-    }
-    for (int j = 0; j < N && vectors; j++) {
-        d[j] = VV(N - 1, j);
-        VV(N - 1, j) = 0.0;
-    }
-    if (vectors) VV(N - 1, N - 1) = 1.0;
-    e[0] = 0.0;
-    /* implicit QL on the tridiagonal matrix (d, e) */
-    for (int i = 1; i < N; i++) e[i - 1] = e[i];
-    e[N - 1] = 0.0;
-    double f = 0.0, tst1 = 0.0;
-    const double eps = 2.220446049250313e-16;
-    for (int l = 0; l < N; l++) {
-        double t = fabs(d[l]) + fabs(e[l]);
-        if (t > tst1) tst1 = t;
-        int m = l;
-        while (m < N - 1 && fabs(e[m]) > eps * tst1) m++;
-        if (m > l) {
-            for (int guard = 0; guard < 60; guard++) {
-                double g = d[l];
-                double p = (d[l + 1] - g) / (2.0 * e[l]);
-                double r = hypot_fast(p, 1.0);
-                if (p < 0) r = -r;
-                d[l] = e[l] / (p + r);
-                d[l + 1] = e[l] * (p + r);
-                double dl1 = d[l + 1];
-                double h = g - d[l];
-                for (int i = l + 2; i < N; i++) d[i] -= h;
-                f += h;
-                p = d[m];
-                double c = 1.0, c2 = 1.0, c3 = 1.0, el1 = e[l + 1], s = 0.0, s2 = 0.0;
-                for (int i = m - 1; i >= l; i--) {
-                    c3 = c2;
-                    c2 = c;
-                    s2 = s;
-                    g = c * e[i];
-                    h = c * p;
-                    r = hypot_fast(p, e[i]);
-                    e[i + 1] = s * r;
-                    s = e[i] / r;
-                    c = p / r;
-                    p = c * d[i] - s * g;
-                    d[i + 1] = h + s * (c * g + s * d[i]);
-                    for (int k = 0; k < N && vectors; k++) {
-                        h = VV(k, i + 1);
-                        VV(k, i + 1) = s * VV(k, i) + c * h;
-                        VV(k, i) = c * VV(k, i) - s * h;
-                    }
-                }
-                p = -s * s2 * c3 * el1 * e[l] / dl1;
-                e[l] = s * p;
-                d[l] = c * p;
-                if (!(fabs(e[l]) > eps * tst1)) break;
-            }
-        }
-        d[l] += f;
-        e[l] = 0.0;
-    }
-    for (int i = 0; i < N; i++) ev[i] = d[i];
-    for (int i = 0; i < N; i++) { /* selection sort of the eigenpairs */
-        int m = i;
-        for (int j = i + 1; j < N; j++)
-            if (ev[j] < ev[m]) m = j;
-        if (m != i) {
-            double tmp = ev[i]; ev[i] = ev[m]; ev[m] = tmp;
-            for (int k = 0; k < N && vectors; k++) {
-                tmp = VV(k, i); VV(k, i) = VV(k, m); VV(k, m) = tmp;
-            }
-        }
-    }
-#undef VV
-}
-
-/* Omega's eigen-decomposition for several problems at once: symmetric_eig(9, ...) of EIG_LANES
- * matrices side by side, every quantity an array over the lanes. One matrix's QL sweeps are a
- * chain of dependent square roots and divisions; the lanes run several such chains in each SIMD
- * instruction (B = 1024 solid problems: 2.9 -> 1.4 us a matrix with AVX2's 8 lanes). Each step
- * is symmetric_eig's, operation for operation, and lanes that a step does not concern keep their
- * values by selects: the lanes' results are symmetric_eig's, bit for bit. A zero row of the
- * Householder reduction (symmetric_eig's skip) runs the same steps with its scale and h taken
- * as 1, which leave everything as the skip does. Lanes nl .. EIG_LANES - 1 hold the identity. */
+/* Eigen-decomposition of symmetric N x N matrices (N <= 9), eigenvalues ascending: Householder
+ * reduction to tridiagonal form, then the implicit QL algorithm (as in EISPACK tred2/tql2). The
+ * one routine runs one matrix (symmetric_eig) or several side by side in SIMD lanes
+ * (symmetric_eig9_lanes, Omega for a chunk of problems): one matrix's QL sweeps are a chain of
+ * dependent square roots and divisions, and the lanes run several such chains in each
+ * instruction (Omega, AVX2's 8 lanes: 2.9 -> 1.3 us a matrix).
+ *
+ * Every quantity is an array over the W lanes; lanes that a step does not concern keep their
+ * values by selects, so a lane's result does not depend on the others: the same bits whether a
+ * matrix runs alone or beside any others. That needs the compiler to leave each multiply and add
+ * as written: no FMA contraction (which it applies differently to one-lane and vector code), and
+ * with GCC no SLP vectoriser and no function clones either (GCC 12 made vfmaddsub of the QL
+ * rotation's two updates under -ffp-contract=off, and its clones did not keep the options). A zero
+ * row of the Householder reduction (tred2's skip) runs the same steps with its scale and h taken as
+ * 1, which leave everything as the skip does. */
 #ifdef __AVX2__
 #define EIG_LANES 8
 #define EIG_MIN_LANES 4 /* fewer matrices than this: one at a time is faster */
@@ -398,200 +224,259 @@ NO_CONTRACT_FN static void symmetric_eig(int N, const double *A, double *V_out, 
 #define EIG_LANES 4
 #define EIG_MIN_LANES 3
 #endif
-#define FOR_EIG _Pragma("omp simd") for (int L = 0; L < EIG_LANES; L++)
+#if defined(__clang__)
+#define NO_CONTRACT _Pragma("clang fp contract(off)")
+#define NO_CONTRACT_FN
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#define NOINLINE __attribute__((noinline))
+#elif defined(__GNUC__)
+#define NO_CONTRACT
+#define NO_CONTRACT_FN __attribute__((optimize("fp-contract=off", "no-tree-slp-vectorize")))
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#define NOINLINE __attribute__((noipa))
+#else
+#define NO_CONTRACT
+#define NO_CONTRACT_FN
+#define ALWAYS_INLINE inline
+#define NOINLINE
+#endif
+#define FOR_W _Pragma("omp simd") for (int L = 0; L < W; L++)
 
-NO_CONTRACT_FN static inline void hypot_eig_lanes(const double *a, const double *b, double *r) {
+/* sqrt(a^2 + b^2) in each of the W lanes: the direct formula unless it could over- or underflow
+ * (libm's hypot is several times slower and was 2% of the solve). */
+NO_CONTRACT_FN static ALWAYS_INLINE void hypot_lanes(const int W, const double *a, const double *b, double *r) {
     NO_CONTRACT
     double r2[EIG_LANES];
     int slow = 0;
-    FOR_EIG {
+    FOR_W {
         r2[L] = a[L] * a[L] + b[L] * b[L];
         r[L] = sqrt(r2[L]);
         slow |= !(r2[L] > 1e-290 && r2[L] < 1e290);
     }
     if (slow)
-        for (int L = 0; L < EIG_LANES; L++)
+        for (int L = 0; L < W; L++)
             if (!(r2[L] > 1e-290 && r2[L] < 1e290)) r[L] = hypot(a[L], b[L]);
 }
 
-NO_CONTRACT_FN static void symmetric_eig9_lanes(int nl, const double *const *A, double *const *V_out,
-                                                double *const *ev_out) {
+/* The decomposition of A[0 .. nl - 1] in W lanes (a constant where this is inlined; lanes nl ..
+ * W - 1 hold the identity). V_out[l] (row-major, column j the eigenvector of ev_out[l][j]) only
+ * when vectors != 0 (the eigenvalues are the same, bit for bit: the vectors never feed them).
+ * Non-finite input gives NaN output. */
+NO_CONTRACT_FN static ALWAYS_INLINE void eig_lanes(const int W, int N, int nl, const double *const *A,
+                                                   double *const *V_out, double *const *ev_out, int vectors) {
     NO_CONTRACT
-    enum { N = 9 };
-    double d[N][EIG_LANES], e[N][EIG_LANES], V[N * N][EIG_LANES];
+    double dw[9 * EIG_LANES], ew[9 * EIG_LANES], Vw[81 * EIG_LANES];
     int bad[EIG_LANES];
-    for (int L = 0; L < EIG_LANES; L++) {
-        bad[L] = L < nl && !all_finite(A[L], N * N);
-        for (int k = 0; k < N * N; k++) V[k][L] = L < nl && !bad[L] ? A[L][k] : (k % (N + 1) == 0);
+#define D(i) (dw + (i) * W)
+#define E(i) (ew + (i) * W)
+#define LV(i, j) (Vw + ((i) * N + (j)) * W)
+    for (int L = 0; L < W; L++) {
+        bad[L] = L < nl && !all_finite(A[L], (size_t)N * N);
+        for (int k = 0; k < N * N; k++) Vw[k * W + L] = L < nl && !bad[L] ? A[L][k] : (k % (N + 1) == 0);
     }
-#define LV(i, j) V[(i) * N + (j)]
-    for (int j = 0; j < N; j++) FOR_EIG d[j][L] = LV(N - 1, j)[L];
+    for (int j = 0; j < N; j++) FOR_W D(j)[L] = LV(N - 1, j)[L];
     for (int i = N - 1; i > 0; i--) {
         double scale[EIG_LANES], h[EIG_LANES], f[EIG_LANES], g[EIG_LANES], hd[EIG_LANES], hh[EIG_LANES];
-        FOR_EIG { scale[L] = 0.0; h[L] = 0.0; }
-        for (int k = 0; k < i; k++) FOR_EIG scale[L] += fabs(d[k][L]);
-        FOR_EIG scale[L] = scale[L] == 0.0 ? 1.0 : scale[L];
-        for (int k = 0; k < i; k++) FOR_EIG {
-            d[k][L] /= scale[L];
-            h[L] += d[k][L] * d[k][L];
+        FOR_W {
+            scale[L] = 0.0;
+            h[L] = 0.0;
         }
-        FOR_EIG {
-            f[L] = d[i - 1][L];
+        for (int k = 0; k < i; k++) FOR_W scale[L] += fabs(D(k)[L]);
+        FOR_W scale[L] = scale[L] == 0.0 ? 1.0 : scale[L];
+        for (int k = 0; k < i; k++) FOR_W {
+            D(k)[L] /= scale[L];
+            h[L] += D(k)[L] * D(k)[L];
+        }
+        FOR_W {
+            f[L] = D(i - 1)[L];
             g[L] = sqrt(h[L]);
             g[L] = f[L] > 0 ? -g[L] : g[L];
-            e[i][L] = scale[L] * g[L];
+            E(i)[L] = scale[L] * g[L];
             h[L] -= f[L] * g[L];
-            d[i - 1][L] = f[L] - g[L];
+            D(i - 1)[L] = f[L] - g[L];
         }
-        for (int j = 0; j < i; j++) FOR_EIG e[j][L] = 0.0;
+        for (int j = 0; j < i; j++) FOR_W E(j)[L] = 0.0;
         for (int j = 0; j < i; j++) {
-            FOR_EIG {
-                f[L] = d[j][L];
+            FOR_W {
+                f[L] = D(j)[L];
                 LV(j, i)[L] = f[L];
-                g[L] = e[j][L] + LV(j, j)[L] * f[L];
+                g[L] = E(j)[L] + LV(j, j)[L] * f[L];
             }
-            for (int k = j + 1; k <= i - 1; k++) FOR_EIG {
-                g[L] += LV(k, j)[L] * d[k][L];
-                e[k][L] += LV(k, j)[L] * f[L];
+            for (int k = j + 1; k <= i - 1; k++) FOR_W {
+                g[L] += LV(k, j)[L] * D(k)[L];
+                E(k)[L] += LV(k, j)[L] * f[L];
             }
-            FOR_EIG e[j][L] = g[L];
+            FOR_W E(j)[L] = g[L];
         }
-        FOR_EIG { f[L] = 0.0; hd[L] = h[L] == 0.0 ? 1.0 : h[L]; }
-        for (int j = 0; j < i; j++) FOR_EIG {
-            e[j][L] /= hd[L];
-            f[L] += e[j][L] * d[j][L];
+        FOR_W {
+            f[L] = 0.0;
+            hd[L] = h[L] == 0.0 ? 1.0 : h[L];
         }
-        FOR_EIG hh[L] = f[L] / (hd[L] + hd[L]);
-        for (int j = 0; j < i; j++) FOR_EIG e[j][L] -= hh[L] * d[j][L];
+        for (int j = 0; j < i; j++) FOR_W {
+            E(j)[L] /= hd[L];
+            f[L] += E(j)[L] * D(j)[L];
+        }
+        FOR_W hh[L] = f[L] / (hd[L] + hd[L]);
+        for (int j = 0; j < i; j++) FOR_W E(j)[L] -= hh[L] * D(j)[L];
         for (int j = 0; j < i; j++) {
-            FOR_EIG { f[L] = d[j][L]; g[L] = e[j][L]; }
-            for (int k = j; k <= i - 1; k++) FOR_EIG LV(k, j)[L] -= (f[L] * e[k][L] + g[L] * d[k][L]);
-            FOR_EIG { d[j][L] = LV(i - 1, j)[L]; LV(i, j)[L] = 0.0; }
+            FOR_W {
+                f[L] = D(j)[L];
+                g[L] = E(j)[L];
+            }
+            for (int k = j; k <= i - 1; k++) FOR_W LV(k, j)[L] -= (f[L] * E(k)[L] + g[L] * D(k)[L]);
+            FOR_W {
+                D(j)[L] = LV(i - 1, j)[L];
+                LV(i, j)[L] = 0.0;
+            }
         }
-        FOR_EIG d[i][L] = h[L];
+        FOR_W D(i)[L] = h[L];
     }
-    for (int i = 0; i < N - 1; i++) {
-        double hd[EIG_LANES];
-        FOR_EIG {
+    if (!vectors) /* the diagonal of the tridiagonal form, where the accumulation below finds it */
+        for (int j = 0; j < N; j++) FOR_W D(j)[L] = LV(j, j)[L];
+    for (int i = 0; i < N - 1 && vectors; i++) {
+        double hd[EIG_LANES], g[EIG_LANES];
+        FOR_W {
             LV(N - 1, i)[L] = LV(i, i)[L];
             LV(i, i)[L] = 1.0;
-            hd[L] = d[i + 1][L] == 0.0 ? 1.0 : d[i + 1][L];
+            hd[L] = D(i + 1)[L] == 0.0 ? 1.0 : D(i + 1)[L];
         }
-        for (int k = 0; k <= i; k++) FOR_EIG d[k][L] = LV(k, i + 1)[L] / hd[L];
+        for (int k = 0; k <= i; k++) FOR_W D(k)[L] = LV(k, i + 1)[L] / hd[L];
         for (int j = 0; j <= i; j++) {
-            double g[EIG_LANES];
-            FOR_EIG g[L] = 0.0;
-            for (int k = 0; k <= i; k++) FOR_EIG g[L] += LV(k, i + 1)[L] * LV(k, j)[L];
-            for (int k = 0; k <= i; k++) FOR_EIG LV(k, j)[L] -= g[L] * d[k][L];
+            FOR_W g[L] = 0.0;
+            for (int k = 0; k <= i; k++) FOR_W g[L] += LV(k, i + 1)[L] * LV(k, j)[L];
+            for (int k = 0; k <= i; k++) FOR_W LV(k, j)[L] -= g[L] * D(k)[L];
         }
-        for (int k = 0; k <= i; k++) FOR_EIG LV(k, i + 1)[L] = 0.0;
+        for (int k = 0; k <= i; k++) FOR_W LV(k, i + 1)[L] = 0.0;
     }
-    for (int j = 0; j < N; j++) FOR_EIG {
-        d[j][L] = LV(N - 1, j)[L];
+    for (int j = 0; j < N && vectors; j++) FOR_W {
+        D(j)[L] = LV(N - 1, j)[L];
         LV(N - 1, j)[L] = 0.0;
     }
-    FOR_EIG LV(N - 1, N - 1)[L] = 1.0;
-    for (int i = 1; i < N; i++) FOR_EIG e[i - 1][L] = e[i][L];
-    FOR_EIG e[N - 1][L] = 0.0;
+    if (vectors) FOR_W LV(N - 1, N - 1)[L] = 1.0;
+    /* implicit QL on the tridiagonal matrix (d, e) */
+    for (int i = 1; i < N; i++) FOR_W E(i - 1)[L] = E(i)[L];
+    FOR_W E(N - 1)[L] = 0.0;
     double f[EIG_LANES], tst1[EIG_LANES];
-    FOR_EIG { f[L] = 0.0; tst1[L] = 0.0; }
+    FOR_W {
+        f[L] = 0.0;
+        tst1[L] = 0.0;
+    }
     const double eps = 2.220446049250313e-16;
     for (int l = 0; l < N; l++) {
         int m[EIG_LANES], mmax = l;
         int64_t act[EIG_LANES]; /* lanes whose eigenvalue l is not yet split off */
-        FOR_EIG {
-            double t = fabs(d[l][L]) + fabs(e[l][L]);
+        FOR_W {
+            double t = fabs(D(l)[L]) + fabs(E(l)[L]);
             tst1[L] = t > tst1[L] ? t : tst1[L];
         }
-        for (int L = 0; L < EIG_LANES; L++) {
+        for (int L = 0; L < W; L++) {
             int mm = l;
-            while (mm < N - 1 && fabs(e[mm][L]) > eps * tst1[L]) mm++;
+            while (mm < N - 1 && fabs(E(mm)[L]) > eps * tst1[L]) mm++;
             m[L] = mm;
             mmax = mm > mmax ? mm : mmax;
             act[L] = mm > l;
         }
         for (int guard = 0; guard < 60 && mmax > l; guard++) {
             double g[EIG_LANES], p[EIG_LANES], r[EIG_LANES], one[EIG_LANES], dl1[EIG_LANES], h[EIG_LANES];
-            FOR_EIG {
-                g[L] = d[l][L];
-                p[L] = act[L] ? (d[l + 1][L] - g[L]) / (2.0 * e[l][L]) : 0.0;
+            double c[EIG_LANES], c2[EIG_LANES], c3[EIG_LANES], el1[EIG_LANES], s[EIG_LANES], s2[EIG_LANES];
+            FOR_W {
+                g[L] = D(l)[L];
+                p[L] = act[L] ? (D(l + 1)[L] - g[L]) / (2.0 * E(l)[L]) : 0.0;
                 one[L] = 1.0;
             }
-            hypot_eig_lanes(p, one, r);
-            FOR_EIG {
+            hypot_lanes(W, p, one, r);
+            FOR_W {
                 double rr = p[L] < 0 ? -r[L] : r[L];
-                double dl = e[l][L] / (p[L] + rr), dn = e[l][L] * (p[L] + rr);
-                d[l][L] = act[L] ? dl : d[l][L];
-                d[l + 1][L] = act[L] ? dn : d[l + 1][L];
-                dl1[L] = d[l + 1][L];
-                h[L] = g[L] - d[l][L];
+                double dl = E(l)[L] / (p[L] + rr), dn = E(l)[L] * (p[L] + rr);
+                D(l)[L] = act[L] ? dl : D(l)[L];
+                D(l + 1)[L] = act[L] ? dn : D(l + 1)[L];
+                dl1[L] = D(l + 1)[L];
+                h[L] = g[L] - D(l)[L];
             }
-            for (int i = l + 2; i < N; i++) FOR_EIG d[i][L] = act[L] ? d[i][L] - h[L] : d[i][L];
-            FOR_EIG f[L] = act[L] ? f[L] + h[L] : f[L];
-            for (int L = 0; L < EIG_LANES; L++) p[L] = d[m[L]][L];
-            double c[EIG_LANES], c2[EIG_LANES], c3[EIG_LANES], el1[EIG_LANES], s[EIG_LANES], s2[EIG_LANES];
-            FOR_EIG { c[L] = c2[L] = c3[L] = 1.0; el1[L] = e[l + 1][L]; s[L] = s2[L] = 0.0; }
+            for (int i = l + 2; i < N; i++) FOR_W D(i)[L] = act[L] ? D(i)[L] - h[L] : D(i)[L];
+            FOR_W f[L] = act[L] ? f[L] + h[L] : f[L];
+            for (int L = 0; L < W; L++) p[L] = D(m[L])[L];
+            FOR_W {
+                c[L] = c2[L] = c3[L] = 1.0;
+                el1[L] = E(l + 1)[L];
+                s[L] = s2[L] = 0.0;
+            }
             for (int i = mmax - 1; i >= l; i--) {
                 double ei[EIG_LANES], rr[EIG_LANES], cn[EIG_LANES], sn[EIG_LANES];
                 int64_t on[EIG_LANES]; /* lanes whose sweep reaches row i */
-                FOR_EIG {
+                FOR_W {
                     on[L] = act[L] & (i < m[L]);
-                    ei[L] = e[i][L];
+                    ei[L] = E(i)[L];
                 }
-                hypot_eig_lanes(p, ei, rr);
-                FOR_EIG {
+                hypot_lanes(W, p, ei, rr);
+                FOR_W {
                     double gg = c[L] * ei[L], hq = c[L] * p[L];
                     sn[L] = ei[L] / rr[L];
                     cn[L] = p[L] / rr[L];
-                    double pn = cn[L] * d[i][L] - sn[L] * gg;
-                    double dn = hq + sn[L] * (cn[L] * gg + sn[L] * d[i][L]);
-                    e[i + 1][L] = on[L] ? s[L] * rr[L] : e[i + 1][L];
+                    double pn = cn[L] * D(i)[L] - sn[L] * gg;
+                    double dn = hq + sn[L] * (cn[L] * gg + sn[L] * D(i)[L]);
+                    E(i + 1)[L] = on[L] ? s[L] * rr[L] : E(i + 1)[L];
                     c3[L] = on[L] ? c2[L] : c3[L];
                     c2[L] = on[L] ? c[L] : c2[L];
                     s2[L] = on[L] ? s[L] : s2[L];
                     s[L] = on[L] ? sn[L] : s[L];
                     c[L] = on[L] ? cn[L] : c[L];
                     p[L] = on[L] ? pn : p[L];
-                    d[i + 1][L] = on[L] ? dn : d[i + 1][L];
+                    D(i + 1)[L] = on[L] ? dn : D(i + 1)[L];
                 }
-                for (int k = 0; k < N; k++) FOR_EIG {
+                for (int k = 0; k < N && vectors; k++) FOR_W {
                     double hv = LV(k, i + 1)[L], vi = LV(k, i)[L];
                     LV(k, i + 1)[L] = on[L] ? sn[L] * vi + cn[L] * hv : hv;
                     LV(k, i)[L] = on[L] ? cn[L] * vi - sn[L] * hv : vi;
                 }
             }
             int any = 0;
-            FOR_EIG {
-                double pp = -s[L] * s2[L] * c3[L] * el1[L] * e[l][L] / dl1[L];
-                e[l][L] = act[L] ? s[L] * pp : e[l][L];
-                d[l][L] = act[L] ? c[L] * pp : d[l][L];
-                act[L] = act[L] & (fabs(e[l][L]) > eps * tst1[L]);
+            FOR_W {
+                double pp = -s[L] * s2[L] * c3[L] * el1[L] * E(l)[L] / dl1[L];
+                E(l)[L] = act[L] ? s[L] * pp : E(l)[L];
+                D(l)[L] = act[L] ? c[L] * pp : D(l)[L];
+                act[L] = act[L] & (fabs(E(l)[L]) > eps * tst1[L]);
                 any |= (int)act[L];
             }
             if (!any) break;
         }
-        FOR_EIG {
-            d[l][L] += f[L];
-            e[l][L] = 0.0;
+        FOR_W {
+            D(l)[L] += f[L];
+            E(l)[L] = 0.0;
         }
     }
     for (int L = 0; L < nl; L++) {
-        double *ev = ev_out[L], *Vo = V_out[L];
-        for (int i = 0; i < N; i++) ev[i] = bad[L] ? NAN : d[i][L];
-        for (int k = 0; k < N * N; k++) Vo[k] = bad[L] ? NAN : V[k][L];
-        for (int i = 0; i < N; i++) { /* symmetric_eig's selection sort */
+        double *ev = ev_out[L], *V = vectors ? V_out[L] : NULL;
+        for (int i = 0; i < N; i++) ev[i] = bad[L] ? NAN : D(i)[L];
+        for (int k = 0; k < N * N && vectors; k++) V[k] = bad[L] ? NAN : Vw[k * W + L];
+        for (int i = 0; i < N; i++) { /* selection sort of the eigenpairs */
             int mm = i;
             for (int j = i + 1; j < N; j++)
                 if (ev[j] < ev[mm]) mm = j;
             if (mm != i) {
                 double tmp = ev[i]; ev[i] = ev[mm]; ev[mm] = tmp;
-                for (int k = 0; k < N; k++) {
-                    tmp = Vo[k * N + i]; Vo[k * N + i] = Vo[k * N + mm]; Vo[k * N + mm] = tmp;
+                for (int k = 0; k < N && vectors; k++) {
+                    tmp = V[k * N + i]; V[k * N + i] = V[k * N + mm]; V[k * N + mm] = tmp;
                 }
             }
         }
     }
+#undef D
+#undef E
 #undef LV
+}
+
+/* One symmetric N x N matrix (N <= 9): A read only; column j of V (row-major, V[i*N+j]) is the
+ * eigenvector of ev[j]; V = NULL: eigenvalues only (a 6x6 takes a third of the time). */
+NO_CONTRACT_FN NOINLINE static void symmetric_eig(int N, const double *A, double *V, double *ev) {
+    NO_CONTRACT
+    eig_lanes(1, N, 1, &A, &V, &ev, V != NULL);
+}
+
+/* nl <= EIG_LANES 9 x 9 matrices side by side: symmetric_eig's results, bit for bit. */
+NO_CONTRACT_FN NOINLINE static void symmetric_eig9_lanes(int nl, const double *const *A, double *const *V, double *const *ev) {
+    NO_CONTRACT
+    eig_lanes(EIG_LANES, 9, nl, A, V, ev, 1);
 }
 
 /* Exported for the tests: symmetric_eig. */
