@@ -167,6 +167,22 @@ def test_symmetric_eig_in_lanes_gives_the_same_bits():
     ).all()
 
 
+@needs_native
+@pytest.mark.parametrize("n", [10, 300])
+def test_layer_forward_chunks_give_the_single_solves_bits(n):
+    # The C forward prepares chunks of 8 problems and decomposes their Omegas in lanes (a chunk
+    # with fewer than 4 one at a time; problems of more than 256 points always one at a time):
+    # 11 mixed problems solved together equal each solved alone, bit for bit.
+    solid = random_problems(5, n, noise=1.0, seed=11)
+    planar = random_problems(6, n, planar=True, noise=1.0, seed=12)
+    x2d, x3d, K = (torch.cat([getattr(solid, f), getattr(planar, f)]) for f in ("x2d", "x3d", "K"))
+    together = bpnp.solve_pnp(x2d, x3d, K, backend="native")
+    for b in range(x2d.shape[0]):
+        alone = bpnp.solve_pnp(x2d[b : b + 1], x3d[b : b + 1], K[b : b + 1], backend="native")
+        assert torch.equal(alone.pose[0], together.pose[b]) and torch.equal(alone.cost[0], together.cost[b]), b
+    assert together.converged.all()
+
+
 def _run_python(code: str, *args: str, timeout: float = 300, **env: str) -> str:
     full_env = {**os.environ, **env}
     out = subprocess.run(

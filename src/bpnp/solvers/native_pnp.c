@@ -2474,18 +2474,28 @@ static void layer_item_end(LayerJob *j, int b, LayerItem *it) {
 
 /* The layer's forward for items b0 .. b1 - 1 (a chunk): their unit-free problems and Omegas
  * first, Omega's eigen-decompositions side by side in lanes when there are enough of them (the
- * same bits as one at a time), then each item's solve. Items with lens distortion search on their
- * undistorted pixels and keep the one-at-a-time path. */
+ * same bits as one at a time), then each item's solve. Items with lens distortion (which search on
+ * their undistorted pixels) and problems of more than CHUNK_POINTS points (whose chunk would not
+ * stay in the L2 cache, and whose eigen-decomposition is a small part of the solve) run one at a
+ * time. */
+#define CHUNK_POINTS 256
 static void layer_forward_chunk(void *arg, int b0, int b1) {
     LayerJob *j = (LayerJob *)arg;
     LayerItem items[CHUNK];
     const double *A[CHUNK];
     double *V[CHUNK], *ev[CHUNK];
     int m = 0;
+    if (j->n > CHUNK_POINTS || j->dist) { /* one item at a time */
+        for (int b = b0; b < b1; b++) {
+            layer_item_begin(j, b, &items[0]);
+            layer_item_end(j, b, &items[0]);
+        }
+        return;
+    }
     for (int b = b0; b < b1; b++) {
         LayerItem *it = &items[b - b0];
         layer_item_begin(j, b, it);
-        if (it->degenerate || j->dist) continue;
+        if (it->degenerate) continue;
         omega_form(&it->p, &it->form, 1);
         it->p.omega = &it->form;
         A[m] = it->form.On;
