@@ -120,12 +120,16 @@ def test_duplicate_points_singular_hessian_finite_grads(backend):
     assert torch.isfinite(x2d.grad).all()
 
 
-def test_empty_batch(backend):
-    # No problems left (e.g. every detection filtered out): empty answers, an empty gradient.
+@pytest.mark.parametrize("x3d_shape", [(6, 3), (0, 6, 3)])
+def test_empty_batch(backend, x3d_shape):
+    # No problems left (e.g. every detection filtered out): empty answers, an empty gradient, and
+    # no warning (an empty batch of object points once made torch.var_mean warn).
     x2d = torch.zeros(0, 6, 2, dtype=torch.float64, requires_grad=True)
-    x3d = torch.randn(6, 3, dtype=torch.float64)
+    x3d = torch.randn(x3d_shape, dtype=torch.float64)
     K = torch.tensor([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]], dtype=torch.float64)
-    res = bpnp.solve_pnp(x2d, x3d, K, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = bpnp.solve_pnp(x2d, x3d, K, backend=backend)
     assert res.pose.shape == (0, 6) and res.R.shape == (0, 3, 3) and res.converged.shape == (0,)
     (res.pose.sum() + res.R.sum()).backward()
     assert x2d.grad.shape == x2d.shape

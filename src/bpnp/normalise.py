@@ -46,7 +46,10 @@ def normalise_problem(
         ``x2d_n, x3d_n, K_n, weights_n`` of the same shapes and the :class:`Normalisation`.
     """
     with torch.no_grad():
-        var, centre = torch.var_mean(x3d, dim=-2, correction=0)  # (B|1, 3) each
+        if x3d.shape[0]:
+            var, centre = torch.var_mean(x3d, dim=-2, correction=0)  # (B|1, 3) each
+        else:  # an empty batch (var_mean would warn of zero degrees of freedom)
+            var = centre = x3d.new_zeros(0, 3)
         scale = var.sum(-1, keepdim=True).sqrt()
         # All points in one place: a degenerate problem; any positive unit keeps it finite.
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
