@@ -1604,19 +1604,22 @@ static inline double squared_residual(const Problem *p, int i, const double *R, 
  * one (points of positive weight; median: the ((m-1)/2)-th smallest), beyond 1e-16. The test
  * top > ratio * v + 1e-16 holds for the median iff it holds for at least (m-1)/2 + 1 of the
  * values (it holds for every value below one it holds for): a count instead of a selection,
- * the same answer. */
+ * the same answer. The count reads the residuals the first pass computed (up to KEPT points). */
 static int heavy_tailed(const Problem *p, const double *R, const double *t, double ratio) {
+    enum { KEPT = 256 }; /* residuals kept for the count (the rest are computed again) */
+    double kept[KEPT];
     int m = 0;
     double top = 0;
     for (int i = 0; i < p->n; i++) {
         if (!(p->w[i] > 0)) continue;
         double r2 = squared_residual(p, i, R, t);
+        if (i < KEPT) kept[i] = r2;
         m++;
         if (r2 > top) top = r2;
     }
     int below = 0;
     for (int i = 0; i < p->n; i++)
-        below += p->w[i] > 0 && top > ratio * squared_residual(p, i, R, t) + 1e-16;
+        below += p->w[i] > 0 && top > ratio * (i < KEPT ? kept[i] : squared_residual(p, i, R, t)) + 1e-16;
     return m > 0 && below >= (m - 1) / 2 + 1;
 }
 
