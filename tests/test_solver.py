@@ -252,5 +252,5 @@ def test_a_converged_answer_wins_a_rounding_tie():
     assert _winner(cost, converged, item, 3).tolist() == [0, 2, 4]
     old = [None, None, one.repeat(2), None, torch.tensor([True, False])]
     new = [None, None, below.repeat(2), None, torch.tensor([False, True])]
-    assert _replaces(old, new).tolist() == [False, True]
-    assert _replaces(new, old).tolist() == [True, False]
+    assert _replaces(old[2], old[4], new).tolist() == [False, True]
+    assert _replaces(new[2], new[4], old).tolist() == [True, False]

@@ -191,17 +191,18 @@ def _escalate(result: list, again: Tensor, x2d, x3d, K, weights, init_R, init_t,
     parts = [second.lm] + ([_cube_starts(*data, o, check_every)] if o.cube_starts else [])
     outs = _refine_starts(parts, *data, o, check_every)
     second_pass = _pass_select(second, outs[0], full)
-    better = _replaces([r[again] for r in result[:5]], second_pass)
+    better = _replaces(result[2][again], result[4][again], second_pass)
     result = _merge(result, second_pass, again[better], B, rows=better.nonzero()[:, 0])
     if not o.cube_starts:
         return result
     third = _cube_select(parts[1], outs[1], again.numel())
-    better = _replaces([r[again] for r in result[:5]], third)
+    R_old, t_old, cost_old, converged_old = (result[k][again] for k in (0, 1, 2, 4))
+    better = _replaces(cost_old, converged_old, third)
     # The answer it replaces is another minimum, when its pose differs.
-    dR = (third[0] - result[0][again]).flatten(1).norm(dim=-1)
-    dt = (third[1] - result[1][again]).norm(dim=-1)
+    dR = (third[0] - R_old).flatten(1).norm(dim=-1)
+    dt = (third[1] - t_old).norm(dim=-1)
     distinct = (dR > o.dedupe) | (dt > o.dedupe * third[1].norm(dim=-1))
-    old_cost = torch.where(distinct, result[2][again], torch.full_like(dR, float("inf")))
+    old_cost = torch.where(distinct, cost_old, torch.full_like(dR, float("inf")))
     third[6] = torch.minimum(result[6][again], old_cost)
     return _merge(result, third, again[better], B, rows=better.nonzero()[:, 0])
 
@@ -327,13 +328,14 @@ def _winner(cost: Tensor, converged: Tensor, item: Tensor, B: int) -> Tensor:
     return torch.where(first_tie < N, first_tie, first)
 
 
-def _replaces(old: list, new: list) -> Tensor:
-    """``(M,)`` whether each answer of ``new`` replaces that of ``old`` (``_pass_select`` lists of M
-    problems): ``_winner`` of the two, the old one first."""
+def _replaces(old_cost: Tensor, old_converged: Tensor, new: list) -> Tensor:
+    """``(M,)`` whether each answer of ``new`` (a ``_pass_select`` list of M problems) replaces the
+    old answer with ``old_cost`` and ``old_converged`` ``(M,)``: ``_winner`` of the two, the old
+    one first."""
     M = new[2].shape[0]
     both = torch.arange(M, device=new[2].device).repeat(2)
-    cost = torch.nan_to_num(torch.cat([old[2], new[2]]), nan=float("inf"))
-    return _winner(cost, torch.cat([old[4], new[4]]), both, M) >= M
+    cost = torch.nan_to_num(torch.cat([old_cost, new[2]]), nan=float("inf"))
+    return _winner(cost, torch.cat([old_converged, new[4]]), both, M) >= M
 
 
 def _cube_select(starts: _Starts, out: LMResult, B: int) -> list:
