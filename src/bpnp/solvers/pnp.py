@@ -345,10 +345,11 @@ def _cube_select(starts: _Starts, out: LMResult, B: int) -> list:
     cost = torch.nan_to_num(out.cost, nan=float("inf"))
     sel = _winner(cost, out.converged, item, B)
     # The screening keeps each problem's best start, so every problem has a winner (sel < N).
-    none = sel >= item.numel()
     ok = out.converged[sel] & torch.isfinite(cost[sel])
     inf = torch.full((B,), float("inf"), dtype=cost.dtype, device=device)
-    return [out.state[0][sel], out.state[1][sel], cost[sel], out.hess[sel], ok, out.iterations, inf, none]
+    # (no depth repair: that flag decides the escalation, which this pass ends)
+    repaired = torch.zeros_like(ok)
+    return [out.state[0][sel], out.state[1][sel], cost[sel], out.hess[sel], ok, out.iterations, inf, repaired]
 
 
 def refine_robust(
