@@ -2357,10 +2357,11 @@ static void solve_distorted(const Problem *p, const double *dist, const double *
     best->second = INFINITY;
 }
 
-/* One item of the layer's forward between its two halves: the unit-free problem (p, over buf)
- * and its object-space form. */
+/* One item of the layer's forward between its two halves: its inputs and units (u), the
+ * unit-free problem (p, over buf) and its object-space form. */
 typedef struct {
-    double *buf;
+    const double *x2d, *x3d, *K, *w;
+    double *u, *buf;
     int degenerate;
     Problem p;
     OmegaForm form;
@@ -2369,11 +2370,11 @@ typedef struct {
 /* The first half of an item: the units, the unit-free problem and the degeneracy test. */
 static void layer_item_begin(LayerJob *j, int b, LayerItem *it) {
     int n = j->n;
-    const double *x2d = j->x2d + (size_t)b * n * 2;
-    const double *x3d = j->x3d + (j->x3d_batched ? (size_t)b * n * 3 : 0);
-    const double *K = j->K + (j->K_batched ? (size_t)b * 9 : 0);
-    const double *w = j->w ? j->w + (j->w_batched ? (size_t)b * n : 0) : NULL;
-    double *u = j->units_out + (size_t)b * UNIT_FIELDS;
+    const double *x2d = it->x2d = j->x2d + (size_t)b * n * 2;
+    const double *x3d = it->x3d = j->x3d + (j->x3d_batched ? (size_t)b * n * 3 : 0);
+    const double *K = it->K = j->K + (j->K_batched ? (size_t)b * 9 : 0);
+    const double *w = it->w = j->w ? j->w + (j->w_batched ? (size_t)b * n : 0) : NULL;
+    double *u = it->u = j->units_out + (size_t)b * UNIT_FIELDS;
     find_units(n, x3d, K, w, u);
     it->buf = (double *)malloc((size_t)n * (j->dist ? 8 : 6) * sizeof(double));
     it->degenerate = 1;
@@ -2393,12 +2394,9 @@ static void layer_item_begin(LayerJob *j, int b, LayerItem *it) {
 static void layer_item_end(LayerJob *j, int b, LayerItem *it) {
     const Options *o = j->o;
     int n = j->n;
-    const double *x2d = j->x2d + (size_t)b * n * 2;
-    const double *x3d = j->x3d + (j->x3d_batched ? (size_t)b * n * 3 : 0);
-    const double *K = j->K + (j->K_batched ? (size_t)b * 9 : 0);
-    const double *w = j->w ? j->w + (j->w_batched ? (size_t)b * n : 0) : NULL;
+    const double *x2d = it->x2d, *x3d = it->x3d, *K = it->K, *w = it->w;
     const double *dist = j->dist ? j->dist + (j->dist_batched ? (size_t)b * 5 : 0) : NULL;
-    double *u = j->units_out + (size_t)b * UNIT_FIELDS, *buf = it->buf;
+    double *u = it->u, *buf = it->buf;
     const Problem p = it->p;
     int degenerate = it->degenerate;
     LMState s;
