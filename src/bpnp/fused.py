@@ -73,14 +73,15 @@ def solve_least_squares_fused(
     x2d_b, x3d_b, K_b, w_b, pose_b, unbatched = canonical_pnp_shapes(x2d, x3d, K, weights, init_pose)
     dist_b = None if dist is None else check_distortion(dist, x2d_b, unbatched)
     dtype = x2d_b.dtype
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         key = _options_key(options)
         outputs = torch.ops.bpnp.layer_forward(x2d_b, x3d_b, K_b, w_b, pose_b, dist_b, key, solver)
     else:
         outputs = _Layer.apply(x2d_b, x3d_b, K_b, w_b, pose_b, dist_b, options, solver)
     pose, R, cost, second, hess, units, flags, summary = outputs
-    converged, ambiguous, trusted = flags[:, 0], flags[:, 1], flags[:, 2]
-    if torch.compiler.is_compiling():
+    converged, ambiguous, trusted, _ = flags.unbind(1)
+    if compiling:
         steps: Any = summary[0]
         failed = 0
     else:
@@ -102,8 +103,9 @@ def solve_least_squares_fused(
         cov = pose_covariance(hess, cost_n, dof, pose[:, :3].detach().to(_F64), R.detach().to(_F64), norm)
         return cov.to(dtype)[0] if unbatched else cov.to(dtype)
 
-    fields = [pose, R, pose[..., 3:], cost.to(dtype), converged]
-    rest = [second.to(dtype), ambiguous, trusted]
+    cost_out, second_out = (cost, second) if dtype == _F64 else (cost.to(dtype), second.to(dtype))
+    fields = [pose, R, pose[..., 3:], cost_out, converged]
+    rest = [second_out, ambiguous, trusted]
     if unbatched:
         fields, rest = [x[0] for x in fields], [x[0] for x in rest]
     return PnPResult(*fields, steps, solver, *rest, covariance, None)

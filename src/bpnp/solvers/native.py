@@ -146,36 +146,40 @@ def _open(path: Path) -> ctypes.CDLL:
 
 def _load() -> ctypes.CDLL | None:
     global _lib, _reason, _tried, _build_name
+    if _tried:  # the answer is final once _tried is set (last, under the lock): no lock per solve
+        return _lib
     with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("BPNP_NATIVE", "1") == "0":
-            _reason = "disabled by BPNP_NATIVE=0"
-            return None
-        choice = os.environ.get("BPNP_NATIVE_BUILD", "auto")
-        if choice != "auto" and choice not in _BUILDS:
-            _reason = f"BPNP_NATIVE_BUILD={choice!r}: expected auto or one of {sorted(_BUILDS)}"
-            return None
-        errors = []
-        for name, stem in _BUILDS.items():
-            if choice not in ("auto", name):
-                continue
-            if name == "openmp-avx2" and not _cpu_has_avx2():
-                if choice == name:
-                    errors.append("this CPU lacks AVX2 or FMA")
-                continue
-            path = _library_path(stem)
-            if path is None:
-                errors.append(f"{stem} was not built (no C compiler when the package was installed?)")
-                continue
-            try:
-                _lib, _build_name = _open(path), name
-                return _lib
-            except (OSError, RuntimeError, AttributeError) as exc:
-                errors.append(str(exc))
-        _reason = "; ".join(errors)
-        return None
+        if not _tried:
+            _lib, _build_name, _reason = _find_library()
+            _tried = True
+        return _lib
+
+
+def _find_library() -> tuple[ctypes.CDLL | None, str | None, str | None]:
+    """The best build this machine can load: ``(library, build name, None)``, or
+    ``(None, None, why not)``."""
+    if os.environ.get("BPNP_NATIVE", "1") == "0":
+        return None, None, "disabled by BPNP_NATIVE=0"
+    choice = os.environ.get("BPNP_NATIVE_BUILD", "auto")
+    if choice != "auto" and choice not in _BUILDS:
+        return None, None, f"BPNP_NATIVE_BUILD={choice!r}: expected auto or one of {sorted(_BUILDS)}"
+    errors = []
+    for name, stem in _BUILDS.items():
+        if choice not in ("auto", name):
+            continue
+        if name == "openmp-avx2" and not _cpu_has_avx2():
+            if choice == name:
+                errors.append("this CPU lacks AVX2 or FMA")
+            continue
+        path = _library_path(stem)
+        if path is None:
+            errors.append(f"{stem} was not built (no C compiler when the package was installed?)")
+            continue
+        try:
+            return _open(path), name, None
+        except (OSError, RuntimeError, AttributeError) as exc:
+            errors.append(str(exc))
+    return None, None, "; ".join(errors)
 
 
 def _cpu_has_avx2() -> bool:
@@ -396,6 +400,18 @@ def _batched(x: Tensor | None, B: int) -> int:
     return int(x is not None and (x.shape[0] != 1 or B == 1))
 
 
+def _problem_arguments(B: int, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None) -> tuple[list, list]:
+    """The leading C arguments of both layer calls, ``x2d, x3d, x3d_batched, K, K_batched, w,
+    w_batched``, and the float64 tensors they point into (to keep alive during the call). One
+    call for what a small solve would otherwise spend a dozen Python calls on."""
+    kept = [_f64(x2d), _f64(x3d), _f64(K), _f64(weights)]
+    x2d, x3d, K, weights = kept
+    one = B == 1
+    w_args = [None, 0] if weights is None else [weights.data_ptr(), int(one or weights.shape[0] != 1)]
+    args = [x2d.data_ptr(), x3d.data_ptr(), int(one or x3d.shape[0] != 1), K.data_ptr(), int(one or K.shape[0] != 1)]
+    return args + w_args, kept
+
+
 def layer_forward_outputs(B: int, empty=torch.empty, pose_dtype: torch.dtype = torch.float64) -> tuple[Tensor, ...]:
     """The outputs of ``bpnp_layer_forward`` for a batch of ``B``, allocated by ``empty`` (e.g. a
     fake tensor's ``new_empty``): ``pose (B, 6)`` and ``R (B, 3, 3)`` in ``pose_dtype``; ``cost``,
@@ -442,14 +458,14 @@ def layer_forward_native(
     lib = _load()
     if lib is None:
         raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
-    x2d, x3d, K, weights, init_pose, dist = (_f64(x) for x in (x2d, x3d, K, weights, init_pose, dist))
     B, n, _ = x2d.shape
+    problem, _kept = _problem_arguments(B, x2d, x3d, K, weights)
+    init_pose, dist = _f64(init_pose), _f64(dist)
     out = layer_forward_outputs(B)
     code = lib.bpnp_layer_forward(
-        B, n, x2d.data_ptr(), x3d.data_ptr(), _batched(x3d, B), K.data_ptr(), _batched(K, B), _address(weights),
-        _batched(weights, B), _address(init_pose), _address(dist), _batched(dist, B),
+        B, n, *problem, _address(init_pose), _address(dist), _batched(dist, B),
         ctypes.addressof(_native_options(options)), torch.get_num_threads(), int(_in_forked_child),
-        *(x.data_ptr() for x in out),
+        *[x.data_ptr() for x in out],
     )  # fmt: skip
     if code < 0:  # pragma: no cover - SolverOptions validates the same ranges first
         raise BackendUnavailableError(f"the native solver refused the options {options}")
@@ -480,21 +496,20 @@ def layer_backward_native(
     lib = _load()
     if lib is None:
         raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
-    x2d, x3d, K, weights, dist, grad_pose, grad_R = (_f64(x) for x in (x2d, x3d, K, weights, dist, grad_pose, grad_R))
     B, n, _ = x2d.shape
-    f64 = torch.float64
-    shapes = ((B, n, 2), (B, n, 3), (B, 3, 3), (B, n), (B, 5))
+    problem, _kept = _problem_arguments(B, x2d, x3d, K, weights)
+    dist, grad_pose, grad_R = _f64(dist), _f64(grad_pose), _f64(grad_R)
     needs = tuple(needs) + (False,) * (5 - len(needs))
-    grads = tuple(torch.empty(shape, dtype=f64) if need else None for shape, need in zip(shapes, needs))
+    shapes = ((B, n, 2), (B, n, 3), (B, 3, 3), (B, n), (B, 5))
+    grads = [torch.empty(shape, dtype=torch.float64) if need else None for shape, need in zip(shapes, needs)]
     pose, R, H, units, flags = forward
     pose, R = _f64(pose), _f64(R)
     lib.bpnp_layer_backward(
-        B, n, x2d.data_ptr(), x3d.data_ptr(), _batched(x3d, B), K.data_ptr(), _batched(K, B), _address(weights),
-        _batched(weights, B), _address(dist), _batched(dist, B), pose.data_ptr(), R.data_ptr(), H.data_ptr(),
+        B, n, *problem, _address(dist), _batched(dist, B), pose.data_ptr(), R.data_ptr(), H.data_ptr(),
         units.data_ptr(), flags.data_ptr(), grad_pose.data_ptr(), _address(grad_R), torch.get_num_threads(),
-        int(_in_forked_child), *(_address(g) for g in grads),
+        int(_in_forked_child), *[None if g is None else g.data_ptr() for g in grads],
     )  # fmt: skip
-    return grads
+    return tuple(grads)
 
 
 def undistort_points_native(xd: Tensor, dist: Tensor) -> tuple[Tensor, Tensor]:
