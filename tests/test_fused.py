@@ -125,6 +125,41 @@ def test_gradients_equal_staged_path(kind):
         assert (grads_a[0][[0, 3]] == 0).all() and (grads_a[0][[1, 2]] != 0).any()
 
 
+def test_pose_gradient_of_any_layout_reaches_the_c_backward_as_is():
+    # The C backward reads the pose's gradient through its strides (a sum's arrives expanded,
+    # strides 0): every layout gives the gradient of the same values in contiguous memory.
+    x2d, x3d, K, w = problems("batched")
+    leaf = x2d.clone().requires_grad_()
+    values = torch.randn(x2d.shape[0], 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    layouts = {
+        "contiguous": values,
+        "transposed": values.t().contiguous().t(),
+        "every other column of a wider tensor": torch.stack([values, -values], -1).flatten(1)[:, ::2],
+        "expanded row": values[:1].expand_as(values),
+        "expanded scalar": values[0, 0].expand_as(values),
+    }
+    for name, grad in layouts.items():
+        pose = bpnp.solve_pnp(leaf, x3d, K, w, warn=False).pose
+        got = torch.autograd.grad(pose, leaf, grad_outputs=grad)[0]
+        pose = bpnp.solve_pnp(leaf, x3d, K, w, warn=False).pose
+        expected = torch.autograd.grad(pose, leaf, grad_outputs=grad.contiguous())[0]
+        assert grad.is_contiguous() == (name == "contiguous"), name
+        assert torch.equal(got, expected) and got.abs().max() > 0, name
+
+
+def test_translation_is_the_pose_view_on_both_paths():
+    x2d, x3d, K, w = problems("batched")
+    for solve in (bpnp.solve_pnp, staged):
+        for item in (slice(None), 0):  # batched, unbatched
+            leaf = x2d[item].clone().requires_grad_()
+            r = solve(leaf, x3d[item], K[item], w[item], warn=False)
+            assert r.t is r.t and r.t.shape == r.pose.shape[:-1] + (3,)
+            assert r.t.data_ptr() == r.pose[..., 3:].data_ptr() and torch.equal(r.t, r.pose[..., 3:])
+            (grad_t,) = torch.autograd.grad(r.t.sum(), leaf, retain_graph=True)
+            (grad_pose,) = torch.autograd.grad(r.pose[..., 3:].sum(), leaf)
+            assert torch.equal(grad_t, grad_pose)
+
+
 def test_gradients_against_finite_differences():
     p = random_problems(2, 8, seed=16)
     camera = p.K[:, [0, 0, 0, 1, 1], [0, 1, 2, 1, 2]].clone()  # the free entries of K

@@ -104,10 +104,10 @@ def solve_least_squares_fused(
         return cov.to(dtype)[0] if unbatched else cov.to(dtype)
 
     cost_out, second_out = (cost, second) if dtype == _F64 else (cost.to(dtype), second.to(dtype))
-    fields = [pose, R, pose[..., 3:], cost_out, converged]
+    fields = [pose, R, None, cost_out, converged]  # t: pose[..., 3:] on first access
     rest = [second_out, ambiguous, trusted]
     if unbatched:
-        fields, rest = [x[0] for x in fields], [x[0] for x in rest]
+        fields, rest = [None if x is None else x[0] for x in fields], [x[0] for x in rest]
     return PnPResult(*fields, steps, solver, *rest, covariance, None)
 
 

@@ -135,9 +135,10 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.bpnp_layer_forward.argtypes = [ip, ip, vp, vp, ip, vp, ip, vp, ip, vp, vp, ip, vp, ip, ip, vp, vp, vp, vp, vp, vp, vp, vp]  # fmt: skip
     lib.bpnp_layer_backward.restype = None
     # bpnp_layer_backward(B, n, x2d, x3d, x3d_batched, K, K_batched, w, w_batched, dist, dist_batched,
-    #                     pose, R, H, units, flags, grad_pose, grad_R, num_threads, forked, g_x2d,
-    #                     g_x3d, g_K, g_w, g_dist)
-    lib.bpnp_layer_backward.argtypes = [ip, ip, vp, vp, ip, vp, ip, vp, ip, vp, ip, vp, vp, vp, vp, vp, vp, vp, ip, ip, vp, vp, vp, vp, vp]  # fmt: skip
+    #                     pose, R, H, units, flags, grad_pose, gp_item, gp_entry, grad_R, num_threads,
+    #                     forked, g_x2d, g_x3d, g_K, g_w, g_dist)
+    lp = ctypes.c_long
+    lib.bpnp_layer_backward.argtypes = [ip, ip, vp, vp, ip, vp, ip, vp, ip, vp, ip, vp, vp, vp, vp, vp, vp, lp, lp, vp, ip, ip, vp, vp, vp, vp, vp]  # fmt: skip
     lib.bpnp_undistort_points.restype = None
     # bpnp_undistort_points(m, per, xd, dist, dist_batched, xu, ok)
     lib.bpnp_undistort_points.argtypes = [ip, ip, vp, vp, ip, vp, vp]
@@ -488,7 +489,8 @@ def layer_backward_native(
     Args:
         x2d, x3d, K, weights, dist: as given to :func:`layer_forward_native`.
         forward: its ``pose, R, H, units, flags``.
-        grad_pose: ``(B, 6)``; grad_R: ``(B, 3, 3)`` or None (CPU tensors, read as float64).
+        grad_pose: ``(B, 6)``, any strides; grad_R: ``(B, 3, 3)`` or None (CPU tensors, read as
+            float64).
         needs: which of ``(x2d, x3d, K, weights, dist)`` need a gradient.
     Returns:
         Per-item gradients ``(B, n, 2), (B, n, 3), (B, 3, 3), (B, n), (B, 5)`` (None where not needed).
@@ -498,7 +500,11 @@ def layer_backward_native(
         raise BackendUnavailableError(f"bpnp native solver unavailable: {_reason}")
     B, n, _ = x2d.shape
     problem, _kept = _problem_arguments(B, x2d, x3d, K, weights)
-    dist, grad_pose, grad_R = _f64(dist), _f64(grad_pose), _f64(grad_R)
+    dist, grad_R = _f64(dist), _f64(grad_R)
+    if grad_pose.dtype != torch.float64:
+        grad_pose = grad_pose.detach().to(torch.float64)
+    # (read through its strides: the gradient of a sum arrives expanded, and a copy costs more
+    # than a small problem's backward)
     needs = tuple(needs) + (False,) * (5 - len(needs))
     shapes = ((B, n, 2), (B, n, 3), (B, 3, 3), (B, n), (B, 5))
     grads = [torch.empty(shape, dtype=torch.float64) if need else None for shape, need in zip(shapes, needs)]
@@ -506,7 +512,8 @@ def layer_backward_native(
     pose, R = _f64(pose), _f64(R)
     lib.bpnp_layer_backward(
         B, n, *problem, _address(dist), _batched(dist, B), pose.data_ptr(), R.data_ptr(), H.data_ptr(),
-        units.data_ptr(), flags.data_ptr(), grad_pose.data_ptr(), _address(grad_R), torch.get_num_threads(),
+        units.data_ptr(), flags.data_ptr(), grad_pose.data_ptr(), *grad_pose.stride(), _address(grad_R),
+        torch.get_num_threads(),
         int(_in_forked_child), *[None if g is None else g.data_ptr() for g in grads],
     )  # fmt: skip
     return tuple(grads)
