@@ -2,6 +2,9 @@
 (bpnp.stages + the torch backward): answers, flags, gradients, double backward, errors; and its
 tensor-op count per forward and backward is small and independent of the batch size."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -147,17 +150,26 @@ def test_pose_gradient_of_any_layout_reaches_the_c_backward_as_is():
         assert torch.equal(got, expected) and got.abs().max() > 0, name
 
 
-def test_translation_is_the_pose_view_on_both_paths():
-    x2d, x3d, K, w = problems("batched")
-    for solve in (bpnp.solve_pnp, staged):
-        for item in (slice(None), 0):  # batched, unbatched
-            leaf = x2d[item].clone().requires_grad_()
-            r = solve(leaf, x3d[item], K[item], w[item], warn=False)
-            assert r.t is r.t and r.t.shape == r.pose.shape[:-1] + (3,)
-            assert r.t.data_ptr() == r.pose[..., 3:].data_ptr() and torch.equal(r.t, r.pose[..., 3:])
-            (grad_t,) = torch.autograd.grad(r.t.sum(), leaf, retain_graph=True)
-            (grad_pose,) = torch.autograd.grad(r.pose[..., 3:].sum(), leaf)
-            assert torch.equal(grad_t, grad_pose)
+def test_result_fields_made_on_first_access_equal_the_staged_ones():
+    # The fused path leaves t, converged, ambiguous and trusted to first access (views of the
+    # pose and of the flags): the staged path's values and shapes, and the pose's gradients.
+    x2d, x3d, K, w = problems("degenerate")
+    for item in (slice(None), 0, 1):  # batched; unbatched, degenerate and well posed
+        leaf = x2d[item].clone().requires_grad_()
+        fused, staged_ = (solve(leaf, x3d[item], K[item], w[item], warn=False) for solve in (bpnp.solve_pnp, staged))
+        assert "t" not in vars(fused) and "converged" not in vars(fused)
+        for name in ("t", "converged", "ambiguous", "trusted"):
+            a, b = getattr(fused, name), getattr(staged_, name)
+            assert a.shape == b.shape and a.dtype == b.dtype and close(a, b, 1e-8), name
+            assert getattr(fused, name) is a, name  # made once
+        assert fused.t.data_ptr() == fused.pose[..., 3:].data_ptr()
+        (grad_t,) = torch.autograd.grad(fused.t.sum(), leaf, retain_graph=True)
+        (grad_pose,) = torch.autograd.grad(fused.pose[..., 3:].sum(), leaf)
+        assert torch.equal(grad_t, grad_pose)
+        copied = dataclasses.replace(copy.copy(fused), iterations=7)
+        assert torch.equal(copied.converged, fused.converged) and copied.iterations == 7
+        with pytest.raises(AttributeError, match="no attribute 'tvec'"):
+            fused.tvec  # noqa: B018
 
 
 def test_gradients_against_finite_differences():

@@ -80,7 +80,6 @@ def solve_least_squares_fused(
     else:
         outputs = _Layer.apply(x2d_b, x3d_b, K_b, w_b, pose_b, dist_b, options, solver)
     pose, R, cost, second, hess, units, flags, summary = outputs
-    converged, ambiguous, trusted, _ = flags.unbind(1)
     if compiling:
         steps: Any = summary[0]
         failed = 0
@@ -88,7 +87,7 @@ def solve_least_squares_fused(
         steps, failed = summary.tolist()
     if warn and failed:
         warnings.warn(
-            f"solve_pnp: {failed} of {converged.numel()} problems did not reach a well-posed "
+            f"solve_pnp: {failed} of {pose.shape[0]} problems did not reach a well-posed "
             "optimum (points behind the camera, degenerate geometry or a singular Hessian); their gradients "
             "are regularised. See PnPResult.converged.",
             PnPConvergenceWarning,
@@ -104,11 +103,7 @@ def solve_least_squares_fused(
         return cov.to(dtype)[0] if unbatched else cov.to(dtype)
 
     cost_out, second_out = (cost, second) if dtype == _F64 else (cost.to(dtype), second.to(dtype))
-    fields = [pose, R, None, cost_out, converged]  # t: pose[..., 3:] on first access
-    rest = [second_out, ambiguous, trusted]
-    if unbatched:
-        fields, rest = [None if x is None else x[0] for x in fields], [x[0] for x in rest]
-    return PnPResult(*fields, steps, solver, *rest, covariance, None)
+    return PnPResult.with_views(pose, R, cost_out, flags, steps, solver, second_out, covariance, unbatched)
 
 
 def _normalisation(units: Tensor) -> Normalisation:

@@ -17,7 +17,7 @@ class PnPResult:
     Attributes:
         pose: ``(B, 6)`` ``[rvec, t]``, OpenCV convention; differentiable.
         R: ``(B, 3, 3)`` rotation of the pose; differentiable.
-        t: ``(B, 3)`` translation, the view ``pose[..., 3:]``; differentiable.
+        t: ``(B, 3)`` translation (``pose[..., 3:]``); differentiable.
         cost: ``(B,)`` weighted squared reprojection error at the answer (no gradient).
         converged: ``(B,)`` bool, the same meaning for every method and backend: the answer is
             stationary to float64 precision, every point of positive weight lies in front of the
@@ -66,19 +66,50 @@ class PnPResult:
             self._covariance = self._covariance()
         return self._covariance
 
+    @classmethod
+    def with_views(
+        cls,
+        pose: Tensor,
+        R: Tensor,
+        cost: Tensor,
+        flags: Tensor,
+        iterations: int,
+        backend: str,
+        second_cost: Tensor,
+        covariance: Any,
+        unbatched: bool,
+    ) -> PnPResult:
+        """A result whose ``t`` and ``converged``, ``ambiguous``, ``trusted`` are views of ``pose``
+        and ``flags`` made on first access: a small solve's forward and backward spent ~12% on
+        making (and freeing) those views, which a training loop seldom reads.
 
-def _translation(self: PnPResult) -> Tensor:
-    found = self.__dict__.get("_t")
-    if found is None:
-        found = self.__dict__["_t"] = self.pose[..., 3:]
-    return found
+        Args:
+            pose: ``(B, 6)``; R: ``(B, 3, 3)``; cost, second_cost: ``(B,)``.
+            flags: ``(B, k)`` bool, k >= 3: converged, ambiguous, trusted in its first columns.
+            unbatched: the fields are the first item's (shapes without B); the views too.
+        """
+        result = cls.__new__(cls)
+        if unbatched:
+            pose, R, cost, second_cost, flags = pose[0], R[0], cost[0], second_cost[0], flags[0]
+        result.__dict__.update(
+            pose=pose, R=R, cost=cost, iterations=iterations, backend=backend, second_cost=second_cost,
+            _covariance=covariance, inliers=None, _views=flags,
+        )  # fmt: skip
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for an attribute not set: one of with_views' fields, made now.
+        column = _VIEW_COLUMNS.get(name)
+        flags = self.__dict__.get("_views")
+        if column is None or flags is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = self.__dict__["pose"][..., 3:] if column < 0 else flags[..., column]
+        self.__dict__[name] = value
+        return value
 
 
-def _set_translation(self: PnPResult, t: Tensor | None) -> None:
-    self.__dict__["_t"] = t
-
-
-# A solver may pass t=None: the view pose[..., 3:] is then made on first access. A view of a
-# differentiable tensor costs ~5% of a small problem's forward and backward (bpnp.fused).
-# (A property set after @dataclass: set in the class body, it would be t's default value.)
-PnPResult.t = property(_translation, _set_translation, doc="``(B, 3)`` translation, the view ``pose[..., 3:]``.")  # type: ignore[assignment,method-assign]  # fmt: skip
+#: The fields PnPResult.with_views leaves to first access: a column of the flags, -1 for t.
+_VIEW_COLUMNS = {"t": -1, "converged": 0, "ambiguous": 1, "trusted": 2}
+# A field's default is a class attribute, which __getattr__ would never see missing; __init__ keeps
+# the defaults in its signature.
+del PnPResult.ambiguous, PnPResult.trusted
