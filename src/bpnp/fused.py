@@ -78,7 +78,8 @@ def solve_least_squares_fused(
         key = _options_key(options)
         outputs = torch.ops.bpnp.layer_forward(x2d_b, x3d_b, K_b, w_b, pose_b, dist_b, key, solver)
     else:
-        outputs = _Layer.apply(x2d_b, x3d_b, K_b, w_b, pose_b, dist_b, options, solver)
+        rest: list[Tensor] = []
+        outputs = (*_Layer.apply(x2d_b, x3d_b, K_b, w_b, pose_b, dist_b, options, solver, rest), *rest)
     pose, R, cost, second, hess, units, flags, summary = outputs
     if compiling:
         steps: Any = summary[0]
@@ -252,31 +253,32 @@ def _graph_backward(
 
 
 class _Layer(torch.autograd.Function):
-    """Eager mode: the C forward and backward as one autograd function."""
+    """Eager mode: the C forward and backward as one autograd function of two outputs, the pose
+    and its rotation; the forward's other outputs (no gradient) go to the list ``rest``, outside
+    autograd's bookkeeping of outputs."""
 
     # The forward takes ctx (no separate setup_context): Function.apply then skips binding the
     # arguments to a signature, a tenth of a small solve.
     @staticmethod
-    def forward(ctx: Any, x2d, x3d, K, weights, init_pose, dist, options, solver):  # type: ignore[override]
-        output = _forward(x2d, x3d, K, weights, init_pose, dist, options, solver)
-        pose, R, cost, second, hess, units, flags, summary = output
+    def forward(ctx: Any, x2d, x3d, K, weights, init_pose, dist, options, solver, rest):  # type: ignore[override]
+        pose, R, *others = _forward(x2d, x3d, K, weights, init_pose, dist, options, solver)
+        rest.extend(others)
         ctx.save_for_backward(x2d, x3d, K, weights, dist, pose, R)
         # Constants of the backward (no gradient flows through them): kept on ctx, which spares
         # the saved-tensor checks of a small solve's backward.
-        ctx.constants = (hess, units, flags)
-        ctx.mark_non_differentiable(cost, second, hess, units, flags, summary)
-        # Outputs without a gradient stay None in the backward (not tensors of zeros).
+        ctx.constants = (others[2], others[3], others[4])  # hess, units, flags
+        # An output without a gradient stays None in the backward (not a tensor of zeros).
         ctx.set_materialize_grads(False)
-        return output
+        return pose, R
 
     @staticmethod
-    def backward(ctx: Any, grad_pose: Tensor | None, grad_R: Tensor | None, *_: Any):  # type: ignore[override]
+    def backward(ctx: Any, grad_pose: Tensor | None, grad_R: Tensor | None):  # type: ignore[override]
         x2d, x3d, K, weights, dist, pose, R = ctx.saved_tensors
         needs = (*ctx.needs_input_grad[:4], ctx.needs_input_grad[5])
         if (grad_pose is None and grad_R is None) or not any(needs):
-            return (None,) * 8
+            return (None,) * 9
         grads = _backward((x2d, x3d, K, weights, dist), (pose, R, *ctx.constants), grad_pose, grad_R, needs)
-        return (*grads[:4], None, grads[4], None, None)
+        return (*grads[:4], None, grads[4], None, None, None)
 
 
 # ---------------------------------------------------------------- torch.compile: custom ops
