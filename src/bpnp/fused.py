@@ -264,9 +264,10 @@ class _Layer(torch.autograd.Function):
         pose, R, *others = _forward(x2d, x3d, K, weights, init_pose, dist, options, solver)
         rest.extend(others)
         ctx.save_for_backward(x2d, x3d, K, weights, dist, pose, R)
+        _, _, hess, units, flags, _ = others
         # Constants of the backward (no gradient flows through them): kept on ctx, which spares
         # the saved-tensor checks of a small solve's backward.
-        ctx.constants = (others[2], others[3], others[4])  # hess, units, flags
+        ctx.constants = (hess, units, flags)
         # An output without a gradient stays None in the backward (not a tensor of zeros).
         ctx.set_materialize_grads(False)
         return pose, R

@@ -137,7 +137,7 @@ def _open(path: Path) -> ctypes.CDLL:
     # bpnp_layer_backward(B, n, x2d, x3d, x3d_batched, K, K_batched, w, w_batched, dist, dist_batched,
     #                     pose, R, H, units, flags, grad_pose, gp_item, gp_entry, grad_R, num_threads,
     #                     forked, g_x2d, g_x3d, g_K, g_w, g_dist)
-    lp = ctypes.c_long
+    lp = ctypes.c_int64
     lib.bpnp_layer_backward.argtypes = [ip, ip, vp, vp, ip, vp, ip, vp, ip, vp, ip, vp, vp, vp, vp, vp, vp, lp, lp, vp, ip, ip, vp, vp, vp, vp, vp]  # fmt: skip
     lib.bpnp_undistort_points.restype = None
     # bpnp_undistort_points(m, per, xd, dist, dist_batched, xu, ok)
@@ -513,8 +513,7 @@ def layer_backward_native(
     lib.bpnp_layer_backward(
         B, n, *problem, _address(dist), _batched(dist, B), pose.data_ptr(), R.data_ptr(), H.data_ptr(),
         units.data_ptr(), flags.data_ptr(), grad_pose.data_ptr(), *grad_pose.stride(), _address(grad_R),
-        torch.get_num_threads(),
-        int(_in_forked_child), *[None if g is None else g.data_ptr() for g in grads],
+        torch.get_num_threads(), int(_in_forked_child), *[None if g is None else g.data_ptr() for g in grads],
     )  # fmt: skip
     return tuple(grads)
 

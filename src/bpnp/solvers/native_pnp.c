@@ -2601,7 +2601,7 @@ typedef struct {
     const double *pose, *R, *H, *units;
     const uint8_t *flags;
     const double *grad_pose, *grad_R;           /* grad_R may be NULL */
-    long gp_item, gp_entry;                     /* grad_pose's strides, in doubles */
+    int64_t gp_item, gp_entry;                  /* grad_pose's strides, in doubles */
     double *g_x2d, *g_x3d, *g_K, *g_w, *g_dist; /* per item (B x ...); NULL: not needed */
 } LayerBackJob;
 
@@ -2726,7 +2726,7 @@ static void layer_backward_item(void *arg, int b) {
     const double *u = j->units + (size_t)b * UNIT_FIELDS, *pose = j->pose + (size_t)b * 6;
     const double *R = j->R + (size_t)b * 9, *H = j->H + (size_t)b * 36;
     double gp[6];
-    for (int k = 0; k < 6; k++) gp[k] = j->grad_pose[b * j->gp_item + k * j->gp_entry];
+    for (int k = 0; k < 6; k++) gp[k] = j->grad_pose[(int64_t)b * j->gp_item + k * j->gp_entry];
     /* No answer, or not a finite one: zero gradients, never mixed into the other items' */
     if (j->flags[(size_t)b * 4 + 3] || !all_finite(pose, 6) || !all_finite(R, 9) || !all_finite(H, 36)) return;
     const double *x2d = j->x2d + (size_t)b * n * 2;
@@ -2859,13 +2859,13 @@ static void layer_backward_item(void *arg, int b) {
 /* The least-squares layer's backward for B items: the inputs as given to bpnp_layer_forward, its
  * pose, R, H, units and flags, the gradient of the loss with respect to pose (B x 6, entry (b, k)
  * at grad_pose[b * gp_item + k * gp_entry]: a sum's gradient arrives expanded, with strides 0)
- * and R (B x 9, may be NULL). Writes the per-item gradients of x2d (B x n x 2), x3d (B x n x 3), K (B x 9), w
- * (B x n) and dist (B x 5) for the non-NULL outputs (a shared input's gradient is the sum over
- * its items). */
+ * and R (B x 9, may be NULL). Writes the per-item gradients of x2d (B x n x 2), x3d (B x n x 3),
+ * K (B x 9), w (B x n) and dist (B x 5) for the non-NULL outputs (a shared input's gradient is
+ * the sum over its items). */
 void bpnp_layer_backward(int B, int n, const double *x2d, const double *x3d, int x3d_batched, const double *K,
                          int K_batched, const double *w, int w_batched, const double *dist, int dist_batched,
                          const double *pose, const double *R, const double *H, const double *units,
-                         const uint8_t *flags, const double *grad_pose, long gp_item, long gp_entry,
+                         const uint8_t *flags, const double *grad_pose, int64_t gp_item, int64_t gp_entry,
                          const double *grad_R, int num_threads, int forked, double *g_x2d, double *g_x3d,
                          double *g_K, double *g_w, double *g_dist) {
     LayerBackJob job = {B, n, x3d_batched, K_batched, w_batched, dist_batched, x2d, x3d, K, w, dist, pose, R, H,
