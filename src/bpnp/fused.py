@@ -186,12 +186,12 @@ def _backward(
             grads = _graph_backward(inputs, pose, R, units, flags, grad_pose, grad_R, needs)
     else:
         grads = layer_backward_native(*inputs, (pose, R, hess, units, flags), grad_pose, grad_R, needs)
-    return tuple(_like(g, x) for g, x in zip(grads, inputs))
+    return tuple(None if g is None else _like(g, x) for g, x in zip(grads, inputs))
 
 
 def _like(g: Tensor | None, x: Tensor | None) -> Tensor | None:
     """A per-item gradient summed over the batch for a shared input, in the input's dtype."""
-    if g is None or x is None:
+    if x is None:
         return None
     if x.shape[0] == 1 and g.shape[0] > 1:
         g = g.sum(0, keepdim=True)

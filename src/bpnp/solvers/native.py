@@ -505,9 +505,15 @@ def layer_backward_native(
         grad_pose = grad_pose.detach().to(torch.float64)
     # (read through its strides: the gradient of a sum arrives expanded, and a copy costs more
     # than a small problem's backward)
-    needs = tuple(needs) + (False,) * (5 - len(needs))
-    shapes = ((B, n, 2), (B, n, 3), (B, 3, 3), (B, n), (B, 5))
-    grads = [torch.empty(shape, dtype=torch.float64) if need else None for shape, need in zip(shapes, needs)]
+    f64 = torch.float64
+    need_x2d, need_x3d, need_K, need_w, need_dist = tuple(needs) + (False,) * (5 - len(needs))
+    grads = [
+        torch.empty(B, n, 2, dtype=f64) if need_x2d else None,
+        torch.empty(B, n, 3, dtype=f64) if need_x3d else None,
+        torch.empty(B, 3, 3, dtype=f64) if need_K else None,
+        torch.empty(B, n, dtype=f64) if need_w else None,
+        torch.empty(B, 5, dtype=f64) if need_dist else None,
+    ]
     pose, R, H, units, flags = forward
     pose, R = _f64(pose), _f64(R)
     lib.bpnp_layer_backward(
