@@ -1,5 +1,7 @@
 """Pose covariance: Monte-Carlo coverage of the 95% ellipsoid, units, shapes."""
 
+import pickle
+
 import pytest
 import torch
 
@@ -57,3 +59,21 @@ def test_robust_costs_report_a_calibrated_covariance(loss, scale, gross, backend
     mahalanobis = (d[:, None, :] @ torch.linalg.solve(res.covariance, d[..., None]))[:, 0, 0]
     coverage = float((mahalanobis <= 12.592).double().mean())
     assert 0.925 <= coverage <= 0.97, coverage
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("loss", ["l2", "huber"])
+def test_a_result_pickles_with_its_covariance_still_to_compute(backend, loss):
+    # The covariance is computed on first access: it must travel with the result (e.g. from a
+    # DataLoader worker) and give there what it gives here.
+    if backend == "native" and not bpnp.solvers.native.native_available():
+        pytest.skip("native solver not built")
+    p = random_problems(3, 20, seed=21)
+    for item in (slice(None), 0):  # batched, unbatched
+        x2d = p.x2d[item].clone().requires_grad_()
+        result = bpnp.solve_pnp(x2d, p.x3d[item], p.K[item], backend=backend, loss=loss, warn=False)
+        copy = pickle.loads(pickle.dumps(result))
+        assert copy.covariance.shape == result.pose.shape[:-1] + (6, 6)
+        assert torch.equal(copy.covariance, result.covariance)
+        for name in ("pose", "t", "cost", "converged", "ambiguous", "trusted"):
+            assert torch.equal(getattr(copy, name), getattr(result, name)), name

@@ -95,16 +95,24 @@ def solve_least_squares_fused(
             stacklevel=3,
         )
 
-    def covariance() -> Tensor:
-        w_n = torch.ones_like(x2d_b[..., 0], dtype=_F64) if w_b is None else w_b.detach().to(_F64)
-        dof = ((w_n > 0).sum(-1) * 2 - 6).clamp_min(1).to(_F64).expand(cost.shape[0])
-        norm = _normalisation(units)
-        cost_n = cost / (norm.weight[:, 0] * norm.focal[:, 0] ** 2)
-        cov = pose_covariance(hess, cost_n, dof, pose[:, :3].detach().to(_F64), R.detach().to(_F64), norm)
-        return cov.to(dtype)[0] if unbatched else cov.to(dtype)
-
+    covariance = functools.partial(_covariance, x2d_b, w_b, pose, R, outputs[2:6], unbatched)
     cost_out, second_out = (cost, second) if dtype == _F64 else (cost.to(dtype), second.to(dtype))
     return PnPResult.with_views(pose, R, cost_out, flags, steps, solver, second_out, covariance, unbatched)
+
+
+def _covariance(
+    x2d: Tensor, weights: Tensor | None, pose: Tensor, R: Tensor, forward: tuple[Tensor, ...], unbatched: bool
+) -> Tensor:
+    """:attr:`PnPResult.covariance` of a fused solve, computed on first access (a module function
+    and its arguments, so that a result pickles): ``forward`` is the C call's ``cost, second,
+    hess, units``; shapes as :func:`solve_least_squares_fused` gets and gives them."""
+    cost, _, hess, units = forward
+    w_n = torch.ones_like(x2d[..., 0], dtype=_F64) if weights is None else weights.detach().to(_F64)
+    dof = ((w_n > 0).sum(-1) * 2 - 6).clamp_min(1).to(_F64).expand(cost.shape[0])
+    norm = _normalisation(units)
+    cost_n = cost / (norm.weight[:, 0] * norm.focal[:, 0] ** 2)
+    cov = pose_covariance(hess, cost_n, dof, pose[:, :3].detach().to(_F64), R.detach().to(_F64), norm).to(x2d.dtype)
+    return cov[0] if unbatched else cov
 
 
 def _normalisation(units: Tensor) -> Normalisation:

@@ -8,6 +8,7 @@ backend names), and the post-processing (flags, fallbacks, units, covariance, un
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import NamedTuple
@@ -312,17 +313,11 @@ def finish(
             stacklevel=3,
         )
     cov_args = (solved.hess, solved.cost.detach(), dof, pose_n[:, :3].detach(), R_n, p.norm)
-
-    def covariance() -> Tensor:
-        robust = None
-        if settings.loss != "l2":
-            r, J = residual_jacobians(
-                R_n, pose_n[:, 3:].detach(), p.x2d_n.detach(), p.x3d_n.detach(), p.K_n.detach(), p.dist_n
-            )
-            robust = robust_spread(r, J, w_n.detach(), settings.loss, p.scale_n.detach())
-        cov = pose_covariance(*cov_args, robust=robust).to(p.dtype)
-        return cov[0] if p.unbatched else cov
-
+    robust_args = None
+    if settings.loss != "l2":
+        robust_args = (R_n, pose_n[:, 3:].detach(), p.x2d_n.detach(), p.x3d_n.detach(), p.K_n.detach(), p.dist_n)
+        robust_args += (w_n.detach(), settings.loss, p.scale_n.detach())
+    covariance = functools.partial(_covariance, cov_args, robust_args, p.dtype, p.unbatched)
     pose = pose.to(p.dtype)
     fields = [pose, R.to(p.dtype), pose[..., 3:], cost.to(p.dtype), converged]
     rest = [second.to(p.dtype), ambiguous, trusted]
@@ -331,6 +326,20 @@ def finish(
         fields, rest = [x[0] for x in fields], [x[0] for x in rest]
         inliers = None if inliers is None else inliers[0]
     return PnPResult(*fields, int(solved.iterations), p.config.solver, *rest, covariance, inliers)
+
+
+def _covariance(cov_args: tuple, robust_args: tuple | None, dtype: torch.dtype, unbatched: bool) -> Tensor:
+    """:attr:`PnPResult.covariance` of :func:`finish`, computed on first access (a module function
+    and its arguments, so that a result pickles): ``cov_args`` as
+    :func:`bpnp.covariance.pose_covariance` takes them; ``robust_args``: the normalised answer
+    ``R, t``, problem ``x2d, x3d, K, dist``, weights, loss and scale of a robust loss (None for l2)."""
+    robust = None
+    if robust_args is not None:
+        *at, w, loss, scale = robust_args
+        r, J = residual_jacobians(*at)
+        robust = robust_spread(r, J, w, loss, scale)
+    cov = pose_covariance(*cov_args, robust=robust).to(dtype)
+    return cov[0] if unbatched else cov
 
 
 def answer_flags(p: Problem, start: Start, solved: Solved, options: SolverOptions) -> tuple[Tensor, ...]:
