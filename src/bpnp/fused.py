@@ -95,18 +95,24 @@ def solve_least_squares_fused(
             stacklevel=3,
         )
 
-    covariance = functools.partial(_covariance, x2d_b, w_b, pose, R, outputs[2:6], unbatched)
+    covariance = functools.partial(_covariance, x2d_b, w_b, pose, R, cost, hess, units, unbatched)
     cost_out, second_out = (cost, second) if dtype == _F64 else (cost.to(dtype), second.to(dtype))
     return PnPResult.with_views(pose, R, cost_out, flags, steps, solver, second_out, covariance, unbatched)
 
 
 def _covariance(
-    x2d: Tensor, weights: Tensor | None, pose: Tensor, R: Tensor, forward: tuple[Tensor, ...], unbatched: bool
+    x2d: Tensor,
+    weights: Tensor | None,
+    pose: Tensor,
+    R: Tensor,
+    cost: Tensor,
+    hess: Tensor,
+    units: Tensor,
+    unbatched: bool,
 ) -> Tensor:
     """:attr:`PnPResult.covariance` of a fused solve, computed on first access (a module function
-    and its arguments, so that a result pickles): ``forward`` is the C call's ``cost, second,
-    hess, units``; shapes as :func:`solve_least_squares_fused` gets and gives them."""
-    cost, _, hess, units = forward
+    and its arguments, so that a result pickles): the batched inputs and the C call's outputs, as
+    :func:`solve_least_squares_fused` has them."""
     w_n = torch.ones_like(x2d[..., 0], dtype=_F64) if weights is None else weights.detach().to(_F64)
     dof = ((w_n > 0).sum(-1) * 2 - 6).clamp_min(1).to(_F64).expand(cost.shape[0])
     norm = _normalisation(units)
@@ -197,10 +203,8 @@ def _backward(
     return tuple(None if g is None else _like(g, x) for g, x in zip(grads, inputs))
 
 
-def _like(g: Tensor | None, x: Tensor | None) -> Tensor | None:
+def _like(g: Tensor, x: Tensor) -> Tensor:
     """A per-item gradient summed over the batch for a shared input, in the input's dtype."""
-    if x is None:
-        return None
     if x.shape[0] == 1 and g.shape[0] > 1:
         g = g.sum(0, keepdim=True)
     return g if g.dtype == x.dtype else g.to(x.dtype)

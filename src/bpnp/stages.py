@@ -315,8 +315,8 @@ def finish(
     cov_args = (solved.hess, solved.cost.detach(), dof, pose_n[:, :3].detach(), R_n, p.norm)
     robust_args = None
     if settings.loss != "l2":
-        robust_args = (R_n, pose_n[:, 3:].detach(), p.x2d_n.detach(), p.x3d_n.detach(), p.K_n.detach(), p.dist_n)
-        robust_args += (w_n.detach(), settings.loss, p.scale_n.detach())
+        at = (R_n, pose_n[:, 3:].detach(), p.x2d_n.detach(), p.x3d_n.detach(), p.K_n.detach(), p.dist_n)
+        robust_args = (at, w_n.detach(), settings.loss, p.scale_n.detach())
     covariance = functools.partial(_covariance, cov_args, robust_args, p.dtype, p.unbatched)
     pose = pose.to(p.dtype)
     fields = [pose, R.to(p.dtype), pose[..., 3:], cost.to(p.dtype), converged]
@@ -331,11 +331,12 @@ def finish(
 def _covariance(cov_args: tuple, robust_args: tuple | None, dtype: torch.dtype, unbatched: bool) -> Tensor:
     """:attr:`PnPResult.covariance` of :func:`finish`, computed on first access (a module function
     and its arguments, so that a result pickles): ``cov_args`` as
-    :func:`bpnp.covariance.pose_covariance` takes them; ``robust_args``: the normalised answer
-    ``R, t``, problem ``x2d, x3d, K, dist``, weights, loss and scale of a robust loss (None for l2)."""
+    :func:`bpnp.covariance.pose_covariance` takes them; ``robust_args``: for a robust loss (None
+    for l2) :func:`bpnp.cost.residual_jacobians`' arguments (the normalised answer and problem),
+    the weights, the loss and its scale."""
     robust = None
     if robust_args is not None:
-        *at, w, loss, scale = robust_args
+        at, w, loss, scale = robust_args
         r, J = residual_jacobians(*at)
         robust = robust_spread(r, J, w, loss, scale)
     cov = pose_covariance(*cov_args, robust=robust).to(dtype)

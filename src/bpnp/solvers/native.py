@@ -403,14 +403,11 @@ def _batched(x: Tensor | None, B: int) -> int:
 
 def _problem_arguments(B: int, x2d: Tensor, x3d: Tensor, K: Tensor, weights: Tensor | None) -> tuple[list, list]:
     """The leading C arguments of both layer calls, ``x2d, x3d, x3d_batched, K, K_batched, w,
-    w_batched``, and the float64 tensors they point into (to keep alive during the call). One
-    call for what a small solve would otherwise spend a dozen Python calls on."""
+    w_batched``, and the float64 tensors they point into (to keep alive during the call)."""
     kept = [_f64(x2d), _f64(x3d), _f64(K), _f64(weights)]
     x2d, x3d, K, weights = kept
-    one = B == 1
-    w_args = [None, 0] if weights is None else [weights.data_ptr(), int(one or weights.shape[0] != 1)]
-    args = [x2d.data_ptr(), x3d.data_ptr(), int(one or x3d.shape[0] != 1), K.data_ptr(), int(one or K.shape[0] != 1)]
-    return args + w_args, kept
+    args = [x2d.data_ptr(), x3d.data_ptr(), _batched(x3d, B), K.data_ptr(), _batched(K, B)]
+    return args + [_address(weights), _batched(weights, B)], kept
 
 
 def layer_forward_outputs(B: int, empty=torch.empty, pose_dtype: torch.dtype = torch.float64) -> tuple[Tensor, ...]:
